@@ -1,0 +1,34 @@
+# Two verbs a fresh machine needs: `make demo` (the main job on the shipped
+# tiny default) and `make test`. Both build .venv from nothing: the CPU torch
+# wheel is pinned and installed first so no later install can pull a CUDA
+# build; DeepSpeed is built against that torch (no build isolation).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+TORCH  ?= torch==2.13.0
+DEEPSPEED ?= deepspeed==0.19.8
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-all demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q --no-build-isolation $(DEEPSPEED)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: venv
+	$(BIN)/python -m pytest --runslow $(PYTEST_ARGS)
+
+demo: venv
+	$(BIN)/rlhf-ray demo --out runs/demo
+
+clean:
+	rm -rf $(VENV) runs

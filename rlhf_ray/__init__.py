@@ -1,0 +1,8 @@
+"""rlhf-ray: distributed RLHF on Ray.
+
+Sub-packages follow the layers of DESIGN.md: `algorithms` (pure tensor math),
+`config`, `data`, `models`, `runtime` (Ray plumbing), `workers` (one actor
+role per file), `jobs` (the drivers), `telemetry`, `planner` and `cli`.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,285 @@
+"""The job configuration: frozen, typed dataclasses, one per role and section.
+
+Every field carries a docstring-style comment (the `help` metadata) that the
+CLI shows and `rlhf-ray train --help-config` prints. Nothing here mutates at
+run time: a driver that wants a different value builds a new config with
+`dataclasses.replace`. Field checks that need only the field itself live in
+each class's `__post_init__`; checks across sections live in `JobConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must change; the message says which and how."""
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+def _check(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which weights a role loads."""
+
+    name_or_path: str = _help("A shipped preset (`tiny-gpt2`, `tiny-llama`), a local directory, or a hub name.", default="tiny-gpt2")
+    tokenizer: str = _help("Tokenizer path or hub name; empty means the model's own (the shipped tiny one for tiny presets).", default="")
+    dtype: str = _help("auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16.", default="auto")
+    gradient_checkpointing: bool = _help("Recompute activations in the backward pass to save memory.", default=False)
+    trust_remote_code: bool = _help("Allow model code from the checkpoint's repository to run. Off unless you trust it.", default=False)
+
+    def __post_init__(self):
+        _check(self.dtype in DTYPES, "dtype", f"got {self.dtype!r}; expected one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    lr: float = _help("Peak learning rate.", default=1e-4)
+    weight_decay: float = _help("AdamW weight decay.", default=0.0)
+    betas: tuple[float, float] = _help("AdamW betas.", default=(0.9, 0.95))
+    eps: float = _help("AdamW epsilon.", default=1e-8)
+    warmup_steps: int = _help("Linear warm-up steps (optimizer steps).", default=0)
+    scheduler: str = _help("constant, linear or cosine decay after warm-up.", default="constant")
+    grad_clip: float = _help("Clip the global gradient norm to this; 0 turns clipping off.", default=1.0)
+
+    def __post_init__(self):
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.scheduler in ("constant", "linear", "cosine"), "scheduler",
+               f"got {self.scheduler!r}; expected constant, linear or cosine")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class RoleConfig:
+    """Where a role runs and, for trainable roles, how DeepSpeed shards it."""
+
+    model: ModelConfig = _help("The weights this role loads.", default_factory=ModelConfig)
+    optim: OptimConfig = _help("Optimizer settings (trainable roles only).", default_factory=OptimConfig)
+    num_ranks: int = _help("Data-parallel ranks (Ray actors) of this role.", default=1)
+    num_cpus_per_rank: float = _help("CPUs each rank's actor reserves; also its torch thread count.", default=1.0)
+    num_gpus_per_rank: float = _help("GPUs each rank's actor reserves (fractions allow colocation).", default=0.0)
+    zero_stage: int = _help("DeepSpeed ZeRO stage 0, 1, 2 or 3.", default=0)
+    offload_optimizer: bool = _help("Keep optimizer states on CPU (ZeRO-Offload).", default=False)
+    offload_params: bool = _help("Keep parameters on CPU (ZeRO-3 only).", default=False)
+    micro_batch_size: int = _help("Sequences per rank per forward/backward pass; the rest is gradient accumulation.", default=8)
+
+    def __post_init__(self):
+        _check(self.num_ranks >= 1, "num_ranks", f"must be >= 1, got {self.num_ranks}")
+        _check(self.num_cpus_per_rank > 0, "num_cpus_per_rank", "must be > 0")
+        _check(self.num_gpus_per_rank >= 0, "num_gpus_per_rank", "must be >= 0")
+        _check(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"got {self.zero_stage}; expected 0, 1, 2 or 3")
+        _check(not self.offload_params or self.zero_stage == 3, "offload_params",
+               "parameter offload needs zero_stage: 3")
+        _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CriticConfig(RoleConfig):
+    """The value model (PPO only)."""
+
+    enabled: bool = _help("Create a critic. Must be true for algorithms that need one and false otherwise.", default=False)
+    init_from: str = _help("reward (InstructGPT: start from the reward model) or policy (start from the SFT weights with a fresh head).", default="reward")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(self.init_from in ("reward", "policy"), "init_from", f"got {self.init_from!r}; expected reward or policy")
+
+
+@dataclass(frozen=True)
+class ReferenceConfig(RoleConfig):
+    """The frozen reference model (KL anchor)."""
+
+    enabled: bool = _help("Create a reference group. Objectives that need one fail early when this is false.", default=True)
+    share_with: str = _help("Name of a concurrently running job whose reference group this job reuses (same weights).", default="")
+
+
+@dataclass(frozen=True)
+class RewardConfig(RoleConfig):
+    """The frozen reward: a scalar-head model, or a rule function."""
+
+    rule: str = _help("Import path `module:function` of `fn(prompts, responses) -> list[float]`; empty uses `model`.", default="")
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check(not self.rule or ":" in self.rule, "rule",
+               f"got {self.rule!r}; expected 'package.module:function'")
+
+
+ENGINES = ("hf", "vllm")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """The generation engine of online jobs."""
+
+    engine: str = _help("hf (Hugging Face generate; CPU default) or vllm (GPU).", default="hf")
+    num_engines: int = _help("Engine replicas; prompts are split across them.", default=1)
+    num_cpus_per_engine: float = _help("CPUs each engine actor reserves.", default=1.0)
+    num_gpus_per_engine: float = _help("GPUs each engine actor reserves (= tensor-parallel size for vLLM).", default=0.0)
+    tensor_parallel_size: int = _help("vLLM tensor-parallel degree inside one engine.", default=1)
+    gpu_memory_utilization: float = _help("Share of each GPU vLLM pre-allocates for weights and KV cache.", default=0.5)
+    temperature: float = _help("Sampling temperature.", default=1.0)
+    top_p: float = _help("Nucleus sampling threshold (1 turns it off).", default=1.0)
+    top_k: int = _help("Top-k sampling (0 turns it off).", default=0)
+    max_new_tokens: int = _help("Longest response; a response cut here without EOS counts as unfinished.", default=32)
+    sync_bucket_bytes: int = _help("Weight-sync bucket size in bytes.", default=64 * 2**20)
+
+    def __post_init__(self):
+        _check(self.engine in ENGINES, "engine", f"got {self.engine!r}; expected hf or vllm")
+        _check(self.num_engines >= 1, "num_engines", "must be >= 1")
+        _check(self.temperature > 0, "temperature", "must be > 0 (greedy responses are asked for by the algorithm)")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+
+
+FORMATS = ("prompt", "sft", "preference", "kto", "ranked")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where a job's data comes from and how it is cut to length."""
+
+    train: str = _help("Training data: a .json/.jsonl/.parquet/.csv file, a folder, or a hub name; `synthetic:<split>` uses the shipped task.", default="synthetic:preference_train")
+    eval: str = _help("Held-out data in the same form; empty means no evaluation split.", default="synthetic:preference_eval")
+    format: str = _help("prompt, sft, preference, kto or ranked; empty means the objective's own format.", default="")
+    column_map: dict = _help("Rename the data set's columns, e.g. {question: prompt}.", default_factory=dict)
+    prompt_template: str = _help("Wraps string prompts; must contain {prompt}.", default="")
+    max_prompt_length: int = _help("Prompts keep their last this-many tokens.", default=64)
+    max_length: int = _help("Prompt plus response; longer responses are cut on the right.", default=128)
+    skip_bad_rows: bool = _help("Drop invalid rows (and report how many and why) instead of stopping.", default=False)
+    ptx: str = _help("SFT data mixed into PPO updates (PPO-ptx); empty turns it off.", default="")
+
+    def __post_init__(self):
+        _check(not self.format or self.format in FORMATS, "format", f"got {self.format!r}; expected one of {', '.join(FORMATS)}")
+        _check(not self.prompt_template or "{prompt}" in self.prompt_template, "prompt_template", "must contain {prompt}")
+        _check(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
+        _check(self.max_length > self.max_prompt_length, "max_length", "must exceed data.max_prompt_length")
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    """The objective and its hyper-parameters. Online knobs are ignored by offline objectives and vice versa."""
+
+    name: str = _help("An online algorithm (ppo, remax, grpo, rloo, reinforce_pp) or offline objective (sft, kl_sft, rm, dpo, cdpo, ipo, dpop, rdpo, odpo, slic, simpo, tdpo1, tdpo2, kto).", default="dpo")
+    # online
+    samples_per_prompt: int = _help("Responses sampled per prompt; 0 means the algorithm's default.", default=0)
+    kl_coef: float = _help("KL penalty coefficient (initial value when adaptive).", default=0.05)
+    kl_estimator: str = _help("k1, k2 or k3 (Schulman's estimators).", default="k1")
+    adaptive_kl: bool = _help("Adapt kl_coef towards kl_target (Ziegler et al.).", default=False)
+    kl_target: float = _help("Target KL for the adaptive controller.", default=6.0)
+    kl_horizon: int = _help("Horizon of the adaptive controller, in samples.", default=10000)
+    clip_eps: float = _help("PPO ratio clip.", default=0.2)
+    dual_clip: float = _help("Dual-clip bound c > 1 for negative advantages; 0 turns it off.", default=0.0)
+    value_clip_eps: float = _help("Clip of the value update around the old values.", default=0.2)
+    gamma: float = _help("Discount.", default=1.0)
+    lam: float = _help("GAE lambda.", default=0.95)
+    ppo_epochs: int = _help("Passes over each rollout batch.", default=1)
+    num_minibatches: int = _help("Minibatches per pass (policy optimizer steps per pass).", default=1)
+    whiten_advantages: bool = _help("Normalise advantages over the batch.", default=True)
+    normalize_rewards: bool = _help("Scale sequence rewards by a running std estimate.", default=False)
+    no_eos_penalty: float = _help("Added to the reward of a response cut off before EOS (e.g. -1).", default=0.0)
+    ptx_coef: float = _help("Weight of the SFT loss mixed into the policy loss (PPO-ptx).", default=0.0)
+    # offline
+    beta: float = _help("DPO temperature (and the family's equivalents).", default=0.1)
+    label_smoothing: float = _help("cDPO label noise (cdpo's default 0.1 if 0).", default=0.0)
+    dpop_lambda: float = _help("DPOP penalty weight.", default=50.0)
+    rdpo_epsilon: float = _help("rDPO label-flip rate.", default=0.1)
+    odpo_offset: float = _help("ODPO offset.", default=1.0)
+    slic_delta: float = _help("SLiC hinge margin.", default=1.0)
+    slic_lambda: float = _help("SLiC regulariser weight.", default=0.0)
+    simpo_gamma: float = _help("SimPO target reward margin.", default=0.5)
+    tdpo_alpha: float = _help("TDPO alpha.", default=0.5)
+    kto_lambda_d: float = _help("KTO weight of desirable examples.", default=1.0)
+    kto_lambda_u: float = _help("KTO weight of undesirable examples.", default=1.0)
+    kl_sft_coef: float = _help("KL-SFT penalty weight.", default=0.1)
+    precompute_reference: bool = _help("Compute reference log-probs once before training and cache them.", default=False)
+    rm_margin: float = _help("Margin in the Bradley-Terry loss (0: none).", default=0.0)
+    rm_zero_mean: bool = _help("After RM training, add a bias so the mean reward on the train chosen responses is zero.", default=True)
+    spin_iterations: int = _help("SPIN: iterations, each using the previous iterate as reference and generator (0: plain objective).", default=0)
+    sdpo_stages: int = _help("sDPO: split the preference data into this many stages (0 or 1: plain DPO).", default=0)
+
+    def __post_init__(self):
+        _check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"got {self.kl_estimator!r}; expected k1, k2 or k3")
+        _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        _check(self.clip_eps > 0, "clip_eps", "must be > 0")
+        _check(self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "must be 0 (off) or > 1")
+        _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma/lam", "must lie in [0, 1]")
+        _check(self.ppo_epochs >= 1 and self.num_minibatches >= 1, "ppo_epochs/num_minibatches", "must be >= 1")
+        _check(self.beta > 0, "beta", "must be > 0")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must lie in [0, 0.5)")
+        _check(0 <= self.rdpo_epsilon < 0.5, "rdpo_epsilon", "must lie in [0, 0.5)")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The run: its directory, length, batch, seed, checkpoints and evaluation."""
+
+    output_dir: str = _help("Run directory: config.yaml, metrics.jsonl, checkpoints/, summary.json.", default="runs/latest")
+    seed: int = _help("Seeds data order, initialisation and sampling.", default=0)
+    total_steps: int = _help("Training steps (online: rollout+update iterations; offline: optimizer batches).", default=100)
+    batch_size: int = _help("Global batch per step: prompts (online) or examples/pairs (offline).", default=16)
+    save_every: int = _help("Checkpoint every N steps (0: only at the end).", default=0)
+    keep_last: int = _help("Checkpoints kept on disk.", default=2)
+    eval_every: int = _help("Evaluate every N steps (0: only at the end).", default=0)
+    eval_size: int = _help("Held-out examples per evaluation (0: all).", default=0)
+    resume: str = _help("auto (latest checkpoint in output_dir, if any), never, or a checkpoint path.", default="auto")
+    sinks: tuple[str, ...] = _help("Metric sinks: jsonl, tensorboard, wandb.", default=("jsonl",))
+    progress: bool = _help("Show a progress bar on the driver's terminal.", default=True)
+
+    def __post_init__(self):
+        _check(self.total_steps >= 1, "total_steps", "must be >= 1")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.save_every >= 0 and self.eval_every >= 0, "save_every/eval_every", "must be >= 0")
+        _check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        for sink in self.sinks:
+            _check(sink in ("jsonl", "tensorboard", "wandb"), "sinks", f"unknown sink {sink!r}; expected jsonl, tensorboard, wandb")
+
+
+@dataclass(frozen=True)
+class PlacementConfig:
+    """How roles share resources."""
+
+    colocate: tuple[tuple[str, ...], ...] = _help("Sets of roles sharing the same bundles, e.g. [[policy, reference]].", default=())
+    strategy: str = _help("PACK (fill nodes) or SPREAD.", default="PACK")
+    timeout_s: float = _help("How long to wait for the placement group before failing.", default=60.0)
+
+    def __post_init__(self):
+        _check(self.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "strategy",
+               f"got {self.strategy!r}; expected PACK or SPREAD")
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """One job: an online algorithm or an offline objective, with every role it may use."""
+
+    algorithm: AlgorithmConfig = _help("The objective and its hyper-parameters.", default_factory=AlgorithmConfig)
+    policy: RoleConfig = _help("The trained policy (actor).", default_factory=RoleConfig)
+    reference: ReferenceConfig = _help("The frozen reference.", default_factory=ReferenceConfig)
+    reward: RewardConfig = _help("The frozen reward model or rule (online); the trained model for `rm`.", default_factory=RewardConfig)
+    critic: CriticConfig = _help("The value model (PPO).", default_factory=CriticConfig)
+    rollout: RolloutConfig = _help("The generation engine (online).", default_factory=RolloutConfig)
+    data: DataConfig = _help("Training and evaluation data.", default_factory=DataConfig)
+    run: RunConfig = _help("Run directory, length, batch, seed.", default_factory=RunConfig)
+    placement: PlacementConfig = _help("Colocation of roles.", default_factory=PlacementConfig)
+    name: str = _help("A label for this job (used when several run alongside each other).", default="job")
+    judge: str = _help("Import path of `fn(text) -> bool` for alignment accuracy in evaluation; empty: none.", default="rlhf_ray.data.synthetic:mentions_target")
+
+
+def field_help(cls) -> dict[str, str]:
+    """`{field_name: help}` of a config dataclass."""
+    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
+

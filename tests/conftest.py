@@ -1,0 +1,61 @@
+"""Shared pytest set-up: the `gpu` and `slow` markers, and one local Ray
+cluster for the whole session (starting Ray costs seconds; tests share it)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach the network: make the HF libraries fail fast instead of
+# trying a download when a path is wrong.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = config.getoption("--runslow")
+    has_cuda = _cuda_available()
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow (make test-all)")
+    skip_gpu = pytest.mark.skip(reason="gpu: needs CUDA, absent on this machine")
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray cluster shared by every test that needs actors.
+
+    Four logical CPUs on a two-core machine: actors mostly wait on each
+    other, and tests that need a placement group of several ranks must fit."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
+        )
+    yield ray
+    ray.shutdown()
