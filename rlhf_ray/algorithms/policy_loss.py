@@ -1,0 +1,132 @@
+"""Policy-gradient and value losses for the online algorithms.
+
+Shapes: every per-token input is `[B, T]`; `response_mask` is true on the
+response tokens. Losses are token means over the mask (a scalar); metrics
+are detached scalars under `actor/...` and `critic/...`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rlhf_ray.algorithms.advantages import masked_mean
+
+__all__ = ["ppo_policy_loss", "value_loss", "reinforce_policy_loss"]
+
+
+def ppo_policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    response_mask: Tensor,
+    clip_eps: float,
+    dual_clip: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's clipped surrogate objective (Schulman et al. 2017, arXiv:1707.06347).
+
+        ratio_t = exp(logprobs_t - old_logprobs_t)
+        L_t     = max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps))
+
+    With `dual_clip = c > 1` (Ye et al. 2020, arXiv:1912.09729) the loss of a
+    token with a negative advantage is also capped at `-A_t * c`, so a huge
+    ratio on a bad action cannot blow up the update.
+
+    Args:
+        logprobs: `[B, T]` current policy log-probs (with gradient).
+        old_logprobs: `[B, T]` log-probs at rollout time.
+        advantages: `[B, T]`.
+        response_mask: `[B, T]`.
+        clip_eps: the clip range epsilon (0.2 is customary).
+        dual_clip: the dual-clip constant `c > 1`, or None.
+
+    Returns:
+        `(scalar loss, metrics)` with `actor/pg_loss`, `actor/clipfrac` (share
+        of tokens where the clipped term was taken), `actor/approx_kl` (the k3
+        estimate of KL(old || current)) and, with dual clip,
+        `actor/dual_clipfrac`.
+    """
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable); got {dual_clip}.")
+    old_logprobs = old_logprobs.detach()
+    advantages = advantages.detach()
+    # Padding may hold any log-probs; zero its log-ratio so exp() stays finite.
+    log_ratio = torch.where(response_mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs))
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    per_token = torch.maximum(unclipped, clipped)
+    metrics: dict[str, Tensor] = {}
+    if dual_clip is not None:
+        capped = torch.minimum(per_token, -advantages * dual_clip)
+        dual_hit = (advantages < 0) & (capped < per_token)
+        per_token = torch.where(advantages < 0, capped, per_token)
+        metrics["actor/dual_clipfrac"] = masked_mean(dual_hit.float(), response_mask).detach()
+    loss = masked_mean(per_token, response_mask)
+    with torch.no_grad():
+        metrics["actor/pg_loss"] = loss.detach()
+        metrics["actor/clipfrac"] = masked_mean((clipped > unclipped).float(), response_mask)
+        # k3 estimator of KL(old || current): (ratio - 1) - log ratio
+        metrics["actor/approx_kl"] = masked_mean(ratio - 1.0 - log_ratio, response_mask)
+    return loss, metrics
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    response_mask: Tensor,
+    clip_eps: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss of PPO implementations (lm-human-preferences, OpenAI baselines).
+
+        V_clip = old_values + clip(values - old_values, -eps, eps)
+        L_t    = 0.5 * max((values - R)^2, (V_clip - R)^2)
+
+    Args:
+        values: `[B, T]` current critic values (with gradient).
+        old_values: `[B, T]` values at rollout time.
+        returns: `[B, T]` targets, e.g. from `advantages.gae`.
+        response_mask: `[B, T]`.
+        clip_eps: clip range of the value change; None disables clipping.
+
+    Returns:
+        `(scalar loss, metrics)` with `critic/value_loss`, `critic/clipfrac`
+        (share of tokens where the clipped error was the larger one) and
+        `critic/values_mean`.
+    """
+    old_values = old_values.detach()
+    returns = returns.detach()
+    unclipped = (values - returns) ** 2
+    if clip_eps is None:
+        clipped = unclipped
+    else:
+        values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+        clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped, clipped), response_mask)
+    with torch.no_grad():
+        metrics = {
+            "critic/value_loss": loss.detach(),
+            "critic/clipfrac": masked_mean((clipped > unclipped).float(), response_mask),
+            "critic/values_mean": masked_mean(values.detach(), response_mask),
+        }
+    return loss, metrics
+
+
+def reinforce_policy_loss(
+    logprobs: Tensor, advantages: Tensor, response_mask: Tensor
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """REINFORCE loss (Williams 1992) for ReMax-style on-policy updates.
+
+        L = -mean_{response tokens} A_t * log pi(a_t | s_t)
+
+    Args:
+        logprobs: `[B, T]` policy log-probs (with gradient).
+        advantages: `[B, T]`, e.g. from `advantages.remax_advantages`.
+        response_mask: `[B, T]`.
+
+    Returns:
+        `(scalar loss, {"actor/pg_loss": ...})`.
+    """
+    loss = -masked_mean(advantages.detach() * logprobs, response_mask)
+    return loss, {"actor/pg_loss": loss.detach()}

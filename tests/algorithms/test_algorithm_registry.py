@@ -1,0 +1,204 @@
+"""The registry: declarations, uniform advantage adapters, offline loss adapters, name errors."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_ray.algorithms import (
+    OFFLINE_OBJECTIVES,
+    ONLINE_ALGORITHMS,
+    KTOBatch,
+    PreferenceBatch,
+    RankedRewardBatch,
+    RewardPairBatch,
+    SFTBatch,
+    UnknownAlgorithmError,
+    dpo_loss,
+    gae,
+    get_offline_objective,
+    get_online_algorithm,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    remax_advantages,
+    rloo_advantages,
+    whiten,
+)
+
+torch.set_num_threads(1)
+LN2 = math.log(2.0)
+
+
+def close(actual, expected, atol=1e-5):
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
+
+
+def test_all_names_are_declared():
+    assert set(ONLINE_ALGORITHMS) == {"ppo", "remax", "grpo", "rloo", "reinforce_pp"}
+    assert set(OFFLINE_OBJECTIVES) == {
+        "sft", "kl_sft", "rm", "dpo", "cdpo", "ipo", "dpop", "rdpo", "odpo", "slic", "simpo", "tdpo1", "tdpo2", "kto"
+    }
+
+
+def test_online_declarations():
+    ppo, remax, grpo = get_online_algorithm("ppo"), get_online_algorithm("remax"), get_online_algorithm("grpo")
+    assert ppo.needs_critic and not remax.needs_critic and not grpo.needs_critic
+    assert remax.needs_greedy and not ppo.needs_greedy
+    assert grpo.kl_placement == "loss" and ppo.kl_placement == "reward"
+    assert remax.policy_loss == "reinforce" and grpo.policy_loss == "ppo_clip"
+    assert get_online_algorithm("rloo").min_samples_per_prompt == 2
+    assert all(a.needs_reference for a in ONLINE_ALGORITHMS.values())
+
+
+def test_offline_declarations():
+    assert get_offline_objective("rm").trains == "reward_model"
+    assert get_offline_objective("tdpo2").needs_sequence_kl and not get_offline_objective("dpo").needs_sequence_kl
+    assert not get_offline_objective("simpo").needs_reference and get_offline_objective("kto").data_format == "kto"
+    assert get_offline_objective("cdpo").param_defaults["label_smoothing"] == 0.1
+
+
+def test_unknown_names_list_the_known_ones_and_suggest():
+    with pytest.raises(KeyError) as info:
+        get_online_algorithm("grp")
+    message = str(info.value)
+    assert "ppo, remax, grpo, rloo, reinforce_pp" in message and "Did you mean 'grpo'" in message
+    with pytest.raises(ValueError, match="Known: sft, kl_sft, rm, dpo"):
+        get_offline_objective("dpoo")
+    assert isinstance(info.value, UnknownAlgorithmError)
+    assert get_online_algorithm("REINFORCE++").name == "reinforce_pp"
+
+
+def _rollout(seed=0, prompts=2, group=3, T=5):
+    g = torch.Generator().manual_seed(seed)
+    B = prompts * group
+    mask = torch.rand(B, T, generator=g) > 0.2
+    mask[:, 0] = True
+    return dict(
+        response_mask=mask,
+        token_rewards=torch.randn(B, T, generator=g) * mask,
+        sequence_rewards=torch.randn(B, generator=g),
+        greedy_rewards=torch.randn(B, generator=g),
+        values=torch.randn(B, T, generator=g),
+        group_size=group,
+        gamma=0.99,
+        lam=0.95,
+        whiten_advantages=False,
+    )
+
+
+def test_every_algorithm_runs_through_the_same_call():
+    inputs = _rollout()
+    for algo in ONLINE_ALGORITHMS.values():
+        advantages, returns = algo.compute_advantages(**inputs)
+        assert advantages.shape == inputs["response_mask"].shape
+        assert (returns is not None) == algo.needs_critic
+        assert torch.all(advantages[~inputs["response_mask"]] == 0)
+
+
+def test_adapters_call_their_own_estimators():
+    x = _rollout(seed=1)
+    mask, tok = x["response_mask"], x["token_rewards"]
+    ret_sum = (tok * mask).sum(-1)  # undiscounted KL-shaped return of each sample
+
+    adv, ret = get_online_algorithm("ppo").compute_advantages(**{**x, "whiten_advantages": True})
+    ref_adv, ref_ret = gae(tok, x["values"], mask, 0.99, 0.95)
+    torch.testing.assert_close(adv, whiten(ref_adv, mask))
+    torch.testing.assert_close(ret, ref_ret)
+
+    adv, _ = get_online_algorithm("remax").compute_advantages(**x)
+    torch.testing.assert_close(adv, remax_advantages(ret_sum, x["greedy_rewards"], mask))
+
+    adv, _ = get_online_algorithm("grpo").compute_advantages(**x)
+    torch.testing.assert_close(adv, grpo_advantages(x["sequence_rewards"], 3, mask))
+
+    adv, _ = get_online_algorithm("rloo").compute_advantages(**x)
+    torch.testing.assert_close(adv, rloo_advantages(ret_sum, 3, mask))
+
+    adv, _ = get_online_algorithm("reinforce_pp").compute_advantages(**x)
+    torch.testing.assert_close(adv, reinforce_pp_advantages(tok, mask, 0.99))
+
+
+def test_remax_adapter_hand_worked():
+    # token rewards sum to 1.0 - 0.25 = 0.75 (KL-shaped return); greedy reward 0.5 -> advantage 0.25 per token
+    adv, returns = get_online_algorithm("remax").compute_advantages(
+        response_mask=torch.tensor([[1, 1, 0]]),
+        token_rewards=torch.tensor([[-0.25, 1.0, 0.0]]),
+        greedy_rewards=torch.tensor([0.5]),
+    )
+    close(adv, [[0.25, 0.25, 0.0]])
+    assert returns is None
+
+
+def test_missing_inputs_and_small_groups_are_reported():
+    x = _rollout()
+    with pytest.raises(ValueError, match="'ppo' .* values was not given"):
+        get_online_algorithm("ppo").compute_advantages(**{**x, "values": None})
+    with pytest.raises(ValueError, match="at least 2 samples per prompt"):
+        get_online_algorithm("grpo").compute_advantages(**{**x, "group_size": 1})
+
+
+def _equal_pair_batch(n=4, **extra):
+    g = torch.Generator().manual_seed(7)
+    c, r = -torch.rand(n, generator=g) * 10 - 1, -torch.rand(n, generator=g) * 10 - 1
+    return PreferenceBatch(policy_chosen_logps=c, policy_rejected_logps=r, ref_chosen_logps=c.clone(),
+                           ref_rejected_logps=r.clone(), chosen_seq_kl=torch.zeros(n), rejected_seq_kl=torch.zeros(n),
+                           **extra)
+
+
+def test_offline_adapters_at_policy_equal_reference():
+    batch = _equal_pair_batch()
+    # delta = 0 everywhere; defaults beta 0.1 (ipo: (0 - 5)^2 = 25), odpo offset 1: log(1 + e) = 1.313262
+    expected = {"dpo": LN2, "cdpo": LN2, "rdpo": LN2, "dpop": LN2, "tdpo1": LN2, "tdpo2": LN2, "ipo": 25.0,
+                "odpo": 1.313262}
+    for name, value in expected.items():
+        loss, metrics = get_offline_objective(name).loss(batch, {})
+        close(loss, value)
+        close(metrics["rewards/margins"], 0.0)
+
+
+def test_offline_params_override_defaults_and_ignore_other_keys():
+    c, r = torch.tensor([-1.0]), torch.tensor([-3.0])
+    batch = PreferenceBatch(c, r, torch.tensor([-2.0]), torch.tensor([-2.0]))
+    # beta 0.5, delta 2: -log sigmoid(1) = 0.313262; "lam" belongs to other objectives and is ignored
+    loss, _ = get_offline_objective("dpo").loss(batch, {"beta": 0.5, "lam": 7.0})
+    close(loss, 0.313262)
+    cdpo, _ = get_offline_objective("cdpo").loss(batch, {"beta": 0.5})
+    torch.testing.assert_close(cdpo, dpo_loss(c, r, torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5, 0.1)[0])
+    assert get_offline_objective("tdpo2").resolve_params({"beta": 0.2, "gamma": 3}) == {"beta": 0.2, "alpha": 0.5}
+
+
+def test_reference_free_objectives_need_no_reference():
+    c, r = torch.tensor([-6.0]), torch.tensor([-8.0])
+    no_ref = PreferenceBatch(c, r, chosen_lengths=torch.tensor([3.0]), rejected_lengths=torch.tensor([2.0]))
+    # simpo with beta 1, gamma 1: -log sigmoid(-2 - -4 - 1) = 0.313262
+    close(get_offline_objective("simpo").loss(no_ref, {"beta": 1.0, "gamma": 1.0})[0], 0.313262)
+    # slic regularises the chosen responses: hinge max(0, 1 - 2) = 0, plus -0.1 * -6 = 0.6
+    close(get_offline_objective("slic").loss(no_ref, {})[0], 0.6)
+
+
+def test_offline_adapters_report_missing_fields_and_wrong_batches():
+    with pytest.raises(ValueError, match="'dpo' needs PreferenceBatch.ref_chosen_logps, ref_rejected_logps"):
+        get_offline_objective("dpo").loss(PreferenceBatch(torch.zeros(2), torch.zeros(2)), {})
+    with pytest.raises(ValueError, match="chosen_seq_kl"):
+        get_offline_objective("tdpo1").loss(PreferenceBatch(*[torch.zeros(2)] * 4), {})
+    with pytest.raises(TypeError, match="takes a PreferenceBatch; got SFTBatch"):
+        get_offline_objective("ipo").loss(SFTBatch(torch.zeros(1, 2), torch.ones(1, 2)), {})
+    with pytest.raises(ValueError, match="kl_reference_point"):
+        get_offline_objective("kto").loss(KTOBatch(torch.zeros(2), torch.zeros(2), torch.tensor([True, False])), {})
+
+
+def test_sft_rm_and_kto_adapters():
+    logprobs = torch.tensor([[-1.0, -2.0]])
+    # sft: (1 + 2) / 2 = 1.5; kl_sft at the reference adds nothing
+    close(get_offline_objective("sft").loss(SFTBatch(logprobs, torch.ones(1, 2)), {})[0], 1.5)
+    close(get_offline_objective("kl_sft").loss(SFTBatch(logprobs, torch.ones(1, 2), logprobs.clone()), {})[0], 1.5)
+    rm = get_offline_objective("rm")
+    # pairwise gap 0: ln 2; ranked [[1, 0]] with ranking [[0, 1]]: gap 1 -> 0.313262
+    close(rm.loss(RewardPairBatch(torch.tensor([1.0]), torch.tensor([1.0])), {})[0], LN2)
+    close(rm.loss(RankedRewardBatch(torch.tensor([[1.0, 0.0]]), torch.tensor([[0, 1]])), {})[0], 0.313262)
+    # kto: z0 from mismatched pairs = max(0, mean(1, -3)) = 0; equal policy and ref: loss 0.5
+    kto = KTOBatch(torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -2.0]), torch.tensor([True, False]),
+                   policy_logps_mismatched=torch.tensor([0.0, -4.0]), ref_logps_mismatched=torch.tensor([-1.0, -1.0]))
+    loss, metrics = get_offline_objective("kto").loss(kto, {})
+    close(loss, 0.5)
+    close(metrics["kto/kl_reference_point"], 0.0)

@@ -1,0 +1,123 @@
+"""PPO clipped surrogate, clipped value loss and REINFORCE loss."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_ray.algorithms import ppo_policy_loss, reinforce_policy_loss, value_loss
+
+torch.set_num_threads(1)
+
+
+def close(actual, expected, atol=1e-5):
+    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
+
+
+def test_ppo_policy_loss_hand_worked():
+    logprobs = torch.log(torch.tensor([[1.5, 0.5, 1.0]])).requires_grad_()
+    old = torch.zeros(1, 3)  # ratios are [1.5, 0.5, 1.0]
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    mask = torch.ones(1, 3)
+    # clip 0.2:
+    # t0: A=1, ratio 1.5: max(-1.5, -1.2) = -1.2 (clipped term taken)
+    # t1: A=1, ratio 0.5: max(-0.5, -0.8) = -0.5
+    # t2: A=-1, ratio 1:  max(1, 1) = 1
+    # loss = (-1.2 - 0.5 + 1) / 3 = -0.233333, clipfrac = 1/3
+    # approx_kl = mean((r - 1) - ln r) = (0.094535 + 0.193147 + 0) / 3 = 0.095894
+    loss, m = ppo_policy_loss(logprobs, old, adv, mask, clip_eps=0.2)
+    close(loss, -0.7 / 3)
+    close(m["actor/pg_loss"], -0.7 / 3)
+    close(m["actor/clipfrac"], 1 / 3)
+    close(m["actor/approx_kl"], 0.095894)
+    loss.backward()
+    # d/dlogp of -A * ratio is -A * ratio: t0 clipped -> 0; t1 -0.5 / 3; t2 +1 / 3
+    close(logprobs.grad, [[0.0, -0.5 / 3, 1.0 / 3]])
+
+
+def test_ppo_policy_loss_ignores_masked_tokens():
+    logprobs = torch.tensor([[0.0, 3.0]])
+    adv = torch.tensor([[2.0, -50.0]])
+    # only t0: ratio 1, loss = -2
+    loss, m = ppo_policy_loss(logprobs, torch.zeros(1, 2), adv, torch.tensor([[1, 0]]), clip_eps=0.2)
+    close(loss, -2.0)
+    close(m["actor/clipfrac"], 0.0)
+
+
+def test_ppo_policy_loss_survives_junk_in_padding():
+    # padding log-probs far apart would give exp(200) = inf; the masked token must not turn the loss NaN
+    logprobs = torch.tensor([[0.0, 100.0]], requires_grad=True)
+    old = torch.tensor([[0.0, -100.0]])
+    loss, m = ppo_policy_loss(logprobs, old, torch.tensor([[1.0, 0.0]]), torch.tensor([[1, 0]]), clip_eps=0.2)
+    close(loss, -1.0)  # only t0: -A * ratio = -1
+    loss.backward()
+    assert torch.isfinite(logprobs.grad).all() and torch.isfinite(m["actor/approx_kl"])
+
+
+def test_ppo_dual_clip_caps_negative_advantages():
+    logprobs = torch.log(torch.tensor([[5.0, 5.0]]))
+    adv = torch.tensor([[-1.0, 1.0]])
+    # t0: A=-1, ratio 5: max(5, 1.2) = 5, capped at -A * 3 = 3
+    # t1: A=+1, ratio 5: max(-5, -1.2) = -1.2, dual clip does not apply
+    # without dual clip: (5 - 1.2) / 2 = 1.9; with: (3 - 1.2) / 2 = 0.9
+    plain, _ = ppo_policy_loss(logprobs, torch.zeros(1, 2), adv, torch.ones(1, 2), clip_eps=0.2)
+    dual, m = ppo_policy_loss(logprobs, torch.zeros(1, 2), adv, torch.ones(1, 2), clip_eps=0.2, dual_clip=3.0)
+    close(plain, 1.9)
+    close(dual, 0.9)
+    close(m["actor/dual_clipfrac"], 0.5)
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        ppo_policy_loss(logprobs, torch.zeros(1, 2), adv, torch.ones(1, 2), clip_eps=0.2, dual_clip=0.5)
+
+
+def test_ppo_loss_on_policy_equals_reinforce_gradient():
+    g = torch.Generator().manual_seed(0)
+    logprobs = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    adv = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    a = logprobs.clone().requires_grad_()
+    b = logprobs.clone().requires_grad_()
+    # at ratio 1 nothing is clipped, so the PPO gradient is the REINFORCE gradient
+    ppo_policy_loss(a, logprobs, adv, mask, clip_eps=0.2)[0].backward()
+    reinforce_policy_loss(b, adv, mask)[0].backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_value_loss_hand_worked():
+    values = torch.tensor([[1.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[0.5, 0.5]])
+    returns = torch.tensor([[2.0, 0.0]])
+    # clip 0.2:
+    # t0: (1 - 2)^2 = 1; clipped value 0.7 -> (0.7 - 2)^2 = 1.69 -> 1.69
+    # t1: (0 - 0)^2 = 0; clipped value 0.3 -> 0.09 -> 0.09
+    # loss = 0.5 * (1.69 + 0.09) / 2 = 0.445, both tokens took the clipped error
+    loss, m = value_loss(values, old, returns, torch.ones(1, 2), clip_eps=0.2)
+    close(loss, 0.445)
+    close(m["critic/value_loss"], 0.445)
+    close(m["critic/clipfrac"], 1.0)
+    loss.backward()
+    # the clipped branch is flat in `values`: no gradient on either token
+    close(values.grad, [[0.0, 0.0]])
+
+
+def test_value_loss_inside_clip_and_unclipped():
+    # |0.6 - 0.5| < 0.2: both errors are (0.6 - 1)^2 = 0.16, loss 0.5 * 0.16 = 0.08
+    loss, m = value_loss(torch.tensor([[0.6]]), torch.tensor([[0.5]]), torch.tensor([[1.0]]), torch.ones(1, 1), 0.2)
+    close(loss, 0.08)
+    close(m["critic/clipfrac"], 0.0)
+    # clip_eps=None: 0.5 * mean((1 - 2)^2, (0 - 0)^2) = 0.25
+    values, returns = torch.tensor([[1.0, 0.0]]), torch.tensor([[2.0, 0.0]])
+    loss, _ = value_loss(values, torch.zeros(1, 2), returns, torch.ones(1, 2), clip_eps=None)
+    close(loss, 0.25)
+
+
+def test_reinforce_policy_loss_hand_worked():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0]], requires_grad=True)
+    adv = torch.tensor([[1.0, -1.0, 5.0]])
+    mask = torch.tensor([[1, 1, 0]])
+    # -(1 * -1 + -1 * -2) / 2 = -(-1 + 2) / 2 = -0.5
+    loss, m = reinforce_policy_loss(logprobs, adv, mask)
+    close(loss, -0.5)
+    assert math.isclose(float(m["actor/pg_loss"]), -0.5)
+    loss.backward()
+    # gradient -A / 2 on response tokens
+    close(logprobs.grad, [[-0.5, 0.5, 0.0]])
