@@ -1,0 +1,129 @@
+"""Batches of token ids as padded torch tensors.
+
+Prompts for generation are LEFT-padded, so every row's last real token sits
+at the last position and generation continues all rows from there. Prompt +
+response sequences for training are RIGHT-padded; ``loss_mask`` marks the
+response tokens. All id and mask tensors are ``torch.long``.
+
+Pairs, unpaired samples and ranked groups go into one batch each, so a single
+forward pass scores all of them:
+
+- preference: rows ``[0, B)`` are the chosen responses, rows ``[B, 2B)`` the
+  rejected ones, in the same prompt order;
+- ranked: the K responses of each prompt follow each other, with
+  ``group_index`` (which prompt) and ``rank`` (0 = best) per row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from rlhf_ray.data.tokenize import EncodedSequence
+
+
+def collate_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-pad prompt ids for generation.
+
+    Returns ``input_ids`` [B, T] and ``attention_mask`` [B, T] (1 on real
+    tokens), T the longest prompt. Example, pad_id=0::
+
+        [[5, 6, 7], [8]]  ->  input_ids      [[5, 6, 7], [0, 0, 8]]
+                              attention_mask [[1, 1, 1], [0, 0, 1]]
+    """
+    _check_rows(prompts, "prompts")
+    width = max(len(ids) for ids in prompts)
+    input_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, ids in enumerate(prompts):
+        if ids:
+            input_ids[row, width - len(ids) :] = torch.tensor(list(ids), dtype=torch.long)
+            attention_mask[row, width - len(ids) :] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def collate_sequences(sequences: Sequence[EncodedSequence], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad prompt + response sequences for training.
+
+    Returns ``input_ids``, ``attention_mask`` and ``loss_mask``, each [B, T].
+    Example, pad_id=0, prompts [5, 6] and [8], responses [7, 2] and [9, 2]::
+
+        input_ids      [[5, 6, 7, 2], [8, 9, 2, 0]]
+        attention_mask [[1, 1, 1, 1], [1, 1, 1, 0]]
+        loss_mask      [[0, 0, 1, 1], [0, 1, 1, 0]]
+    """
+    _check_rows(sequences, "sequences")
+    width = max(len(seq.input_ids) for seq in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        length = len(seq.input_ids)
+        if len(seq.loss_mask) != length:
+            raise ValueError(f"sequence {row}: loss_mask has {len(seq.loss_mask)} entries for {length} tokens")
+        input_ids[row, :length] = torch.tensor(seq.input_ids, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        loss_mask[row, :length] = torch.tensor(seq.loss_mask, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def collate_preference(
+    chosen: Sequence[EncodedSequence], rejected: Sequence[EncodedSequence], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Chosen rows first, then rejected rows, right-padded to one length.
+
+    Returns the tensors of :func:`collate_sequences`, each [2B, T]: row ``i``
+    is the chosen response of pair ``i`` and row ``B + i`` its rejected one,
+    so ``logps[:B]`` and ``logps[B:]`` line up pair by pair."""
+    if len(chosen) != len(rejected):
+        raise ValueError(f"got {len(chosen)} chosen and {len(rejected)} rejected sequences; they must pair up")
+    return collate_sequences(list(chosen) + list(rejected), pad_id)
+
+
+def collate_kto(sequences: Sequence[EncodedSequence], labels: Sequence[bool], pad_id: int) -> dict[str, torch.Tensor]:
+    """Unpaired samples: the tensors of :func:`collate_sequences` ([B, T])
+    plus ``labels`` [B] (``torch.bool``, True = desirable)."""
+    if len(sequences) != len(labels):
+        raise ValueError(f"got {len(sequences)} sequences and {len(labels)} labels; need one label per sequence")
+    batch = collate_sequences(sequences, pad_id)
+    batch["labels"] = torch.tensor([bool(label) for label in labels], dtype=torch.bool)
+    return batch
+
+
+def collate_ranked(
+    groups: Sequence[Sequence[EncodedSequence]], rankings: Sequence[Sequence[int]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """All K responses of each prompt in one right-padded batch.
+
+    ``groups[g]`` holds the K_g encoded responses of prompt g and
+    ``rankings[g]`` their indices, best first. Returns the tensors of
+    :func:`collate_sequences`, each [N, T] with N = sum of K_g, plus
+    ``group_index`` [N] (the prompt g of each row) and ``rank`` [N] (the
+    row's place in its ranking, 0 = best). Example: groups of 3 and 2
+    responses, rankings [2, 0, 1] and [1, 0]::
+
+        group_index [0, 0, 0, 1, 1]
+        rank        [1, 2, 0, 1, 0]     (response 2 of prompt 0 is best)
+
+    A pair (i, j) of rows compares when ``group_index[i] == group_index[j]``
+    and ``rank[i] < rank[j]`` (i preferred)."""
+    if len(groups) != len(rankings):
+        raise ValueError(f"got {len(groups)} groups and {len(rankings)} rankings; need one ranking per group")
+    sequences, group_index, rank = [], [], []
+    for g, (group, ranking) in enumerate(zip(groups, rankings, strict=True)):
+        if sorted(ranking) != list(range(len(group))):
+            raise ValueError(f"group {g}: ranking {list(ranking)} is not a permutation of range({len(group)})")
+        place = {response: position for position, response in enumerate(ranking)}
+        sequences.extend(group)
+        group_index.extend([g] * len(group))
+        rank.extend(place[response] for response in range(len(group)))
+    batch = collate_sequences(sequences, pad_id)
+    batch["group_index"] = torch.tensor(group_index, dtype=torch.long)
+    batch["rank"] = torch.tensor(rank, dtype=torch.long)
+    return batch
+
+
+def _check_rows(rows: Sequence, what: str) -> None:
+    if len(rows) == 0:
+        raise ValueError(f"cannot collate an empty batch of {what}")
