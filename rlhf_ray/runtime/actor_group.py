@@ -1,0 +1,240 @@
+"""A role as N Ray actors: the data-parallel ranks of one `torch.distributed` group.
+
+    group = ActorGroup(PolicyWorker, role="policy", num_ranks=2, num_cpus_per_rank=1,
+                       worker_args=(job_config,))
+    group.gather(group.map(lambda actor: actor.setup.remote(...)))         # same call on every rank
+    refs = group.scatter(lambda actor, shard: actor.train.remote(shard), batch)  # rank r gets shard r
+    logps = concat_shards(group.gather(refs))                               # back in rank order
+    group.shutdown()
+
+Remote methods are called as methods (`actor.train.remote(...)`), never by a
+string name. `map` and `scatter` return one ObjectRef per rank, in rank order,
+without waiting; pass refs on to other actors, or `gather` them.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import ray
+import torch
+from ray.exceptions import RayError
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from rlhf_ray.runtime.distributed import find_free_port, get_node_ip
+from rlhf_ray.runtime.placement import RankPlacement, RoleResources, check_fits, create_placement_group, plan_placement
+
+Batch = dict[str, Any]
+
+
+class ActorGroupError(RuntimeError):
+    """A rank of a group failed to start or raised in a call; the message names the role and rank."""
+
+
+def split_batch(batch: Batch, num_shards: int, role: str = "the group") -> list[Batch]:
+    """Split a dict of tensors / lists along dim 0 into `num_shards` contiguous, equal shards.
+
+    Shard r holds rows `[r * n, (r + 1) * n)` with `n = batch_size / num_shards`.
+    Tensor shards are copies, so sending one to an actor ships only its rows
+    (a view would carry the whole batch's storage)."""
+    if not batch:
+        raise ValueError(f"cannot scatter an empty batch to {role}")
+    sizes = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            sizes[key] = value.shape[0]
+        elif isinstance(value, (list, tuple)):
+            sizes[key] = len(value)
+        else:
+            raise TypeError(f"batch[{key!r}] is a {type(value).__name__}; scatter splits per-example tensors and "
+                            "lists only: pass constants as a separate argument of the remote call")
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{k}: {n}" for k, n in sizes.items())
+        raise ValueError(f"batch fields differ in length along dim 0 ({listed}); every field needs one row per example")
+    size = next(iter(sizes.values()))
+    if size % num_shards:
+        raise ValueError(f"a batch of {size} examples cannot be split evenly across the {num_shards} ranks of "
+                         f"{role}: make the batch size a multiple of {num_shards}")
+    n = size // num_shards
+    shards = []
+    for r in range(num_shards):
+        shard = {}
+        for key, value in batch.items():
+            rows = value[r * n:(r + 1) * n]
+            shard[key] = rows.clone() if isinstance(rows, torch.Tensor) else rows
+        shards.append(shard)
+    return shards
+
+
+def concat_shards(results: Sequence[Any]) -> Any:
+    """Join per-rank results in rank order along dim 0: a list of dicts of tensors /
+    lists becomes one dict, a list of tensors one tensor."""
+    if not results:
+        raise ValueError("concat_shards got no results")
+    first = results[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(results))
+    if not isinstance(first, dict):
+        raise TypeError(f"concat_shards joins dicts of tensors/lists or tensors; rank 0 returned a "
+                        f"{type(first).__name__}")
+    merged = {}
+    for key, value in first.items():
+        for rank, result in enumerate(results):
+            if not isinstance(result, dict) or key not in result:
+                raise KeyError(f"rank {rank}'s result has no key {key!r} that rank 0's has")
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            merged[key] = torch.cat([result[key] for result in results])
+        elif isinstance(value, (list, tuple)):
+            merged[key] = [item for result in results for item in result[key]]
+        else:
+            raise TypeError(f"result[{key!r}] is a {type(value).__name__}, not a per-example tensor or list; "
+                            "reduce such values (e.g. average metrics) per rank instead of concatenating")
+    return merged
+
+
+@ray.remote(num_cpus=0)
+def _rendezvous_address() -> tuple[str, int]:
+    """Run inside rank 0's bundle: that node's IP and a free port on it."""
+    return get_node_ip(), find_free_port()
+
+
+class ActorGroup:
+    """`num_ranks` actors of `worker_cls` (a `DistributedWorker` subclass) forming one process group.
+
+    Each actor is built as `worker_cls(rank, world_size, master_addr,
+    master_port, num_threads, *worker_args, **worker_kwargs)`, with
+    `num_threads = max(1, int(num_cpus_per_rank))`.
+
+    `placement`: rank r's `RankPlacement` at index r (from
+    `create_placement_group(...).for_role(role)`), whose shares the actors ask
+    Ray for. Without it the group reserves a placement group of its own
+    (`num_ranks` bundles of `num_cpus_per_rank` CPUs and `num_gpus_per_rank`
+    GPUs, checked to fit first) and removes it on `shutdown`.
+
+    The constructor returns once every rank has joined the group; if a rank
+    fails to start, all are stopped and `ActorGroupError` names the role and
+    rank. `start_timeout_s` bounds the wait for the group's own placement and
+    for the ranks (a start takes seconds; the default leaves room for a busy
+    cluster).
+    """
+
+    def __init__(self, worker_cls: type, *, role: str, num_ranks: int, num_cpus_per_rank: float,
+                 num_gpus_per_rank: float = 0, placement: Sequence[RankPlacement] | None = None,
+                 worker_args: Sequence[Any] = (), worker_kwargs: dict | None = None,
+                 runtime_env: dict | None = None, start_timeout_s: float = 600.0):
+        self.role = role
+        self._actors: list = []
+        self._own_placement = None
+        if placement is None:
+            plan = plan_placement([RoleResources(role, num_ranks, num_cpus_per_rank, num_gpus_per_rank)])
+            check_fits(plan)
+            self._own_placement = create_placement_group(plan, timeout_s=start_timeout_s)
+            placement = self._own_placement.for_role(role)
+        if len(placement) != num_ranks:
+            raise ValueError(f"role {role!r}: placement has {len(placement)} slots for num_ranks={num_ranks}; "
+                             "build it from the same RoleResources")
+        try:
+            self._start(worker_cls, placement, max(1, int(num_cpus_per_rank)), tuple(worker_args),
+                        dict(worker_kwargs or {}), runtime_env, start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _start(self, worker_cls, placement, num_threads, args, kwargs, runtime_env, timeout_s) -> None:
+        actor_cls = worker_cls if isinstance(worker_cls, ray.actor.ActorClass) else ray.remote(worker_cls)
+        strategy = [PlacementGroupSchedulingStrategy(placement_group=p.placement_group,
+                                                     placement_group_bundle_index=p.bundle_index)
+                    for p in placement]
+        master_addr, master_port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy[0]).remote())
+        world_size = len(placement)
+        for rank, slot in enumerate(placement):
+            options = {"num_cpus": slot.num_cpus, "num_gpus": slot.num_gpus, "scheduling_strategy": strategy[rank]}
+            if runtime_env is not None:
+                options["runtime_env"] = runtime_env
+            self._actors.append(actor_cls.options(**options).remote(
+                rank, world_size, master_addr, master_port, num_threads, *args, **kwargs))
+        self._wait_started([actor.ping.remote() for actor in self._actors], timeout_s)
+
+    def _wait_started(self, pings: list, timeout_s: float) -> None:
+        """Wait for every rank's constructor, reporting the first that fails."""
+        deadline = time.monotonic() + timeout_s
+        rank_of = {ref: rank for rank, ref in enumerate(pings)}
+        pending = list(pings)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                ranks = sorted(rank_of[ref] for ref in pending)
+                raise ActorGroupError(
+                    f"role {self.role!r}: ranks {ranks} of {len(pings)} did not start within {timeout_s:g} s (a rank "
+                    "waits for all others to join torch.distributed; check the actors' logs, or raise start_timeout_s)")
+            try:
+                ray.get(ready[0])
+            except RayError as err:
+                raise ActorGroupError(f"role {self.role!r} rank {rank_of[ready[0]]} of {len(pings)} failed to "
+                                      f"start:\n{err}") from err
+
+    def __len__(self) -> int:
+        return len(self._actors)
+
+    @property
+    def world_size(self) -> int:
+        return len(self._actors)
+
+    @property
+    def actors(self) -> list:
+        """The actor handles, rank r at index r."""
+        return list(self._actors)
+
+    @property
+    def rank0(self):
+        """Rank 0's actor handle (for calls only one rank should make)."""
+        return self._actors[0]
+
+    def map(self, fn: Callable[[Any], Any]) -> list:
+        """`[fn(actor) for each rank]`: the same remote call on every rank, e.g.
+        `group.map(lambda actor: actor.set_seed.remote(7))`; returns the refs in rank order."""
+        return [fn(actor) for actor in self._actors]
+
+    def scatter(self, fn: Callable[[Any, Batch], Any], batch: Batch) -> list:
+        """Split `batch` into `len(self)` equal contiguous shards (`split_batch`) and
+        call `fn(actor, shard)` on each rank; returns the refs in rank order."""
+        shards = split_batch(batch, len(self._actors), role=f"role {self.role!r}")
+        return [fn(actor, shard) for actor, shard in zip(self._actors, shards)]
+
+    def gather(self, refs: Sequence[Any]) -> list:
+        """The results of `refs` (rank r's at index r, as `map`/`scatter` return them).
+
+        Raises `ActorGroupError` naming the rank as soon as one call fails, rather
+        than waiting on ranks that may be blocked in a collective with it."""
+        refs = list(refs)
+        results: list = [None] * len(refs)
+        positions: dict = {}
+        for index, ref in enumerate(refs):
+            positions.setdefault(ref, []).append(index)
+        pending = list(positions)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            try:
+                value = ray.get(ready[0])
+            except RayError as err:
+                rank = positions[ready[0]][0]
+                raise ActorGroupError(f"role {self.role!r} rank {rank} of {len(self._actors)} failed:\n{err}") from err
+            for index in positions[ready[0]]:
+                results[index] = value
+        return results
+
+    def shutdown(self) -> None:
+        """Stop every rank and release the group's own placement group. Safe to call twice."""
+        for actor in self._actors:
+            ray.kill(actor, no_restart=True)
+        self._actors = []
+        if self._own_placement is not None:
+            self._own_placement.remove()
+            self._own_placement = None
+
+    def __enter__(self) -> "ActorGroup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

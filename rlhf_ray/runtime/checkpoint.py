@@ -1,0 +1,199 @@
+"""Checkpoint directories that are either whole or absent, and RNG state for exact resume.
+
+Layout (DESIGN.md): `<run_dir>/checkpoints/step_<N>/`, each holding a
+completion marker. A save goes into a hidden sibling `.step_<N>.tmp-<id>/`;
+only when everything inside is written (and flushed to disk) is the marker
+added and the directory renamed into place. A crash mid-save therefore leaves
+the previous checkpoint whole and no half-written `step_<N>` visible; the temp
+directory a killed process leaves behind is ignored by `latest_checkpoint` and
+removed by `prune_checkpoints`.
+
+Ray actors write their shards straight into the directory `atomic_dir`
+yields (all ranks must see the same filesystem, as DeepSpeed checkpoints
+already require).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
+_STEP_DIR = re.compile(r"step_(\d+)")
+_TEMP_MARK = ".tmp-"
+_OLD_MARK = ".old-"
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    """`<run_dir>/checkpoints/step_<step>`."""
+    return Path(run_dir) / "checkpoints" / f"step_{step}"
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(folder) / name)
+        _fsync_path(Path(folder))
+
+
+@contextmanager
+def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temp directory beside `final_path`; on normal exit, mark it
+    complete and rename it to `final_path` (replacing an existing one).
+
+    If the body raises, the temp directory is removed and `final_path` (an
+    older checkpoint of the same name included) is left as it was.
+    """
+    final = Path(final_path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}{_TEMP_MARK}{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        (tmp / COMPLETE_MARKER).write_text(final.name + "\n")
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        # rename() cannot replace a non-empty directory: move the old one aside
+        # first. Between the two renames `final` is briefly absent, never partial.
+        old = final.parent / f".{final.name}{_OLD_MARK}{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_path(final.parent)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as JSON to `path` via a temp file and a rename: readers see the old or the new file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}{_TEMP_MARK}{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """Load a JSON file, naming the file when it is missing or malformed."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON (line {err.lineno}, column {err.colno}): {err.msg}") from err
+
+
+def _complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """`(step, path)` of every complete `checkpoints/step_<N>`, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.fullmatch(child.name)
+        if match and child.is_dir() and (child / COMPLETE_MARKER).is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The complete `checkpoints/step_<N>` with the largest N, or None when there is none.
+    Directories without the completion marker and temp directories are skipped."""
+    found = _complete_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete all but the newest `keep_last` complete checkpoints, and the temp
+    directories of crashed saves; returns what was removed. A `step_<N>`
+    without the completion marker was not written by `atomic_dir` and is left
+    alone.
+
+    Call it from the process that saves, after a save: a save in flight in
+    another process would look like a leftover."""
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1 (the newest checkpoint is what a resume needs), got {keep_last}")
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    doomed = [path for _, path in _complete_checkpoints(run_dir)[:-keep_last]]
+    doomed += [child for child in root.iterdir() if child.is_dir() and child.name.startswith(".step_")
+               and (_TEMP_MARK in child.name or _OLD_MARK in child.name)]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+# RNG state ---------------------------------------------------------------------
+# The state is JSON-compatible (lists, ints, base64 strings) so that it can sit in
+# a trainer_state.json next to the step and data position.
+
+def _bytes_to_text(state: torch.Tensor) -> str:
+    return base64.b64encode(state.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _text_to_bytes(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+
+
+def capture_rng_state() -> dict:
+    """The generators a training step draws from: Python's `random`, NumPy's global
+    generator, torch's CPU generator and, when CUDA is visible, every CUDA device's."""
+    kind, keys, pos, has_gauss, cached_gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "python": [version, list(internal), gauss_next],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached_gauss)],
+        "torch": _bytes_to_text(torch.get_rng_state()),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [_bytes_to_text(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back what `capture_rng_state` captured (also after a JSON round trip).
+
+    CUDA state is restored when both the capture and this process have CUDA; a
+    capture from a different number of devices is an error."""
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached_gauss))
+    torch.set_rng_state(_text_to_bytes(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) != torch.cuda.device_count():
+            raise ValueError(f"the RNG state holds {len(state['cuda'])} CUDA generators but this process sees "
+                             f"{torch.cuda.device_count()} devices: resume with the same GPUs per rank")
+        torch.cuda.set_rng_state_all([_text_to_bytes(s) for s in state["cuda"]])

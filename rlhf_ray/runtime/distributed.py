@@ -1,0 +1,120 @@
+"""The base of every Ray actor role: one rank of a `torch.distributed` group.
+
+`ActorGroup` starts N actors of a `DistributedWorker` subclass and passes each
+its rank, the group size, the rendezvous address (rank 0's node and a free
+port) and the CPUs it was given. The constructor sets the environment
+DeepSpeed and torch read (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+MASTER_PORT), sizes torch's thread pool, and joins the process group, so a
+subclass can call `deepspeed.initialize` straight away (DeepSpeed adopts the
+existing group).
+
+    class PolicyWorker(DistributedWorker):
+        def __init__(self, rank, world_size, master_addr, master_port, num_threads, job_config):
+            super().__init__(rank, world_size, master_addr, master_port, num_threads)
+            ...
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import numpy as np
+import ray.util
+import torch
+import torch.distributed as dist
+
+
+def get_node_ip() -> str:
+    """The IP address Ray knows this node by (the one other nodes can reach)."""
+    return ray.util.get_node_ip_address()
+
+
+def find_free_port() -> int:
+    """A TCP port that is free on this node right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def default_backend() -> str:
+    """`nccl` when this process sees a GPU, else `gloo`."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+class DistributedWorker:
+    """One rank of a data-parallel group; subclass it for each role.
+
+    Args:
+        rank: this actor's rank in `[0, world_size)`.
+        world_size: number of ranks in the group (1 still initialises
+            `torch.distributed`, so DeepSpeed finds a process group).
+        master_addr, master_port: where rank 0 hosts the rendezvous.
+        num_threads: torch intra-op threads, normally the CPUs Ray gave the actor.
+        backend: `gloo` or `nccl`; default `nccl` when CUDA is visible, else `gloo`.
+
+    LOCAL_RANK is 0: Ray narrows CUDA_VISIBLE_DEVICES to the actor's own GPUs,
+    so its GPU is always `cuda:0` (which this constructor selects).
+    """
+
+    def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, num_threads: int,
+                 backend: str | None = None):
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a group of world_size {world_size}")
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        self.rank = rank
+        self.world_size = world_size
+        self.master_addr = master_addr
+        self.master_port = int(master_port)
+        os.environ.update({
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": "0",
+            "MASTER_ADDR": master_addr,
+            "MASTER_PORT": str(master_port),
+            "OMP_NUM_THREADS": str(num_threads),
+        })
+        torch.set_num_threads(num_threads)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(0)
+            self.device = torch.device("cuda", 0)
+        else:
+            self.device = torch.device("cpu")
+        self.backend = backend or default_backend()
+        if not dist.is_initialized():
+            dist.init_process_group(backend=self.backend, init_method="env://", rank=rank, world_size=world_size)
+
+    def ping(self) -> bool:
+        """True once the constructor has finished (the group waits on this)."""
+        return True
+
+    def rank_info(self) -> dict:
+        """Where this rank runs: rank, world size, node IP, pid, backend, device, threads."""
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "local_rank": int(os.environ["LOCAL_RANK"]),
+            "node_ip": get_node_ip(),
+            "pid": os.getpid(),
+            "backend": dist.get_backend(),
+            "device": str(self.device),
+            "num_threads": torch.get_num_threads(),
+            "master_addr": self.master_addr,
+            "master_port": self.master_port,
+        }
+
+    def set_seed(self, seed: int, offset_by_rank: bool = True) -> int:
+        """Seed Python's `random`, NumPy and torch (all devices); returns the seed used.
+
+        With `offset_by_rank` (the default) rank r uses `seed + r`, so ranks
+        draw different dropout masks and samples while the run as a whole stays
+        reproducible. Weights need no common seed: DeepSpeed broadcasts rank 0's
+        at `initialize`. Pass `offset_by_rank=False` where every rank must draw
+        the same numbers (e.g. initialising a new head before DeepSpeed)."""
+        effective = seed + self.rank if offset_by_rank else seed
+        random.seed(effective)
+        np.random.seed(effective % 2**32)
+        torch.manual_seed(effective)
+        return effective
