@@ -1,0 +1,89 @@
+"""Wall-clock time per phase of a training step: `time/<phase>_s` and `time/step_s`.
+
+    timer = PhaseTimer()
+    timer.start_step()
+    with timer.phase("generate"):
+        ...
+    with timer.phase("policy_update"):
+        ...
+    metrics.update(timer.finish_step())  # {"time/generate_s": ..., "time/policy_update_s": ..., "time/step_s": ...}
+
+A phase entered several times in one step (e.g. one update per PPO epoch)
+accumulates. Phases do not nest: entering one while another is open is an
+error naming both, because nested phases would count the same seconds twice
+and the per-phase times would no longer add up to at most the step time.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+_PHASE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+class PhaseTimer:
+    """Accumulates wall seconds per named phase within one step.
+
+    Args:
+        clock: a monotonic clock in seconds (`time.perf_counter` by default;
+            tests pass a fake one).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self._totals: dict[str, float] = {}
+        self._step_start: float | None = None
+        self._open: tuple[str, float] | None = None
+
+    def start_step(self) -> None:
+        """Mark the start of a step; phase times from before are discarded."""
+        if self._open is not None:
+            raise RuntimeError(f"start_step called while phase {self._open[0]!r} is still open")
+        self._totals = {}
+        self._step_start = self._clock()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time the enclosed block as phase `name` (adds to the phase's total for this step).
+
+        The step starts at the first phase if `start_step` was not called.
+        """
+        if not _PHASE_NAME.match(name) or name == "step":
+            raise ValueError(f"phase name {name!r} is not allowed: use letters, digits, '_', '.', '-', not 'step'")
+        if self._open is not None:
+            raise RuntimeError(f"phase {name!r} entered inside phase {self._open[0]!r}: phases do not nest; "
+                               f"end {self._open[0]!r} first or time the outer block only")
+        start = self._clock()
+        if self._step_start is None:
+            self._step_start = start
+        self._open = (name, start)
+        try:
+            yield
+        finally:
+            self._open = None
+            self._totals[name] = self._totals.get(name, 0.0) + (self._clock() - start)
+
+    @property
+    def current_phase(self) -> str | None:
+        """The phase open now, or None."""
+        return None if self._open is None else self._open[0]
+
+    def elapsed(self) -> dict[str, float]:
+        """Seconds per phase so far in this step, as `{"time/<phase>_s": seconds}`."""
+        return {f"time/{name}_s": seconds for name, seconds in self._totals.items()}
+
+    def finish_step(self) -> dict[str, float]:
+        """End the step: `time/<phase>_s` for each phase run and `time/step_s`, the
+        wall time since `start_step` (or the first phase). Resets for the next step."""
+        if self._open is not None:
+            raise RuntimeError(f"finish_step called while phase {self._open[0]!r} is still open")
+        if self._step_start is None:
+            raise RuntimeError("finish_step called with no step started: call start_step() or time a phase first")
+        metrics = self.elapsed()
+        metrics["time/step_s"] = self._clock() - self._step_start
+        self._totals = {}
+        self._step_start = None
+        return metrics
