@@ -10,6 +10,7 @@ each class's `__post_init__`; checks across sections live in `JobConfig`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 
 class ConfigError(ValueError):
@@ -136,6 +137,8 @@ class RolloutConfig:
     top_k: int = _help("Top-k sampling (0 turns it off).", default=0)
     max_new_tokens: int = _help("Longest response; a response cut here without EOS counts as unfinished.", default=32)
     sync_bucket_bytes: int = _help("Weight-sync bucket size in bytes.", default=64 * 2**20)
+    weight_transfer: str = _help("vLLM weight sync: ipc (buckets through Ray, CUDA IPC into the engine) or nccl "
+                                 "(policy rank 0 broadcasts to the engines' GPUs).", default="ipc")
 
     def __post_init__(self):
         _check(self.engine in ENGINES, "engine", f"got {self.engine!r}; expected hf or vllm")
@@ -143,6 +146,7 @@ class RolloutConfig:
         _check(self.temperature > 0, "temperature", "must be > 0 (greedy responses are asked for by the algorithm)")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(self.weight_transfer in ("ipc", "nccl"), "weight_transfer", f"got {self.weight_transfer!r}; expected ipc or nccl")
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
 
 
@@ -194,18 +198,18 @@ class AlgorithmConfig:
     no_eos_penalty: float = _help("Added to the reward of a response cut off before EOS (e.g. -1).", default=0.0)
     ptx_coef: float = _help("Weight of the SFT loss mixed into the policy loss (PPO-ptx).", default=0.0)
     # offline
-    beta: float = _help("DPO temperature (and the family's equivalents).", default=0.1)
-    label_smoothing: float = _help("cDPO label noise (cdpo's default 0.1 if 0).", default=0.0)
-    dpop_lambda: float = _help("DPOP penalty weight.", default=50.0)
-    rdpo_epsilon: float = _help("rDPO label-flip rate.", default=0.1)
-    odpo_offset: float = _help("ODPO offset.", default=1.0)
-    slic_delta: float = _help("SLiC hinge margin.", default=1.0)
-    slic_lambda: float = _help("SLiC regulariser weight.", default=0.0)
-    simpo_gamma: float = _help("SimPO target reward margin.", default=0.5)
-    tdpo_alpha: float = _help("TDPO alpha.", default=0.5)
-    kto_lambda_d: float = _help("KTO weight of desirable examples.", default=1.0)
-    kto_lambda_u: float = _help("KTO weight of undesirable examples.", default=1.0)
-    kl_sft_coef: float = _help("KL-SFT penalty weight.", default=0.1)
+    beta: Optional[float] = _help("DPO temperature (and the family's equivalents). Empty: the objective's default.", default=None)
+    label_smoothing: Optional[float] = _help("cDPO label noise. Empty: the objective's default.", default=None)
+    dpop_lambda: Optional[float] = _help("DPOP penalty weight. Empty: the objective's default.", default=None)
+    rdpo_epsilon: Optional[float] = _help("rDPO label-flip rate. Empty: the objective's default.", default=None)
+    odpo_offset: Optional[float] = _help("ODPO offset. Empty: the objective's default.", default=None)
+    slic_delta: Optional[float] = _help("SLiC hinge margin. Empty: the objective's default.", default=None)
+    slic_lambda: Optional[float] = _help("SLiC regulariser weight. Empty: the objective's default.", default=None)
+    simpo_gamma: Optional[float] = _help("SimPO target reward margin. Empty: the objective's default.", default=None)
+    tdpo_alpha: Optional[float] = _help("TDPO alpha. Empty: the objective's default.", default=None)
+    kto_lambda_d: Optional[float] = _help("KTO weight of desirable examples. Empty: the objective's default.", default=None)
+    kto_lambda_u: Optional[float] = _help("KTO weight of undesirable examples. Empty: the objective's default.", default=None)
+    kl_sft_coef: Optional[float] = _help("KL-SFT penalty weight. Empty: the objective's default.", default=None)
     precompute_reference: bool = _help("Compute reference log-probs once before training and cache them.", default=False)
     rm_margin: float = _help("Margin in the Bradley-Terry loss (0: none).", default=0.0)
     rm_zero_mean: bool = _help("After RM training, add a bias so the mean reward on the train chosen responses is zero.", default=True)
@@ -219,9 +223,9 @@ class AlgorithmConfig:
         _check(self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "must be 0 (off) or > 1")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma/lam", "must lie in [0, 1]")
         _check(self.ppo_epochs >= 1 and self.num_minibatches >= 1, "ppo_epochs/num_minibatches", "must be >= 1")
-        _check(self.beta > 0, "beta", "must be > 0")
-        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must lie in [0, 0.5)")
-        _check(0 <= self.rdpo_epsilon < 0.5, "rdpo_epsilon", "must lie in [0, 0.5)")
+        _check(self.beta is None or self.beta > 0, "beta", "must be > 0")
+        _check(self.label_smoothing is None or 0 <= self.label_smoothing < 0.5, "label_smoothing", "must lie in [0, 0.5)")
+        _check(self.rdpo_epsilon is None or 0 <= self.rdpo_epsilon < 0.5, "rdpo_epsilon", "must lie in [0, 0.5)")
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,9 @@ def _dtype_sections(dtype: str, zero_stage: int, train: bool) -> dict:
     return {}
 
 
+_DEFAULT_BUCKET = 500_000_000  # DeepSpeed's default bucket, in elements
+
+
 def build_deepspeed_config(
     *,
     zero_stage: int,
@@ -151,6 +154,7 @@ def build_deepspeed_config(
     train: bool = True,
     on_cuda: bool | None = None,
     torch_adam: bool | None = None,
+    model_numel: int | None = None,
 ) -> dict:
     """A DeepSpeed config dict for one role.
 
@@ -169,6 +173,11 @@ def build_deepspeed_config(
     `on_cuda` (default: whether CUDA is visible here) and `torch_adam`
     (default: on CPU only) choose what can run, as the module docstring says;
     build the config inside the actor that runs it.
+
+    `model_numel` (the model's parameter count) caps ZeRO's communication
+    buckets at the model's size: DeepSpeed's default reduce bucket of 5e8
+    elements is allocated up front and held (2 GB in fp32), which would dwarf
+    a small model. `None` keeps DeepSpeed's defaults.
     """
     _require(zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     _require(dtype in DTYPES, f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -198,6 +207,13 @@ def build_deepspeed_config(
     if zero_stage == 3:
         # Lets `save_16bit_model` / export gather the full weights from the partitions.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if model_numel is not None and zero_stage >= 1:
+        bucket = int(min(_DEFAULT_BUCKET, max(model_numel, 1)))
+        zero["reduce_bucket_size"] = bucket
+        if zero_stage == 3:
+            zero["stage3_prefetch_bucket_size"] = bucket
+        else:
+            zero["allgather_bucket_size"] = bucket
 
     if not train:
         _require(zero_stage in (0, 3),

@@ -1,0 +1,135 @@
+"""A job's data: resolve the source, load and check it, and collate batches.
+
+Loading happens on the driver before any model is built, so bad input fails
+first. `JobData.batch(indices)` returns the dict of tensors the workers take
+(see `workers/forward.py` for the layouts); encoding is done per batch, which
+keeps start-up fast and lets KTO pair each prompt with a mismatched
+completion from the same batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_ray.config.schema import DataConfig
+from rlhf_ray.data.collate import collate_prompts, collate_sequences
+from rlhf_ray.data.formats import Example, PreferenceExample, RankedExample
+from rlhf_ray.data.loading import load_examples
+from rlhf_ray.data.synthetic import SyntheticConfig, write_synthetic
+from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
+
+SYNTHETIC = "synthetic:"
+
+# What each objective's data format reads from disk, and how it is batched.
+LOAD_FORMAT = {"sft": "sft", "preference": "preference", "kto": "kto", "prompt": "prompt"}
+
+
+def resolve_source(spec: str, data_dir: Path) -> str:
+    """A data source as `load_examples` takes it; `synthetic:<split>` writes the shipped task once."""
+    if not spec.startswith(SYNTHETIC):
+        return spec
+    split = spec[len(SYNTHETIC):]
+    path = data_dir / f"{split}.jsonl"
+    if not path.exists():
+        paths = write_synthetic(data_dir, SyntheticConfig())
+        if split not in paths:
+            raise ValueError(f"data source {spec!r}: the synthetic task has no split {split!r}; "
+                             f"use one of {', '.join('synthetic:' + k for k in sorted(paths))}")
+    return str(path)
+
+
+def load_job_examples(spec: str, fmt: str, data: DataConfig, tokenizer: Any, data_dir: Path) -> tuple[list, dict]:
+    """Checked examples of `spec` in format `fmt` and the count of skipped rows by reason."""
+    loaded = load_examples(resolve_source(spec, data_dir), fmt, column_map=data.column_map or None,
+                           prompt_template=data.prompt_template or None, skip_bad_rows=data.skip_bad_rows,
+                           max_prompt_length=None, tokenizer=tokenizer)
+    return loaded.examples, loaded.skipped
+
+
+@dataclass
+class JobData:
+    """Examples of one split, and how to turn a list of indices into a batch."""
+
+    examples: list[Example]
+    kind: str
+    """sft, preference, kto, ranked (reward-model training), or prompt (online)."""
+    tokenizer: Any
+    config: DataConfig
+    skipped: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _encode(self, prompt, response):
+        return encode_prompt_response(self.tokenizer, prompt, response, max_length=self.config.max_length,
+                                      max_prompt_length=self.config.max_prompt_length)
+
+    def _collate(self, sequences, prefix: str = "") -> dict[str, torch.Tensor]:
+        batch = collate_sequences(sequences, self.tokenizer.pad_token_id)
+        return {prefix + k: v for k, v in batch.items()}
+
+    def batch(self, indices: list[int]) -> dict:
+        """The tensors of these examples, in the layout of `self.kind`."""
+        rows = [self.examples[i] for i in indices]
+        return getattr(self, f"_batch_{self.kind}")(rows)
+
+    def _batch_sft(self, rows) -> dict:
+        return self._collate([self._encode(r.prompt, r.completion) for r in rows])
+
+    def _batch_preference(self, rows) -> dict:
+        chosen = [self._encode(r.prompt, r.chosen) for r in rows]
+        rejected = [self._encode(r.prompt, r.rejected) for r in rows]
+        both = collate_sequences(chosen + rejected, self.tokenizer.pad_token_id)
+        n = len(rows)
+        out = {}
+        for key, value in both.items():
+            out[f"chosen_{key}"] = value[:n]
+            out[f"rejected_{key}"] = value[n:]
+        return out
+
+    def _batch_kto(self, rows) -> dict:
+        # KTO's reference point: each prompt with the next example's completion (Ethayarajh et al. 2024).
+        out = self._collate([self._encode(r.prompt, r.completion) for r in rows])
+        shifted = rows[1:] + rows[:1]
+        out.update(self._collate([self._encode(r.prompt, s.completion) for r, s in zip(rows, shifted)], "kl_"))
+        out["label"] = torch.tensor([bool(r.label) for r in rows], dtype=torch.bool)
+        return out
+
+    def _batch_ranked(self, rows) -> dict:
+        groups = [_as_ranked(r) for r in rows]
+        sizes = {len(g.responses) for g in groups}
+        if len(sizes) != 1:
+            raise ValueError(f"a reward-model batch mixes prompts with {sorted(sizes)} responses; "
+                             "use data with the same number of responses per prompt")
+        (k,) = sizes
+        flat = collate_sequences([self._encode(g.prompt, resp) for g in groups for resp in g.responses],
+                                 self.tokenizer.pad_token_id)
+        ranks = torch.empty(len(groups), k, dtype=torch.long)
+        for row, g in enumerate(groups):
+            for place, response_index in enumerate(g.ranking):
+                ranks[row, response_index] = place
+        return {"input_ids": flat["input_ids"].reshape(len(groups), k, -1),
+                "attention_mask": flat["attention_mask"].reshape(len(groups), k, -1), "ranking": ranks}
+
+    def _batch_prompt(self, rows) -> dict:
+        ids = [encode_prompt(self.tokenizer, r.prompt, self.config.max_prompt_length) for r in rows]
+        out = collate_prompts(ids, self.tokenizer.pad_token_id)
+        out["prompt_text"] = [render_prompt(self.tokenizer, r.prompt) for r in rows]
+        return out
+
+    def prompts(self, indices: list[int] | None = None) -> dict:
+        """Left-padded prompts of these examples (any format has a prompt): for generation."""
+        rows = self.examples if indices is None else [self.examples[i] for i in indices]
+        return self._batch_prompt(rows)
+
+
+def _as_ranked(row) -> RankedExample:
+    if isinstance(row, RankedExample):
+        return row
+    if isinstance(row, PreferenceExample):
+        return RankedExample(prompt=row.prompt, responses=[row.chosen, row.rejected], ranking=[0, 1])
+    raise TypeError(f"reward-model training takes preference or ranked rows, got {type(row).__name__}")

@@ -1,0 +1,163 @@
+"""Evaluation: held-out preference metrics, alignment accuracy with a judge,
+reward-model accuracy and win rates, and sample outputs beside the metrics.
+
+The judge is the config's `judge` import path (`fn(text) -> bool`); for the
+shipped synthetic task it is `mentions_target`, which gives the DPO-vs-SFT
+study's alignment accuracy (share of held-out responses that mention Penn).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import ray
+import torch
+
+from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.runtime.actor_group import concat_shards
+from rlhf_ray.workers.reward import import_callable
+from rlhf_ray.workers.reward_trainer import pairwise_accuracy
+
+
+def pad_to_multiple(batch: dict, multiple: int) -> tuple[dict, int]:
+    """Repeat the last row until the batch divides by `multiple`; returns (batch, real size)."""
+    size = len(next(v for v in batch.values() if isinstance(v, (torch.Tensor, list))))
+    extra = (-size) % multiple
+    if not extra:
+        return batch, size
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.cat([value, value[-1:].expand(extra, *value.shape[1:])])
+        elif isinstance(value, list):
+            out[key] = value + [value[-1]] * extra
+        else:
+            out[key] = value
+    return out, size
+
+
+def scatter_async(group, fn, batch: dict) -> tuple[list, int]:
+    """Launch `group.scatter` over a batch of any size (padded to the group size); see `collect`."""
+    padded, size = pad_to_multiple(batch, len(group))
+    return group.scatter(fn, padded), size
+
+
+def collect(pending: tuple[list, int]) -> dict:
+    """Wait for a `scatter_async` call and merge its shards, padding trimmed."""
+    refs, size = pending
+    merged = concat_shards(ray.get(refs))
+    return {k: v[:size] for k, v in merged.items()}
+
+
+def scatter_all(group, fn, batch: dict) -> dict:
+    """`group.scatter` over a batch of any size (padded to the group size, trimmed after)."""
+    return collect(scatter_async(group, fn, batch))
+
+
+def generate_all(group, prompts: dict, *, max_new_tokens: int, seed: int, greedy: bool) -> list[list[int]]:
+    """Responses of every rank's share of the prompts (all ranks take part: ZeRO-3 gathers)."""
+    padded, size = pad_to_multiple({k: prompts[k] for k in ("input_ids", "attention_mask")}, len(group))
+    shards = ray.get(group.scatter(
+        lambda a, shard: a.generate.remote(shard, max_new_tokens, seed, greedy), padded))
+    return [row for shard in shards for row in shard][:size]
+
+
+def judge_from(cfg: JobConfig) -> Callable[[str], bool] | None:
+    return import_callable(cfg.judge) if cfg.judge else None
+
+
+def write_samples(run_dir: Path, step: int, rows: list[dict]) -> Path:
+    """Sample outputs of an evaluation, one JSON object per line, under `samples/`."""
+    folder = run_dir / "samples"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step}.jsonl"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return path
+
+
+def alignment(policy_group, eval_prompts, tokenizer, cfg: JobConfig, run_dir: Path, step: int) -> dict:
+    """Greedy responses to held-out prompts: alignment accuracy (judge), mean length, samples on disk."""
+    n = len(eval_prompts) if not cfg.run.eval_size else min(cfg.run.eval_size, len(eval_prompts))
+    prompts = eval_prompts.prompts(list(range(n)))
+    tokens = generate_all(policy_group, prompts, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.run.seed,
+                          greedy=True)
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    judge = judge_from(cfg)
+    verdicts = [bool(judge(t)) for t in texts] if judge else [None] * n
+    write_samples(run_dir, step, [{"prompt": p, "response": r, "judge": v}
+                                  for p, r, v in zip(prompts["prompt_text"], texts, verdicts)])
+    out = {"eval/response_length": sum(len(t) for t in tokens) / max(n, 1)}
+    if judge:
+        out["eval/alignment_accuracy"] = sum(verdicts) / max(n, 1)
+    return out
+
+
+def offline_pair_metrics(job, roles) -> dict:
+    """Held-out loss and reward metrics (preference objectives) or pairwise accuracy (reward models)."""
+    cfg = job.cfg
+    data = job.eval_pairs
+    n = len(data) if not cfg.run.eval_size else min(cfg.run.eval_size, len(data))
+    batch = data.batch(list(range(n)))
+    if not job.trains_policy:
+        scores = scatter_all(roles["reward"], lambda a, shard: a.scores.remote(shard), batch)["scores"]
+        return {"eval/rm_accuracy": float(pairwise_accuracy(scores, batch["ranking"])),
+                "eval/rm_score_mean": float(scores.mean())}
+    if job.objective.needs_reference:
+        vocab = job.objective.needs_sequence_kl
+        batch.update(scatter_all(roles["reference"], lambda a, shard: a.pair_logps.remote(shard, vocab), batch))
+    name, params = job.objective.name, job.params
+    padded, _ = pad_to_multiple(batch, len(roles["policy"]))
+    per_rank = ray.get(roles["policy"].scatter(lambda a, shard: a.eval_preference.remote(shard, name, params), padded))
+    return {f"eval/{k}": sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
+
+
+def center_reward_model(job, trainer) -> float:
+    """InstructGPT's normalisation: shift the bias so the mean reward of the training set's
+    preferred responses is zero. Returns the shift."""
+    data = job.train
+    n = min(len(data), 512)
+    batch = data.batch(list(range(n)))
+    scores = scatter_all(trainer, lambda a, shard: a.scores.remote(shard), batch)["scores"]
+    best = scores.gather(1, batch["ranking"].argmin(dim=1, keepdim=True)).squeeze(1)
+    shift = float(best.mean())
+    ray.get(trainer.map(lambda a: a.shift_bias.remote(shift)))
+    return shift
+
+
+def online_eval(job, roles, prompts: dict, step: int) -> dict:
+    """Held-out prompts through the engines (one sample and one greedy response each): mean reward,
+    alignment accuracy of the greedy responses, response length, and KL of the samples to the reference."""
+    cfg = job.cfg
+    rollout = job.generate(roles, prompts, seed=cfg.run.seed + 104729, greedy=True, n=1)
+    keys = ("input_ids", "attention_mask", "response_mask")
+    sampled = {k: rollout[k] for k in keys}
+    greedy = {k: rollout[f"greedy_{k}"] for k in keys}
+    both = {k: torch.cat([sampled[k], greedy[k]]) for k in keys}
+    pending = {"reward": scatter_async(roles["reward"], lambda a, s: a.score.remote(s), both),
+               "policy": scatter_async(roles["policy"], lambda a, s: a.rollout_logprobs.remote(s), sampled)}
+    if "reference" in roles.groups:
+        pending["reference"] = scatter_async(roles["reference"], lambda a, s: a.rollout_logprobs.remote(s), sampled)
+    results = {name: collect(p) for name, p in pending.items()}
+    rewards = results["reward"]["sequence_rewards"]
+    size = sampled["input_ids"].shape[0]
+    out = {"eval/reward_mean": float(rewards[:size].mean()), "eval/greedy_reward_mean": float(rewards[size:].mean()),
+           "eval/response_length": float(greedy["response_mask"].sum(-1).float().mean())}
+    mask = sampled["response_mask"].float()
+    if "reference" in results:
+        diff = (results["policy"]["logprobs"] - results["reference"]["ref_logprobs"]) * mask
+        out["eval/kl_to_ref"] = float(diff.sum(-1).mean())
+    texts = [job.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+             for row, m in zip(greedy["input_ids"][:, -mask.shape[1]:], greedy["response_mask"])]
+    judge = judge_from(cfg)
+    verdicts = [bool(judge(t)) for t in texts] if judge else [None] * len(texts)
+    if judge:
+        out["eval/alignment_accuracy"] = sum(verdicts) / max(len(texts), 1)
+    write_samples(job.run_dir, step, [
+        {"prompt": p, "response": t, "judge": v, "reward": float(r)}
+        for p, t, v, r in zip(prompts["prompt_text"], texts, verdicts, rewards[size:].tolist())])
+    return out

@@ -1,0 +1,298 @@
+"""The offline driver: SFT, KL-SFT, reward models, the DPO family, SPIN and sDPO.
+
+Offline jobs run on the same Ray actor groups as online ones: the trained
+model is a DeepSpeed group (policy, or the reward-model trainer), the frozen
+reference a group of its own. One step:
+
+    batch      = data.batch(sampler.next())
+    batch     += reference.logps(batch)          # objectives with a reference
+    metrics    = trainer.train_offline(batch)     # DeepSpeed step on every rank
+
+SPIN and sDPO are schedules of stages over a preference objective: at each
+stage boundary the reference becomes the latest policy; SPIN then lets that
+reference generate the rejected responses to the SFT prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+
+from rlhf_ray.algorithms.registry import OfflineObjective, get_offline_objective
+from rlhf_ray.config.schema import AlgorithmConfig, JobConfig
+from rlhf_ray.data.formats import PreferenceExample
+from rlhf_ray.data.sampler import EpochSampler
+from rlhf_ray.jobs import evaluation
+from rlhf_ray.jobs.common import (
+    RoleGroups,
+    find_resume_checkpoint,
+    init_ray,
+    load_checkpoint,
+    prepare_run_dir,
+    role_spec,
+    save_checkpoint,
+)
+from rlhf_ray.jobs.data import JobData, load_job_examples
+from rlhf_ray.jobs.validate import validate_offline
+from rlhf_ray.models.loading import load_tokenizer_for
+from rlhf_ray.runtime.actor_group import concat_shards
+from rlhf_ray.telemetry.metrics import MetricsWriter, write_summary
+from rlhf_ray.telemetry.progress import Progress
+from rlhf_ray.telemetry.timers import PhaseTimer
+from rlhf_ray.workers.policy import PolicyWorker
+from rlhf_ray.workers.reference import ReferenceWorker
+from rlhf_ray.workers.reward_trainer import RewardTrainerWorker
+
+# Which config field feeds each objective parameter (the registry names them as the papers do).
+PARAM_FIELDS = {"beta": "beta", "label_smoothing": "label_smoothing", "epsilon": "rdpo_epsilon",
+                "offset": "odpo_offset", "delta": "slic_delta", "gamma": "simpo_gamma", "alpha": "tdpo_alpha",
+                "lambda_d": "kto_lambda_d", "lambda_u": "kto_lambda_u", "kl_coef": "kl_sft_coef"}
+PARAM_FIELDS_BY_OBJECTIVE = {("dpop", "lam"): "dpop_lambda", ("slic", "lam"): "slic_lambda"}
+
+
+def objective_params(objective: OfflineObjective, algorithm: AlgorithmConfig) -> dict[str, float]:
+    """The objective's parameters: config values where set, registry defaults otherwise."""
+    params = {}
+    for key in objective.param_defaults:
+        field_name = PARAM_FIELDS_BY_OBJECTIVE.get((objective.name, key), PARAM_FIELDS.get(key))
+        value = getattr(algorithm, field_name) if field_name else None
+        if value is not None:
+            params[key] = float(value)
+    return objective.resolve_params(params)
+
+
+@dataclass
+class Stage:
+    """A stretch of steps with one reference: plain runs have one, SPIN/sDPO several."""
+
+    index: int
+    first_step: int
+    last_step: int
+    rows: list[int]
+
+
+def plan_stages(cfg: JobConfig, num_rows: int) -> list[Stage]:
+    """Split the steps (and, for sDPO, the data) into stages."""
+    count = max(cfg.algorithm.spin_iterations, cfg.algorithm.sdpo_stages, 1)
+    total = cfg.run.total_steps
+    stages = []
+    for i in range(count):
+        first = i * total // count + 1
+        last = (i + 1) * total // count
+        if cfg.algorithm.sdpo_stages > 1:
+            rows = list(range(i * num_rows // count, (i + 1) * num_rows // count))
+        else:
+            rows = list(range(num_rows))
+        stages.append(Stage(i, first, last, rows))
+    return stages
+
+
+class OfflineJob:
+    """One offline job from config to `summary.json`."""
+
+    def __init__(self, cfg: JobConfig):
+        validate_offline(cfg)
+        self.cfg = cfg
+        self.objective = get_offline_objective(cfg.algorithm.name)
+        self.params = objective_params(self.objective, cfg.algorithm)
+        self.trains_policy = self.objective.trains == "policy"
+        self.run_dir = prepare_run_dir(cfg)
+        model_cfg = cfg.policy.model if self.trains_policy else cfg.reward.model
+        self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or model_cfg.name_or_path,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+        self.train, self.eval_pairs, self.eval_prompts = self._load_data()
+
+    # data ------------------------------------------------------------------
+    def _load_data(self):
+        cfg, objective = self.cfg, self.objective
+        data_dir = self.run_dir / "data"
+        spin = cfg.algorithm.spin_iterations > 0
+        if objective.trains == "reward_model":
+            disk_format, kind = (cfg.data.format or "preference"), "ranked"
+        else:
+            disk_format = "sft" if spin else (cfg.data.format or objective.data_format)
+            kind = objective.data_format
+        examples, skipped = load_job_examples(cfg.data.train, disk_format, cfg.data, self.tokenizer, data_dir)
+        train = JobData(examples, kind, self.tokenizer, cfg.data, skipped)
+        eval_pairs = eval_prompts = None
+        if cfg.data.eval:
+            eval_prompts = JobData(load_job_examples(cfg.data.eval, "prompt", cfg.data, self.tokenizer,
+                                                     data_dir)[0], "prompt", self.tokenizer, cfg.data)
+            if kind in ("preference", "ranked") and not spin:
+                eval_pairs = JobData(load_job_examples(cfg.data.eval, disk_format, cfg.data, self.tokenizer,
+                                                       data_dir)[0], kind, self.tokenizer, cfg.data)
+        return train, eval_pairs, eval_prompts
+
+    # roles -----------------------------------------------------------------
+    def _specs(self):
+        cfg = self.cfg
+        trainer = role_spec("policy", PolicyWorker, cfg.policy) if self.trains_policy else \
+            role_spec("reward", RewardTrainerWorker, cfg.reward)
+        specs = [trainer]
+        if self.objective.needs_reference:
+            specs.append(role_spec("reference", ReferenceWorker, cfg.reference))
+        return specs
+
+    def _setup(self, roles: RoleGroups, resume_from: Path | None, stage: int) -> None:
+        cfg = self.cfg
+        trainer = roles[self.trainer_name]
+        per_rank = cfg.run.batch_size // len(trainer)
+        init = (cfg.policy if self.trains_policy else cfg.reward).model.name_or_path
+        ray.get(trainer.map(lambda a: a.setup.remote(cfg, init_from=init, batch_per_rank=per_rank,
+                                                     total_optimizer_steps=cfg.run.total_steps)))
+        if "reference" in roles.groups:
+            ref_init = cfg.reference.model.name_or_path or init
+            if resume_from is not None and stage > 0:
+                ref_init = str(resume_from / "reference_hf")
+            ray.get(roles["reference"].map(lambda a: a.setup.remote(cfg, init_from=ref_init)))
+
+    @property
+    def trainer_name(self) -> str:
+        return "policy" if self.trains_policy else "reward"
+
+    # the loop --------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        resume_from = find_resume_checkpoint(cfg, self.run_dir)
+        stages = plan_stages(cfg, len(self.train))
+        with RoleGroups(cfg, self._specs()) as roles:
+            state = {"step": 0, "stage": 0, "sampler": None}
+            if resume_from is not None:
+                state_peek = _peek_state(resume_from)
+                self._setup(roles, resume_from, state_peek["stage"])
+                state = load_checkpoint(resume_from, {self.trainer_name: roles[self.trainer_name]})
+            else:
+                self._setup(roles, None, 0)
+            writer = MetricsWriter(self.run_dir, sinks=cfg.run.sinks, config=cfg, resume_step=state["step"])
+            timer = PhaseTimer()
+            progress = Progress(total=cfg.run.total_steps, initial=state["step"], enabled=cfg.run.progress,
+                                desc=f"{cfg.algorithm.name}")
+            data = self.train
+            sampler = None
+            for stage in stages:
+                if stage.last_step <= state["step"]:
+                    continue
+                resumed_here = state["sampler"] is not None and state["stage"] == stage.index
+                if stage.index > 0 and not resumed_here:
+                    self._advance_reference(roles)
+                data = self._stage_data(roles, stage)
+                sampler = EpochSampler(len(data), cfg.run.batch_size, seed=cfg.run.seed + 1000 * stage.index)
+                if resumed_here:
+                    sampler.load_state_dict(state["sampler"])
+                for step in range(max(stage.first_step, state["step"] + 1), stage.last_step + 1):
+                    timer.start_step()
+                    batch = data.batch(next(sampler))
+                    with timer.phase("reference"):
+                        batch.update(self._reference_logps(roles, batch))
+                    with timer.phase("update"):
+                        metrics = self._train_step(roles, batch)
+                    metrics.update(timer.finish_step())
+                    metrics.update({"stage": stage.index, "perf/tokens_per_s": _tokens(batch) / metrics["time/step_s"]})
+                    if step == 1 or (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
+                            step == cfg.run.total_steps:
+                        metrics.update(self._evaluate(roles, step))
+                    if step == min(state["step"] + 2, cfg.run.total_steps):  # gradients and optimizer state seen
+                        metrics.update(roles.memory())
+                    writer.write(step, metrics)
+                    progress.update(step, metrics)
+                    state = {"step": step, "stage": stage.index, "sampler": sampler.state_dict()}
+                    if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.total_steps:
+                        self._save(roles, state)
+            progress.close()
+            self._export_final(roles)
+            summary = write_summary(self.run_dir, writer, extra={"algorithm": cfg.algorithm.name,
+                                                                "skipped_rows": self.train.skipped})
+            writer.close()
+        return summary
+
+    def _stage_data(self, roles: RoleGroups, stage: Stage) -> JobData:
+        if self.cfg.algorithm.spin_iterations:
+            return self._spin_pairs(roles, stage)
+        if len(stage.rows) == len(self.train):
+            return self.train
+        return JobData([self.train.examples[i] for i in stage.rows], self.train.kind, self.tokenizer, self.cfg.data)
+
+    def _spin_pairs(self, roles: RoleGroups, stage: Stage) -> JobData:
+        """SPIN: chosen = the SFT completion, rejected = the current reference's own response."""
+        sft = self.train.examples
+        responses = []
+        chunk = 64
+        for start in range(0, len(sft), chunk):
+            indices = list(range(start, min(start + chunk, len(sft))))
+            prompts = self.train.prompts(indices)
+            tokens = ray.get(roles["reference"].rank0.generate.remote(
+                {k: prompts[k] for k in ("input_ids", "attention_mask")}, self.cfg.rollout.max_new_tokens,
+                self.cfg.run.seed + 7919 * stage.index + start))
+            responses.extend(self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
+        pairs = [PreferenceExample(prompt=ex.prompt, chosen=ex.completion, rejected=resp or " ")
+                 for ex, resp in zip(sft, responses) if resp.strip() != str(ex.completion).strip()]
+        return JobData(pairs, "preference", self.tokenizer, self.cfg.data)
+
+    def _advance_reference(self, roles: RoleGroups) -> None:
+        """The reference becomes the latest policy (SPIN iterate / sDPO stage)."""
+        targets = list(roles["reference"].actors)
+        ray.get(roles["policy"].map(lambda a: a.send_weights.remote(targets, self.cfg.rollout.sync_bucket_bytes)))
+
+    def _reference_logps(self, roles: RoleGroups, batch: dict) -> dict:
+        if not self.objective.needs_reference:
+            return {}
+        ref = roles["reference"]
+        fmt = self.objective.data_format
+        if fmt == "preference":
+            vocab = self.objective.needs_sequence_kl
+            return concat_shards(ray.get(ref.scatter(lambda a, shard: a.pair_logps.remote(shard, vocab), batch)))
+        if fmt == "kto":
+            return concat_shards(ray.get(ref.scatter(lambda a, shard: a.kto_logps.remote(shard), batch)))
+        return {"ref_token_logps": concat_shards(ray.get(
+            ref.scatter(lambda a, shard: a.token_logps.remote(shard), batch)))["ref_token_logps"]}
+
+    def _train_step(self, roles: RoleGroups, batch: dict) -> dict:
+        trainer = roles[self.trainer_name]
+        name, params = self.objective.name, self.params
+        per_rank = ray.get(trainer.scatter(lambda a, shard: a.train_offline.remote(shard, name, params), batch))
+        return {f"train/{k}" if "/" not in k else k: sum(m[k] for m in per_rank) / len(per_rank)
+                for k in per_rank[0]}
+
+    def _evaluate(self, roles: RoleGroups, step: int) -> dict:
+        out = {}
+        if self.eval_pairs is not None:
+            out.update(evaluation.offline_pair_metrics(self, roles))
+        if self.trains_policy and self.eval_prompts is not None:
+            out.update(evaluation.alignment(roles["policy"], self.eval_prompts, self.tokenizer, self.cfg,
+                                            self.run_dir, step))
+        return out
+
+    def _save(self, roles: RoleGroups, state: dict) -> None:
+        export = {self.trainer_name: roles[self.trainer_name]}
+        if state["stage"] > 0:
+            export["reference"] = roles["reference"]
+        save_checkpoint(self.run_dir, state["step"], {self.trainer_name: roles[self.trainer_name]}, state,
+                        keep_last=self.cfg.run.keep_last, export=export)
+
+    def _export_final(self, roles: RoleGroups) -> None:
+        trainer = roles[self.trainer_name]
+        if not self.trains_policy and self.cfg.algorithm.rm_zero_mean:
+            evaluation.center_reward_model(self, trainer)
+        ray.get(trainer.map(lambda a, d=str(self.run_dir / "final"): a.export.remote(d)))
+
+
+def _tokens(batch: dict) -> float:
+    return float(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+
+
+def _peek_state(path: Path) -> dict:
+    from rlhf_ray.runtime.checkpoint import read_json
+
+    return read_json(path / "trainer_state.json")
+
+
+def run_offline(cfg: JobConfig, address: str | None = None) -> dict:
+    """Run an offline job on the local Ray cluster (or the one at `address`); returns the summary."""
+    job = OfflineJob(cfg)
+    init_ray(address)
+    return job.run()
+
+
+__all__ = ["OfflineJob", "run_offline", "objective_params", "plan_stages"]

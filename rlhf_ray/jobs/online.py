@@ -1,0 +1,338 @@
+"""The online driver: PPO, ReMax, GRPO, RLOO and REINFORCE++ on one loop.
+
+Each algorithm comes from the registry as data (does it need a critic, a
+greedy rollout, how many samples per prompt, where does the KL go, which
+policy loss); the loop below never branches on its name:
+
+    prompts  = data.batch(sampler.next())
+    rollout  = generate(prompts)                       # engines, n samples (+ greedy)
+    scores   = score(rollout)                          # policy, reference, reward, critic: concurrently
+    batch    = compute_advantages(rollout, scores)     # KL-shaped rewards, advantages, returns
+    metrics  = update(batch)                           # epochs x minibatches, policy and critic
+    sync_weights()                                     # policy -> engines, in buckets
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray
+import torch
+
+from rlhf_ray.algorithms.advantages import masked_mean
+from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty, token_level_rewards
+from rlhf_ray.algorithms.registry import get_online_algorithm
+from rlhf_ray.config.schema import ConfigError, JobConfig
+from rlhf_ray.data.sampler import EpochSampler
+from rlhf_ray.jobs import evaluation
+from rlhf_ray.jobs.common import (
+    RoleGroups,
+    find_resume_checkpoint,
+    init_ray,
+    load_checkpoint,
+    prepare_run_dir,
+    role_spec,
+    save_checkpoint,
+)
+from rlhf_ray.jobs.data import JobData, load_job_examples
+from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
+from rlhf_ray.models.loading import load_tokenizer_for
+from rlhf_ray.runtime.actor_group import concat_shards
+from rlhf_ray.telemetry.metrics import MetricsWriter, write_summary
+from rlhf_ray.telemetry.progress import Progress
+from rlhf_ray.telemetry.timers import PhaseTimer
+from rlhf_ray.workers.critic import CriticWorker
+from rlhf_ray.workers.policy import PolicyWorker
+from rlhf_ray.workers.reference import ReferenceWorker
+from rlhf_ray.workers.reward import RewardWorker
+from rlhf_ray.workers.rollout import engine_worker_class
+
+ROLLOUT_KEYS = ("input_ids", "attention_mask", "response_mask")
+
+
+class RunningStd:
+    """Running standard deviation of rewards (reward normalisation, lm-human-preferences)."""
+
+    def __init__(self, state: dict | None = None):
+        self.count, self.mean, self.m2 = (state or {}).get("count", 0), (state or {}).get("mean", 0.0), \
+            (state or {}).get("m2", 0.0)
+
+    def update(self, values: torch.Tensor) -> None:
+        for v in values.tolist():
+            self.count += 1
+            delta = v - self.mean
+            self.mean += delta / self.count
+            self.m2 += delta * (v - self.mean)
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / max(self.count - 1, 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+
+class OnlineJob:
+    """One online RL job from config to `summary.json`."""
+
+    def __init__(self, cfg: JobConfig):
+        validate_online(cfg)
+        self.cfg = cfg
+        self.algorithm = get_online_algorithm(cfg.algorithm.name)
+        self.n = samples_per_prompt(cfg)
+        if self.algorithm.needs_critic and cfg.critic.init_from == "reward" and cfg.reward.rule:
+            raise ConfigError("critic.init_from: reward needs a reward model, but reward.rule is set; "
+                              "set critic.init_from=policy")
+        self.run_dir = prepare_run_dir(cfg)
+        model = cfg.policy.model
+        self.tokenizer = load_tokenizer_for(model.tokenizer or model.name_or_path,
+                                            trust_remote_code=model.trust_remote_code)
+        data_dir = self.run_dir / "data"
+        self.prompts = JobData(load_job_examples(cfg.data.train, "prompt", cfg.data, self.tokenizer, data_dir)[0],
+                               "prompt", self.tokenizer, cfg.data)
+        self.eval_prompts = None
+        if cfg.data.eval:
+            self.eval_prompts = JobData(load_job_examples(cfg.data.eval, "prompt", cfg.data, self.tokenizer,
+                                                          data_dir)[0], "prompt", self.tokenizer, cfg.data)
+        self.ptx = None
+        if cfg.data.ptx and cfg.algorithm.ptx_coef > 0:
+            self.ptx = JobData(load_job_examples(cfg.data.ptx, "sft", cfg.data, self.tokenizer, data_dir)[0],
+                               "sft", self.tokenizer, cfg.data)
+        a = cfg.algorithm
+        self.kl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl \
+            else FixedKLController(a.kl_coef)
+        self.reward_std = RunningStd()
+        self.uses_reference = self.algorithm.needs_reference and a.kl_coef > 0
+
+    # roles -----------------------------------------------------------------
+    def _specs(self):
+        cfg = self.cfg
+        r = cfg.rollout
+        engine = role_spec("rollout", engine_worker_class(r.engine), cfg.policy)
+        engine.num_ranks, engine.num_cpus_per_rank, engine.num_gpus_per_rank = \
+            r.num_engines, r.num_cpus_per_engine, r.num_gpus_per_engine
+        specs = [role_spec("policy", PolicyWorker, cfg.policy), engine, role_spec("reward", RewardWorker, cfg.reward)]
+        if self.uses_reference:
+            specs.append(role_spec("reference", ReferenceWorker, cfg.reference))
+        if self.algorithm.needs_critic:
+            specs.append(role_spec("critic", CriticWorker, cfg.critic))
+        return specs
+
+    def _setup(self, roles: RoleGroups) -> None:
+        cfg = self.cfg
+        init = cfg.policy.model.name_or_path
+        rows = cfg.run.batch_size * self.n
+        minibatch = rows // cfg.algorithm.num_minibatches
+        steps = cfg.run.total_steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches
+        calls = [roles["policy"].map(lambda a: a.setup.remote(cfg, init_from=init,
+                                                              batch_per_rank=minibatch // len(roles["policy"]),
+                                                              total_optimizer_steps=steps)),
+                 roles["rollout"].map(lambda a: a.setup.remote(cfg, init_from=init)),
+                 roles["reward"].map(lambda a: a.setup.remote(cfg, tokenizer_from=init))]
+        if "reference" in roles.groups:
+            ref_init = cfg.reference.model.name_or_path or init
+            calls.append(roles["reference"].map(lambda a: a.setup.remote(cfg, init_from=ref_init)))
+        if "critic" in roles.groups:
+            critic_init = cfg.reward.model.name_or_path if cfg.critic.init_from == "reward" else init
+            calls.append(roles["critic"].map(lambda a: a.setup.remote(
+                cfg, init_from=critic_init, tokenizer_from=init, batch_per_rank=minibatch // len(roles["critic"]),
+                total_optimizer_steps=steps)))
+        ray.get([ref for group_calls in calls for ref in group_calls])
+        if cfg.rollout.engine == "vllm" and cfg.rollout.weight_transfer == "nccl":
+            engines, tp, bucket = roles["rollout"].actors, cfg.rollout.tensor_parallel_size, cfg.rollout.sync_bucket_bytes
+            ray.get(roles["policy"].map(lambda a: a.connect_vllm_engines.remote(engines, tp, bucket)))
+
+    def trainables(self, roles: RoleGroups) -> dict:
+        return {name: roles[name] for name in ("policy", "critic") if name in roles.groups}
+
+    # the loop --------------------------------------------------------------
+    def run(self) -> dict:
+        cfg = self.cfg
+        resume_from = find_resume_checkpoint(cfg, self.run_dir)
+        with RoleGroups(cfg, self._specs()) as roles:
+            self._setup(roles)
+            sampler = EpochSampler(len(self.prompts), cfg.run.batch_size, seed=cfg.run.seed)
+            start = 0
+            if resume_from is not None:
+                state = load_checkpoint(resume_from, self.trainables(roles))
+                start = state["step"]
+                sampler.load_state_dict(state["sampler"])
+                self.kl.load_state_dict(state["kl"])
+                self.reward_std = RunningStd(state["reward_std"])
+                self.sync_weights(roles)
+            writer = MetricsWriter(self.run_dir, sinks=cfg.run.sinks, config=cfg, resume_step=start)
+            progress = Progress(total=cfg.run.total_steps, initial=start, enabled=cfg.run.progress,
+                                desc=cfg.algorithm.name)
+            timer = PhaseTimer()
+            for step in range(start + 1, cfg.run.total_steps + 1):
+                timer.start_step()
+                prompts = self.prompts.batch(next(sampler))
+                with timer.phase("generate"):
+                    rollout = self.generate(roles, prompts, seed=cfg.run.seed * 100003 + step)
+                scores = self.score(roles, rollout, timer)
+                with timer.phase("advantages"):
+                    batch, metrics = self.compute_advantages(rollout, scores)
+                metrics.update(self.update(roles, batch, step, timer))
+                with timer.phase("sync"):
+                    metrics.update(self.sync_weights(roles))
+                metrics.update(timer.finish_step())
+                metrics.update(self.rollout_metrics(rollout, scores, metrics))
+                if step == min(start + 2, cfg.run.total_steps):  # gradients and optimizer state seen
+                    metrics.update(roles.memory())
+                if step == 1 or (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
+                        step == cfg.run.total_steps:
+                    metrics.update(self.evaluate(roles, step))
+                writer.write(step, metrics)
+                progress.update(step, metrics)
+                if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.total_steps:
+                    state = {"sampler": sampler.state_dict(), "kl": self.kl.state_dict(),
+                             "reward_std": self.reward_std.state_dict()}
+                    save_checkpoint(self.run_dir, step, self.trainables(roles), state, cfg.run.keep_last,
+                                    export={"policy": roles["policy"]})
+            progress.close()
+            ray.get(roles["policy"].map(lambda a, d=str(self.run_dir / "final"): a.export.remote(d)))
+            summary = write_summary(self.run_dir, writer, extra={"algorithm": cfg.algorithm.name,
+                                                                "roles": sorted(roles.groups)})
+            writer.close()
+        return summary
+
+    # stages ----------------------------------------------------------------
+    def generate(self, roles: RoleGroups, prompts: dict, seed: int, greedy: bool | None = None,
+                 n: int | None = None) -> dict:
+        """Split the prompts across engine replicas; every sample of a prompt stays on one engine."""
+        greedy = self.algorithm.needs_greedy if greedy is None else greedy
+        n = self.n if n is None else n
+        batch = {k: prompts[k] for k in ("input_ids", "attention_mask")}
+        shards = ray.get(roles["rollout"].scatter(lambda a, shard: a.generate.remote(shard, n, greedy, seed), batch))
+        return concat_shards(shards)
+
+    def score(self, roles: RoleGroups, rollout: dict, timer: PhaseTimer) -> dict:
+        """Old log-probs (policy), reference log-probs, rewards and values, all launched at once."""
+        rows = {k: rollout[k] for k in ROLLOUT_KEYS}
+        if self.algorithm.needs_greedy:
+            greedy = {k: rollout[f"greedy_{k}"] for k in ROLLOUT_KEYS}
+            reward_rows = {k: torch.cat([rows[k], greedy[k]]) for k in ROLLOUT_KEYS}
+        else:
+            reward_rows = rows
+        pending = {
+            "policy": evaluation.scatter_async(roles["policy"], lambda a, s: a.rollout_logprobs.remote(s), rows),
+            "reward": evaluation.scatter_async(roles["reward"], lambda a, s: a.score.remote(s), reward_rows),
+        }
+        if "reference" in roles.groups:
+            pending["reference"] = evaluation.scatter_async(roles["reference"],
+                                                            lambda a, s: a.rollout_logprobs.remote(s), rows)
+        if "critic" in roles.groups:
+            pending["critic"] = evaluation.scatter_async(roles["critic"], lambda a, s: a.values.remote(s), rows)
+        out = {}
+        with timer.phase("score"):
+            for name, refs in pending.items():
+                out.update(evaluation.collect(refs))
+        rewards = out.pop("sequence_rewards")
+        size = rows["input_ids"].shape[0]
+        out["sequence_rewards"] = rewards[:size]
+        if self.algorithm.needs_greedy:
+            out["greedy_rewards"] = rewards[size:].repeat_interleave(self.n)
+        return out
+
+    def compute_advantages(self, rollout: dict, scores: dict) -> tuple[dict, dict]:
+        a = self.cfg.algorithm
+        mask = rollout["response_mask"].float()
+        rewards = scores["sequence_rewards"] + a.no_eos_penalty * (~rollout["finished"]).float()
+        greedy = scores.get("greedy_rewards")
+        if greedy is not None:
+            greedy = greedy + a.no_eos_penalty * (~rollout["greedy_finished"]).float().repeat_interleave(self.n)
+        if a.normalize_rewards:
+            self.reward_std.update(rewards)
+            rewards = rewards / self.reward_std.std
+            greedy = None if greedy is None else greedy / self.reward_std.std
+        old = scores["logprobs"]
+        ref = scores.get("ref_logprobs", old)
+        kl_coef = self.kl.value if self.algorithm.kl_placement == "reward" else 0.0
+        token_rewards = token_level_rewards(rewards, old, ref, mask, kl_coef, kind=a.kl_estimator)
+        advantages, returns = self.algorithm.compute_advantages(
+            response_mask=mask, token_rewards=token_rewards, sequence_rewards=rewards, greedy_rewards=greedy,
+            values=scores.get("values"), group_size=self.n, gamma=a.gamma, lam=a.lam,
+            whiten_advantages=a.whiten_advantages)
+        sequence_kl = (kl_penalty(old, ref, "k1") * mask).sum(-1)
+        self.kl.update(float(sequence_kl.mean()), self.cfg.run.batch_size * self.n)
+        batch = {k: rollout[k] for k in ROLLOUT_KEYS}
+        batch.update(old_logprobs=old, advantages=advantages, ref_logprobs=ref)
+        if returns is not None:
+            batch.update(returns=returns, old_values=scores["values"])
+        metrics = {"rollout/kl": float(sequence_kl.mean()), "actor/kl_coef": self.kl.value,
+                   "rollout/advantage_mean": float(masked_mean(advantages, mask))}
+        return batch, metrics
+
+    def update(self, roles: RoleGroups, batch: dict, step: int, timer: PhaseTimer) -> dict:
+        """PPO epochs over shuffled minibatches; policy and critic update concurrently."""
+        a = self.cfg.algorithm
+        rows = batch["input_ids"].shape[0]
+        size = rows // a.num_minibatches
+        params = {"clip_eps": a.clip_eps, "dual_clip": a.dual_clip or None, "kl_coef": self.kl.value,
+                  "ptx_coef": a.ptx_coef}
+        name = self.algorithm.name
+        generator = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
+        per_step = []
+        for _ in range(a.ppo_epochs):
+            order = torch.randperm(rows, generator=generator)
+            for start in range(0, rows, size):
+                idx = order[start:start + size]
+                mb = {k: v[idx] for k, v in batch.items()}
+                if self.ptx is not None:
+                    ptx_rows = torch.randint(len(self.ptx), (size,), generator=generator).tolist()
+                    mb.update({f"ptx_{k}": v for k, v in self.ptx.batch(ptx_rows).items()})
+                refs = {"policy": roles["policy"].scatter(lambda w, s: w.train_online.remote(s, name, params), mb)}
+                if "critic" in roles.groups:
+                    clip = a.value_clip_eps
+                    refs["critic"] = roles["critic"].scatter(lambda w, s: w.train_values.remote(s, clip), mb)
+                merged = {}
+                for role, pending in refs.items():
+                    with timer.phase(f"update_{role}"):
+                        results = ray.get(pending)
+                    merged.update({k: sum(r[k] for r in results) / len(results) for k in results[0]})
+                per_step.append(merged)
+        keys = per_step[0].keys()
+        return {k if "/" in k else f"actor/{k}": sum(m[k] for m in per_step) / len(per_step) for k in keys}
+
+    def sync_weights(self, roles: RoleGroups) -> dict:
+        """Policy -> every engine, in buckets; returns seconds, bytes and bandwidth."""
+        start = time.perf_counter()
+        engines = list(roles["rollout"].actors)
+        bucket = self.cfg.rollout.sync_bucket_bytes
+        results = ray.get(roles["policy"].map(lambda a: a.send_weights.remote(engines, bucket)))
+        seconds = time.perf_counter() - start
+        sent = max(r["sync/bytes"] for r in results)
+        return {"sync/bytes": sent, "sync/seconds": seconds, "sync/bandwidth_bytes_per_s": sent / max(seconds, 1e-9)}
+
+    def rollout_metrics(self, rollout: dict, scores: dict, metrics: dict) -> dict:
+        mask = rollout["response_mask"].float()
+        out = {"rollout/reward_mean": float(scores["sequence_rewards"].mean()),
+               "rollout/response_length": float(mask.sum(-1).mean()),
+               "rollout/finished_frac": float(rollout["finished"].float().mean()),
+               "rollout/logprob_diff": float(((rollout["engine_logprobs"] - scores["logprobs"]).abs() * mask).sum()
+                                             / mask.sum().clamp(min=1))}
+        if "greedy_rewards" in scores:
+            out["rollout/greedy_reward_mean"] = float(scores["greedy_rewards"].mean())
+        tokens = float(rollout["attention_mask"].sum())
+        out["perf/tokens_per_s"] = tokens / max(metrics.get("time/step_s", 0.0), 1e-9)
+        out["perf/samples_per_s"] = rollout["input_ids"].shape[0] / max(metrics.get("time/step_s", 0.0), 1e-9)
+        return out
+
+    def evaluate(self, roles: RoleGroups, step: int) -> dict:
+        """Held-out prompts: mean reward, alignment accuracy, response length, KL to the reference."""
+        if self.eval_prompts is None:
+            return {}
+        cfg = self.cfg
+        n_eval = len(self.eval_prompts) if not cfg.run.eval_size else min(cfg.run.eval_size, len(self.eval_prompts))
+        prompts = self.eval_prompts.batch(list(range(n_eval)))
+        return evaluation.online_eval(self, roles, prompts, step)
+
+
+def run_online(cfg: JobConfig, address: str | None = None) -> dict:
+    """Run an online job on the local Ray cluster (or the one at `address`); returns the summary."""
+    job = OnlineJob(cfg)
+    init_ray(address)
+    return job.run()
+
+
+__all__ = ["OnlineJob", "run_online", "RunningStd"]

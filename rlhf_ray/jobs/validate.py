@@ -1,0 +1,134 @@
+"""Checks across config sections that must pass before any model loads.
+
+Each check names the key to change and what to set it to. Field-level checks
+live in the config dataclasses; resource checks (does the layout fit the
+cluster?) run in `runtime/placement.py` just after these.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from rlhf_ray.algorithms.registry import (
+    OFFLINE_OBJECTIVES,
+    ONLINE_ALGORITHMS,
+    UnknownAlgorithmError,
+    get_offline_objective,
+    get_online_algorithm,
+)
+from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
+from rlhf_ray.runtime.deepspeed_config import DeepSpeedConfigError, check_lr_schedule
+
+
+def job_kind(cfg: JobConfig) -> str:
+    """`online` or `offline`, from the algorithm name (an unknown name lists both families)."""
+    name = cfg.algorithm.name
+    try:
+        get_online_algorithm(name)
+        return "online"
+    except UnknownAlgorithmError:
+        pass
+    try:
+        get_offline_objective(name)
+        return "offline"
+    except UnknownAlgorithmError as err:
+        known = ", ".join(list(ONLINE_ALGORITHMS) + list(OFFLINE_OBJECTIVES))
+        raise ConfigError(f"algorithm.name: {err} Online and offline names: {known}") from None
+
+
+def _divisible(batch: int, ranks: int, micro: int, what: str) -> None:
+    if batch % ranks:
+        raise ConfigError(f"{what}: a global batch of {batch} does not split over {ranks} ranks; "
+                          f"make it a multiple of {ranks}")
+    per_rank = batch // ranks
+    if per_rank % min(micro, per_rank):
+        raise ConfigError(f"{what}: each rank gets {per_rank} sequences, not a multiple of micro_batch_size {micro}")
+
+
+def _check_schedule(role: RoleConfig, name: str, optimizer_steps: int) -> None:
+    o = role.optim
+    try:
+        check_lr_schedule(o.scheduler, o.lr, o.warmup_steps, optimizer_steps)
+    except DeepSpeedConfigError as err:
+        raise ConfigError(f"{name}.optim: {err} (this job makes {optimizer_steps} optimizer steps)") from None
+
+
+def samples_per_prompt(cfg: JobConfig) -> int:
+    algorithm = get_online_algorithm(cfg.algorithm.name)
+    return cfg.algorithm.samples_per_prompt or algorithm.default_samples_per_prompt
+
+
+def validate_offline(cfg: JobConfig) -> None:
+    objective = get_offline_objective(cfg.algorithm.name)
+    if objective.needs_reference and not cfg.reference.enabled:
+        raise ConfigError(f"algorithm.name: {objective.name} needs a reference model, but reference.enabled is "
+                          "false; set reference.enabled=true (or pick a reference-free objective: sft, slic, simpo)")
+    if cfg.algorithm.spin_iterations and cfg.algorithm.sdpo_stages > 1:
+        raise ConfigError("algorithm.spin_iterations and algorithm.sdpo_stages are both set; pick one schedule")
+    if (cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1) and objective.data_format != "preference":
+        raise ConfigError(f"SPIN and sDPO are schedules over a preference objective (dpo, ipo, ...); "
+                          f"{objective.name} trains on {objective.data_format} data")
+    if (cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1) and not objective.needs_reference:
+        raise ConfigError(f"SPIN and sDPO move the reference between stages; {objective.name} has no reference")
+    name = "reward" if objective.trains == "reward_model" else "policy"
+    role = getattr(cfg, name)
+    _check_schedule(role, name, cfg.run.total_steps)
+    rows = cfg.run.batch_size
+    _divisible(rows, role.num_ranks, role.micro_batch_size, "run.batch_size")
+    spin = cfg.algorithm.spin_iterations
+    if spin and cfg.run.total_steps < spin:
+        raise ConfigError(f"run.total_steps {cfg.run.total_steps} is fewer than algorithm.spin_iterations {spin}")
+
+
+def validate_online(cfg: JobConfig) -> None:
+    algorithm = get_online_algorithm(cfg.algorithm.name)
+    n = samples_per_prompt(cfg)
+    if n < algorithm.min_samples_per_prompt:
+        raise ConfigError(f"algorithm.samples_per_prompt: {algorithm.name} compares samples within a group and "
+                          f"needs at least {algorithm.min_samples_per_prompt} per prompt; got {n}")
+    if algorithm.needs_critic and not cfg.critic.enabled:
+        raise ConfigError(f"critic.enabled: {algorithm.name} learns a value model; set critic.enabled=true")
+    if cfg.critic.enabled and not algorithm.needs_critic:
+        raise ConfigError(f"critic.enabled: {algorithm.name} has no critic (that is the memory it saves); "
+                          "set critic.enabled=false, or use algorithm.name=ppo")
+    if algorithm.needs_reference and not cfg.reference.enabled and cfg.algorithm.kl_coef > 0:
+        raise ConfigError(f"reference.enabled: {algorithm.name} with kl_coef > 0 needs the reference model; "
+                          "set reference.enabled=true or algorithm.kl_coef=0")
+    if not cfg.reward.rule and not cfg.reward.model.name_or_path:
+        raise ConfigError("reward: give reward.rule (module:function) or reward.model.name_or_path (a reward model)")
+    if cfg.rollout.engine == "vllm":
+        check_vllm_available()
+    optimizer_steps = cfg.run.total_steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches
+    _check_schedule(cfg.policy, "policy", optimizer_steps)
+    if cfg.critic.enabled:
+        _check_schedule(cfg.critic, "critic", optimizer_steps)
+    rows = cfg.run.batch_size * n
+    minibatch = rows // cfg.algorithm.num_minibatches
+    if rows % cfg.algorithm.num_minibatches:
+        raise ConfigError(f"algorithm.num_minibatches: {rows} rollouts per step (run.batch_size x samples) do not "
+                          f"split into {cfg.algorithm.num_minibatches} minibatches")
+    _divisible(minibatch, cfg.policy.num_ranks, cfg.policy.micro_batch_size, "policy minibatch")
+    if cfg.critic.enabled:
+        _divisible(minibatch, cfg.critic.num_ranks, cfg.critic.micro_batch_size, "critic minibatch")
+    if rows % cfg.rollout.num_engines:
+        raise ConfigError(f"rollout.num_engines: {cfg.run.batch_size} prompts x {n} samples do not split over "
+                          f"{cfg.rollout.num_engines} engines")
+
+
+def check_vllm_available() -> None:
+    """`rollout.engine: vllm` needs the vllm package and a CUDA GPU."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rollout.engine: vllm is not installed; install it with `pip install 'rlhf-ray[vllm]'` "
+                          "on a machine with CUDA GPUs, or set rollout.engine=hf")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("rollout.engine: vllm needs a CUDA GPU and none is visible here; "
+                          "set rollout.engine=hf to generate with Hugging Face on CPU")
+
+
+def validate(cfg: JobConfig) -> str:
+    """Run every cross-section check; returns the job kind."""
+    kind = job_kind(cfg)
+    (validate_online if kind == "online" else validate_offline)(cfg)
+    return kind

@@ -1,0 +1,257 @@
+"""One DeepSpeed engine on one data-parallel rank, as the trainable roles use it.
+
+`TrainEngine` wraps `deepspeed.initialize` with the config our role settings
+build, splits a rank's batch into micro-batches for gradient accumulation,
+runs a loss function over them, saves and loads full checkpoints, streams its
+weights in buckets (gathering ZeRO-3 partitions), and reports the memory it
+holds. The roles in `workers/` are thin shells around it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Callable, Iterator
+
+import deepspeed
+import torch
+
+from rlhf_ray.config.schema import RoleConfig
+from rlhf_ray.runtime.deepspeed_config import build_deepspeed_config
+from rlhf_ray.telemetry.memory import MemoryReport, measure_memory
+
+LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+
+
+def split_micro_batches(batch: dict, micro_batch_size: int, allow_remainder: bool = False) -> list[dict]:
+    """Split a dict of equally long tensors/lists along dim 0 into micro-batches
+    (the last one shorter only with `allow_remainder`, as inference allows)."""
+    sizes = {len(v) for v in batch.values() if isinstance(v, (torch.Tensor, list))}
+    if len(sizes) != 1:
+        raise ValueError(f"batch fields have different lengths {sorted(sizes)}; cannot split into micro-batches")
+    (size,) = sizes
+    if size % micro_batch_size and not allow_remainder:
+        raise ValueError(f"a rank's batch of {size} does not divide into micro-batches of {micro_batch_size}; "
+                         "make run.batch_size / num_ranks a multiple of micro_batch_size")
+    out = []
+    for start in range(0, size, micro_batch_size):
+        out.append({k: (v[start:start + micro_batch_size] if isinstance(v, (torch.Tensor, list)) else v)
+                    for k, v in batch.items()})
+    return out
+
+
+def mean_metrics(per_micro: list[dict]) -> dict[str, float]:
+    """Average metric dicts of several micro-batches (keys present in any)."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for metrics in per_micro:
+        for key, value in metrics.items():
+            value = float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+            sums[key] = sums.get(key, 0.0) + value
+            counts[key] = counts.get(key, 0) + 1
+    return {k: sums[k] / counts[k] for k in sums}
+
+
+@torch.no_grad()
+def run_micro_batches(module, batch: dict, fn: Callable[[torch.nn.Module, dict], dict], micro_batch_size: int,
+                      device) -> dict[str, torch.Tensor]:
+    """`fn(module, micro_batch) -> dict[str, Tensor[b, ...]]` over micro-batches without gradients,
+    results concatenated along dim 0 on the CPU."""
+    outs = []
+    for mb in split_micro_batches(batch, micro_batch_size, allow_remainder=True):
+        mb = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+        outs.append({k: v.detach().cpu() for k, v in fn(module, mb).items()})
+    return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+
+class TrainEngine:
+    """A DeepSpeed ZeRO engine for one trainable model on this rank.
+
+    `batch_per_rank` is the number of sequences this rank sees per optimizer
+    step; it must be a multiple of `role.micro_batch_size`, and the quotient is
+    DeepSpeed's gradient-accumulation count.
+    """
+
+    def __init__(self, model: torch.nn.Module, role: RoleConfig, *, world_size: int, batch_per_rank: int,
+                 total_optimizer_steps: int, dtype: str):
+        self.micro_batch_size = min(role.micro_batch_size, batch_per_rank)
+        if batch_per_rank % self.micro_batch_size:
+            raise ValueError(f"each rank gets {batch_per_rank} sequences per optimizer step, which is not a multiple "
+                             f"of micro_batch_size {role.micro_batch_size}")
+        self.grad_accum_steps = batch_per_rank // self.micro_batch_size
+        self.zero_stage = role.zero_stage
+        optim = role.optim
+        self.ds_config = build_deepspeed_config(
+            zero_stage=role.zero_stage, micro_batch_size_per_rank=self.micro_batch_size,
+            grad_accum_steps=self.grad_accum_steps, world_size=world_size, dtype=dtype, grad_clip=optim.grad_clip,
+            offload_optimizer=role.offload_optimizer, offload_params=role.offload_params, lr=optim.lr,
+            weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps, warmup_steps=optim.warmup_steps,
+            total_steps=max(total_optimizer_steps, 1), scheduler=optim.scheduler, train=True,
+            model_numel=sum(p.numel() for p in model.parameters()))
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, config=self.ds_config)
+        # Peak held memory: gradients exist between the last backward and the
+        # optimizer step, optimizer state only after the first step, so the
+        # snapshot before the second step holds both (the layout is fixed after).
+        self._snapshots_left = 2
+        self._peak: MemoryReport | None = None
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def train_batch(self, batch: dict, loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over this rank's batch, accumulated over micro-batches.
+
+        `loss_fn(module, micro_batch)` returns `(scalar_loss, metrics)`; the loss
+        is the mean over the micro-batch, DeepSpeed divides it by the number of
+        micro-batches and averages gradients over ranks.
+        """
+        self.engine.train()
+        micro = split_micro_batches(batch, self.micro_batch_size)
+        if len(micro) != self.grad_accum_steps:
+            raise ValueError(f"expected {self.grad_accum_steps} micro-batches per step, got {len(micro)}")
+        per_micro = []
+        for index, mb in enumerate(micro):
+            mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
+            loss, metrics = loss_fn(self.engine, mb)
+            self.engine.backward(loss)
+            if index == len(micro) - 1 and self._snapshots_left:
+                self._snapshots_left -= 1
+                self._record_peak()
+            self.engine.step()
+            per_micro.append({"loss": loss.detach(), **metrics})
+        out = mean_metrics(per_micro)
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            out["grad_norm"] = float(grad_norm)
+        out["lr"] = float(self.engine.get_lr()[0])
+        return out
+
+    @torch.no_grad()
+    def forward_eval(self, batch: dict, fn: Callable[[torch.nn.Module, dict], dict]) -> dict:
+        """Run `fn(module, micro_batch) -> dict[str, Tensor[b, ...]]` over micro-batches without
+        gradients and concatenate the results along dim 0 (ZeRO-3 gathers on the fly)."""
+        self.engine.eval()
+        return run_micro_batches(self.engine, batch, fn, self.micro_batch_size, self.device)
+
+    # checkpoints -----------------------------------------------------------
+    def save_checkpoint(self, directory: str, client_state: dict | None = None) -> None:
+        """Every rank writes its shard of model, optimizer and scheduler under `directory`."""
+        self.engine.save_checkpoint(directory, tag="engine", client_state=client_state or {})
+
+    def load_checkpoint(self, directory: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(directory, tag="engine", load_optimizer_states=True,
+                                                      load_lr_scheduler_states=True)
+        if client_state is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/engine")
+        return client_state
+
+    # weights ---------------------------------------------------------------
+    def gathered(self, params: list[torch.nn.Parameter]):
+        """Context in which ZeRO-3 partitioned `params` hold their full values on every rank."""
+        if self.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return nullcontext()
+
+    def iter_weight_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Yield the model's full weights as buckets of `(name, cpu_tensor)` of about `bucket_bytes`.
+
+        Every rank must iterate (ZeRO-3 gathers are collective); only rank 0's
+        buckets are meant to be sent. No more than one bucket of full weights
+        (plus the parameters being gathered) is held at a time."""
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        for name, param in self.module.named_parameters():
+            with self.gathered([param]):
+                tensor = param.detach().to("cpu", copy=True)
+            bucket.append((name, tensor))
+            size += tensor.numel() * tensor.element_size()
+            if size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full CPU state dict (ZeRO-3 gathered); used to export with `save_pretrained`."""
+        state = {}
+        for bucket in self.iter_weight_buckets(bucket_bytes=64 * 2**20):
+            state.update(bucket)
+        return state
+
+    def _record_peak(self) -> None:
+        now = measure_memory(self.engine, self.optimizer)
+        self._peak = now if self._peak is None else self._peak.max(now)
+
+    def memory(self) -> MemoryReport:
+        """What this rank holds now, field-wise maxed with the snapshots taken inside the first steps."""
+        now = measure_memory(self.engine, self.optimizer)
+        return now if self._peak is None else self._peak.max(now)
+
+
+class InferenceEngine:
+    """A frozen model on this rank: plain module, or ZeRO-3 partitioned when `zero_stage == 3`.
+
+    Used by the reference and reward roles. `load_weights` takes buckets of
+    `(name, tensor)` (the same stream the policy sends to rollout engines), so
+    SPIN/sDPO can move the reference to the latest policy."""
+
+    def __init__(self, model: torch.nn.Module, *, zero_stage: int, micro_batch_size: int, world_size: int,
+                 dtype: str):
+        model.requires_grad_(False)
+        model.eval()
+        self.zero_stage = zero_stage
+        self.micro_batch_size = micro_batch_size
+        if zero_stage == 3:
+            config = build_deepspeed_config(
+                zero_stage=3, micro_batch_size_per_rank=micro_batch_size, grad_accum_steps=1, world_size=world_size,
+                dtype=dtype, grad_clip=0.0, offload_optimizer=False, offload_params=False, lr=0.0, weight_decay=0.0,
+                betas=(0.9, 0.999), eps=1e-8, warmup_steps=0, total_steps=1, scheduler="constant", train=False,
+                model_numel=sum(p.numel() for p in model.parameters()))
+            self.engine, *_ = deepspeed.initialize(model=model, config=config)
+            self.module = self.engine.module
+            self.device = self.engine.device
+        else:
+            self.engine = None
+            self.module = model
+            self.device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def forward_eval(self, batch: dict, fn: Callable[[torch.nn.Module, dict], dict]) -> dict:
+        """Run `fn(module, micro_batch)` over micro-batches and concatenate along dim 0."""
+        return run_micro_batches(self.module, batch, fn, self.micro_batch_size, self.device)
+
+    def gathered(self, params: list[torch.nn.Parameter]):
+        """Context in which ZeRO-3 partitioned `params` hold their full values."""
+        if self.zero_stage == 3:
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return nullcontext()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full CPU copy of the weights (ZeRO-3 gathered), for `save_pretrained`."""
+        state = {}
+        for name, param in self.module.named_parameters():
+            with self.gathered([param]):
+                state[name] = param.detach().to("cpu", copy=True)
+        return state
+
+    @torch.no_grad()
+    def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        """Copy named full tensors into the model's parameters (ZeRO-3: re-partitioned on exit)."""
+        params = dict(self.module.named_parameters())
+        missing = [name for name, _ in bucket if name not in params]
+        if missing:
+            raise KeyError(f"weights for unknown parameters {missing[:3]}: the sender's model differs from this one")
+        targets = [params[name] for name, _ in bucket]
+        ctx = deepspeed.zero.GatheredParameters(targets, modifier_rank=0) if self.zero_stage == 3 else nullcontext()
+        with ctx:
+            for (name, tensor), param in zip(bucket, targets):
+                param.data.copy_(tensor.to(param.device, param.dtype))
+
+    def memory(self) -> MemoryReport:
+        return measure_memory(self.engine if self.engine is not None else self.module, None)

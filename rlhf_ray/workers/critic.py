@@ -1,0 +1,58 @@
+"""The critic role (PPO): a DeepSpeed ZeRO engine over a per-token value head.
+
+Initialised from the reward model (InstructGPT) or from the policy's weights
+with a fresh head (`critic.init_from`), trained with the clipped value loss.
+"""
+
+from __future__ import annotations
+
+from rlhf_ray.algorithms.policy_loss import value_loss
+from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.models.heads import load_scalar_head_model
+from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
+from rlhf_ray.runtime.distributed import DistributedWorker
+from rlhf_ray.runtime.engine import TrainEngine
+from rlhf_ray.workers import forward as fw
+
+
+class CriticWorker(DistributedWorker):
+    """One rank of the critic group."""
+
+    def setup(self, job: JobConfig, *, init_from: str, tokenizer_from: str, batch_per_rank: int,
+              total_optimizer_steps: int) -> dict:
+        self.job = job
+        self.set_seed(job.run.seed)
+        cfg = job.critic
+        dtype = resolve_dtype(cfg.model.dtype)
+        tokenizer = load_tokenizer_for(cfg.model.tokenizer or tokenizer_from,
+                                       trust_remote_code=cfg.model.trust_remote_code)
+        model = load_scalar_head_model(init_from, dtype=cfg.model.dtype,
+                                       gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                       trust_remote_code=cfg.model.trust_remote_code, seed=job.run.seed,
+                                       tokenizer=tokenizer)
+        self.engine = TrainEngine(model, cfg, world_size=self.world_size, batch_per_rank=batch_per_rank,
+                                  total_optimizer_steps=total_optimizer_steps,
+                                  dtype=str(dtype).replace("torch.", ""))
+        return self.memory()
+
+    def values(self, batch: dict) -> dict:
+        """`values [B, R]` of rollout rows: V(s_t) before each response token."""
+        response_length = batch["response_mask"].shape[1]
+        return self.engine.forward_eval(batch, lambda m, mb: {
+            "values": fw.response_values(m, mb["input_ids"], mb["attention_mask"], response_length)})
+
+    def train_values(self, batch: dict, clip_eps: float) -> dict:
+        """One optimizer step of the clipped value loss on a minibatch (`old_values`, `returns`)."""
+        def loss_fn(module, mb):
+            values = fw.response_values(module, mb["input_ids"], mb["attention_mask"], mb["response_mask"].shape[1])
+            return value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"], clip_eps=clip_eps)
+        return self.engine.train_batch(batch, loss_fn)
+
+    def save_checkpoint(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory)
+
+    def memory(self) -> dict:
+        return self.engine.memory().to_metrics("critic")

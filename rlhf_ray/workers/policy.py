@@ -1,0 +1,203 @@
+"""The policy (actor) role: a DeepSpeed ZeRO engine over a causal LM.
+
+One Ray actor per data-parallel rank. It trains every offline objective whose
+registry entry says `trains == "policy"` and the online policy update, scores
+log-probs, generates (SPIN), exports with `save_pretrained`, checkpoints, and
+streams its weights to rollout engines and to the reference role.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.algorithms import policy_loss as pl
+from rlhf_ray.algorithms.kl import kl_loss
+from rlhf_ray.algorithms.objectives import KTOBatch, PreferenceBatch, SFTBatch
+from rlhf_ray.algorithms.preference import tdpo_sequential_kl
+from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
+from rlhf_ray.algorithms.sft_loss import sft_loss
+from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.runtime.distributed import DistributedWorker
+from rlhf_ray.runtime.engine import TrainEngine
+from rlhf_ray.workers import forward as fw
+from rlhf_ray.workers.forward import generate_tokens
+
+
+def _preference_loss(objective, params):
+    def loss_fn(module, mb):
+        stats = fw.pair_logps(module, mb, vocab=objective.needs_sequence_kl)
+        seq_kl = {}
+        if objective.needs_sequence_kl:
+            for side in ("chosen", "rejected"):
+                seq_kl[f"{side}_seq_kl"] = tdpo_sequential_kl(
+                    stats[f"{side}_vocab_logps"], mb[f"ref_{side}_vocab_logps"], stats[f"{side}_mask"])
+        inputs = PreferenceBatch(
+            policy_chosen_logps=stats["chosen_logps"], policy_rejected_logps=stats["rejected_logps"],
+            ref_chosen_logps=mb.get("ref_chosen_logps"), ref_rejected_logps=mb.get("ref_rejected_logps"),
+            chosen_lengths=stats["chosen_lengths"], rejected_lengths=stats["rejected_lengths"], **seq_kl)
+        loss, metrics = objective.loss(inputs, params)
+        metrics["logps/chosen"] = stats["chosen_logps"].detach().mean()
+        metrics["logps/rejected"] = stats["rejected_logps"].detach().mean()
+        return loss, metrics
+    return loss_fn
+
+
+def _sft_loss(objective, params):
+    def loss_fn(module, mb):
+        stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
+        return objective.loss(SFTBatch(stats["token_logps"], stats["mask"], mb.get("ref_token_logps")), params)
+    return loss_fn
+
+
+def _kto_loss(objective, params):
+    def loss_fn(module, mb):
+        stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
+        with torch.no_grad():
+            mismatched = fw.sequence_logps(module, mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_loss_mask"])
+        inputs = KTOBatch(policy_logps=stats["logps"], ref_logps=mb["ref_logps"], desirable=mb["label"].bool(),
+                          policy_logps_mismatched=mismatched["logps"], ref_logps_mismatched=mb["ref_kl_logps"])
+        return objective.loss(inputs, params)
+    return loss_fn
+
+
+OFFLINE_LOSS_BUILDERS = {"preference": _preference_loss, "sft": _sft_loss, "kto": _kto_loss}
+
+
+class PolicyWorker(DistributedWorker):
+    """One rank of the policy group."""
+
+    def setup(self, job: JobConfig, *, init_from: str, batch_per_rank: int, total_optimizer_steps: int) -> dict:
+        """Load the model from `init_from` (preset, path or hub name) and build the DeepSpeed engine."""
+        self.job = job
+        self.set_seed(job.run.seed)
+        model_cfg = job.policy.model
+        self.dtype = resolve_dtype(model_cfg.dtype)
+        self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or init_from,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+        model = load_causal_lm(init_from, dtype=model_cfg.dtype, gradient_checkpointing=model_cfg.gradient_checkpointing,
+                               trust_remote_code=model_cfg.trust_remote_code, seed=job.run.seed,
+                               tokenizer=self.tokenizer)
+        self.engine = TrainEngine(model, job.policy, world_size=self.world_size, batch_per_rank=batch_per_rank,
+                                  total_optimizer_steps=total_optimizer_steps,
+                                  dtype=str(self.dtype).replace("torch.", ""))
+        return self.memory()
+
+    # offline ---------------------------------------------------------------
+    def train_offline(self, batch: dict, objective_name: str, params: dict) -> dict:
+        """One optimizer step of an offline objective on this rank's share of the batch."""
+        objective = get_offline_objective(objective_name)
+        loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, params)
+        return self.engine.train_batch(batch, loss_fn)
+
+    def eval_preference(self, batch: dict, objective_name: str, params: dict) -> dict:
+        """The objective's loss and reward metrics on held-out pairs, without gradients."""
+        objective = get_offline_objective(objective_name)
+        loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, params)
+
+        def fn(module, mb):
+            loss, metrics = loss_fn(module, mb)
+            return {"loss": loss.detach().reshape(1), **{k: v.detach().float().reshape(1) for k, v in metrics.items()}}
+
+        out = self.engine.forward_eval(batch, fn)
+        return {k: float(v.mean()) for k, v in out.items()}
+
+    def pair_logps(self, batch: dict) -> dict:
+        return self.engine.forward_eval(batch, lambda m, mb: {k: v for k, v in fw.pair_logps(m, mb).items()
+                                                               if k.endswith("logps") and "token" not in k})
+
+    # online ----------------------------------------------------------------
+    def rollout_logprobs(self, batch: dict) -> dict:
+        """Log-probs `[B, R]` of rollout responses under the current weights (PPO's old log-probs)."""
+        temperature = self.job.rollout.temperature
+        response_length = batch["response_mask"].shape[1]
+        return self.engine.forward_eval(batch, lambda m, mb: fw.response_logprobs(
+            m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature))
+
+    def train_online(self, batch: dict, algorithm_name: str, params: dict) -> dict:
+        """One optimizer step of the policy loss (PPO clip or REINFORCE) on a minibatch.
+
+        `batch` holds input_ids, attention_mask, response_mask, old_logprobs,
+        advantages (and ref_logprobs when the KL sits in the loss, ptx rows
+        when PPO-ptx is on)."""
+        algorithm = get_online_algorithm(algorithm_name)
+        temperature = self.job.rollout.temperature
+
+        def loss_fn(module, mb):
+            response_length = mb["response_mask"].shape[1]
+            out = fw.response_logprobs(module, mb["input_ids"], mb["attention_mask"], response_length,
+                                       temperature=temperature, with_entropy=True)
+            mask = mb["response_mask"]
+            if algorithm.policy_loss == "ppo_clip":
+                loss, metrics = pl.ppo_policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], mask,
+                                                   clip_eps=params["clip_eps"], dual_clip=params.get("dual_clip"))
+            else:
+                loss, metrics = pl.reinforce_policy_loss(out["logprobs"], mb["advantages"], mask)
+            if algorithm.kl_placement == "loss" and params["kl_coef"] > 0:
+                kl_term, kl_metrics = kl_loss(out["logprobs"], mb["ref_logprobs"], mask, params["kl_coef"])
+                loss = loss + kl_term
+                metrics.update(kl_metrics)
+            if params.get("ptx_coef", 0.0) > 0 and "ptx_input_ids" in mb:
+                ptx = fw.sequence_logps(module, mb["ptx_input_ids"], mb["ptx_attention_mask"], mb["ptx_loss_mask"])
+                ptx_loss, _ = sft_loss(ptx["token_logps"], ptx["mask"])
+                loss = loss + params["ptx_coef"] * ptx_loss
+                metrics["actor/ptx_loss"] = ptx_loss.detach()
+            denom = mask.sum().clamp(min=1)
+            metrics["actor/entropy"] = (out["entropy"] * mask).sum().detach() / denom
+            return loss, metrics
+
+        return self.engine.train_batch(batch, loss_fn)
+
+    # generation ------------------------------------------------------------
+    def generate(self, prompt_batch: dict, max_new_tokens: int, seed: int, greedy: bool = False) -> list[list[int]]:
+        """Responses of the current weights to left-padded prompts (HF generate), for evaluation."""
+        return generate_tokens(self.engine.module, self.tokenizer, prompt_batch, max_new_tokens=max_new_tokens,
+                               seed=seed + self.rank, greedy=greedy, temperature=self.job.rollout.temperature,
+                               top_p=self.job.rollout.top_p, gathered=self.engine.gathered)
+
+    # state -----------------------------------------------------------------
+    def save_checkpoint(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory)
+
+    def export(self, directory: str) -> None:
+        """`save_pretrained` of the model and tokenizer (rank 0 writes; all ranks gather for ZeRO-3)."""
+        state = self.engine.full_state_dict()
+        if self.rank == 0:
+            self.engine.module.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
+
+    def connect_vllm_engines(self, engines: list, tensor_parallel_size: int, bucket_bytes: int) -> None:
+        """Join the NCCL weight-transfer group with the vLLM engines (`rollout.weight_transfer: nccl`);
+        every rank calls it, rank 0 becomes the sender, the others only take part in ZeRO-3 gathers."""
+        from rlhf_ray.workers.rollout.vllm import VLLMWeightSender
+
+        self._vllm_sender = VLLMWeightSender.connect(
+            engines, rank=self.rank, module=self.engine.module, tensor_parallel_size=tensor_parallel_size,
+            bucket_bytes=bucket_bytes, gathered=self.engine.gathered)
+
+    def send_weights(self, targets: list, bucket_bytes: int) -> dict:
+        """Stream the full weights in buckets to each target actor's `load_weights` (rank 0 sends).
+
+        Every rank iterates so ZeRO-3 gathers line up; the driver never holds
+        the weights. Returns bytes sent."""
+        import ray
+
+        if getattr(self, "_vllm_sender", None) is not None:
+            return self._vllm_sender.send()
+        sender = self.rank == 0 and bool(targets)
+        sent = 0
+        if sender:
+            ray.get([t.begin_weight_update.remote() for t in targets])
+        for bucket in self.engine.iter_weight_buckets(bucket_bytes):
+            if sender:
+                ray.get([t.load_weights.remote(bucket) for t in targets])
+                sent += sum(w.numel() * w.element_size() for _, w in bucket) * len(targets)
+        if sender:
+            ray.get([t.finish_weight_update.remote() for t in targets])
+        return {"sync/bytes": float(sent)}
+
+    def memory(self) -> dict:
+        return self.engine.memory().to_metrics("policy")

@@ -1,0 +1,88 @@
+"""The reference role: a frozen copy of the policy that scores log-probs.
+
+It is the KL anchor of online jobs and the `pi_ref` of the DPO family. With
+`reference.zero_stage: 3` its ranks hold ZeRO-3 partitions and gather on the
+fly. SPIN and sDPO move it to the latest policy through `load_weights`.
+"""
+
+from __future__ import annotations
+
+from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.runtime.distributed import DistributedWorker
+from rlhf_ray.runtime.engine import InferenceEngine
+from rlhf_ray.workers import forward as fw
+from rlhf_ray.workers.forward import generate_tokens
+
+
+class ReferenceWorker(DistributedWorker):
+    """One rank of the reference group."""
+
+    def setup(self, job: JobConfig, *, init_from: str) -> dict:
+        self.job = job
+        model_cfg = job.reference.model
+        dtype = resolve_dtype(model_cfg.dtype)
+        self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or init_from,
+                                            trust_remote_code=model_cfg.trust_remote_code)
+        model = load_causal_lm(init_from, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+                               seed=job.run.seed, tokenizer=self.tokenizer)
+        self.engine = InferenceEngine(model, zero_stage=job.reference.zero_stage,
+                                      micro_batch_size=job.reference.micro_batch_size, world_size=self.world_size,
+                                      dtype=str(dtype).replace("torch.", ""))
+        return self.memory()
+
+    def pair_logps(self, batch: dict, vocab: bool = False) -> dict:
+        """`ref_chosen_logps`, `ref_rejected_logps` `[B]` (and `ref_*_vocab_logps` for TDPO)."""
+        def fn(module, mb):
+            stats = fw.pair_logps(module, mb, vocab=vocab)
+            keep = ("chosen_logps", "rejected_logps") + (("chosen_vocab_logps", "rejected_vocab_logps") if vocab else ())
+            return {f"ref_{k}": stats[k] for k in keep}
+        return self.engine.forward_eval(batch, fn)
+
+    def token_logps(self, batch: dict) -> dict:
+        """`ref_token_logps [B, T-1]` and `ref_logps [B]` of right-padded sequences (KL-SFT, KTO)."""
+        def fn(module, mb):
+            stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
+            return {"ref_token_logps": stats["token_logps"], "ref_logps": stats["logps"]}
+        return self.engine.forward_eval(batch, fn)
+
+    def kto_logps(self, batch: dict) -> dict:
+        """Reference log-probs of KTO's examples and of their mismatched pairs (the KL reference point)."""
+        def fn(module, mb):
+            main = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
+            kl = fw.sequence_logps(module, mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_loss_mask"])
+            return {"ref_logps": main["logps"], "ref_kl_logps": kl["logps"]}
+        return self.engine.forward_eval(batch, fn)
+
+    def rollout_logprobs(self, batch: dict) -> dict:
+        """`ref_logprobs [B, R]` of rollout responses (the KL anchor of online jobs)."""
+        response_length = batch["response_mask"].shape[1]
+        temperature = self.job.rollout.temperature
+        return self.engine.forward_eval(batch, lambda m, mb: {"ref_logprobs": fw.response_logprobs(
+            m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature)["logprobs"]})
+
+    def generate(self, prompt_batch: dict, max_new_tokens: int, seed: int, greedy: bool = False) -> list[list[int]]:
+        """Responses of the reference to left-padded prompts: SPIN's generator is the previous iterate."""
+        return generate_tokens(self.engine.module, self.tokenizer, prompt_batch, max_new_tokens=max_new_tokens,
+                               seed=seed + self.rank, greedy=greedy, temperature=self.job.rollout.temperature,
+                               top_p=self.job.rollout.top_p, gathered=self.engine.gathered)
+
+    def export(self, directory: str) -> None:
+        """`save_pretrained` of the current reference weights (SPIN/sDPO checkpoints need them)."""
+        state = self.engine.full_state_dict()
+        if self.rank == 0:
+            self.engine.module.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
+
+    # weight updates (SPIN, sDPO) -------------------------------------------
+    def begin_weight_update(self) -> None:
+        return None
+
+    def load_weights(self, bucket) -> None:
+        self.engine.load_weights(bucket)
+
+    def finish_weight_update(self) -> None:
+        return None
+
+    def memory(self) -> dict:
+        return self.engine.memory().to_metrics("reference")

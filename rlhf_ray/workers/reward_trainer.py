@@ -1,0 +1,89 @@
+"""The reward-model trainer role: a DeepSpeed engine over a scalar-head model.
+
+Trains on ranked data (K responses per prompt, all K-choose-2 pairs from one
+forward pass; a preference pair is K = 2), reports pairwise accuracy on
+held-out data, and can add a bias so that the mean reward on a reference set
+is zero (InstructGPT).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf_ray.algorithms.objectives import RankedRewardBatch
+from rlhf_ray.algorithms.registry import get_offline_objective
+from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.models.heads import load_scalar_head_model
+from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
+from rlhf_ray.runtime.distributed import DistributedWorker
+from rlhf_ray.runtime.engine import TrainEngine
+from rlhf_ray.workers import forward as fw
+
+
+def ranked_scores(module, mb: dict) -> torch.Tensor:
+    """Scores `[B, K]` of `input_ids`/`attention_mask` `[B, K, T]` in one forward pass."""
+    b, k, t = mb["input_ids"].shape
+    flat = fw.last_token_scores(module, mb["input_ids"].reshape(b * k, t), mb["attention_mask"].reshape(b * k, t))
+    return flat.reshape(b, k)
+
+
+def pairwise_accuracy(scores: torch.Tensor, ranking: torch.Tensor) -> torch.Tensor:
+    """Share of ordered pairs (i better than j by `ranking`, 0 = best) with score_i > score_j."""
+    better = ranking.unsqueeze(-1) < ranking.unsqueeze(-2)             # [B, K, K]: i ranked above j
+    correct = (scores.unsqueeze(-1) > scores.unsqueeze(-2)) & better
+    return correct.sum().float() / better.sum().clamp(min=1).float()
+
+
+class RewardTrainerWorker(DistributedWorker):
+    """One rank of the reward-model trainer group."""
+
+    def setup(self, job: JobConfig, *, init_from: str, batch_per_rank: int, total_optimizer_steps: int) -> dict:
+        self.job = job
+        self.set_seed(job.run.seed)
+        cfg = job.reward
+        dtype = resolve_dtype(cfg.model.dtype)
+        self.tokenizer = load_tokenizer_for(cfg.model.tokenizer or init_from,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+        model = load_scalar_head_model(init_from, dtype=cfg.model.dtype,
+                                       gradient_checkpointing=cfg.model.gradient_checkpointing,
+                                       trust_remote_code=cfg.model.trust_remote_code, seed=job.run.seed,
+                                       tokenizer=self.tokenizer)
+        self.engine = TrainEngine(model, cfg, world_size=self.world_size, batch_per_rank=batch_per_rank,
+                                  total_optimizer_steps=total_optimizer_steps,
+                                  dtype=str(dtype).replace("torch.", ""))
+        return self.memory()
+
+    def train_offline(self, batch: dict, objective_name: str, params: dict) -> dict:
+        objective = get_offline_objective(objective_name)
+
+        def loss_fn(module, mb):
+            scores = ranked_scores(module, mb)
+            loss, metrics = objective.loss(RankedRewardBatch(scores, mb["ranking"]), params)
+            metrics["rm/accuracy"] = pairwise_accuracy(scores.detach(), mb["ranking"])
+            return loss, metrics
+
+        return self.engine.train_batch(batch, loss_fn)
+
+    def scores(self, batch: dict) -> dict:
+        """`scores [B, K]` of ranked rows, without gradients."""
+        return self.engine.forward_eval(batch, lambda m, mb: {"scores": ranked_scores(m, mb)})
+
+    def shift_bias(self, delta: float) -> None:
+        """Add `delta` to the bias the score subtracts (InstructGPT's zero-mean normalisation)."""
+        module = self.engine.module
+        module.set_score_bias(module.score_bias + float(delta))
+
+    def save_checkpoint(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory)
+
+    def export(self, directory: str) -> None:
+        state = self.engine.full_state_dict()
+        if self.rank == 0:
+            self.engine.module.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)
+
+    def memory(self) -> dict:
+        return self.engine.memory().to_metrics("reward")

@@ -1,0 +1,443 @@
+"""The vLLM rollout engine.
+
+On CPU: the converters between our rows and vLLM's requests/outputs, checked
+with plain stand-in objects shaped like vLLM's `RequestOutput` /
+`CompletionOutput` / `Logprob` (this tests our converter, not the engine), the
+engine arguments, the runtime checks, and that the module imports without vLLM.
+Where vllm is installed (no GPU needed): vLLM's own classes accept what we build
+and convert. On a CUDA machine with vLLM (`gpu`): a real `LLM` on a tiny
+checkpoint generates in the HF engine's layout; after a weight update (IPC
+buckets, or NCCL from a policy actor on a second GPU) its greedy output and
+log-probs equal the Hugging Face model's with the same weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from rlhf_ray.config.schema import ConfigError, DataConfig, JobConfig, ModelConfig, RoleConfig, RolloutConfig
+from rlhf_ray.workers.rollout import engine_worker_class
+from rlhf_ray.workers.rollout.vllm import (
+    VLLMRolloutWorker,
+    _version_tuple,
+    bucket_metadata,
+    check_vllm_runtime,
+    completion_response,
+    engine_kwargs,
+    engine_rank_offsets,
+    logprob_rows,
+    prompt_token_lists,
+    request_batch,
+    request_seed,
+    responses_from_outputs,
+    rows_from_outputs,
+    sampling_kwargs,
+    vllm_runtime_problem,
+)
+
+# Importing the backend must not import vllm (it is imported lazily, on a GPU, in `setup`).
+VLLM_IMPORTED_WITH_THE_BACKEND = "vllm" in sys.modules
+
+PAD, EOS = 0, 2  # the shipped tiny tokenizer's ids
+
+
+# stand-ins with the fields our converter reads from vllm.outputs / vllm.logprobs
+@dataclass
+class Logprob:
+    logprob: float
+
+
+@dataclass
+class Completion:
+    index: int
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob]] | None = None
+
+
+@dataclass
+class Request:
+    request_id: str
+    outputs: list[Completion] = field(default_factory=list)
+
+
+def completion(index, tokens, logprobs=None):
+    return Completion(index, tokens, None if logprobs is None else [{t: Logprob(lp)} for t, lp in zip(tokens, logprobs)])
+
+
+# prompts and requests ------------------------------------------------------------
+def test_prompt_token_lists_drop_left_padding():
+    ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert prompt_token_lists(ids, mask) == [[5, 6], [7, 8, 9, 10]]
+
+
+def test_sampling_kwargs_for_samples_and_greedy():
+    r = RolloutConfig(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=12)
+    assert sampling_kwargs(r, eos_id=EOS, n=4, seed=123) == {
+        "n": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 123, "logprobs": 0,
+        "max_tokens": 12, "stop_token_ids": [EOS], "detokenize": False}
+    assert sampling_kwargs(r, eos_id=EOS, greedy=True) == {
+        "n": 1, "temperature": 0.0, "max_tokens": 12, "stop_token_ids": [EOS], "detokenize": False}
+
+
+def test_sampling_kwargs_reject_what_vllm_rejects():
+    with pytest.raises(ConfigError, match=r"rollout.temperature.*up to 2.*rollout.engine=hf"):
+        sampling_kwargs(RolloutConfig(temperature=2.5), eos_id=EOS)
+    with pytest.raises(ValueError, match="n=0"):
+        sampling_kwargs(RolloutConfig(), eos_id=EOS, n=0)
+
+
+def test_request_seeds_are_reproducible_and_streams_do_not_overlap():
+    n = 8
+    assert request_seed(5, 1, 3) == request_seed(5, 1, 3)
+    seeds = [request_seed(seed, rank, i) for seed in range(4) for rank in range(3) for i in range(50)]
+    assert all(0 <= s < 2**31 for s in seeds)
+    # vLLM seeds sample k of a request `seed + k`: no two requests may share one of those streams.
+    streams = [s + k for s in seeds for k in range(n)]
+    assert len(set(streams)) == len(streams)
+
+
+def test_request_batch_puts_samples_first_then_greedy():
+    r = RolloutConfig(max_new_tokens=6)
+    prompts, kwargs = request_batch([[5, 6], [7]], r, n=3, sample=True, greedy=True, seed=11, rank=2, eos_id=EOS)
+    assert prompts == [[5, 6], [7], [5, 6], [7]]
+    assert [k["n"] for k in kwargs] == [3, 3, 1, 1]
+    assert [k["seed"] for k in kwargs[:2]] == [request_seed(11, 2, 0), request_seed(11, 2, 1)]
+    assert [k["temperature"] for k in kwargs[2:]] == [0.0, 0.0]
+    assert request_batch([[5]], r, n=2, sample=False, greedy=False, seed=0, rank=0, eos_id=EOS) == ([], [])
+    greedy_only = request_batch([[5]], r, n=2, sample=False, greedy=True, seed=0, rank=0, eos_id=EOS)
+    assert greedy_only[0] == [[5]] and greedy_only[1][0]["temperature"] == 0.0
+
+
+# outputs -> rows ----------------------------------------------------------------------
+def test_completion_response_keeps_the_sampled_tokens_logprob_up_to_eos():
+    # The position-2 entry holds a second candidate (as logprobs=1 would): the sampled token's value is used.
+    out = Completion(0, [5, 7, 2, 9], [{5: Logprob(-0.5)}, {7: Logprob(-0.25), 3: Logprob(-2.0)},
+                                       {2: Logprob(-0.125)}, {9: Logprob(-3.0)}])
+    assert completion_response(out, pad_id=PAD, eos_id=EOS, with_logprobs=True) == ([5, 7, 2], [-0.5, -0.25, -0.125])
+    assert completion_response(out, pad_id=PAD, eos_id=EOS, with_logprobs=False) == ([5, 7, 2], [])
+
+
+def test_completion_response_drops_pad_tokens_like_the_hf_engine():
+    # HF's strip_response cannot tell a generated pad from padding and drops it; so do we (with its log-prob).
+    out = completion(0, [5, 0, 7], [-0.5, -1.0, -0.25])
+    assert completion_response(out, pad_id=PAD, eos_id=EOS, with_logprobs=True) == ([5, 7], [-0.5, -0.25])
+    # A tokenizer without a pad token pads with EOS: then it is the end, not padding.
+    assert completion_response(completion(0, [5, 2, 9]), pad_id=2, eos_id=2, with_logprobs=False) == ([5, 2], [])
+
+
+def test_completion_response_errors_name_the_missing_logprobs():
+    with pytest.raises(RuntimeError, match="logprobs=0"):
+        completion_response(completion(0, [5, 7]), pad_id=PAD, eos_id=EOS, with_logprobs=True)
+    with pytest.raises(RuntimeError, match="position 1 lack the sampled token 7"):
+        completion_response(Completion(0, [5, 7], [{5: Logprob(-1.0)}, {8: Logprob(-1.0)}]),
+                            pad_id=PAD, eos_id=EOS, with_logprobs=True)
+
+
+def test_responses_from_outputs_groups_n_per_request_in_index_order():
+    outputs = [Request("a", [completion(1, [11]), completion(0, [10])]),
+               Request("b", [completion(0, [12]), completion(1, [13])])]
+    responses, _ = responses_from_outputs(outputs, 2, pad_id=PAD, eos_id=EOS, with_logprobs=False)
+    assert responses == [[10], [11], [12], [13]]
+    with pytest.raises(RuntimeError, match="1 completions for request c, expected n=2"):
+        responses_from_outputs([Request("c", [completion(0, [1])])], 2, pad_id=PAD, eos_id=EOS, with_logprobs=False)
+
+
+def test_logprob_rows_pad_with_zeros():
+    assert torch.equal(logprob_rows([[-1.0, -2.0], [], [-0.5, -0.5, -0.5, -9.0]], 3),
+                       torch.tensor([[-1.0, -2.0, 0.0], [0.0, 0.0, 0.0], [-0.5, -0.5, -0.5]]))
+
+
+def test_rows_from_outputs_builds_the_hf_engine_layout():
+    # Two prompts (the first left-padded), n=2 samples each plus one greedy each, responses 3 wide.
+    ids = torch.tensor([[0, 4, 5], [6, 7, 8]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    outputs = [
+        Request("s0", [completion(1, [11, 12, 13], [-0.1, -0.2, -0.3]), completion(0, [10, 2], [-1.0, -0.5])]),
+        Request("s1", [completion(0, [2], [-0.75]), completion(1, [14, 0, 2], [-0.2, -9.0, -0.4])]),
+        Request("g0", [completion(0, [10, 2])]),
+        Request("g1", [completion(0, [15, 16, 17])]),
+    ]
+    out = rows_from_outputs(ids, mask, outputs, n=2, sample=True, greedy=True, response_length=3, pad_id=PAD,
+                            eos_id=EOS)
+    # Row order: prompt 0 sample 0, prompt 0 sample 1, prompt 1 sample 0, prompt 1 sample 1.
+    # Prompt 1's second sample generated a pad (0) mid-response: it is dropped with its log-prob (-9).
+    assert torch.equal(out["input_ids"], torch.tensor([[0, 4, 5, 10, 2, 0], [0, 4, 5, 11, 12, 13],
+                                                       [6, 7, 8, 2, 0, 0], [6, 7, 8, 14, 2, 0]]))
+    assert torch.equal(out["attention_mask"], torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1],
+                                                            [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]))
+    assert torch.equal(out["response_mask"], torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]))
+    assert out["finished"].tolist() == [True, False, True, True]
+    assert torch.equal(out["engine_logprobs"], torch.tensor([[-1.0, -0.5, 0.0], [-0.1, -0.2, -0.3],
+                                                             [-0.75, 0.0, 0.0], [-0.2, -0.4, 0.0]]))
+    assert torch.equal(out["greedy_input_ids"], torch.tensor([[0, 4, 5, 10, 2, 0], [6, 7, 8, 15, 16, 17]]))
+    assert torch.equal(out["greedy_response_mask"], torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    assert out["greedy_finished"].tolist() == [True, False]
+    assert "greedy_engine_logprobs" not in out
+
+    greedy_only = rows_from_outputs(ids, mask, outputs[2:], n=2, sample=False, greedy=True, response_length=3,
+                                    pad_id=PAD, eos_id=EOS)
+    assert set(greedy_only) == {"greedy_input_ids", "greedy_attention_mask", "greedy_response_mask",
+                                "greedy_finished"}
+    assert torch.equal(greedy_only["greedy_input_ids"], out["greedy_input_ids"])
+
+
+# engine set-up ------------------------------------------------------------------------------
+def _job(**rollout) -> JobConfig:
+    return JobConfig(policy=RoleConfig(model=ModelConfig(name_or_path="/ckpt/sft", dtype="auto")),
+                     rollout=RolloutConfig(engine="vllm", **rollout), data=DataConfig(max_prompt_length=64))
+
+
+def test_engine_kwargs():
+    kwargs = engine_kwargs(_job(tensor_parallel_size=2, num_gpus_per_engine=2, gpu_memory_utilization=0.4,
+                                max_new_tokens=32), model_dir="/ckpt/sft", weight_transfer="nccl")
+    assert kwargs == {
+        "model": "/ckpt/sft", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.4,
+        "dtype": "bfloat16",          # "auto" on the GPU the engine runs on
+        "seed": 0, "trust_remote_code": False,
+        "max_model_len": 96,          # 64 prompt + 32 new tokens
+        "enable_prefix_caching": True, "skip_tokenizer_init": True, "logprobs_mode": "processed_logprobs",
+        "weight_transfer_config": {"backend": "nccl"}, "distributed_executor_backend": "mp"}
+    single = engine_kwargs(_job(), model_dir="/ckpt/sft", weight_transfer="ipc")
+    assert "distributed_executor_backend" not in single and single["weight_transfer_config"] == {"backend": "ipc"}
+    with pytest.raises(ConfigError, match="weight_transfer 'shm': expected one of ipc, nccl"):
+        engine_kwargs(_job(), model_dir="/ckpt/sft", weight_transfer="shm")
+
+
+def test_nccl_group_ranks_follow_the_sender():
+    # Rank 0 is the policy's sender; engine i's tensor-parallel workers take the next tp ranks.
+    assert engine_rank_offsets(3, 2) == [1, 3, 5]
+    assert engine_rank_offsets(1, 1) == [1]
+
+
+def test_bucket_metadata():
+    bucket = [("h.0.attn.weight", torch.zeros(2, 3, dtype=torch.bfloat16)), ("ln_f.bias", torch.zeros(4))]
+    assert bucket_metadata(bucket) == {"names": ["h.0.attn.weight", "ln_f.bias"],
+                                       "dtype_names": ["bfloat16", "float32"], "shapes": [[2, 3], [4]]}
+
+
+# runtime checks --------------------------------------------------------------------------------
+def test_runtime_problem_says_what_to_install_or_pick():
+    assert "pip install 'rlhf-ray[vllm]'" in vllm_runtime_problem(None, True)
+    assert "rollout.engine=hf" in vllm_runtime_problem(None, True)
+    assert "vllm 0.10.1 is installed" in vllm_runtime_problem("0.10.1", True)
+    assert "vllm>=0.33" in vllm_runtime_problem("0.10.1", True)
+    assert "needs a CUDA GPU" in vllm_runtime_problem("0.33.0", False)
+    assert vllm_runtime_problem("0.33.0", True) is None
+    assert vllm_runtime_problem("1.0.0rc1", True) is None
+    assert _version_tuple("0.33.0rc1") == (0, 33, 0) and _version_tuple("1.2.3+cu128") == (1, 2, 3)
+
+
+def _vllm_runs_here() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+@pytest.mark.skipif(_vllm_runs_here(), reason="vLLM and CUDA are both present here")
+def test_setup_fails_before_loading_anything_where_vllm_cannot_run():
+    with pytest.raises(ConfigError, match="rollout.engine"):
+        check_vllm_runtime()
+    worker = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
+    with pytest.raises(ConfigError, match="rollout.engine"):
+        worker.setup(JobConfig(), init_from="tiny-gpt2")
+    assert worker.llm is None
+
+
+def test_module_imports_without_importing_vllm():
+    assert not VLLM_IMPORTED_WITH_THE_BACKEND
+    assert engine_worker_class("vllm") is VLLMRolloutWorker
+
+
+# vLLM's own classes, where vllm is installed (no GPU needed) ------------------------------------------
+def test_our_requests_and_payloads_are_accepted_by_vllms_classes(tmp_path):
+    pytest.importorskip("vllm")
+    from vllm import SamplingParams
+    from vllm.distributed.weight_transfer import VLLMWeightSyncClient
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferUpdateInfo
+    from vllm.distributed.weight_transfer.nccl_engine import (
+        NCCLTrainerInitInfo,
+        NCCLTrainerWeightTransferEngine,
+        NCCLWeightTransferInitInfo,
+    )
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.logprobs import FlatLogprobs, Logprob as VLLMLogprob
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    from rlhf_ray.models.loading import load_causal_lm
+    from rlhf_ray.workers.rollout.vllm import EngineActorsClient, gathered_module_source
+
+    r = RolloutConfig(engine="vllm", temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=12)
+    sampled = SamplingParams(**sampling_kwargs(r, eos_id=EOS, n=4, seed=9))
+    assert (sampled.n, sampled.seed, sampled.logprobs, sampled.stop_token_ids) == (4, 9, 0, [EOS])
+    assert SamplingParams(**sampling_kwargs(r, eos_id=EOS, greedy=True)).temperature == 0.0
+
+    flat = FlatLogprobs()
+    for token, lp in [(11, -0.1), (0, -0.2), (2, -0.3)]:
+        flat.append({token: VLLMLogprob(lp, rank=1)})
+    outputs = [RequestOutput("r0", None, [4, 5], None, [
+        CompletionOutput(1, "", [11, 0, 2], -0.6, flat),
+        CompletionOutput(0, "", [10], -1.0, [{10: VLLMLogprob(-1.0, rank=1)}])], True)]
+    assert responses_from_outputs(outputs, 2, pad_id=PAD, eos_id=EOS, with_logprobs=True) == (
+        [[10], [11, 2]], [[-1.0], [-0.1, -0.3]])
+
+    args = EngineArgs(**engine_kwargs(_job(tensor_parallel_size=2, num_gpus_per_engine=2), model_dir=str(tmp_path),
+                                      weight_transfer="nccl"))
+    assert args.weight_transfer_config.backend == "nccl" and args.logprobs_mode == "processed_logprobs"
+
+    model = load_causal_lm("tiny-gpt2", dtype="float32")
+    bucket = list(model.named_parameters())[:3]
+    IPCWeightTransferUpdateInfo(**bucket_metadata(bucket), ipc_handles=[{"GPU-0": ()} for _ in bucket])
+    source = gathered_module_source(model)
+    assert len(list(NCCLTrainerWeightTransferEngine._checked_iter(source, source.metadata))) == len(source.metadata)
+
+    client = EngineActorsClient([object(), object()], tensor_parallel_size=2)
+    assert isinstance(client, VLLMWeightSyncClient)
+    info = NCCLTrainerInitInfo(master_address="10.0.0.1", master_port=1234, world_size=5, rank=0)
+    payload = NCCLTrainerWeightTransferEngine._build_worker_init_payload(info)
+    ranks = [NCCLWeightTransferInitInfo(**{**payload, "rank_offset": offset}).rank_offset for offset in client.offsets]
+    assert ranks == [1, 3]
+
+
+# GPU: a real vLLM engine --------------------------------------------------------------------------
+def _save_tiny_checkpoint(path, seed):
+    from rlhf_ray.models.loading import load_causal_lm
+    from rlhf_ray.models.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    model = load_causal_lm("tiny-gpt2", dtype="float32", seed=seed, tokenizer=tokenizer)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return model, tokenizer
+
+
+def _gpu_job(path, weight_transfer: str = "ipc") -> JobConfig:
+    return JobConfig(policy=RoleConfig(model=ModelConfig(name_or_path=str(path), dtype="float32")),
+                     rollout=RolloutConfig(engine="vllm", num_gpus_per_engine=1, gpu_memory_utilization=0.2,
+                                           max_new_tokens=8, weight_transfer=weight_transfer),
+                     data=DataConfig(max_prompt_length=16, max_length=32))
+
+
+def _prompts(tokenizer):
+    texts = ["User: hello\nAssistant:", "User: tell me about the weather today\nAssistant:", "abc"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@pytest.mark.gpu
+def test_vllm_engine_generates_samples_and_greedy_in_the_hf_layout(tmp_path):
+    pytest.importorskip("vllm")
+    _, tokenizer = _save_tiny_checkpoint(tmp_path / "ckpt", seed=0)
+    engine = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
+    memory = engine.setup(_gpu_job(tmp_path / "ckpt"), init_from=str(tmp_path / "ckpt"))
+    try:
+        assert memory["memory/rollout/params_bytes"] > 0
+        prompts = _prompts(tokenizer)
+        width = prompts["input_ids"].shape[1]
+        out = engine.generate(prompts, n=2, greedy=True, seed=7)
+        assert out["input_ids"].shape == (6, width + 8) and out["engine_logprobs"].shape == (6, 8)
+        assert out["greedy_input_ids"].shape == (3, width + 8)
+        assert torch.equal(out["input_ids"][:, :width], prompts["input_ids"].repeat_interleave(2, dim=0))
+        mask = out["response_mask"]
+        assert torch.equal(mask, mask.cummin(dim=1).values)  # ones then zeros
+        assert bool((out["engine_logprobs"][mask.bool()] <= 0).all())
+        assert bool((out["engine_logprobs"][~mask.bool()] == 0).all())
+        last = out["input_ids"][:, width:].gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
+        assert out["finished"].tolist() == (last == tokenizer.eos_token_id).tolist()
+
+        again = engine.generate(prompts, n=2, greedy=True, seed=7)
+        assert torch.equal(again["input_ids"], out["input_ids"])  # seeded per request
+        assert torch.allclose(again["engine_logprobs"], out["engine_logprobs"], atol=1e-5)
+        assert not torch.equal(engine.generate(prompts, n=2, greedy=False, seed=8)["input_ids"], out["input_ids"])
+        for i in range(3):
+            prompt = prompts["input_ids"][i][prompts["attention_mask"][i].bool()].tolist()
+            greedy = out["greedy_input_ids"][i, width:][out["greedy_response_mask"][i].bool()].tolist()
+            assert engine.greedy_text(prompt) == greedy
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.gpu
+def test_after_a_weight_update_vllm_matches_the_hf_model_with_those_weights(tmp_path):
+    pytest.importorskip("vllm")
+    from rlhf_ray.workers.forward import response_logprobs
+    from rlhf_ray.workers.rollout.hf import HFRolloutWorker
+
+    _, tokenizer = _save_tiny_checkpoint(tmp_path / "start", seed=0)
+    policy, _ = _save_tiny_checkpoint(tmp_path / "policy", seed=123)  # the weights the "policy" sends
+    job = _gpu_job(tmp_path / "start")
+    engine = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
+    engine.setup(job, init_from=str(tmp_path / "start"))
+    hf = HFRolloutWorker(0, 1, "127.0.0.1", 0, 1)
+    hf.setup(_gpu_job(tmp_path / "policy"), init_from=str(tmp_path / "policy"))
+    try:
+        engine.begin_weight_update()
+        bucket, size = [], 0
+        for name, param in policy.named_parameters():  # buckets of ~64 KiB, as the policy streams them
+            bucket.append((name, param.detach().clone()))
+            size += param.numel() * param.element_size()
+            if size >= 64 * 2**10:
+                engine.load_weights(bucket)
+                bucket, size = [], 0
+        if bucket:
+            engine.load_weights(bucket)
+        engine.finish_weight_update()
+
+        prompts = _prompts(tokenizer)
+        for i in range(3):
+            prompt = prompts["input_ids"][i][prompts["attention_mask"][i].bool()].tolist()
+            assert engine.greedy_text(prompt) == hf.greedy_text(prompt)
+        # The engine's log-probs of its samples are the policy's at the sampling temperature.
+        out = engine.generate(prompts, n=2, greedy=False, seed=3)
+        with torch.no_grad():
+            recomputed = response_logprobs(policy, out["input_ids"], out["attention_mask"], 8,
+                                           temperature=job.rollout.temperature)["logprobs"]
+        mask = out["response_mask"].bool()
+        assert torch.allclose(out["engine_logprobs"][mask], recomputed[mask], atol=1e-3)
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.gpu
+def test_nccl_weight_transfer_from_a_policy_actor(tmp_path, ray_cluster):
+    pytest.importorskip("vllm")
+    if torch.cuda.device_count() < 2:
+        pytest.skip("NCCL weight transfer needs two GPUs: one for the sender, one for the engine")
+    import ray
+
+    from rlhf_ray.workers.rollout.hf import HFRolloutWorker
+    from rlhf_ray.workers.rollout.vllm import VLLMWeightSender
+
+    _, tokenizer = _save_tiny_checkpoint(tmp_path / "start", seed=0)
+    policy, _ = _save_tiny_checkpoint(tmp_path / "policy", seed=123)
+
+    @ray.remote(num_gpus=1)
+    class Sender:
+        def connect(self, engines, path):
+            from transformers import AutoModelForCausalLM
+
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).cuda()
+            self.sender = VLLMWeightSender.connect(engines, rank=0, module=self.model, tensor_parallel_size=1,
+                                                   bucket_bytes=2**20)
+
+        def send(self):
+            return self.sender.send()
+
+    engine = ray.remote(num_gpus=1)(VLLMRolloutWorker).remote(0, 1, "127.0.0.1", 0, 1)
+    ray.get(engine.setup.remote(_gpu_job(tmp_path / "start", weight_transfer="nccl"),
+                                init_from=str(tmp_path / "start")))
+    sender = Sender.remote()
+    ray.get(sender.connect.remote([engine], str(tmp_path / "policy")))
+    sent = ray.get(sender.send.remote())
+    assert sent["sync/bytes"] == sum(p.numel() * p.element_size() for p in policy.parameters())
+
+    hf = HFRolloutWorker(0, 1, "127.0.0.1", 0, 1)
+    hf.setup(_gpu_job(tmp_path / "policy"), init_from=str(tmp_path / "policy"))
+    prompt = _prompts(tokenizer)["input_ids"][1].tolist()
+    assert ray.get(engine.greedy_text.remote(prompt)) == hf.greedy_text(prompt)
+    ray.get(engine.shutdown.remote())
