@@ -165,6 +165,7 @@ class DataConfig:
     max_prompt_length: int = _help("Prompts keep their last this-many tokens.", default=64)
     max_length: int = _help("Prompt plus response; longer responses are cut on the right.", default=128)
     skip_bad_rows: bool = _help("Drop invalid rows (and report how many and why) instead of stopping.", default=False)
+    max_examples: int = _help("Use only the first N examples of each split (0: all); for quick runs.", default=0)
     ptx: str = _help("SFT data mixed into PPO updates (PPO-ptx); empty turns it off.", default="")
 
     def __post_init__(self):
@@ -172,6 +173,7 @@ class DataConfig:
         _check(not self.prompt_template or "{prompt}" in self.prompt_template, "prompt_template", "must contain {prompt}")
         _check(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
         _check(self.max_length > self.max_prompt_length, "max_length", "must exceed data.max_prompt_length")
+        _check(self.max_examples >= 0, "max_examples", "must be >= 0 (0 means all)")
 
 
 @dataclass(frozen=True)

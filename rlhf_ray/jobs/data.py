@@ -47,7 +47,8 @@ def load_job_examples(spec: str, fmt: str, data: DataConfig, tokenizer: Any, dat
     loaded = load_examples(resolve_source(spec, data_dir), fmt, column_map=data.column_map or None,
                            prompt_template=data.prompt_template or None, skip_bad_rows=data.skip_bad_rows,
                            max_prompt_length=None, tokenizer=tokenizer)
-    return loaded.examples, loaded.skipped
+    examples = loaded.examples[:data.max_examples] if data.max_examples else loaded.examples
+    return examples, loaded.skipped
 
 
 @dataclass

@@ -132,6 +132,25 @@ def _dtype_sections(dtype: str, zero_stage: int, train: bool) -> dict:
 
 
 _DEFAULT_BUCKET = 500_000_000  # DeepSpeed's default bucket, in elements
+_DEFAULT_PERSISTENCE = 100_000  # DeepSpeed's default ZeRO-3 persistence threshold, in elements
+
+
+def zero_buckets(zero_stage: int, model_numel: int, largest_param_numel: int) -> dict:
+    """ZeRO bucket sizes for a model of `model_numel` parameters (DeepSpeed's defaults for large ones).
+
+    The reduce bucket must hold the largest parameter; a quarter of the model
+    keeps communication in few calls. ZeRO-3 keeps parameters below the
+    persistence threshold whole on every rank: a thousandth of the model keeps
+    biases and norms whole and partitions every weight matrix. The memory
+    planner uses the same numbers."""
+    bucket = int(min(_DEFAULT_BUCKET, max(largest_param_numel, model_numel // 4, 1)))
+    out = {"reduce_bucket_size": bucket}
+    if zero_stage == 3:
+        out["stage3_prefetch_bucket_size"] = bucket
+        out["stage3_param_persistence_threshold"] = int(min(_DEFAULT_PERSISTENCE, model_numel // 1000))
+    else:
+        out["allgather_bucket_size"] = bucket
+    return out
 
 
 def build_deepspeed_config(
@@ -155,6 +174,7 @@ def build_deepspeed_config(
     on_cuda: bool | None = None,
     torch_adam: bool | None = None,
     model_numel: int | None = None,
+    largest_param_numel: int | None = None,
 ) -> dict:
     """A DeepSpeed config dict for one role.
 
@@ -174,10 +194,11 @@ def build_deepspeed_config(
     (default: on CPU only) choose what can run, as the module docstring says;
     build the config inside the actor that runs it.
 
-    `model_numel` (the model's parameter count) caps ZeRO's communication
-    buckets at the model's size: DeepSpeed's default reduce bucket of 5e8
-    elements is allocated up front and held (2 GB in fp32), which would dwarf
-    a small model. `None` keeps DeepSpeed's defaults.
+    `model_numel` (the model's parameter count) and `largest_param_numel`
+    size ZeRO to the model (`zero_buckets`): DeepSpeed's default reduce bucket
+    of 5e8 elements is allocated up front and held (2 GB in fp32), and its
+    ZeRO-3 persistence threshold of 1e5 elements would leave every weight of a
+    small model unpartitioned. `None` keeps DeepSpeed's defaults.
     """
     _require(zero_stage in (0, 1, 2, 3), f"zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     _require(dtype in DTYPES, f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -208,12 +229,7 @@ def build_deepspeed_config(
         # Lets `save_16bit_model` / export gather the full weights from the partitions.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     if model_numel is not None and zero_stage >= 1:
-        bucket = int(min(_DEFAULT_BUCKET, max(model_numel, 1)))
-        zero["reduce_bucket_size"] = bucket
-        if zero_stage == 3:
-            zero["stage3_prefetch_bucket_size"] = bucket
-        else:
-            zero["allgather_bucket_size"] = bucket
+        zero.update(zero_buckets(zero_stage, model_numel, largest_param_numel or model_numel))
 
     if not train:
         _require(zero_stage in (0, 3),

@@ -86,7 +86,8 @@ class TrainEngine:
             offload_optimizer=role.offload_optimizer, offload_params=role.offload_params, lr=optim.lr,
             weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps, warmup_steps=optim.warmup_steps,
             total_steps=max(total_optimizer_steps, 1), scheduler=optim.scheduler, train=True,
-            model_numel=sum(p.numel() for p in model.parameters()))
+            model_numel=sum(p.numel() for p in model.parameters()),
+            largest_param_numel=max(p.numel() for p in model.parameters()))
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, config=self.ds_config)
@@ -212,7 +213,8 @@ class InferenceEngine:
                 zero_stage=3, micro_batch_size_per_rank=micro_batch_size, grad_accum_steps=1, world_size=world_size,
                 dtype=dtype, grad_clip=0.0, offload_optimizer=False, offload_params=False, lr=0.0, weight_decay=0.0,
                 betas=(0.9, 0.999), eps=1e-8, warmup_steps=0, total_steps=1, scheduler="constant", train=False,
-                model_numel=sum(p.numel() for p in model.parameters()))
+                model_numel=sum(p.numel() for p in model.parameters()),
+                largest_param_numel=max(p.numel() for p in model.parameters()))
             self.engine, *_ = deepspeed.initialize(model=model, config=config)
             self.module = self.engine.module
             self.device = self.engine.device

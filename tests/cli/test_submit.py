@@ -1,0 +1,280 @@
+"""`rlhf-ray submit | status | logs | stop | list` against a real Ray head.
+
+The head is started here with the venv's `ray start --head --block` on
+127.0.0.1 and free ports, in its own process group and temp dir, and stopped
+at the end by signalling that process (then, to be sure, only the processes
+whose command line names this head's temp dir). `ray stop` is not used: it
+would stop every Ray session on the machine.
+
+`test_jobs_api_round_trip` uses a plain Python entrypoint (seconds);
+`test_submit_tiny_sft_end_to_end` trains the tiny SFT job on the cluster,
+which takes minutes on a busy two-core machine, so it is marked slow.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.cli import main as cli
+from rlhf_ray.jobs.submit import SubmitError
+from rlhf_ray.jobs.submit import (
+    PACKAGE_DIR,
+    Cluster,
+    check_cluster_address,
+    config_file_name,
+    dashboard_url,
+    job_runtime_env,
+    short_message,
+    train_entrypoint,
+)
+
+VENV_BIN = Path(sys.executable).parent
+HEAD_START_LIMIT_S = 600  # a guard against a hung start, not a timing assertion
+
+
+def run(argv, capsys):
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# without a cluster ----------------------------------------------------------------
+
+def test_entrypoint_runs_train_on_the_shipped_config():
+    overrides = ["run.total_steps=2", "data.eval=", "run.output_dir=/runs/my run"]
+    assert train_entrypoint("tiny-sft.yaml", overrides) == \
+        "python -m rlhf_ray.cli.main train tiny-sft.yaml run.total_steps=2 data.eval= 'run.output_dir=/runs/my run'"
+    assert train_entrypoint("tiny-sft.yaml", [], package=False) == "rlhf-ray train tiny-sft.yaml"
+
+
+def test_runtime_env_ships_the_config_and_this_package(tmp_path):
+    env = job_runtime_env(tmp_path)
+    assert env["working_dir"] == str(tmp_path)
+    assert env["py_modules"] == [str(PACKAGE_DIR)]
+    assert PACKAGE_DIR.name == "rlhf_ray" and (PACKAGE_DIR / "jobs" / "submit.py").is_file()
+    assert "env_vars" not in env  # the driver's ray.init sets them; Ray refuses overlapping keys
+    assert "py_modules" not in job_runtime_env(tmp_path, package=False)
+
+
+def test_config_file_names_and_addresses(monkeypatch):
+    assert config_file_name("tiny-sft") == "tiny-sft.yaml"
+    assert config_file_name("/a/b/my job.yml") == "my_job.yml"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert dashboard_url("head:8265/") == "http://head:8265"
+    assert dashboard_url("https://head:443") == "https://head:443"
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:8265")
+    assert dashboard_url(None) == "http://10.0.0.1:8265"
+    assert dashboard_url("other:8265") == "http://other:8265"
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(SubmitError, match="no Ray cluster address"):
+        dashboard_url(None)
+
+
+def test_short_message_drops_the_log_excerpt():
+    message = ("Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
+               "Traceback ...\nValueError: boom")
+    assert short_message(message) == "Job entrypoint command failed with exit code 1"
+    assert short_message("Job finished successfully.") == "Job finished successfully."
+    assert short_message(None) == ""
+
+
+def test_train_address_is_checked_before_any_work():
+    check_cluster_address("auto")
+    with pytest.raises(SubmitError, match="expected HOST:PORT"):
+        check_cluster_address("head-without-port")
+    with pytest.raises(SubmitError, match="is a dashboard"):
+        check_cluster_address("http://head:8265")
+
+
+# a real head ------------------------------------------------------------------------
+
+@dataclass
+class Head:
+    url: str
+    temp_dir: Path
+
+
+def _pids_naming(text: str) -> list[int]:
+    """Processes whose command line contains `text` (this head's own temp dir)."""
+    needle = text.encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in (entry / "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+def _stop_head(proc: subprocess.Popen, temp_dir: Path) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)  # `ray start --block` drains, then stops the processes it started
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session)
+            proc.wait()
+    for pid in _pids_naming(str(temp_dir)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_until_serving(proc: subprocess.Popen, url: str, log: Path) -> None:
+    import requests
+
+    deadline = time.monotonic() + HEAD_START_LIMIT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/api/version", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    pytest.fail(f"the Ray head did not serve {url} within {HEAD_START_LIMIT_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    # Ray's socket paths live under --temp-dir and must stay short: a fresh /tmp/rrXXXX.
+    temp_dir = Path(tempfile.mkdtemp(prefix="rr", dir="/tmp"))
+    log = tmp_path_factory.mktemp("head") / "ray-start.log"
+    port = {name: free_port() for name in ("gcs", "dashboard", "client", "agent", "agent_grpc", "runtime_env",
+                                           "metrics")}
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           # a throw-away head on 127.0.0.1: no token, so the test needs none of the user's
+           "RAY_AUTH_MODE": "disabled"}
+    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(key, None)
+    command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+               f"--port={port['gcs']}", "--dashboard-host=127.0.0.1", f"--dashboard-port={port['dashboard']}",
+               f"--ray-client-server-port={port['client']}", f"--dashboard-agent-listen-port={port['agent']}",
+               f"--dashboard-agent-grpc-port={port['agent_grpc']}", f"--runtime-env-agent-port={port['runtime_env']}",
+               f"--metrics-export-port={port['metrics']}", "--num-cpus=4", "--include-dashboard=true",
+               "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=temp_dir,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port['dashboard']}"
+    try:
+        _wait_until_serving(proc, url, log)
+        yield Head(url=url, temp_dir=temp_dir)
+    finally:
+        _stop_head(proc, temp_dir)
+
+
+def _wait_for(cluster: Cluster, job_id: str, wanted: str) -> str:
+    deadline = time.monotonic() + HEAD_START_LIMIT_S
+    while time.monotonic() < deadline:
+        status = cluster.status(job_id)
+        if status == wanted or status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(1)
+    return cluster.status(job_id)
+
+
+def test_jobs_api_round_trip(ray_head, tmp_path, capsys, monkeypatch):
+    url = ray_head.url
+    # an explicit --address wins over RAY_ADDRESS (the Ray SDK alone would let the environment win)
+    monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{free_port()}")
+    cluster = Cluster(url)
+    shipped = cluster.submit('python -c "import rlhf_ray; print(\'shipped from\', rlhf_ray.__file__)"',
+                             job_runtime_env(tmp_path))
+    assert cluster.wait(shipped, poll_s=1) == "SUCCEEDED"
+
+    code, out, _ = run(["status", shipped, "--address", url], capsys)
+    assert code == 0 and out.startswith(f"{shipped} SUCCEEDED")
+    code, out, _ = run(["logs", shipped, "--address", url], capsys)
+    line = next(line for line in out.splitlines() if line.startswith("shipped from"))
+    shipped_file = Path(line.split(" ", 2)[2])
+    assert shipped_file.name == "__init__.py" and shipped_file.parent.name == "rlhf_ray"
+    assert not shipped_file.is_relative_to(PACKAGE_DIR.parent)  # the cluster ran the shipped copy
+    code, followed, _ = run(["logs", shipped, "--follow", "--address", url], capsys)
+    assert code == 0 and line in followed
+
+    sleeper = cluster.submit('python -c "import time; time.sleep(600)"', job_runtime_env(tmp_path, package=False))
+    assert _wait_for(cluster, sleeper, "RUNNING") == "RUNNING"
+    code, out, _ = run(["stop", sleeper, "--wait", "--address", url], capsys)
+    assert code == 0 and f"job {sleeper}: STOPPED" in out
+    code, out, _ = run(["status", sleeper, "--address", url], capsys)
+    assert out.startswith(f"{sleeper} STOPPED")
+    code, out, _ = run(["stop", sleeper, "--address", url], capsys)
+    assert code == 0 and "was not running (STOPPED)" in out
+
+    code, out, _ = run(["list", "--address", url], capsys)
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
+    assert rows[shipped] == "SUCCEEDED" and rows[sleeper] == "STOPPED"
+
+    for command in ("status", "logs", "stop"):
+        code, _, err = run([command, "raysubmit_nosuchjob", "--address", url], capsys)
+        expected = (f"rlhf-ray: error: no job raysubmit_nosuchjob on the cluster at {url}; "
+                    f"`rlhf-ray list --address {url}` shows its jobs")
+        assert code == 1 and err.strip().splitlines() == [expected]
+
+
+TINY_SFT = ["run.total_steps=2", "run.batch_size=4", "policy.micro_batch_size=2", "run.eval_every=0", "data.eval=",
+            "run.progress=false", "run.save_every=2",
+            # the preset warms up for 5 steps then decays (cosine): two steps need a constant schedule
+            "policy.optim.scheduler=constant", "policy.optim.warmup_steps=0"]
+
+
+@pytest.mark.slow
+def test_submit_tiny_sft_end_to_end(ray_head, tmp_path, capsys):
+    url = ray_head.url
+    cluster = Cluster(url)
+
+    # a second, long job is stopped while it runs
+    code, out, _ = run(["submit", "tiny-sft", *TINY_SFT, "run.total_steps=1000", f"run.output_dir={tmp_path}/long",
+                        "--address", url], capsys)
+    long_job = out.splitlines()[0]
+    assert code == 0 and _wait_for(cluster, long_job, "RUNNING") == "RUNNING"
+    assert run(["stop", long_job, "--wait", "--address", url], capsys)[0] == 0
+    assert cluster.status(long_job) == "STOPPED"
+
+    # a job that fails on the cluster: non-zero exit, the log tail, and the driver's own one-line error
+    code, out, err = run(["submit", "tiny-sft", *TINY_SFT, f"data.train={tmp_path}/missing.jsonl",
+                          f"run.output_dir={tmp_path}/failed", "--address", url, "--wait"], capsys)
+    failed_job = out.splitlines()[0]
+    assert code == 1 and cluster.status(failed_job) == "FAILED"
+    assert "rlhf-ray: error:" in err and "missing.jsonl" in err  # the cluster-side line, in the log tail
+    assert err.strip().splitlines()[-1].startswith(f"rlhf-ray: error: job {failed_job} ended FAILED")
+
+    # the tiny SFT job succeeds and leaves metrics and a checkpoint in its run directory
+    run_dir = tmp_path / "run"
+    code, out, err = run(["submit", "tiny-sft", *TINY_SFT, f"run.output_dir={run_dir}", "--address", url, "--wait"],
+                         capsys)
+    job_id = out.splitlines()[0]
+    assert code == 0, err
+    assert cluster.status(job_id) == "SUCCEEDED"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert (run_dir / "checkpoints" / "step_2" / "trainer_state.json").is_file()
+    logs = run(["logs", job_id, "--address", url], capsys)[1]
+    assert f"run directory: {run_dir}" in logs and "train/loss" in logs
