@@ -1,0 +1,128 @@
+"""Online jobs end to end on a local Ray cluster: the roles each algorithm creates and
+what they hold, exact resume, weight sync, and an online and an offline job side by side."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+
+import pytest
+import ray
+import torch
+
+from rlhf_ray.config import ConfigError
+from rlhf_ray.jobs import run_job
+from rlhf_ray.telemetry.metrics import read_metrics
+
+from job_helpers import final_weights, metric_rows, tiny_config
+
+SMALL = ["run.batch_size=4", "rollout.max_new_tokens=8", "algorithm.num_minibatches=1"]
+REWARD_MODEL = ["reward.rule=", "reward.model.name_or_path=tiny-gpt2"]  # a (fresh) scalar-head reward model
+
+
+def test_ppo_has_four_model_roles_and_resumes_exactly(ray_cluster, tmp_path):
+    full = tmp_path / "ppo"
+    summary = run_job(tiny_config("tiny-ppo", full, "run.total_steps=3", "run.save_every=2", *SMALL, *REWARD_MODEL))
+    assert summary["roles"] == ["critic", "policy", "reference", "reward", "rollout"]
+    held = {role: summary["max"][f"memory/{role}/held_bytes"] for role in ("policy", "critic", "reference", "reward")}
+    assert all(v > 0 for v in held.values()), held
+    # The trainable roles hold gradients and optimizer state, the frozen ones only weights.
+    assert summary["max"]["memory/policy/optimizer_bytes"] > 0 and summary["max"]["memory/critic/optimizer_bytes"] > 0
+    assert summary["max"]["memory/reference/optimizer_bytes"] == 0
+    rows = read_metrics(full)
+    assert rows[-1]["sync/bytes"] > 0 and "critic/value_loss" in rows[-1]
+    assert rows[-1]["rollout/logprob_diff"] < 1e-4  # engine and policy agree on the sampled tokens' log-probs
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_3")
+    shutil.rmtree(resumed / "final")
+    run_job(tiny_config("tiny-ppo", resumed, "run.total_steps=3", "run.save_every=2", *SMALL, *REWARD_MODEL))
+    assert metric_rows(resumed) == metric_rows(full)
+    a, b = final_weights(full), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_remax_creates_no_critic_and_uses_a_greedy_baseline(ray_cluster, tmp_path):
+    summary = run_job(tiny_config("tiny-remax", tmp_path / "remax", "run.total_steps=2", *SMALL, *REWARD_MODEL))
+    assert summary["roles"] == ["policy", "reference", "reward", "rollout"]
+    assert not any(key.startswith("memory/critic/") for key in summary["max"])
+    assert "rollout/greedy_reward_mean" in read_metrics(tmp_path / "remax")[-1]
+
+
+@pytest.mark.parametrize("preset", ["tiny-grpo", "tiny-rloo", "tiny-reinforce-pp"])
+def test_critic_free_algorithms_run_with_the_rule_reward(ray_cluster, tmp_path, preset):
+    summary = run_job(tiny_config(preset, tmp_path / preset, "run.total_steps=1", "run.batch_size=2",
+                                  "rollout.max_new_tokens=8"))
+    assert "critic" not in summary["roles"]
+    row = read_metrics(tmp_path / preset)[-1]
+    assert "actor/pg_loss" in row and row["rollout/response_length"] > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["algorithm.name=grpo", "algorithm.samples_per_prompt=1"], r"needs at least 2 per prompt"),
+    (["algorithm.name=remax", "critic.enabled=true"], r"remax has no critic"),
+    (["rollout.engine=vllm"], r"rollout.engine: vllm"),
+    (["policy.num_cpus_per_rank=64", "placement.colocate=[]"], r"role 'policy' needs"),
+])
+def test_bad_online_settings_fail_before_any_model_loads(ray_cluster, tmp_path, overrides, message):
+    from rlhf_ray.runtime.placement import PlacementError
+
+    with pytest.raises((ConfigError, PlacementError), match=message):
+        run_job(tiny_config("tiny-ppo", tmp_path / "bad", *overrides))
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_weight_sync_makes_the_engine_generate_what_the_policy_generates(ray_cluster, tmp_path):
+    from rlhf_ray.jobs.data import JobData, load_job_examples
+    from rlhf_ray.models.tokenizer import load_tokenizer
+    from rlhf_ray.runtime.actor_group import ActorGroup
+    from rlhf_ray.workers.policy import PolicyWorker
+    from rlhf_ray.workers.rollout.hf import HFRolloutWorker
+
+    cfg = tiny_config("tiny-sft", tmp_path / "sync", "policy.optim.lr=0.05", "policy.optim.warmup_steps=0",
+                      "policy.optim.scheduler=constant")
+    tok = load_tokenizer("tiny")
+    examples, _ = load_job_examples("synthetic:sft", "sft", cfg.data, tok, tmp_path / "data")
+    data = JobData(examples, "sft", tok, cfg.data)
+    with ActorGroup(PolicyWorker, role="policy", num_ranks=1, num_cpus_per_rank=1) as policy, \
+            ActorGroup(HFRolloutWorker, role="rollout", num_ranks=1, num_cpus_per_rank=1) as engine:
+        ray.get(policy.rank0.setup.remote(cfg, init_from="tiny-gpt2", batch_per_rank=8, total_optimizer_steps=1))
+        ray.get(engine.rank0.setup.remote(cfg, init_from="tiny-gpt2"))
+        prompt = data.prompts([0])
+        prompt_ids = prompt["input_ids"][0].tolist()
+        before = ray.get(engine.rank0.greedy_text.remote(prompt_ids))
+        ray.get(policy.rank0.train_offline.remote(data.batch(list(range(8))), "sft", {}))
+        policy_says = ray.get(policy.rank0.generate.remote(
+            {k: prompt[k] for k in ("input_ids", "attention_mask")}, cfg.rollout.max_new_tokens, 0, True))[0]
+        assert policy_says != before  # one large step changed the policy's greedy answer
+        sent = ray.get(policy.rank0.send_weights.remote(engine.actors, 2**16))
+        assert sent["sync/bytes"] == sum(p.numel() * 4 for p in __import__(
+            "rlhf_ray.models.loading", fromlist=["x"]).load_causal_lm("tiny-gpt2").parameters())
+        assert ray.get(engine.rank0.greedy_text.remote(prompt_ids)) == policy_says
+
+
+def test_online_and_offline_jobs_run_side_by_side(ray_cluster, tmp_path):
+    jobs = {"ppo": tiny_config("tiny-ppo", tmp_path / "ppo", "run.total_steps=3", *SMALL),
+            "dpo": tiny_config("tiny-dpo", tmp_path / "dpo", "run.total_steps=3", "run.batch_size=8",
+                               "policy.micro_batch_size=8", "policy.optim.warmup_steps=0",
+                               "policy.optim.scheduler=constant")}
+    results, errors = {}, {}
+
+    def run(name):
+        try:
+            results[name] = run_job(jobs[name])
+        except BaseException as err:  # reported below
+            errors[name] = err
+
+    threads = [threading.Thread(target=run, args=(name,)) for name in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    dpo = read_metrics(tmp_path / "dpo")
+    assert dpo[-1]["rewards/margins"] > 0 and dpo[-1]["train/loss"] < dpo[0]["train/loss"]
+    ppo = read_metrics(tmp_path / "ppo")
+    assert ppo[-1]["critic/value_loss"] < ppo[0]["critic/value_loss"]
+    assert all(row["actor/approx_kl"] >= 0 for row in ppo)
