@@ -1,0 +1,132 @@
+"""The memory and cost planner: what each role of an RLHF layout needs per
+GPU (weights, gradients, fp32 master and optimizer states under DeepSpeed
+ZeRO, activations, logits, vLLM weights and KV cache), whether it fits, and
+what a run costs. Plain Python: no ray, deepspeed or vllm.
+
+    shape = load_shape("llama-7b")
+    plan = plan_layout("remax", needs_critic=False, needs_reference=True,
+                       actor=shape, reward=shape, gpus=8, gpu_mem_gib=80)
+    print(plan_to_markdown(plan))
+"""
+
+from rlhf_ray.planner.cost import (
+    GPU_PEAK_FLOPS,
+    Hardware,
+    PhaseWork,
+    RunCost,
+    StepTime,
+    Throughput,
+    online_step_work,
+    run_cost,
+    step_time,
+)
+from rlhf_ray.planner.layout import (
+    ROLES,
+    Comparison,
+    ComparisonRow,
+    GpuGroup,
+    GroupPlan,
+    LayoutPlan,
+    compare,
+    plan_group,
+    plan_layout,
+)
+from rlhf_ray.planner.memory import (
+    GiB,
+    InferenceSettings,
+    RolePlan,
+    RolloutSettings,
+    TrainSettings,
+    activation_bytes,
+    forward_activation_bytes,
+    kv_cache_bytes,
+    layer_activation_bytes,
+    logits_bytes,
+    plan_frozen_role,
+    plan_rollout,
+    plan_trained_role,
+)
+from rlhf_ray.planner.report import (
+    comparison_to_dict,
+    comparison_to_markdown,
+    cost_to_dict,
+    cost_to_markdown,
+    plan_to_dict,
+    plan_to_markdown,
+)
+from rlhf_ray.planner.shapes import (
+    ModelShape,
+    ParamTensor,
+    load_shape,
+    matmul_param_count,
+    param_count,
+    param_tensors,
+    preset_names,
+    scalar_head_param_count,
+    shape_from_config,
+)
+from rlhf_ray.planner.zero import (
+    DTYPE_BYTES,
+    StateBytes,
+    ZeroConfig,
+    frozen_state_bytes,
+    optimizer_groups,
+    train_state_bytes,
+    zero_buckets,
+)
+
+__all__ = [
+    "Comparison",
+    "ComparisonRow",
+    "DTYPE_BYTES",
+    "GPU_PEAK_FLOPS",
+    "GiB",
+    "GpuGroup",
+    "GroupPlan",
+    "Hardware",
+    "InferenceSettings",
+    "LayoutPlan",
+    "ModelShape",
+    "ParamTensor",
+    "PhaseWork",
+    "ROLES",
+    "RolePlan",
+    "RolloutSettings",
+    "RunCost",
+    "StateBytes",
+    "StepTime",
+    "Throughput",
+    "TrainSettings",
+    "ZeroConfig",
+    "activation_bytes",
+    "compare",
+    "comparison_to_dict",
+    "comparison_to_markdown",
+    "cost_to_dict",
+    "cost_to_markdown",
+    "forward_activation_bytes",
+    "frozen_state_bytes",
+    "kv_cache_bytes",
+    "layer_activation_bytes",
+    "load_shape",
+    "logits_bytes",
+    "matmul_param_count",
+    "online_step_work",
+    "optimizer_groups",
+    "param_count",
+    "param_tensors",
+    "plan_frozen_role",
+    "plan_group",
+    "plan_layout",
+    "plan_rollout",
+    "plan_to_dict",
+    "plan_to_markdown",
+    "plan_trained_role",
+    "preset_names",
+    "run_cost",
+    "scalar_head_param_count",
+    "shape_from_config",
+    "step_time",
+    "train_state_bytes",
+    "zero_buckets",
+]

@@ -1,0 +1,372 @@
+"""Per-role, per-GPU memory of the four-model RLHF layout.
+
+Each role (actor, critic, reference, reward, rollout) gets a `RolePlan`: its
+bytes per GPU by component, which of them it holds for the whole step
+(weights, optimizer state) and which only during one phase of it (generate,
+score, train). Roles sharing GPUs add their resident bytes, plus the largest
+sum of their transient bytes over the phases. `zero.py` gives DeepSpeed's
+exact allocations; this module adds the estimates:
+
+- Activations, after Korthikanti et al. 2022 ("Reducing Activation
+  Recomputation in Large Transformer Models", sec. 4.1): a GPT layer stores
+  s*b*h*(34 + 5*a*s/h) bytes with 16-bit activations and 1-byte dropout masks
+  (s sequence, b micro-batch, h hidden, a heads). Spelled out per stored
+  tensor so it scales to fp32, to no dropout, to grouped-query attention, to
+  an inner MLP width I (GeLU: h + 2I, SwiGLU: h + 4I elements per token) and
+  to FlashAttention (no s^2 terms, a fp32 log-sum-exp per head and token).
+  Gradient checkpointing of every layer keeps each layer's input (s*b*h) and
+  one layer's activations while it is recomputed.
+- Logits: the LM head's output in the compute dtype plus its fp32 log-softmax
+  for the token log-probs, b*s*V*(bytes + 4).
+- Rollout: vLLM holds weights / tensor-parallel size plus a KV cache of
+  2 * layers * kv_heads * head_dim * bytes per token, and pre-allocates
+  `gpu_memory_utilization` of the whole GPU for weights, activations and KV
+  blocks at start-up, so it claims that fraction whatever the batch needs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf_ray.planner.shapes import ModelShape, param_tensors
+from rlhf_ray.planner.zero import ZeroConfig, dtype_bytes, frozen_state_bytes, optimizer_groups, train_state_bytes
+
+GiB = 1024**3
+PHASES: tuple[str, ...] = ("generate", "score", "train")
+"""The phases of an online step, in order: decode, score (concurrent forwards), update."""
+
+
+def _check_batch(owner: str, dtype: str, sequences: int, tokens: int) -> None:
+    dtype_bytes(dtype)
+    if sequences < 1 or tokens < 1:
+        raise ValueError(f"{owner}: batch and sequence length must be at least 1, got {sequences} and {tokens}.")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """A trained role (actor or critic): DeepSpeed engine and batch shape."""
+
+    dtype: str = "bf16"
+    """Weights and activations: "bf16", "fp16" (fp32 master weights) or "fp32"."""
+    zero: ZeroConfig = field(default_factory=lambda: ZeroConfig(stage=2))
+    """ZeRO stage and offload."""
+    micro_batch_size: int = 1
+    """Sequences per forward/backward pass on one GPU."""
+    seq_len: int = 1024
+    """Prompt plus response tokens of one sequence."""
+    gradient_checkpointing: bool = True
+    """Recompute each layer in backward instead of storing its activations."""
+    flash_attention: bool = True
+    """Attention without the s^2 score matrices (FlashAttention / SDPA)."""
+    dropout: bool = False
+    """Dropout on (stores 1-byte masks); RLHF fine-tuning usually turns it off."""
+    optimizer: str = "adamw_fused"
+    """"adamw_fused" (DeepSpeed FusedAdam / CPU Adam) or "adamw_torch"."""
+    split_no_decay: bool = False
+    """Two optimizer groups (biases and norms without weight decay) instead of one."""
+    grad_accum_dtype: str | None = None
+    """DeepSpeed's data_types.grad_accum_dtype (None: the model dtype). rlhf-ray
+    sets "fp32" for bf16 under ZeRO 1-3."""
+
+    def __post_init__(self) -> None:
+        _check_batch("TrainSettings", self.dtype, self.micro_batch_size, self.seq_len)
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """A frozen role (reference or reward model): weights and forward batch."""
+
+    dtype: str = "bf16"
+    """Weights and activations: "bf16", "fp16" or "fp32"."""
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    """Stage 3 partitions the weights over the role's GPUs; offload_params moves them to host."""
+    micro_batch_size: int = 1
+    """Sequences per forward pass on one GPU."""
+    seq_len: int = 1024
+    """Prompt plus response tokens of one sequence."""
+    flash_attention: bool = True
+    """Attention without the s^2 score matrices (FlashAttention / SDPA)."""
+
+    def __post_init__(self) -> None:
+        _check_batch("InferenceSettings", self.dtype, self.micro_batch_size, self.seq_len)
+
+
+@dataclass(frozen=True)
+class RolloutSettings:
+    """The generation engine."""
+
+    engine: Literal["vllm", "hf"] = "vllm"
+    """"vllm" on GPUs, "hf" (transformers `generate`, a full copy of the weights) on CPUs."""
+    dtype: str = "bf16"
+    """Weights and KV cache."""
+    tensor_parallel_size: int = 1
+    """GPUs one vLLM instance spans (weights and KV heads split over them)."""
+    gpu_memory_utilization: float = 0.9
+    """vLLM: share of each GPU the instance claims at start-up."""
+    num_sequences: int = 256
+    """Sequences generated per step over all instances (ReMax: include the greedy ones)."""
+    prompt_len: int = 512
+    """Longest prompt, in tokens."""
+    response_len: int = 512
+    """Longest response, in tokens."""
+    max_num_seqs: int = 256
+    """vLLM: sequences one instance decodes at once; more wait their turn."""
+    max_num_batched_tokens: int = 8192
+    """vLLM: tokens in one scheduler step (sizes its activation workspace)."""
+    block_size: int = 16
+    """vLLM: tokens per KV-cache block; each sequence takes whole blocks."""
+    sleep: bool = False
+    """Release weights and KV cache between generations (vLLM sleep mode), so
+    the engine holds GPU memory only while it generates."""
+
+    def __post_init__(self) -> None:
+        if self.engine not in ("vllm", "hf"):
+            raise ValueError(f"rollout engine must be 'vllm' or 'hf', got {self.engine!r}.")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
+        _check_batch("RolloutSettings", self.dtype, self.num_sequences, self.prompt_len + self.response_len)
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"RolloutSettings: tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}.")
+
+
+@dataclass(frozen=True)
+class RolePlan:
+    """One role's memory on each of its GPUs.
+
+    gpu: bytes per GPU by component (params, grads, master_params,
+    optimizer_states, comm_buffers, gathered_params, activations, logits,
+    kv_cache, workspace). resident: bytes held for the whole step. phases:
+    bytes added only while a phase runs. host: host-memory bytes per GPU's
+    process. reserved: what vLLM claims per GPU (0 for other roles); minimum:
+    what vLLM must find inside that claim to start (weights, workspace and
+    one sequence's KV cache).
+    """
+
+    role: str
+    model: str
+    num_params: int
+    num_gpus: int
+    gpu: dict[str, int]
+    resident: int
+    phases: dict[str, int]
+    host: dict[str, int] = field(default_factory=dict)
+    reserved: int = 0
+    minimum: int = 0
+    notes: tuple[str, ...] = ()
+
+    @property
+    def peak_bytes(self) -> int:
+        """Most bytes the role needs on one GPU for its whole batch at once."""
+        return self.resident + max(self.phases.values(), default=0)
+
+    @property
+    def claimed_bytes(self) -> int:
+        """Most bytes the role takes on one GPU: vLLM takes exactly its claim
+        (a batch needing more KV cache runs fewer sequences at a time)."""
+        return self.reserved or self.peak_bytes
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self.host.values())
+
+
+def _e(dtype: str) -> int:
+    return dtype_bytes(dtype)
+
+
+def layer_activation_bytes(
+    shape: ModelShape, micro_batch: int, seq_len: int, dtype: str, *, flash_attention: bool = True, dropout: bool = False
+) -> int:
+    """Bytes one transformer layer stores for backward (Korthikanti et al. 2022).
+
+    Per token, in the compute dtype: the QKV input (h), Q and K (q + kv), V
+    (kv), the output-projection input (q), the MLP tensors (GeLU: h + 2I;
+    SwiGLU: h + 4I) and the two norm inputs (2h); with dropout a 1-byte mask
+    after attention and after the MLP. Without FlashAttention, per head and
+    query position, the softmax output over s keys (plus its mask and the
+    dropout output when dropout is on); with it, an fp32 log-sum-exp.
+    For GPT with bf16 and dropout this is s*b*h*(34 + 5*a*s/h).
+    """
+    e, h, sb = _e(dtype), shape.hidden_size, seq_len * micro_batch
+    mask = 1 if dropout else 0
+    mlp = h + (4 if shape.model_type == "llama" else 2) * shape.intermediate_size
+    per_token = e * (h + shape.q_dim + 2 * shape.kv_dim + shape.q_dim) + e * mlp + 2 * e * h + 2 * mask * h
+    if flash_attention:
+        scores = 4 * shape.num_heads * sb
+    else:
+        scores = shape.num_heads * seq_len * sb * (e + (mask + e if dropout else 0))
+    return sb * per_token + scores
+
+
+def activation_bytes(
+    shape: ModelShape,
+    micro_batch: int,
+    seq_len: int,
+    dtype: str,
+    *,
+    gradient_checkpointing: bool,
+    flash_attention: bool = True,
+    dropout: bool = False,
+) -> int:
+    """Activation bytes stored for backward over the whole model (logits apart).
+
+    Without checkpointing: L layers' activations. With it: every layer's
+    input (e*s*b*h each) plus one layer's activations during its recompute.
+    Both add the final norm's and the head's inputs (2*e*s*b*h).
+    """
+    e, sbh = _e(dtype), seq_len * micro_batch * shape.hidden_size
+    layer = layer_activation_bytes(shape, micro_batch, seq_len, dtype, flash_attention=flash_attention, dropout=dropout)
+    stored = shape.num_layers * e * sbh + layer if gradient_checkpointing else shape.num_layers * layer
+    return stored + 2 * e * sbh
+
+
+def forward_activation_bytes(
+    shape: ModelShape, micro_batch: int, seq_len: int, dtype: str, *, flash_attention: bool = True
+) -> int:
+    """Peak activation bytes of a forward pass without gradients: one layer's
+    tensors live at a time, plus the residual stream and the layer's output."""
+    e, sbh = _e(dtype), seq_len * micro_batch * shape.hidden_size
+    return layer_activation_bytes(shape, micro_batch, seq_len, dtype, flash_attention=flash_attention) + 2 * e * sbh
+
+
+def logits_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str, head: str = "lm") -> int:
+    """LM head: logits in the compute dtype plus their fp32 log-softmax,
+    b*s*V*(bytes + 4). Scalar head: one value per token, b*s*bytes."""
+    tokens = micro_batch * seq_len
+    if head == "scalar":
+        return tokens * _e(dtype)
+    return tokens * shape.vocab_size * (_e(dtype) + 4)
+
+
+def kv_heads_per_gpu(shape: ModelShape, tensor_parallel_size: int) -> int:
+    """KV heads one tensor-parallel rank holds: kv_heads / tp, at least one
+    (vLLM replicates KV heads when tp exceeds their number)."""
+    return max(1, shape.num_kv_heads // tensor_parallel_size)
+
+
+def kv_cache_bytes(shape: ModelShape, tokens: int, dtype: str, tensor_parallel_size: int = 1) -> int:
+    """KV cache on one GPU: 2 (K and V) * layers * kv_heads_per_gpu * head_dim * bytes * tokens."""
+    heads = kv_heads_per_gpu(shape, tensor_parallel_size)
+    return 2 * shape.num_layers * heads * shape.head_dim * _e(dtype) * tokens
+
+
+def _largest_module_numel(shape: ModelShape) -> int:
+    layer = sum(t.numel for t in param_tensors(shape, "scalar") if ".h.0." in t.name or ".layers.0." in t.name)
+    return max(layer, shape.vocab_size * shape.hidden_size)
+
+
+def _gathered_params(shape: ModelShape, head: str, dtype: str, zero: ZeroConfig) -> int:
+    """ZeRO-3 estimate: the module being computed, gathered whole, plus the
+    prefetch bucket, never more than the model's non-persistent tensors."""
+    if zero.stage != 3:
+        return 0
+    big = sum(t.numel for t in param_tensors(shape, head) if t.numel > zero.param_persistence_threshold)
+    return _e(dtype) * min(big, _largest_module_numel(shape) + zero.prefetch_bucket_size)
+
+
+def plan_trained_role(role: str, shape: ModelShape, head: str, settings: TrainSettings, num_gpus: int) -> RolePlan:
+    """Actor (head="lm") or critic (head="scalar") trained with DeepSpeed on
+    `num_gpus` data-parallel GPUs."""
+    tensors = param_tensors(shape, head)
+    groups = optimizer_groups(tensors, settings.split_no_decay)
+    state = train_state_bytes(
+        groups, settings.dtype, settings.zero, num_gpus, settings.optimizer, grad_accum_dtype=settings.grad_accum_dtype
+    )
+    b, s, dtype = settings.micro_batch_size, settings.seq_len, settings.dtype
+    gpu = {**state.device, **state.transient}
+    gpu["gathered_params"] = _gathered_params(shape, head, dtype, settings.zero)
+    gpu["activations"] = activation_bytes(
+        shape, b, s, dtype,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        flash_attention=settings.flash_attention,
+        dropout=settings.dropout,
+    )
+    gpu["logits"] = logits_bytes(shape, b, s, dtype, head)
+    resident = sum(state.device.values())
+    forward = forward_activation_bytes(shape, b, s, dtype, flash_attention=settings.flash_attention)
+    score = forward + gpu["logits"] + gpu["gathered_params"]
+    train = gpu["activations"] + gpu["logits"] + gpu["gathered_params"] + sum(state.transient.values())
+    notes = [f"ZeRO-{settings.zero.stage} over {num_gpus} GPU(s), {dtype}, micro-batch {b} x {s} tokens"]
+    if settings.zero.offload_optimizer:
+        notes.append("optimizer offloaded: fp32 master, Adam states and fp32 grads in host memory")
+    return RolePlan(
+        role=role, model=shape.name, num_params=sum(t.numel for t in tensors), num_gpus=num_gpus,
+        gpu=gpu, resident=resident, phases={"score": score, "train": train}, host=dict(state.host),
+        notes=tuple(notes),
+    )
+
+
+def plan_frozen_role(role: str, shape: ModelShape, head: str, settings: InferenceSettings, num_gpus: int) -> RolePlan:
+    """Reference (head="lm") or reward model (head="scalar"): weights only,
+    optionally ZeRO-3 partitioned over `num_gpus`, and one forward batch."""
+    tensors = param_tensors(shape, head)
+    state = frozen_state_bytes([t.numel for t in tensors], settings.dtype, settings.zero, num_gpus)
+    b, s, dtype = settings.micro_batch_size, settings.seq_len, settings.dtype
+    gpu = dict(state.device)
+    gpu["gathered_params"] = _gathered_params(shape, head, dtype, settings.zero)
+    gpu["activations"] = forward_activation_bytes(shape, b, s, dtype, flash_attention=settings.flash_attention)
+    gpu["logits"] = logits_bytes(shape, b, s, dtype, head)
+    score = gpu["activations"] + gpu["logits"] + gpu["gathered_params"]
+    placement = "ZeRO-3 partitioned" if settings.zero.stage == 3 else "a whole copy"
+    if settings.zero.offload_params:
+        placement += ", offloaded to host"
+    return RolePlan(
+        role=role, model=shape.name, num_params=sum(t.numel for t in tensors), num_gpus=num_gpus,
+        gpu=gpu, resident=gpu["params"], phases={"score": score}, host=dict(state.host),
+        notes=(f"frozen, {placement} over {num_gpus} GPU(s), {dtype}",),
+    )
+
+
+def plan_rollout(shape: ModelShape, settings: RolloutSettings, num_gpus: int, gpu_mem_bytes: int) -> RolePlan:
+    """The generation engine on `num_gpus` GPUs: num_gpus / tp instances,
+    each holding weights / tp and the KV cache of its share of the sequences."""
+    tp = settings.tensor_parallel_size if settings.engine == "vllm" else 1
+    if num_gpus % tp:
+        raise ValueError(f"rollout: {num_gpus} GPU(s) do not split into vLLM instances of tensor_parallel_size {tp}.")
+    instances = num_gpus // tp
+    e, h = _e(settings.dtype), shape.hidden_size
+    per_instance = math.ceil(settings.num_sequences / instances)
+    seq_tokens = settings.prompt_len + settings.response_len
+    notes = [f"{settings.engine}: {instances} instance(s) of {tp} GPU(s), {per_instance} sequence(s) each"]
+    if settings.engine == "vllm":
+        concurrent = min(per_instance, settings.max_num_seqs)
+        tokens = concurrent * math.ceil(seq_tokens / settings.block_size) * settings.block_size
+        batched = settings.max_num_batched_tokens
+        reserved = int(settings.gpu_memory_utilization * gpu_mem_bytes)
+        notes.append(
+            f"vLLM pre-allocates gpu_memory_utilization={settings.gpu_memory_utilization} of each GPU "
+            f"({reserved / GiB:.1f} GiB) at start-up, whatever the batch needs"
+        )
+    else:
+        concurrent, tokens, batched, reserved = per_instance, per_instance * seq_tokens, per_instance * settings.prompt_len, 0
+    # One layer's forward tensors for a scheduler step of `batched` tokens, and fp32 sampling logits.
+    layer = 2 * h + shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate_size
+    gpu = {
+        "params": e * sum(t.numel for t in param_tensors(shape, "lm")) // tp,
+        "kv_cache": kv_cache_bytes(shape, tokens, settings.dtype, tp),
+        "workspace": e * batched * layer // tp + 4 * concurrent * shape.vocab_size,
+    }
+    total = sum(gpu.values())
+    minimum = 0
+    if settings.engine == "vllm":
+        one_sequence = kv_cache_bytes(shape, math.ceil(seq_tokens / settings.block_size) * settings.block_size, settings.dtype, tp)
+        minimum = gpu["params"] + gpu["workspace"] + one_sequence
+        if total > reserved:
+            notes.append(
+                f"the batch needs {total / GiB:.1f} GiB per GPU, more than vLLM's {reserved / GiB:.1f} GiB: it will "
+                f"decode fewer sequences at a time; raise gpu_memory_utilization or lower num_sequences to avoid that"
+            )
+    if per_instance > concurrent:
+        notes.append(f"max_num_seqs={settings.max_num_seqs}: {per_instance - concurrent} sequence(s) per instance wait their turn")
+    if settings.sleep:
+        resident, phases = 0, {"generate": total}
+        notes.append("sleeps between generations: holds GPU memory only while generating")
+    else:
+        resident, phases = total, {}
+    return RolePlan(
+        role="rollout", model=shape.name, num_params=sum(t.numel for t in param_tensors(shape, "lm")),
+        num_gpus=num_gpus, gpu=gpu, resident=resident, phases=phases, reserved=reserved, minimum=minimum,
+        notes=tuple(notes),
+    )
