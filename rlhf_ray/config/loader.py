@@ -108,8 +108,12 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     return build(JobConfig, data, prefix="", source=source)
 
 
-def build(cls, data: Any, prefix: str, source: str = "config"):
-    """Recursively build dataclass `cls` from a dict, checking keys and types."""
+def build(cls, data: Any, prefix: str, source: str = "config", base: Any = None):
+    """Recursively build dataclass `cls` from a dict, checking keys and types.
+
+    Keys not given keep the value of `base` (default: `cls()`), so a nested
+    section starts from its parent's default for it (the reference's model
+    path is empty, not the class default)."""
     where = prefix.rstrip(".") or "the top level"
     if isinstance(data, cls):
         return data
@@ -125,10 +129,16 @@ def build(cls, data: Any, prefix: str, source: str = "config"):
             hint = f"; did you mean {near[0]!r}?" if near else f"; known keys here: {', '.join(sorted(known))}"
             raise ConfigError(f"{source}: unknown key {full!r}{hint}")
     kwargs = {}
+    base = cls() if base is None else base
     for name, value in data.items():
-        kwargs[name] = _coerce(hints[name], value, prefix + name, source)
+        if dataclasses.is_dataclass(hints[name]):
+            nested = getattr(base, name)
+            kwargs[name] = build(hints[name], value if value is not None else {}, prefix + name + ".", source,
+                                 base=nested)
+        else:
+            kwargs[name] = _coerce(hints[name], value, prefix + name, source)
     try:
-        return cls(**kwargs)
+        return dataclasses.replace(base, **kwargs)
     except ConfigError as err:
         raise ConfigError(f"{source}: {prefix}{err}") from None
 

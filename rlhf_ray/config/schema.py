@@ -91,6 +91,8 @@ class RoleConfig:
 class CriticConfig(RoleConfig):
     """The value model (PPO only)."""
 
+    model: ModelConfig = _help("Dtype and loading options of the critic; its weights come from `init_from`.",
+                               default_factory=lambda: ModelConfig(name_or_path=""))
     enabled: bool = _help("Create a critic. Must be true for algorithms that need one and false otherwise.", default=False)
     init_from: str = _help("reward (InstructGPT: start from the reward model) or policy (start from the SFT weights with a fresh head).", default="reward")
 
@@ -103,14 +105,22 @@ class CriticConfig(RoleConfig):
 class ReferenceConfig(RoleConfig):
     """The frozen reference model (KL anchor)."""
 
+    model: ModelConfig = _help("The reference weights; an empty name_or_path means the policy's initial weights "
+                               "(the usual choice: the SFT model).",
+                               default_factory=lambda: ModelConfig(name_or_path=""))
     enabled: bool = _help("Create a reference group. Objectives that need one fail early when this is false.", default=True)
-    share_with: str = _help("Name of a concurrently running job whose reference group this job reuses (same weights).", default="")
+    share_with: str = _help("Name (`name:`) of a job running alongside in the same driver whose reference group this job "
+                            "borrows instead of creating one: it must hold the same weights and use the same "
+                            "sampling temperature.", default="")
 
 
 @dataclass(frozen=True)
 class RewardConfig(RoleConfig):
     """The frozen reward: a scalar-head model, or a rule function."""
 
+    model: ModelConfig = _help("The reward model (a scalar-head checkpoint, or a causal LM that gets a new head); "
+                               "for reward-model training, the initial weights.",
+                               default_factory=lambda: ModelConfig(name_or_path=""))
     rule: str = _help("Import path `module:function` of `fn(prompts, responses) -> list[float]`; empty uses `model`.", default="")
 
     def __post_init__(self):

@@ -70,6 +70,13 @@ def validate_offline(cfg: JobConfig) -> None:
                           f"{objective.name} trains on {objective.data_format} data")
     if (cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1) and not objective.needs_reference:
         raise ConfigError(f"SPIN and sDPO move the reference between stages; {objective.name} has no reference")
+    if cfg.algorithm.precompute_reference and objective.needs_reference:
+        if objective.needs_sequence_kl or objective.data_format == "kto":
+            raise ConfigError(f"algorithm.precompute_reference: {objective.name} needs the reference on every batch "
+                              "(full token distributions for TDPO, in-batch mismatched pairs for KTO); set it false")
+        if cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1:
+            raise ConfigError("algorithm.precompute_reference: SPIN and sDPO change the reference between stages; "
+                              "set it false")
     name = "reward" if objective.trains == "reward_model" else "policy"
     role = getattr(cfg, name)
     _check_schedule(role, name, cfg.run.total_steps)
