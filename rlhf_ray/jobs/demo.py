@@ -33,25 +33,31 @@ class Stage:
     seconds: float = 0.0
 
 
+def _schedule(role: str, steps: int, warmup: int) -> list[str]:
+    """Warm-up that fits the stage's length (DeepSpeed needs 2 <= warm-up < steps for a decaying schedule)."""
+    if steps < 4:
+        return [f"{role}.optim.scheduler=constant", f"{role}.optim.warmup_steps=0"]
+    return [f"{role}.optim.warmup_steps={max(2, min(warmup, steps // 4))}"]
+
+
 def demo_stages(out: Path, scale: float = 1.0) -> list[Stage]:
     """The demo's jobs in order; `scale` shortens every stage (tests use a small one)."""
     def steps(n: int) -> int:
         return max(2, int(n * scale))
 
     sft, rm = out / "sft" / "final", out / "rm" / "final"
-    common = ["run.progress=true", "run.resume=never", "run.save_every=0"]
+    common = ["run.progress=true", "run.resume=never", "run.save_every=0", "run.eval_every=0", "run.eval_size=125"]
     from_sft = [f"policy.model.name_or_path={sft}"]
     reward_model = ["reward.rule=", f"reward.model.name_or_path={rm}"]
-    online = ["run.eval_every=0", "run.eval_size=125", f"run.total_steps={steps(30)}"]
     return [
-        Stage("sft", "tiny-sft", common + [f"run.total_steps={steps(150)}", "run.eval_every=0",
-                                           "run.eval_size=125"]),
-        Stage("rm", "tiny-rm", common + [f"reward.model.name_or_path={sft}", f"run.total_steps={steps(100)}",
-                                         "run.eval_every=0"]),
-        Stage("dpo", "tiny-dpo", common + from_sft + [f"run.total_steps={steps(60)}", "run.eval_every=0",
-                                                      "run.eval_size=125"]),
-        Stage("ppo", "tiny-ppo", common + from_sft + reward_model + online + ["critic.init_from=reward"]),
-        Stage("remax", "tiny-remax", common + from_sft + reward_model + online),
+        Stage("sft", "tiny-sft", common + [f"run.total_steps={steps(150)}"] + _schedule("policy", steps(150), 10)),
+        Stage("rm", "tiny-rm", common + [f"reward.model.name_or_path={sft}", f"run.total_steps={steps(100)}"]
+              + _schedule("reward", steps(100), 5)),
+        Stage("dpo", "tiny-dpo", common + from_sft + [f"run.total_steps={steps(60)}"]
+              + _schedule("policy", steps(60), 5)),
+        Stage("ppo", "tiny-ppo", common + from_sft + reward_model + [f"run.total_steps={steps(30)}",
+                                                                     "critic.init_from=reward"]),
+        Stage("remax", "tiny-remax", common + from_sft + reward_model + [f"run.total_steps={steps(30)}"]),
     ]
 
 
@@ -62,7 +68,7 @@ def run_stages(out: Path, stages: list[Stage], address: str | None = None) -> li
         run_dir = out / stage.name
         if run_dir.exists():
             shutil.rmtree(run_dir)
-        print(f"\n== rlhf-ray demo: {stage.name} ({stage.preset}) -> {run_dir}", flush=True)
+        print(f"\n== {stage.name} ({stage.preset}) -> {run_dir}", flush=True)
         cfg = load_config(stage.preset, stage.overrides + [f"run.output_dir={run_dir}"])
         start = time.perf_counter()
         stage.summary = run_job(cfg, address)
