@@ -6,6 +6,8 @@
     rlhf-ray data synth --out DIR                   the shipped synthetic task
     rlhf-ray eval --model PATH ...                  held-out evaluation, no Ray
     rlhf-ray submit | status | logs | stop | list   jobs on a Ray cluster (Jobs API)
+    rlhf-ray bench throughput|memory|compare CONFIG benchmarks of real runs (JSON, Markdown, charts)
+    rlhf-ray plan [CONFIG] [--model M] [--gpus N]   memory per role and GPU, fit and cost, before launch
 
 Failures print one line (`rlhf-ray: error: ...`) and exit non-zero; `--debug`
 adds the traceback (see `errors.py`). Heavy imports (torch, Ray) happen inside
@@ -78,7 +80,7 @@ def print_summary(run_dir: Path, summary: dict) -> None:
 def cmd_demo(args) -> int:
     from rlhf_ray.jobs.demo import run_demo
 
-    report_path = run_demo(args.out)
+    report_path = run_demo(args.out, scale=args.scale)
     print(f"demo report: {report_path}")
     return 0
 
@@ -117,20 +119,23 @@ def _type_name(tp) -> str:
     return str(tp).replace("typing.", "")
 
 
-def config_keys(cls=None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """Every config key as (dotted key, type, default, help), sections expanded."""
+def config_keys(instance=None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Every config key as (dotted key, type, default, help), sections expanded.
+
+    Defaults are read from a default-built config, so a section whose default
+    differs from its class's (the reference model's empty path) shows its own."""
     from rlhf_ray.config import JobConfig
 
-    cls = cls or JobConfig
-    hints = typing.get_type_hints(cls)
+    instance = JobConfig() if instance is None else instance
+    hints = typing.get_type_hints(type(instance))
     rows = []
-    for field in dataclasses.fields(cls):
+    for field in dataclasses.fields(instance):
         key = prefix + field.name
+        value = getattr(instance, field.name)
         if dataclasses.is_dataclass(hints[field.name]):
-            rows += config_keys(hints[field.name], key + ".")
+            rows += config_keys(value, key + ".")
             continue
-        default = field.default_factory() if field.default is dataclasses.MISSING else field.default
-        rows.append((key, _type_name(hints[field.name]), default, field.metadata.get("help", "")))
+        rows.append((key, _type_name(hints[field.name]), value, field.metadata.get("help", "")))
     return rows
 
 
@@ -170,6 +175,97 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _algorithms(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise CLIError(f"--algos/--compare {text!r} names no algorithm; give a comma-separated list, e.g. ppo,remax")
+    return names
+
+
+def _bench_setup(args):
+    from rlhf_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    return cfg, address, Path(args.config).stem
+
+
+def _print_written(paths: dict) -> None:
+    for kind, path in paths.items():
+        print(f"wrote {path}")
+
+
+def cmd_bench_throughput(args) -> int:
+    from rlhf_ray.jobs.bench import run_throughput
+    from rlhf_ray.jobs.bench_report import write_result
+
+    cfg, address, name = _bench_setup(args)
+    result = run_throughput(cfg, args.out, warmup=args.warmup, steps=args.steps, address=address, label=name)
+    b = result["breakdown_median"]
+    print(f"{name}: step {result['step_median_s']:.3g} s (median of {result['measured_steps']}), "
+          f"{result['samples_per_s']:.3g} samples/s, outside compute {100 * b['outside_compute_share']:.1f}% "
+          f"of the step")
+    _print_written(write_result(result, args.out, f"throughput-{name}"))
+    return 0
+
+
+def cmd_bench_memory(args) -> int:
+    from rlhf_ray.jobs.bench import run_memory
+    from rlhf_ray.jobs.bench_report import write_result
+
+    cfg, address, name = _bench_setup(args)
+    result = run_memory(cfg, _algorithms(args.algos), args.out, address=address)
+    for algo, run in result["runs"].items():
+        saving = run["saving_percent"].get("held", 0.0)
+        print(f"{algo}: {run['totals']['held'] / 2**20:.2f} MiB held over its roles "
+              f"({saving:.1f}% less than {result['baseline']})")
+    _print_written(write_result(result, args.out, f"memory-{name}"))
+    return 0
+
+
+def cmd_bench_compare(args) -> int:
+    from rlhf_ray.jobs.bench import run_step_time_comparison
+    from rlhf_ray.jobs.bench_report import write_result
+
+    cfg, address, name = _bench_setup(args)
+    result = run_step_time_comparison(cfg, _algorithms(args.algos), args.out, warmup=args.warmup, steps=args.steps,
+                                      address=address)
+    for key in ("equal_batch", "equal_memory"):
+        speedups = ", ".join(f"{a} {x:.2f}x" for a, x in result[key]["speedup_over_baseline"].items())
+        print(f"{key.replace('_', ' ')}: samples/s over {result['baseline']}: {speedups}")
+    _print_written(write_result(result, args.out, f"step-time-{name}"))
+    return 0
+
+
+DEFAULT_PLAN_CONFIG = "llama-7b-ppo-vllm"
+
+
+def cmd_plan(args) -> int:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.planner.job_plan import job_plan_markdown, plan_job, strip_markdown, throughput_from_bench
+
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config:  # `plan key=value ...` without a config
+        config, overrides = None, [config, *overrides]
+    if config is None and not args.model:
+        raise CLIError("plan needs a CONFIG or --model (a preset such as llama-7b, or a config.json)")
+    cfg = load_config(config or DEFAULT_PLAN_CONFIG, overrides)
+    algorithms = _algorithms(args.compare) if args.compare else None
+    throughput = throughput_from_bench(args.throughput) if args.throughput else None
+    result = plan_job(cfg, algorithms=algorithms, model=args.model, gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
+                      gpu_type=args.gpu_type, price_per_gpu_hour=args.price_per_gpu_hour, num_prompts=args.samples,
+                      throughput=throughput)
+    if args.json:
+        import json
+
+        print(json.dumps(strip_markdown(result), indent=2, sort_keys=True))
+    else:
+        if config is None:
+            print(f"Layout and sizes of the shipped {DEFAULT_PLAN_CONFIG} preset, models from --model.\n")
+        print(job_plan_markdown(result), end="")
+    return 0
+
+
 # the parser ---------------------------------------------------------------------
 
 def _command(subparsers, name: str, handler, help_text: str, debug_parent, *, overrides: bool = False,
@@ -205,6 +301,8 @@ def build_parser() -> Parser:
     sub = _command(commands, "demo", cmd_demo, "run the tiny end-to-end demo: data, SFT, reward model, PPO, "
                    "ReMax and DPO, then report.md", debug)
     sub.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    sub.add_argument("--scale", type=float, default=1.0,
+                     help="multiply every stage's step count (e.g. 0.2 for a quick look; default 1)")
 
     sub = _command(commands, "train", cmd_train, "run a training job (online or offline)", debug, overrides=True,
                    description="Run a training job on a local Ray cluster (bound to 127.0.0.1), or join a "
@@ -280,7 +378,72 @@ def build_parser() -> Parser:
             sub.add_argument("--wait", action="store_true", help="wait until the job has stopped")
     sub = _command(commands, "list", jobs_api.cmd_list, "list the cluster's jobs", debug)
     _add_address(sub)
+    _add_bench(commands, debug)
+    _add_plan(commands, debug)
     return parser
+
+
+def _add_bench(commands, debug) -> None:
+    bench = commands.add_parser("bench", help="benchmark real runs: throughput per phase, memory per role, "
+                                "ReMax against PPO", description="Benchmarks of real runs on a local Ray cluster "
+                                "(or --address); results as JSON, Markdown and charts in --out.", parents=[debug])
+    bench.set_defaults(parser=bench)
+    bench_commands = bench.add_subparsers(dest="bench_command", metavar="COMMAND", required=True,
+                                          help="which benchmark")
+
+    def common(sub, what: str, timed: bool) -> None:
+        _add_config(sub, what)
+        sub.add_argument("--out", default="runs/bench", help="folder for the results and the runs (default: "
+                         "runs/bench)")
+        sub.add_argument("--address", default=None, help="join the Ray cluster at this address (default: "
+                         "$RAY_ADDRESS, else a new local cluster)")
+        if timed:
+            sub.add_argument("--warmup", type=int, default=2, help="steps run first and not measured (default: 2)")
+            sub.add_argument("--steps", type=int, default=5, help="measured steps (default: 5)")
+
+    sub = _command(bench_commands, "throughput", cmd_bench_throughput, "median time per phase, tokens/s, "
+                   "samples/s, the share outside compute, MFU and the decoding bound", debug, overrides=True)
+    common(sub, "online or offline, e.g. tiny-ppo", timed=True)
+    sub = _command(bench_commands, "memory", cmd_bench_memory, "each role's measured memory under several "
+                   "algorithms at the same sizes, with the saving and a chart", debug, overrides=True)
+    sub.add_argument("--algos", default="ppo,remax", help="online algorithms, the first is the baseline "
+                     "(default: ppo,remax)")
+    common(sub, "an online config, e.g. tiny-ppo", timed=False)
+    sub = _command(bench_commands, "compare", cmd_bench_compare, "step time of several algorithms at equal batch "
+                   "and at the largest batch each fits in the same memory", debug, overrides=True)
+    sub.add_argument("--algos", default="ppo,remax", help="online algorithms, the first is the baseline "
+                     "(default: ppo,remax)")
+    common(sub, "an online config, e.g. tiny-ppo", timed=True)
+
+
+def _add_plan(commands, debug) -> None:
+    from rlhf_ray.planner.cost import GPU_PEAK_FLOPS
+
+    sub = _command(commands, "plan", cmd_plan, "memory per role and per GPU, whether it fits, and the cost of a "
+                   "run, before launching it", debug, overrides=True,
+                   description="Plan a job without running it: parameters, gradients, optimizer state, "
+                   "activations, vLLM weights and KV cache per role and per GPU, whether each GPU fits, the saving "
+                   f"of each --compare algorithm over the first, and the cost. Without CONFIG, the layout and "
+                   f"sizes of the shipped {DEFAULT_PLAN_CONFIG} preset with --model's shapes.")
+    sub.add_argument("config", metavar="CONFIG", nargs="?", default=None,
+                     help=f"a job YAML or shipped preset (default: {DEFAULT_PLAN_CONFIG}, with --model)")
+    sub.add_argument("overrides", metavar="key=value", nargs="*", default=[],
+                     help="dotted overrides of the config (e.g. rollout.gpu_memory_utilization=0.3)")
+    sub.add_argument("--model", default=None, help="every role's model shape: a shipped preset (llama-7b, "
+                     "llama-13b, llama-70b, gpt2, ...) or an HF config.json / model folder")
+    sub.add_argument("--gpus", type=int, default=None, help="put every role on the same N GPUs (default: the "
+                     "config's placement)")
+    sub.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default: 80)")
+    sub.add_argument("--gpu-type", default="a100", choices=sorted(GPU_PEAK_FLOPS),
+                     help="GPU whose bf16 peak FLOP/s sets the assumed step time (default: a100)")
+    sub.add_argument("--compare", default=None, help="online algorithms to plan side by side, the first is the "
+                     "baseline (e.g. ppo,remax)")
+    sub.add_argument("--price-per-gpu-hour", type=float, default=2.0, help="dollars per GPU-hour (default: 2.0)")
+    sub.add_argument("--samples", type=int, default=None, help="prompts in the run, for its cost (default: "
+                     "run.total_steps x run.batch_size)")
+    sub.add_argument("--throughput", default=None, help="a `bench throughput` JSON: use its measured tokens/s "
+                     "instead of FLOPs at an assumed MFU")
+    sub.add_argument("--json", action="store_true", help="print the plan as JSON (exact bytes) instead of tables")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -22,7 +22,6 @@ asked for, the reward, the baseline's response and the outcome) to `out_dir`.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -31,6 +30,7 @@ from typing import Any
 
 import torch
 
+from rlhf_ray.config.imports import import_callable
 from rlhf_ray.data.collate import collate_prompts, collate_sequences
 from rlhf_ray.data.formats import Text
 from rlhf_ray.data.loading import load_examples
@@ -46,20 +46,9 @@ METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
 
 
-def load_judge(path: str) -> Callable[[str], bool]:
+def load_judge(path: str):
     """`"package.module:function"` -> the judge `fn(response_text) -> bool`."""
-    module_name, sep, attr = path.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"judge {path!r}: expected 'package.module:function', e.g. {DEFAULT_JUDGE!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(f"judge {path!r}: cannot import module {module_name!r} ({err}); check the path and "
-                          "that the module is installed") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ImportError(f"judge {path!r}: module {module_name!r} has no function {attr!r}")
-    return fn
+    return import_callable(path, "judge")
 
 
 def load_prompts(source: str, data_dir: Path, limit: int = 0) -> list[Text]:

@@ -18,7 +18,7 @@ import torch
 
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.runtime.actor_group import concat_shards
-from rlhf_ray.workers.reward import import_callable
+from rlhf_ray.config.imports import import_callable
 from rlhf_ray.workers.reward_trainer import pairwise_accuracy
 
 
@@ -66,7 +66,7 @@ def generate_all(group, prompts: dict, *, max_new_tokens: int, seed: int, greedy
 
 
 def judge_from(cfg: JobConfig) -> Callable[[str], bool] | None:
-    return import_callable(cfg.judge) if cfg.judge else None
+    return import_callable(cfg.judge, "judge") if cfg.judge else None
 
 
 def write_samples(run_dir: Path, step: int, rows: list[dict]) -> Path:

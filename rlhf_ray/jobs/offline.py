@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import torch
 
 from rlhf_ray.algorithms.registry import OfflineObjective, get_offline_objective
 from rlhf_ray.config.schema import AlgorithmConfig, JobConfig
@@ -37,7 +38,6 @@ from rlhf_ray.jobs.common import (
 from rlhf_ray.jobs.data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
-from rlhf_ray.runtime.actor_group import concat_shards
 from rlhf_ray.telemetry.metrics import MetricsWriter, write_summary
 from rlhf_ray.telemetry.progress import Progress
 from rlhf_ray.telemetry.timers import PhaseTimer
@@ -103,6 +103,7 @@ class OfflineJob:
         self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or model_cfg.name_or_path,
                                             trust_remote_code=model_cfg.trust_remote_code)
         self.train, self.eval_pairs, self.eval_prompts = self._load_data()
+        self.reference_cache: dict[str, torch.Tensor] | None = None
 
     # data ------------------------------------------------------------------
     def _load_data(self):
@@ -142,11 +143,13 @@ class OfflineJob:
         init = (cfg.policy if self.trains_policy else cfg.reward).model.name_or_path
         ray.get(trainer.map(lambda a: a.setup.remote(cfg, init_from=init, batch_per_rank=per_rank,
                                                      total_optimizer_steps=cfg.run.total_steps)))
-        if "reference" in roles.groups:
+        if roles.owns("reference"):
             ref_init = cfg.reference.model.name_or_path or init
             if resume_from is not None and stage > 0:
                 ref_init = str(resume_from / "reference_hf")
             ray.get(roles["reference"].map(lambda a: a.setup.remote(cfg, init_from=ref_init)))
+            if not (cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1):
+                roles.offer("reference")  # a frozen reference other jobs may share
 
     @property
     def trainer_name(self) -> str:
@@ -178,21 +181,29 @@ class OfflineJob:
                 if stage.index > 0 and not resumed_here:
                     self._advance_reference(roles)
                 data = self._stage_data(roles, stage)
+                if self.cfg.algorithm.precompute_reference and self.objective.needs_reference:
+                    with timer.phase("precompute_reference"):
+                        self._precompute_reference(roles, data)
+                roles.compute_times()  # SPIN's generation is not the first step's compute
                 sampler = EpochSampler(len(data), cfg.run.batch_size, seed=cfg.run.seed + 1000 * stage.index)
                 if resumed_here:
                     sampler.load_state_dict(state["sampler"])
                 for step in range(max(stage.first_step, state["step"] + 1), stage.last_step + 1):
                     timer.start_step()
-                    batch = data.batch(next(sampler))
+                    indices = next(sampler)
+                    batch = data.batch(indices)
                     with timer.phase("reference"):
-                        batch.update(self._reference_logps(roles, batch))
+                        batch.update(self._reference_logps(roles, batch, indices))
                     with timer.phase("update"):
                         metrics = self._train_step(roles, batch)
                     metrics.update(timer.finish_step())
-                    metrics.update({"stage": stage.index, "perf/tokens_per_s": _tokens(batch) / metrics["time/step_s"]})
+                    metrics.update(roles.compute_times())
+                    metrics.update({"stage": stage.index, "perf/tokens_per_s": _tokens(batch) / metrics["time/step_s"],
+                                    "perf/trained_tokens": _padded_tokens(batch)})
                     if step == 1 or (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
                             step == cfg.run.total_steps:
                         metrics.update(self._evaluate(roles, step))
+                        roles.compute_times()  # evaluation's compute is not the next step's
                     if step == min(state["step"] + 2, cfg.run.total_steps):  # gradients and optimizer state seen
                         metrics.update(roles.memory())
                     writer.write(step, metrics)
@@ -235,18 +246,31 @@ class OfflineJob:
         targets = list(roles["reference"].actors)
         ray.get(roles["policy"].map(lambda a: a.send_weights.remote(targets, self.cfg.rollout.sync_bucket_bytes)))
 
-    def _reference_logps(self, roles: RoleGroups, batch: dict) -> dict:
+    def _precompute_reference(self, roles: RoleGroups, data: JobData) -> None:
+        """Score the whole training set with the reference once, then free the reference group."""
+        size = self.cfg.run.batch_size
+        parts = []
+        for start in range(0, len(data), size):
+            indices = list(range(start, min(start + size, len(data))))
+            parts.append(self._reference_logps(roles, data.batch(indices), indices))
+        self.reference_cache = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        roles.release("reference")
+
+    def _reference_logps(self, roles: RoleGroups, batch: dict, indices: list[int]) -> dict:
         if not self.objective.needs_reference:
             return {}
+        if self.reference_cache is not None:
+            rows = torch.tensor(indices)
+            return {k: v[rows] for k, v in self.reference_cache.items()}
         ref = roles["reference"]
         fmt = self.objective.data_format
         if fmt == "preference":
             vocab = self.objective.needs_sequence_kl
-            return concat_shards(ray.get(ref.scatter(lambda a, shard: a.pair_logps.remote(shard, vocab), batch)))
+            return evaluation.scatter_all(ref, lambda a, shard: a.pair_logps.remote(shard, vocab), batch)
         if fmt == "kto":
-            return concat_shards(ray.get(ref.scatter(lambda a, shard: a.kto_logps.remote(shard), batch)))
-        return {"ref_token_logps": concat_shards(ray.get(
-            ref.scatter(lambda a, shard: a.token_logps.remote(shard), batch)))["ref_token_logps"]}
+            return evaluation.scatter_all(ref, lambda a, shard: a.kto_logps.remote(shard), batch)
+        return {"ref_token_logps": evaluation.scatter_all(
+            ref, lambda a, shard: a.token_logps.remote(shard), batch)["ref_token_logps"]}
 
     def _train_step(self, roles: RoleGroups, batch: dict) -> dict:
         trainer = roles[self.trainer_name]
@@ -280,6 +304,11 @@ class OfflineJob:
 
 def _tokens(batch: dict) -> float:
     return float(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+
+
+def _padded_tokens(batch: dict) -> float:
+    """Token positions the trained model runs forward and backward over (padding included)."""
+    return float(sum(v.numel() for k, v in batch.items() if k.endswith("input_ids") and not k.startswith("kl_")))
 
 
 def _peek_state(path: Path) -> dict:

@@ -129,7 +129,7 @@ class OnlineJob:
                                                               total_optimizer_steps=steps)),
                  roles["rollout"].map(lambda a: a.setup.remote(cfg, init_from=init)),
                  roles["reward"].map(lambda a: a.setup.remote(cfg, tokenizer_from=init))]
-        if "reference" in roles.groups:
+        if roles.owns("reference"):
             ref_init = cfg.reference.model.name_or_path or init
             calls.append(roles["reference"].map(lambda a: a.setup.remote(cfg, init_from=ref_init)))
         if "critic" in roles.groups:
@@ -138,6 +138,8 @@ class OnlineJob:
                 cfg, init_from=critic_init, tokenizer_from=init, batch_per_rank=minibatch // len(roles["critic"]),
                 total_optimizer_steps=steps)))
         ray.get([ref for group_calls in calls for ref in group_calls])
+        if roles.owns("reference"):
+            roles.offer("reference")  # a frozen reference other jobs may share
         if cfg.rollout.engine == "vllm" and cfg.rollout.weight_transfer == "nccl":
             engines, tp, bucket = roles["rollout"].actors, cfg.rollout.tensor_parallel_size, cfg.rollout.sync_bucket_bytes
             ray.get(roles["policy"].map(lambda a: a.connect_vllm_engines.remote(engines, tp, bucket)))
@@ -176,12 +178,14 @@ class OnlineJob:
                 with timer.phase("sync"):
                     metrics.update(self.sync_weights(roles))
                 metrics.update(timer.finish_step())
+                metrics.update(roles.compute_times())
                 metrics.update(self.rollout_metrics(rollout, scores, metrics))
                 if step == min(start + 2, cfg.run.total_steps):  # gradients and optimizer state seen
                     metrics.update(roles.memory())
                 if step == 1 or (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
                         step == cfg.run.total_steps:
                     metrics.update(self.evaluate(roles, step))
+                    roles.compute_times()  # evaluation's compute is not the next step's
                 writer.write(step, metrics)
                 progress.update(step, metrics)
                 if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.total_steps:
@@ -314,6 +318,17 @@ class OnlineJob:
         if "greedy_rewards" in scores:
             out["rollout/greedy_reward_mean"] = float(scores["greedy_rewards"].mean())
         tokens = float(rollout["attention_mask"].sum())
+        # Work counts for the benchmarks: response tokens decoded (greedy ones too), decoding steps
+        # (the longest response of each generate call), and tokens through the policy's training passes.
+        generated = float(mask.sum())
+        decode_steps = float(mask.sum(-1).max())
+        if "greedy_response_mask" in rollout:
+            greedy = rollout["greedy_response_mask"]
+            generated += float(greedy.sum())
+            decode_steps += float(greedy.sum(-1).max())
+        out["perf/generated_tokens"] = generated
+        out["perf/decode_steps"] = decode_steps
+        out["perf/trained_tokens"] = float(self.cfg.algorithm.ppo_epochs * rollout["input_ids"].numel())
         out["perf/tokens_per_s"] = tokens / max(metrics.get("time/step_s", 0.0), 1e-9)
         out["perf/samples_per_s"] = rollout["input_ids"].shape[0] / max(metrics.get("time/step_s", 0.0), 1e-9)
         return out

@@ -99,13 +99,17 @@ def _roles(cfg: JobConfig) -> _Roles:
             frozen.append(("reward", "scalar"))
         sequences = batch * n + (batch if online.needs_greedy else 0)
         return _Roles(tuple(trained), tuple(frozen), sequences, batch * n // a.num_minibatches, False)
-    objective = get_offline_objective(name)
+    try:
+        objective = get_offline_objective(name)
+    except UnknownAlgorithmError:
+        raise ConfigError(f"algorithm.name: {name!r} is neither an online algorithm (ppo, remax, grpo, rloo, "
+                          "reinforce_pp) nor an offline objective (sft, rm, dpo and its family)") from None
     trained = [("actor", "lm")] if objective.trains == "policy" else [("reward", "scalar")]
     frozen = [("reference", "lm")] if objective.needs_reference else []
     return _Roles(tuple(trained), tuple(frozen), 0, batch, objective.data_format == "preference")
 
 
-def _on_gpu(cfg: JobConfig, gpus: int | None) -> bool:
+def on_gpu(cfg: JobConfig, gpus: int | None = None) -> bool:
     """Whether the job runs on GPUs: `gpus` given, or any role asks for GPUs."""
     roles = (cfg.policy, cfg.critic, cfg.reference, cfg.reward)
     return gpus is not None or any(r.num_gpus_per_rank > 0 for r in roles) or cfg.rollout.num_gpus_per_engine > 0
@@ -165,7 +169,7 @@ def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = N
     roles = _roles(cfg)
     sections = {role: _section(cfg, role) for role, _ in roles.trained + roles.frozen}
     online = roles.rollout_sequences > 0
-    on_gpu = _on_gpu(cfg, gpus)
+    gpu = on_gpu(cfg, gpus)
     policy_path = cfg.policy.model.name_or_path
     paths = {"actor": ("policy.model.name_or_path", policy_path),
              "reference": ("reference.model.name_or_path", cfg.reference.model.name_or_path or policy_path),
@@ -173,7 +177,7 @@ def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = N
              # InstructGPT starts the critic from the reward model, else from the policy with a new head.
              "critic": ("critic.init_from", cfg.reward.model.name_or_path if cfg.critic.init_from == "reward"
                         else policy_path)}
-    shapes = {role: role_shape(*paths[role], model) for role in {"actor"} | set(sections)}
+    shapes = {role: role_shape(*paths[role], model) for role in ["actor", *sections]}
     seq_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens if online else cfg.data.max_length
     rows = 2 if roles.pairs else 1
     specs = []
@@ -182,7 +186,7 @@ def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = N
         ranks = gpus if gpus is not None else section.num_ranks
         devices, per_device = (gpus, 1) if gpus is not None else _devices(section.num_ranks,
                                                                           section.num_gpus_per_rank)
-        dtype = planner_dtype(section.model.dtype, on_gpu)
+        dtype = planner_dtype(section.model.dtype, gpu)
         if (role, head) in roles.trained:
             micro = min(section.micro_batch_size, max(1, roles.rows_per_optimizer_step // ranks))
             settings = TrainSettings(
@@ -190,7 +194,7 @@ def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = N
                                         section.offload_params),
                 micro_batch_size=rows * micro, seq_len=seq_len,
                 gradient_checkpointing=section.model.gradient_checkpointing,
-                optimizer="adamw_fused" if on_gpu else "adamw_torch",
+                optimizer="adamw_fused" if gpu else "adamw_torch",
                 grad_accum_dtype="fp32" if dtype == "bf16" and section.zero_stage > 0 else None)
         else:
             stage = 3 if section.zero_stage == 3 else 0
@@ -201,9 +205,9 @@ def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = N
     if online:
         r = cfg.rollout
         tp = r.tensor_parallel_size if r.engine == "vllm" else 1
-        devices = gpus if gpus is not None else (r.num_engines * tp if on_gpu else r.num_engines)
+        devices = gpus if gpus is not None else (r.num_engines * tp if gpu else r.num_engines)
         settings = RolloutSettings(
-            engine=r.engine, dtype=planner_dtype(cfg.policy.model.dtype, on_gpu), tensor_parallel_size=tp,
+            engine=r.engine, dtype=planner_dtype(cfg.policy.model.dtype, gpu), tensor_parallel_size=tp,
             gpu_memory_utilization=r.gpu_memory_utilization, num_sequences=roles.rollout_sequences,
             prompt_len=cfg.data.max_prompt_length, response_len=r.max_new_tokens)
         specs.append(RoleSpec("rollout", "lm", shapes["actor"], settings, devices // tp, devices, 1))
@@ -237,7 +241,7 @@ def plan_from_config(cfg: JobConfig, *, algorithm: str | None = None, model: str
             plan = plan_frozen_role(spec.role, spec.shape, spec.head, spec.settings, spec.ranks)
         plans[spec.role] = _scaled(plan, spec.ranks_per_device)
         devices[spec.role] = spec.devices
-    return _layout(cfg, plans, devices, gpus, gpu_mem_gib, _on_gpu(cfg, gpus))
+    return _layout(cfg, plans, devices, gpus, gpu_mem_gib, on_gpu(cfg, gpus))
 
 
 def held_bytes(cfg: JobConfig, *, algorithm: str | None = None, rank: int = 0) -> dict[str, dict[str, int]]:
@@ -266,7 +270,7 @@ def held_bytes(cfg: JobConfig, *, algorithm: str | None = None, rank: int = 0) -
 
 
 def _layout(cfg: JobConfig, plans: dict[str, RolePlan], devices: dict[str, int], gpus: int | None,
-            gpu_mem_gib: float, on_gpu: bool) -> LayoutPlan:
+            gpu_mem_gib: float, gpu: bool) -> LayoutPlan:
     by_config = {CONFIG_ROLE[role]: role for role in plans}
     if gpus is not None:
         groups = [tuple(plans)]
@@ -281,10 +285,11 @@ def _layout(cfg: JobConfig, plans: dict[str, RolePlan], devices: dict[str, int],
         notes = [f"every role on the same {gpus} GPU(s), one rank or engine per GPU"]
     else:
         notes = ["placement from the config (placement.colocate, num_ranks, num_gpus_per_rank)"]
-        if not on_gpu:
+        if not gpu:
             notes.append("a CPU config: each 'GPU' is one role process (rank) and its memory")
     return LayoutPlan(algorithm=cfg.algorithm.name, gpu_mem_bytes=gpu_mem,
                       roles=tuple(plans[r] for r in ROLES if r in plans), groups=group_plans, notes=tuple(notes))
 
 
-__all__ = ["CONFIG_ROLE", "RoleSpec", "held_bytes", "plan_from_config", "planner_dtype", "role_shape", "role_specs"]
+__all__ = ["CONFIG_ROLE", "RoleSpec", "held_bytes", "on_gpu", "plan_from_config", "planner_dtype", "role_shape",
+           "role_specs"]

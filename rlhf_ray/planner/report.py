@@ -1,5 +1,5 @@
 """Render plans, comparisons and costs as JSON-ready dicts (exact bytes)
-and as Markdown tables (GiB)."""
+and as Markdown tables (GiB, or MiB when every figure of a table is below 1 GiB)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ _COLUMNS = (
 
 def _gib(nbytes: float) -> str:
     return f"{nbytes / GiB:.2f}"
+
+
+def _unit(largest: float) -> tuple[str, float]:
+    """GiB, or MiB for a table whose largest figure is below 1 GiB (the tiny CPU models)."""
+    return ("GiB", GiB) if largest >= GiB else ("MiB", 2**20)
+
+
+def _in(nbytes: float, unit: tuple[str, float]) -> str:
+    return f"{nbytes / unit[1]:.2f}"
 
 
 def _count(n: int) -> str:
@@ -82,10 +91,13 @@ def plan_to_markdown(plan: LayoutPlan) -> str:
     batch, then each GPU group's total by phase, what it claims (vLLM's
     share in place of its batch's needs), whether it fits and the headroom."""
     shown = {key for key, _ in _COLUMNS}
+    unit = _unit(max([plan.peak_gpu_bytes] + [g.claimed_bytes for g in plan.groups]))
     head = ["role", "model", "params", "GPUs"] + [title for _, title in _COLUMNS] + ["other", "peak/GPU", "host/GPU"]
     lines = [
         f"### {plan.algorithm}: {plan.num_gpus} GPU(s) of {_gib(plan.gpu_mem_bytes)} GiB, "
         f"{'fits' if plan.fits else 'does NOT fit'}",
+        "",
+        f"{unit[0]} per GPU:",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -93,15 +105,16 @@ def plan_to_markdown(plan: LayoutPlan) -> str:
     for r in plan.roles:
         other = sum(v for k, v in r.gpu.items() if k not in shown)
         cells = [r.role, r.model, _count(r.num_params), str(r.num_gpus)]
-        cells += [_gib(r.gpu.get(key, 0)) for key, _ in _COLUMNS]
-        cells += [_gib(other), _gib(r.peak_bytes), _gib(r.host_bytes)]
+        cells += [_in(r.gpu.get(key, 0), unit) for key, _ in _COLUMNS]
+        cells += [_in(other, unit), _in(r.peak_bytes, unit), _in(r.host_bytes, unit)]
         lines.append("| " + " | ".join(cells) + " |")
     head = ["GPUs", "roles", "resident"] + list(PHASES) + ["required", "claimed", "fits", "headroom"]
-    lines += ["", "GiB per GPU:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["", f"{unit[0]} per GPU:", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in plan.groups:
-        cells = [str(g.num_gpus), ", ".join(g.roles), _gib(g.resident_bytes)]
-        cells += [_gib(g.phase_bytes.get(p, 0)) for p in PHASES]
-        cells += [_gib(g.required_bytes), _gib(g.claimed_bytes), "yes" if g.fits else "no", _gib(g.headroom_bytes)]
+        cells = [str(g.num_gpus), ", ".join(g.roles), _in(g.resident_bytes, unit)]
+        cells += [_in(g.phase_bytes.get(p, 0), unit) for p in PHASES]
+        cells += [_in(g.required_bytes, unit), _in(g.claimed_bytes, unit), "yes" if g.fits else "no",
+                  _in(g.headroom_bytes, unit)]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [f"**{problem}**" for g in plan.groups for problem in g.problems]
     notes += list(plan.notes) + [f"{r.role}: {note}" for r in plan.roles for note in r.notes]
@@ -131,16 +144,17 @@ def comparison_to_dict(comparison: Comparison) -> dict[str, Any]:
 def comparison_to_markdown(comparison: Comparison) -> str:
     """One row per algorithm: GiB over all GPUs by role, the total, the busiest
     GPU, and the saving against the baseline."""
+    unit = _unit(max(r.total_bytes for r in comparison.rows))
     roles = [role for role in ("actor", "critic", "reference", "reward", "rollout")
              if any(role in r.role_bytes for r in comparison.rows)]
     head = ["algorithm"] + roles + ["total", "busiest GPU", "fits", f"saving vs {comparison.baseline}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in comparison.rows:
-        cells = [r.algorithm] + [_gib(r.role_bytes[role]) if role in r.role_bytes else "-" for role in roles]
-        cells += [_gib(r.total_bytes), _gib(r.peak_gpu_bytes), "yes" if r.fits else "no"]
-        cells.append(f"{_gib(r.saving_bytes)} GiB ({r.saving_percent:.1f}%)")
+        cells = [r.algorithm] + [_in(r.role_bytes[role], unit) if role in r.role_bytes else "-" for role in roles]
+        cells += [_in(r.total_bytes, unit), _in(r.peak_gpu_bytes, unit), "yes" if r.fits else "no"]
+        cells.append(f"{_in(r.saving_bytes, unit)} {unit[0]} ({r.saving_percent:.1f}%)")
         lines.append("| " + " | ".join(cells) + " |")
-    return "GiB summed over GPUs:\n\n" + "\n".join(lines) + "\n"
+    return f"{unit[0]} summed over GPUs:\n\n" + "\n".join(lines) + "\n"
 
 
 def cost_to_dict(step: StepTime, run: RunCost) -> dict[str, Any]:

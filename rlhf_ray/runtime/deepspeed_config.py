@@ -45,6 +45,8 @@ from typing import Any
 
 import torch
 
+from rlhf_ray.planner.zero import zero_buckets
+
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("constant", "linear", "cosine")
 _DEEPSPEED_SCHEDULER = {"constant": "WarmupLR", "linear": "WarmupDecayLR", "cosine": "WarmupCosineLR"}
@@ -129,28 +131,6 @@ def _dtype_sections(dtype: str, zero_stage: int, train: bool) -> dict:
         # loss_scale 0 = dynamic loss scaling, starting at 2**16.
         return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}}
     return {}
-
-
-_DEFAULT_BUCKET = 500_000_000  # DeepSpeed's default bucket, in elements
-_DEFAULT_PERSISTENCE = 100_000  # DeepSpeed's default ZeRO-3 persistence threshold, in elements
-
-
-def zero_buckets(zero_stage: int, model_numel: int, largest_param_numel: int) -> dict:
-    """ZeRO bucket sizes for a model of `model_numel` parameters (DeepSpeed's defaults for large ones).
-
-    The reduce bucket must hold the largest parameter; a quarter of the model
-    keeps communication in few calls. ZeRO-3 keeps parameters below the
-    persistence threshold whole on every rank: a thousandth of the model keeps
-    biases and norms whole and partitions every weight matrix. The memory
-    planner uses the same numbers."""
-    bucket = int(min(_DEFAULT_BUCKET, max(largest_param_numel, model_numel // 4, 1)))
-    out = {"reduce_bucket_size": bucket}
-    if zero_stage == 3:
-        out["stage3_prefetch_bucket_size"] = bucket
-        out["stage3_param_persistence_threshold"] = int(min(_DEFAULT_PERSISTENCE, model_numel // 1000))
-    else:
-        out["allgather_bucket_size"] = bucket
-    return out
 
 
 def build_deepspeed_config(

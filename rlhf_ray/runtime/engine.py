@@ -18,6 +18,7 @@ import torch
 from rlhf_ray.config.schema import RoleConfig
 from rlhf_ray.runtime.deepspeed_config import build_deepspeed_config
 from rlhf_ray.telemetry.memory import MemoryReport, measure_memory
+from rlhf_ray.telemetry.timers import ComputeClock
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
 
@@ -63,12 +64,20 @@ def run_micro_batches(module, batch: dict, fn: Callable[[torch.nn.Module, dict],
     return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
 
 
+def save_pretrained(module, state: dict, tokenizer, directory: str, write: bool) -> None:
+    """`save_pretrained` of a (gathered) state dict and the tokenizer; only the writing rank writes."""
+    if write:
+        module.save_pretrained(directory, state_dict=state)
+        tokenizer.save_pretrained(directory)
+
+
 class TrainEngine:
     """A DeepSpeed ZeRO engine for one trainable model on this rank.
 
     `batch_per_rank` is the number of sequences this rank sees per optimizer
     step; it must be a multiple of `role.micro_batch_size`, and the quotient is
-    DeepSpeed's gradient-accumulation count.
+    DeepSpeed's gradient-accumulation count. `clock` counts the seconds spent in
+    `train_batch` ("train") and `forward_eval` ("forward").
     """
 
     def __init__(self, model: torch.nn.Module, role: RoleConfig, *, world_size: int, batch_per_rank: int,
@@ -96,6 +105,7 @@ class TrainEngine:
         # snapshot before the second step holds both (the layout is fixed after).
         self._snapshots_left = 2
         self._peak: MemoryReport | None = None
+        self.clock = ComputeClock()
 
     @property
     def module(self) -> torch.nn.Module:
@@ -112,6 +122,10 @@ class TrainEngine:
         is the mean over the micro-batch, DeepSpeed divides it by the number of
         micro-batches and averages gradients over ranks.
         """
+        with self.clock.measure("train"):
+            return self._train_batch(batch, loss_fn)
+
+    def _train_batch(self, batch: dict, loss_fn: LossFn) -> dict[str, float]:
         self.engine.train()
         micro = split_micro_batches(batch, self.micro_batch_size)
         if len(micro) != self.grad_accum_steps:
@@ -138,7 +152,8 @@ class TrainEngine:
         """Run `fn(module, micro_batch) -> dict[str, Tensor[b, ...]]` over micro-batches without
         gradients and concatenate the results along dim 0 (ZeRO-3 gathers on the fly)."""
         self.engine.eval()
-        return run_micro_batches(self.engine, batch, fn, self.micro_batch_size, self.device)
+        with self.clock.measure("forward"):
+            return run_micro_batches(self.engine, batch, fn, self.micro_batch_size, self.device)
 
     # checkpoints -----------------------------------------------------------
     def save_checkpoint(self, directory: str, client_state: dict | None = None) -> None:
@@ -178,6 +193,10 @@ class TrainEngine:
         if bucket:
             yield bucket
 
+    def export(self, directory: str, tokenizer, rank: int) -> None:
+        """`save_pretrained` of the full weights (every rank gathers for ZeRO-3; rank 0 writes)."""
+        save_pretrained(self.module, self.full_state_dict(), tokenizer, directory, rank == 0)
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full CPU state dict (ZeRO-3 gathered); used to export with `save_pretrained`."""
         state = {}
@@ -200,7 +219,8 @@ class InferenceEngine:
 
     Used by the reference and reward roles. `load_weights` takes buckets of
     `(name, tensor)` (the same stream the policy sends to rollout engines), so
-    SPIN/sDPO can move the reference to the latest policy."""
+    SPIN/sDPO can move the reference to the latest policy. `clock` counts the
+    seconds spent in `forward_eval`."""
 
     def __init__(self, model: torch.nn.Module, *, zero_stage: int, micro_batch_size: int, world_size: int,
                  dtype: str):
@@ -208,6 +228,7 @@ class InferenceEngine:
         model.eval()
         self.zero_stage = zero_stage
         self.micro_batch_size = micro_batch_size
+        self.clock = ComputeClock()
         if zero_stage == 3:
             config = build_deepspeed_config(
                 zero_stage=3, micro_batch_size_per_rank=micro_batch_size, grad_accum_steps=1, world_size=world_size,
@@ -226,13 +247,18 @@ class InferenceEngine:
     @torch.no_grad()
     def forward_eval(self, batch: dict, fn: Callable[[torch.nn.Module, dict], dict]) -> dict:
         """Run `fn(module, micro_batch)` over micro-batches and concatenate along dim 0."""
-        return run_micro_batches(self.module, batch, fn, self.micro_batch_size, self.device)
+        with self.clock.measure("forward"):
+            return run_micro_batches(self.module, batch, fn, self.micro_batch_size, self.device)
 
     def gathered(self, params: list[torch.nn.Parameter]):
         """Context in which ZeRO-3 partitioned `params` hold their full values."""
         if self.zero_stage == 3:
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return nullcontext()
+
+    def export(self, directory: str, tokenizer, rank: int) -> None:
+        """`save_pretrained` of the full weights (every rank gathers for ZeRO-3; rank 0 writes)."""
+        save_pretrained(self.module, self.full_state_dict(), tokenizer, directory, rank == 0)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full CPU copy of the weights (ZeRO-3 gathered), for `save_pretrained`."""

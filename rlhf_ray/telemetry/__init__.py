@@ -21,9 +21,10 @@ from rlhf_ray.telemetry.metrics import (
     write_summary,
 )
 from rlhf_ray.telemetry.progress import Progress, format_metrics
-from rlhf_ray.telemetry.timers import PhaseTimer
+from rlhf_ray.telemetry.timers import ComputeClock, PhaseTimer
 
 __all__ = [
+    "ComputeClock",
     "MemoryReport",
     "MetricsWriter",
     "PhaseTimer",

@@ -12,6 +12,9 @@ A phase entered several times in one step (e.g. one update per PPO epoch)
 accumulates. Phases do not nest: entering one while another is open is an
 error naming both, because nested phases would count the same seconds twice
 and the per-phase times would no longer add up to at most the step time.
+
+`ComputeClock` is the worker-side counterpart: the seconds a Ray worker spends
+computing, reported as `time/compute/<role>_s` beside the driver's phases.
 """
 
 from __future__ import annotations
@@ -87,3 +90,43 @@ class PhaseTimer:
         self._totals = {}
         self._step_start = None
         return metrics
+
+
+class ComputeClock:
+    """Seconds a worker spends in its own compute, by kind, between two `take()` calls.
+
+    The calls that do a role's work (a training step, a batch of forward
+    passes, a generate call) run inside `measure(kind)`; the driver collects
+    `take()` from every rank once per step. A phase's wall time on the driver
+    minus the longest worker compute inside it is what Ray scheduling,
+    serialisation and waiting cost. Each measured call ends by moving its
+    results to the CPU (a loss read as a float, log-probs copied back), so on
+    a GPU the kernels it queued are finished when the clock stops.
+
+        clock = ComputeClock()
+        with clock.measure("train"):
+            ...
+        clock.take()  # {"train": 0.41}; the counters start again from zero
+    """
+
+    KINDS = ("generate", "forward", "train")
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self._clock = clock
+        self._seconds: dict[str, float] = {}
+
+    @contextmanager
+    def measure(self, kind: str) -> Iterator[None]:
+        """Add the enclosed block's wall seconds to `kind` (one of `KINDS`)."""
+        if kind not in self.KINDS:
+            raise ValueError(f"compute kind {kind!r} is not one of {', '.join(self.KINDS)}")
+        start = self._clock()
+        try:
+            yield
+        finally:
+            self._seconds[kind] = self._seconds.get(kind, 0.0) + (self._clock() - start)
+
+    def take(self) -> dict[str, float]:
+        """Seconds per kind since the last `take()` (kinds not run are absent); resets the counters."""
+        out, self._seconds = self._seconds, {}
+        return out

@@ -54,5 +54,9 @@ class CriticWorker(DistributedWorker):
     def load_checkpoint(self, directory: str) -> None:
         self.engine.load_checkpoint(directory)
 
+    def compute_time(self) -> dict[str, float]:
+        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
+        return self.engine.clock.take()
+
     def memory(self) -> dict:
         return self.engine.memory().to_metrics("critic")

@@ -164,10 +164,7 @@ class PolicyWorker(DistributedWorker):
 
     def export(self, directory: str) -> None:
         """`save_pretrained` of the model and tokenizer (rank 0 writes; all ranks gather for ZeRO-3)."""
-        state = self.engine.full_state_dict()
-        if self.rank == 0:
-            self.engine.module.save_pretrained(directory, state_dict=state)
-            self.tokenizer.save_pretrained(directory)
+        self.engine.export(directory, self.tokenizer, self.rank)
 
     def connect_vllm_engines(self, engines: list, tensor_parallel_size: int, bucket_bytes: int) -> None:
         """Join the NCCL weight-transfer group with the vLLM engines (`rollout.weight_transfer: nccl`);
@@ -198,6 +195,10 @@ class PolicyWorker(DistributedWorker):
         if sender:
             ray.get([t.finish_weight_update.remote() for t in targets])
         return {"sync/bytes": float(sent)}
+
+    def compute_time(self) -> dict[str, float]:
+        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
+        return self.engine.clock.take()
 
     def memory(self) -> dict:
         return self.engine.memory().to_metrics("policy")

@@ -69,10 +69,7 @@ class ReferenceWorker(DistributedWorker):
 
     def export(self, directory: str) -> None:
         """`save_pretrained` of the current reference weights (SPIN/sDPO checkpoints need them)."""
-        state = self.engine.full_state_dict()
-        if self.rank == 0:
-            self.engine.module.save_pretrained(directory, state_dict=state)
-            self.tokenizer.save_pretrained(directory)
+        self.engine.export(directory, self.tokenizer, self.rank)
 
     # weight updates (SPIN, sDPO) -------------------------------------------
     def begin_weight_update(self) -> None:
@@ -83,6 +80,10 @@ class ReferenceWorker(DistributedWorker):
 
     def finish_weight_update(self) -> None:
         return None
+
+    def compute_time(self) -> dict[str, float]:
+        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
+        return self.engine.clock.take()
 
     def memory(self) -> dict:
         return self.engine.memory().to_metrics("reference")

@@ -8,30 +8,16 @@ at `reward.model.name_or_path` scores each sequence at its last token.
 
 from __future__ import annotations
 
-import importlib
-
 import torch
 
+from rlhf_ray.config.imports import import_callable
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import InferenceEngine
+from rlhf_ray.telemetry.timers import ComputeClock
 from rlhf_ray.workers import forward as fw
-
-
-def import_callable(path: str):
-    """`"package.module:function"` -> the function, with an error a user can act on."""
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ImportError(f"reward.rule {path!r}: cannot import module {module_name!r} ({err}); "
-                          "check the path and that the module is installed on every Ray node") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ImportError(f"reward.rule {path!r}: module {module_name!r} has no function {attr!r}")
-    return fn
 
 
 class RewardWorker(DistributedWorker):
@@ -43,6 +29,7 @@ class RewardWorker(DistributedWorker):
         self.tokenizer = load_tokenizer_for(cfg.model.tokenizer or tokenizer_from,
                                             trust_remote_code=cfg.model.trust_remote_code)
         self.rule = import_callable(cfg.rule) if cfg.rule else None
+        self.clock = ComputeClock()  # the rule's seconds; a model's are on its engine's clock
         self.engine = None
         if self.rule is None:
             dtype = resolve_dtype(cfg.model.dtype)
@@ -67,14 +54,19 @@ class RewardWorker(DistributedWorker):
     def score(self, batch: dict) -> dict:
         """`sequence_rewards [B]` of rollout rows (prompt + response)."""
         if self.rule is not None:
-            prompts, responses = self.decode(batch)
-            values = self.rule(prompts, responses)
+            with self.clock.measure("forward"):
+                prompts, responses = self.decode(batch)
+                values = self.rule(prompts, responses)
             if len(values) != len(responses):
                 raise ValueError(f"reward.rule {self.job.reward.rule!r} returned {len(values)} rewards for "
                                  f"{len(responses)} responses")
             return {"sequence_rewards": torch.tensor([float(v) for v in values], dtype=torch.float32)}
         return self.engine.forward_eval(batch, lambda m, mb: {
             "sequence_rewards": fw.last_token_scores(m, mb["input_ids"], mb["attention_mask"])})
+
+    def compute_time(self) -> dict[str, float]:
+        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
+        return self.engine.clock.take() if self.engine is not None else self.clock.take()
 
     def memory(self) -> dict:
         if self.engine is None:

@@ -80,10 +80,11 @@ class RewardTrainerWorker(DistributedWorker):
         self.engine.load_checkpoint(directory)
 
     def export(self, directory: str) -> None:
-        state = self.engine.full_state_dict()
-        if self.rank == 0:
-            self.engine.module.save_pretrained(directory, state_dict=state)
-            self.tokenizer.save_pretrained(directory)
+        self.engine.export(directory, self.tokenizer, self.rank)
+
+    def compute_time(self) -> dict[str, float]:
+        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
+        return self.engine.clock.take()
 
     def memory(self) -> dict:
         return self.engine.memory().to_metrics("reward")

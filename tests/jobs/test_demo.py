@@ -8,6 +8,7 @@ from rlhf_ray.cli.main import main
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_demo_writes_every_report_section_and_runs_twice(ray_cluster, tmp_path):
     for _ in range(2):  # the second run clears and replaces the first one's directories
         assert main(["demo", "--out", str(tmp_path), "--scale", "0.05"]) == 0

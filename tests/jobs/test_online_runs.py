@@ -102,11 +102,13 @@ def test_weight_sync_makes_the_engine_generate_what_the_policy_generates(ray_clu
         assert ray.get(engine.rank0.greedy_text.remote(prompt_ids)) == policy_says
 
 
-def test_online_and_offline_jobs_run_side_by_side(ray_cluster, tmp_path):
-    jobs = {"ppo": tiny_config("tiny-ppo", tmp_path / "ppo", "run.total_steps=3", *SMALL),
+def test_online_and_offline_jobs_run_side_by_side_sharing_one_reference(ray_cluster, tmp_path):
+    # Both start from the same tiny-gpt2 weights, so PPO borrows DPO's frozen reference group.
+    jobs = {"ppo": tiny_config("tiny-ppo", tmp_path / "ppo", "run.total_steps=3", *SMALL,
+                               "reference.share_with=side-dpo"),
             "dpo": tiny_config("tiny-dpo", tmp_path / "dpo", "run.total_steps=3", "run.batch_size=8",
                                "policy.micro_batch_size=8", "policy.optim.warmup_steps=0",
-                               "policy.optim.scheduler=constant")}
+                               "policy.optim.scheduler=constant", "name=side-dpo")}
     results, errors = {}, {}
 
     def run(name):
@@ -125,4 +127,6 @@ def test_online_and_offline_jobs_run_side_by_side(ray_cluster, tmp_path):
     assert dpo[-1]["rewards/margins"] > 0 and dpo[-1]["train/loss"] < dpo[0]["train/loss"]
     ppo = read_metrics(tmp_path / "ppo")
     assert ppo[-1]["critic/value_loss"] < ppo[0]["critic/value_loss"]
+    assert "reference" in results["ppo"]["roles"] and "eval/kl_to_ref" not in ppo[-1]
+    assert ppo[-1]["rollout/kl"] > 0  # the borrowed reference scored PPO's samples
     assert all(row["actor/approx_kl"] >= 0 for row in ppo)

@@ -11,6 +11,7 @@ from rlhf_ray.telemetry.metrics import read_metrics
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_dpo_and_dpop_align_and_the_reward_model_ranks_pairs(ray_cluster, tmp_path):
     base = tmp_path / "sft" / "final"
     common = ["run.progress=false", "run.save_every=0", "run.eval_every=0", "run.eval_size=125"]

@@ -14,6 +14,7 @@ import torch
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
 from rlhf_ray.telemetry.memory import measure_memory
+from rlhf_ray.telemetry.timers import ComputeClock
 from rlhf_ray.workers.forward import strip_response
 from rlhf_ray.workers.rollout.base import assemble_rows
 
@@ -24,6 +25,7 @@ class HFRolloutWorker:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, num_threads: int):
         # Replicas are independent: no process group (the ActorGroup's rendezvous is unused).
         self.rank = rank
+        self.clock = ComputeClock()
         torch.set_num_threads(max(1, int(num_threads)))
 
     def setup(self, job: JobConfig, *, init_from: str) -> dict:
@@ -65,6 +67,10 @@ class HFRolloutWorker:
     def generate(self, prompts: dict, n: int, greedy: bool, seed: int, sample: bool = True) -> dict:
         """Samples (`n` per prompt) and, with `greedy`, one greedy response per prompt; see `base.py`.
         `sample=False` skips the samples (greedy-only evaluation)."""
+        with self.clock.measure("generate"):
+            return self._generate_rows(prompts, n, greedy, seed, sample)
+
+    def _generate_rows(self, prompts: dict, n: int, greedy: bool, seed: int, sample: bool) -> dict:
         ids, mask = prompts["input_ids"], prompts["attention_mask"]
         r = self.job.rollout
         pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
@@ -104,6 +110,10 @@ class HFRolloutWorker:
         mask = torch.ones_like(ids)
         responses, _ = self._generate(ids, mask, n=1, greedy=True, seed=0)
         return responses[0]
+
+    def compute_time(self) -> dict[str, float]:
+        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
+        return self.clock.take()
 
     def memory(self) -> dict:
         report = measure_memory(self.model, None)

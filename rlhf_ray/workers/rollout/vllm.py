@@ -42,6 +42,7 @@ import torch
 from rlhf_ray.config.schema import ConfigError, JobConfig, RolloutConfig
 from rlhf_ray.models.loading import check_model_source, load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.telemetry.memory import MemoryReport, peak_rss_bytes
+from rlhf_ray.telemetry.timers import ComputeClock
 from rlhf_ray.workers.rollout.base import assemble_rows
 
 MIN_VLLM_VERSION = (0, 33)
@@ -268,6 +269,7 @@ class VLLMRolloutWorker:
         # Replicas are independent (vLLM runs its own process groups): the ActorGroup rendezvous is unused.
         self.rank = rank
         torch.set_num_threads(max(1, int(num_threads)))
+        self.clock = ComputeClock()
         self.llm = None
         self._materialised_dir: str | None = None
 
@@ -338,9 +340,10 @@ class VLLMRolloutWorker:
                                                  greedy=greedy, seed=seed, rank=self.rank, eos_id=eos)
         if not token_lists:
             return {}
-        outputs = self._run(token_lists, kwargs_list)
-        return rows_from_outputs(ids, mask, outputs, n=n, sample=sample, greedy=greedy,
-                                 response_length=self.job.rollout.max_new_tokens, pad_id=pad, eos_id=eos)
+        with self.clock.measure("generate"):
+            outputs = self._run(token_lists, kwargs_list)
+            return rows_from_outputs(ids, mask, outputs, n=n, sample=sample, greedy=greedy,
+                                     response_length=self.job.rollout.max_new_tokens, pad_id=pad, eos_id=eos)
 
     def greedy_text(self, prompt_ids: list[int]) -> list[int]:
         """Greedy tokens for one prompt (the weight-sync check compares them with the policy's)."""
@@ -400,6 +403,10 @@ class VLLMRolloutWorker:
         self.llm.shutdown_weight_transfer_engine()
 
     # bookkeeping -----------------------------------------------------------------
+    def compute_time(self) -> dict[str, float]:
+        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
+        return self.clock.take()
+
     def memory(self) -> dict:
         """`memory/rollout/*`: parameter bytes over the engine's workers; peak = what vLLM reserves on its
         GPUs (`gpu_memory_utilization` of each, weights and KV cache)."""

@@ -1,0 +1,185 @@
+"""rlhf-ray against TRL on the same CPU work: DPO steps per second and online RLOO samples per second.
+
+    python benchmarks/vs_trl.py [--out benchmarks/results] [--trl-venv /tmp/trl-venv] [--warmup 2] [--steps 5]
+
+TRL is never a dependency of rlhf-ray: this script creates its own virtual
+environment (`--trl-venv`, default /tmp/trl-venv) when it lacks TRL, with the
+pinned CPU torch first (`torch==2.13.0`, as our `.venv`) and then `trl` from
+PyPI, and runs TRL's half (`vs_trl_worker.py`) there. Both sides get, in one
+run on one machine:
+
+- the same model: the shipped tiny-gpt2 (seeded initialisation) and the tiny
+  tokenizer, saved to one folder that both load;
+- the same data: the synthetic task's preference pairs (DPO) and prompts
+  (RLOO), written to JSON Lines that both read;
+- the same shapes: DPO 16 pairs per step in micro-batches of 8, max_length 96,
+  beta 0.1; RLOO 8 prompts x 4 samples per step, 32 new tokens, KL 0.05, one
+  optimizer step per batch, the synthetic task's rule reward;
+- the same optimizer: AdamW, lr 2e-4 constant, betas (0.9, 0.95), clip 1.0.
+
+Each side runs `--repeats` times, alternating which goes first, so that a
+busy machine slows both alike; step time is the median over every measured
+step (`--steps` per run, after `--warmup`): ours is
+`time/step_s` (batch assembly to the end of the update, weight sync included),
+TRL's the time from one optimizer step's end to the next (data loading,
+generation and update). TRL runs in one process with as many torch threads as
+one of our role actors has (2); our roles are separate Ray actors sharing the
+same CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import rlhf_ray.data.synthetic as synthetic_task
+from rlhf_ray.config import load_config
+from rlhf_ray.data.synthetic import SyntheticConfig, write_synthetic
+from rlhf_ray.jobs.bench import measure_limits, run_throughput
+from rlhf_ray.telemetry.hardware import hardware_info
+
+HERE = Path(__file__).resolve().parent
+SYNTHETIC = Path(synthetic_task.__file__)
+TORCH_PIN = "torch==2.13.0"
+THREADS = 2
+DPO = {"batch_size": 16, "micro_batch_size": 8, "max_length": 96, "max_prompt_length": 48, "beta": 0.1, "lr": 2e-4}
+RLOO = {"batch_size": 8, "samples_per_prompt": 4, "max_new_tokens": 32, "max_prompt_length": 48, "kl_coef": 0.05,
+        "lr": 2e-4}
+OPTIM = ["policy.optim.lr=0.0002", "policy.optim.warmup_steps=0", "policy.optim.scheduler=constant",
+         "policy.optim.grad_clip=1.0"]
+
+
+def ensure_trl_venv(venv: Path) -> Path:
+    """The TRL environment's python, creating the environment when it has no TRL yet."""
+    python = venv / "bin" / "python"
+    probe = subprocess.run([str(python), "-c", "import trl"], capture_output=True) if python.exists() else None
+    if probe is not None and probe.returncode == 0:
+        return python
+    print(f"creating {venv}: {TORCH_PIN} (CPU), then trl from PyPI")
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    for packages in (["--upgrade", "pip"], [TORCH_PIN], ["trl"]):
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *packages], check=True)
+    return python
+
+
+def prepare(work: Path) -> dict[str, Path]:
+    """The shared model folder and data files."""
+    from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
+
+    tokenizer = load_tokenizer_for("tiny-gpt2")
+    model = load_causal_lm("tiny-gpt2", dtype="float32", seed=0, tokenizer=tokenizer)
+    model_dir = work / "tiny-gpt2"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    splits = write_synthetic(work / "data", SyntheticConfig(seed=0))
+    prompts = work / "prompts.jsonl"  # only the prompt column: TRL's RLOO passes every column to the reward
+    with open(splits["prompts_train"]) as src, open(prompts, "w") as dst:
+        for line in src:
+            dst.write(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n")
+    return {"model": model_dir, "pairs": Path(splits["preference_train"]), "prompts": prompts}
+
+
+def run_trl(python: Path, mode: str, shape: dict, paths: dict, work: Path, warmup: int, steps: int,
+            label: str) -> dict:
+    spec = {"mode": mode, "model": str(paths["model"]), "data": str(paths["pairs" if mode == "dpo" else "prompts"]),
+            "reward_module": str(SYNTHETIC), "threads": THREADS, "warmup": warmup, "steps": steps,
+            "out_dir": str(work / label), **shape}
+    spec_path, out_path = work / f"{label}-spec.json", work / f"{label}-result.json"
+    spec_path.write_text(json.dumps(spec))
+    done = subprocess.run([str(python), str(HERE / "vs_trl_worker.py"), str(spec_path), str(out_path)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"TRL {mode} failed:\n{done.stderr[-4000:]}")
+    result = json.loads(out_path.read_text())
+    measured = result["step_seconds"][warmup:]
+    return {"step_median_s": statistics.median(measured), "step_seconds": measured, "versions": result["versions"],
+            "threads": result["threads"]}
+
+
+def run_ours(mode: str, paths: dict, work: Path, warmup: int, steps: int, limits: dict, label: str) -> dict:
+    model = [f"policy.model.name_or_path={paths['model']}", "data.eval="]
+    if mode == "dpo":
+        overrides = model + OPTIM + [f"data.train={paths['pairs']}", "data.format=preference",
+                                     f"run.batch_size={DPO['batch_size']}",
+                                     f"policy.micro_batch_size={DPO['micro_batch_size']}",
+                                     f"data.max_length={DPO['max_length']}", f"algorithm.beta={DPO['beta']}"]
+        cfg = load_config("tiny-dpo", overrides)
+    else:
+        overrides = model + OPTIM + [f"data.train={paths['prompts']}", f"run.batch_size={RLOO['batch_size']}",
+                                     f"algorithm.samples_per_prompt={RLOO['samples_per_prompt']}",
+                                     f"rollout.max_new_tokens={RLOO['max_new_tokens']}",
+                                     f"algorithm.kl_coef={RLOO['kl_coef']}", "algorithm.ppo_epochs=1",
+                                     "algorithm.num_minibatches=1", "policy.micro_batch_size=32"]
+        cfg = load_config("tiny-rloo", overrides)
+    result = run_throughput(cfg, work, warmup=warmup, steps=steps, limits=limits, label=label)
+    return {"step_median_s": result["step_median_s"], "step_seconds": result["step_seconds"],
+            "phases_median_s": result["phases_median_s"],
+            "outside_compute_share": result["breakdown_median"]["outside_compute_share"]}
+
+
+def markdown(result: dict) -> str:
+    hw = result["hardware"]
+    lines = ["# rlhf-ray vs TRL on the same CPU work", "",
+             f"- CPU: {hw['cpu_model']} ({hw['cpus_available']} CPUs available); torch threads per process: {THREADS}",
+             f"- rlhf-ray side: " + ", ".join(f"{k} {v}" for k, v in hw["versions"].items() if v),
+             f"- TRL side: " + ", ".join(f"{k} {v}" for k, v in result["trl_versions"].items()),
+             f"- {result['repeats']} runs of each side, alternating which goes first; {result['warmup']} warm-up and "
+             f"{result['steps']} measured steps per run; the median over every measured step.", "",
+             "| work | unit | TRL | rlhf-ray | rlhf-ray / TRL |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        lines.append(f"| {row['work']} | {row['unit']} | {row['trl']:.3g} | {row['ours']:.3g} | "
+                     f"{row['ratio']:.2f}x |")
+    lines += ["", "Ratios above 1 mean rlhf-ray is faster. Shapes: " + json.dumps({"dpo": DPO, "rloo": RLOO}), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results", help="folder for vs_trl.json and vs_trl.md")
+    parser.add_argument("--trl-venv", default="/tmp/trl-venv", help="TRL's own virtual environment")
+    parser.add_argument("--work", default=None, help="folder for the model, data and runs (default: temporary)")
+    parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per run")
+    parser.add_argument("--steps", type=int, default=5, help="measured steps per run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating which goes first "
+                        "(a busy machine then slows both alike); step times are pooled")
+    args = parser.parse_args()
+    python = ensure_trl_venv(Path(args.trl_venv))
+    work = Path(args.work or tempfile.mkdtemp(prefix="rlhf-ray-vs-trl-"))
+    paths = prepare(work)
+    limits = measure_limits(threads=THREADS)
+    rows, trl_versions, details = [], {}, {}
+    rloo_samples = RLOO["batch_size"] * RLOO["samples_per_prompt"]
+    for mode, shape, unit, per_step in (("dpo", DPO, "steps / s", 1), ("rloo", RLOO, "samples / s", rloo_samples)):
+        trl_runs, our_runs = [], []
+        for repeat in range(args.repeats):
+            sides = [lambda: trl_runs.append(run_trl(python, mode, shape, paths, work, args.warmup, args.steps,
+                                                     f"trl-{mode}-{repeat}")),
+                     lambda: our_runs.append(run_ours(mode, paths, work, args.warmup, args.steps, limits,
+                                                      f"ours-{mode}-{repeat}"))]
+            for side in (sides if repeat % 2 == 0 else sides[::-1]):
+                side()
+        trl_versions = trl_runs[0]["versions"]
+        trl = {"step_median_s": statistics.median(s for r in trl_runs for s in r["step_seconds"]), "runs": trl_runs}
+        ours = {"step_median_s": statistics.median(s for r in our_runs for s in r["step_seconds"]), "runs": our_runs}
+        trl_rate, our_rate = per_step / trl["step_median_s"], per_step / ours["step_median_s"]
+        rows.append({"work": f"{mode.upper()} ({'DPOTrainer' if mode == 'dpo' else 'RLOOTrainer'} vs ours)",
+                     "unit": unit, "trl": trl_rate, "ours": our_rate, "ratio": our_rate / trl_rate})
+        details[mode] = {"trl": trl, "ours": ours}
+        print(f"{mode}: TRL {trl_rate:.3g} {unit}, rlhf-ray {our_rate:.3g} {unit} ({our_rate / trl_rate:.2f}x)")
+    result = {"hardware": hardware_info(), "trl_versions": trl_versions, "warmup": args.warmup, "steps": args.steps,
+              "repeats": args.repeats,
+              "rows": rows, "details": details, "shapes": {"dpo": DPO, "rloo": RLOO}}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vs_trl.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (out / "vs_trl.md").write_text(markdown(result))
+    print(f"wrote {out / 'vs_trl.json'} and {out / 'vs_trl.md'}")
+
+
+if __name__ == "__main__":
+    main()

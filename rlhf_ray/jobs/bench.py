@@ -1,0 +1,391 @@
+"""Benchmarks of real jobs: throughput per phase, memory per role, PPO against ReMax.
+
+Every benchmark runs ordinary jobs (`run_job`) with evaluation and intermediate
+checkpoints off, reads their `metrics.jsonl`, and returns a JSON-ready dict;
+`bench_report.py` renders it as Markdown and charts.
+
+Where the step time goes. The driver times each phase (`time/<phase>_s`); every
+worker times its own compute (`time/compute/<role>/<kind>_s`, kinds generate,
+forward, train; `telemetry.timers.ComputeClock`). Phases map to kinds:
+
+    generate -> generate        score, reference -> forward
+    update_policy, update_critic, update -> train
+    advantages -> computed on the driver        sync -> weight transfer
+
+For each kind, compute = the slowest role's worker seconds of that kind (roles
+of a phase run concurrently, ranks in parallel), never more than the phase's
+wall time. Per step: outside compute = step - compute, of which weight sync is
+the transfer of the policy's weights, and the rest ("overhead") is what Ray
+scheduling, serialising batches, waiting and the driver's bookkeeping cost.
+
+Physical limits, measured in the same run (`telemetry.hardware`): the GEMM rate
+and the copy bandwidth. Training MFU = 6 * N * trained tokens / update time /
+GEMM rate (Kaplan et al. 2020; PaLM appendix B), N the matmul parameters of
+every trained model (`planner.shapes.matmul_param_count`). Decoding reads every
+weight once per step of a batch, so generation cannot beat
+decode_steps * weight_bytes / bandwidth seconds (decode_steps: the longest
+response of each generate call, summed over calls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import statistics
+from pathlib import Path
+
+import torch
+
+from rlhf_ray.config.schema import ConfigError, JobConfig
+from rlhf_ray.telemetry.hardware import hardware_info, measure_matmul_flops, measure_memory_bandwidth
+from rlhf_ray.telemetry.metrics import read_metrics
+
+PHASE_KIND = {"generate": "generate", "score": "forward", "reference": "forward", "update_policy": "train",
+              "update_critic": "train", "update": "train", "advantages": "driver", "sync": "sync"}
+"""What each driver phase does: a worker compute kind, driver-side compute, or the weight transfer."""
+WORKER_KINDS = ("generate", "forward", "train")
+_PHASE_KEY = re.compile(r"^time/([^/]+)_s$")
+_COMPUTE_KEY = re.compile(r"^time/compute/([^/]+)/([^/]+)_s$")
+
+
+# configs ----------------------------------------------------------------------
+
+def replace_path(cfg: JobConfig, **sections: dict) -> JobConfig:
+    """`cfg` with fields of its sections replaced: `replace_path(cfg, run={"total_steps": 3})`."""
+    changes = {name: dataclasses.replace(getattr(cfg, name), **fields) for name, fields in sections.items()}
+    return dataclasses.replace(cfg, **changes)
+
+
+def bench_config(cfg: JobConfig, total_steps: int, run_dir: Path) -> JobConfig:
+    """The job as benchmarked: `total_steps` steps into `run_dir`, from scratch, no evaluation,
+    no intermediate checkpoints, no progress bar, metrics to jsonl only."""
+    return replace_path(cfg, run={"total_steps": total_steps, "output_dir": str(run_dir), "resume": "never",
+                                  "eval_every": 0, "save_every": 0, "progress": False, "sinks": ("jsonl",)},
+                        data={"eval": ""})
+
+
+def with_algorithm(cfg: JobConfig, name: str) -> JobConfig:
+    """`cfg` running online algorithm `name`, with a critic exactly when the registry says it needs one."""
+    from rlhf_ray.algorithms.registry import get_online_algorithm
+
+    algorithm = get_online_algorithm(name)
+    return replace_path(cfg, algorithm={"name": name}, critic={"enabled": algorithm.needs_critic})
+
+
+def samples_per_step(cfg: JobConfig) -> int:
+    """Sampled sequences (online) or training examples (offline) of one step."""
+    from rlhf_ray.jobs.validate import job_kind, samples_per_prompt
+
+    if job_kind(cfg) == "online":
+        return cfg.run.batch_size * samples_per_prompt(cfg)
+    return cfg.run.batch_size
+
+
+# physical limits --------------------------------------------------------------
+
+def measure_limits(*, threads: int | None = None, device: str | None = None, dtype: torch.dtype | None = None,
+                   matmul_n: int = 2048, copy_bytes: int = 256 * 2**20) -> dict:
+    """The GEMM rate (FLOP/s) and copy bandwidth (bytes/s) of this machine, with `threads` torch
+    threads (default: all CPUs) on `device` (default: CUDA when visible), GEMMs in `dtype`
+    (default: bf16 on CUDA, fp32 on CPU)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    threads = threads or os.cpu_count() or 1
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        flops = measure_matmul_flops(n=matmul_n, dtype=dtype, device=device)
+        bandwidth = measure_memory_bandwidth(nbytes=copy_bytes, device=device)
+    finally:
+        torch.set_num_threads(before)
+    return {"device": device, "threads": threads, "matmul_dtype": str(dtype).replace("torch.", ""),
+            "matmul_n": matmul_n, "matmul_flops_per_s": flops, "copy_bytes": copy_bytes,
+            "memory_bandwidth_bytes_per_s": bandwidth}
+
+
+def limits_threads(cfg: JobConfig) -> int:
+    """CPU threads the trained policy computes with: its ranks times their CPUs, at most the machine's."""
+    return max(1, min(os.cpu_count() or 1, int(cfg.policy.num_ranks * cfg.policy.num_cpus_per_rank)))
+
+
+# one step's breakdown -----------------------------------------------------------
+
+def step_breakdown(row: dict) -> dict[str, float]:
+    """Where one step's wall time went, from its metrics row (see the module docstring).
+
+    Returns `step_s`, `compute_s`, `sync_s`, `overhead_s` (step - compute - sync),
+    `outside_compute_share` ((step - compute) / step), and per kind
+    `wall/<kind>_s` and `compute/<kind>_s`.
+    """
+    if "time/step_s" not in row:
+        raise ValueError(f"metrics row of step {row.get('step')} has no time/step_s: not a training step row")
+    wall: dict[str, float] = {}
+    for key, seconds in row.items():
+        match = _PHASE_KEY.match(key)
+        if match and match.group(1) != "step":
+            kind = PHASE_KIND.get(match.group(1), "other")
+            wall[kind] = wall.get(kind, 0.0) + float(seconds)
+    worker: dict[str, float] = {}
+    for key, seconds in row.items():
+        match = _COMPUTE_KEY.match(key)
+        if match:
+            kind = match.group(2)
+            worker[kind] = max(worker.get(kind, 0.0), float(seconds))
+    compute = {kind: min(worker.get(kind, 0.0), wall.get(kind, 0.0)) for kind in WORKER_KINDS}
+    compute["driver"] = wall.get("driver", 0.0)
+    step = float(row["time/step_s"])
+    total = sum(compute.values())
+    out = {"step_s": step, "compute_s": total, "sync_s": wall.get("sync", 0.0),
+           "overhead_s": step - total - wall.get("sync", 0.0),
+           "outside_compute_share": (step - total) / step if step > 0 else 0.0}
+    out.update({f"wall/{kind}_s": seconds for kind, seconds in wall.items()})
+    out.update({f"compute/{kind}_s": seconds for kind, seconds in compute.items()})
+    return out
+
+
+def _median(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return statistics.median(values) if values else None
+
+
+def _total(rows: list[dict], key: str) -> float:
+    return float(sum(r.get(key, 0.0) or 0.0 for r in rows))
+
+
+def trained_matmul_params(cfg: JobConfig) -> int | None:
+    """N of the 6N rule: matmul parameters of every model the job trains; None when a shape is unknown."""
+    from rlhf_ray.planner.from_config import role_specs
+    from rlhf_ray.planner.memory import TrainSettings
+    from rlhf_ray.planner.shapes import matmul_param_count
+
+    try:
+        specs = role_specs(cfg)
+    except (ConfigError, FileNotFoundError, ValueError):
+        return None
+    return sum(matmul_param_count(s.shape, s.head) for s in specs if isinstance(s.settings, TrainSettings))
+
+
+def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_bytes: float | None) -> dict:
+    """Medians, rates and utilisation of the measured steps `rows` (see the module docstring)."""
+    if not rows:
+        raise ValueError("no measured steps: run more steps than warm-up steps")
+    breakdowns = [step_breakdown(r) for r in rows]
+    phases = sorted({m.group(1) for r in rows for k in r if (m := _PHASE_KEY.match(k)) and m.group(1) != "step"})
+    step_total = _total(rows, "time/step_s")
+    train_wall = sum(b.get("wall/train_s", 0.0) for b in breakdowns)
+    generate_wall = _total(rows, "time/generate_s")
+    trained_tokens = _total(rows, "perf/trained_tokens")
+    generated = _total(rows, "perf/generated_tokens")
+    out = {
+        "measured_steps": len(rows),
+        "phases_median_s": {p: _median(rows, f"time/{p}_s") for p in phases},
+        "step_median_s": _median(rows, "time/step_s"),
+        "step_seconds": [r["time/step_s"] for r in rows],
+        "breakdown_median": {k: _median(breakdowns, k) for k in sorted(breakdowns[0])},
+        "compute_median_s": {k: _median(rows, k) for k in sorted({k for r in rows for k in r
+                                                                  if k.startswith("time/compute/")})},
+        "samples_per_step": samples_per_step(cfg),
+        "samples_per_s": samples_per_step(cfg) * len(rows) / step_total,
+        "train_tokens_per_s": trained_tokens / train_wall if train_wall > 0 else None,
+        "generate_tokens_per_s": generated / generate_wall if generate_wall > 0 else None,
+    }
+    # Per model, for the planner's cost (`rlhf-ray plan --throughput`): the trained models (policy,
+    # critic) share the update's wall time, and every scoring role reads each sampled row once.
+    roles_of = {kind: {m.group(1) for r in rows for k in r if (m := _COMPUTE_KEY.match(k)) and m.group(2) == kind}
+                for kind in ("train", "forward")}
+    epochs = cfg.algorithm.ppo_epochs if "generate" in out["phases_median_s"] else 1
+    forward_wall = sum(b.get("wall/forward_s", 0.0) for b in breakdowns)
+    if train_wall > 0 and roles_of["train"]:
+        out["model_train_tokens_per_s"] = trained_tokens * len(roles_of["train"]) / train_wall
+    if forward_wall > 0 and roles_of["forward"]:
+        out["model_forward_tokens_per_s"] = trained_tokens / epochs * len(roles_of["forward"]) / forward_wall
+    n = trained_matmul_params(cfg)
+    if n and train_wall > 0:
+        achieved = 6.0 * n * trained_tokens / train_wall
+        out["train"] = {"matmul_params": n, "model_flops_per_s": achieved,
+                        "mfu": achieved / limits["matmul_flops_per_s"]}
+    decode_steps = _total(rows, "perf/decode_steps")
+    if weight_bytes and decode_steps and generate_wall > 0:
+        bound_s = decode_steps * weight_bytes / limits["memory_bandwidth_bytes_per_s"]
+        out["generate"] = {"weight_bytes": weight_bytes, "decode_steps_per_step": decode_steps / len(rows),
+                           "bandwidth_bound_s_per_step": bound_s / len(rows),
+                           "bandwidth_bound_tokens_per_s": generated / bound_s,
+                           "bandwidth_utilisation": bound_s / generate_wall}
+    return out
+
+
+# the runs -----------------------------------------------------------------------
+
+def check_steps(warmup: int, steps: int) -> None:
+    if warmup < 0 or steps < 1:
+        raise ValueError(f"need --warmup >= 0 and --steps >= 1, got warmup={warmup}, steps={steps}")
+
+
+def run_measured(cfg: JobConfig, run_dir: Path, *, warmup: int, steps: int,
+                 address: str | None = None) -> tuple[list[dict], dict]:
+    """Run `warmup + steps` steps of `cfg` into `run_dir`; returns the measured rows and the summary."""
+    from rlhf_ray.jobs import run_job
+
+    check_steps(warmup, steps)
+    summary = run_job(bench_config(cfg, warmup + steps, run_dir), address)
+    rows = [r for r in read_metrics(run_dir) if r["step"] > warmup]
+    return rows, summary
+
+
+def run_throughput(cfg: JobConfig, out_dir: str | os.PathLike, *, warmup: int = 2, steps: int = 5,
+                   address: str | None = None, limits: dict | None = None, label: str | None = None) -> dict:
+    """`warmup` unmeasured then `steps` measured steps of `cfg` (online or offline); the run goes to
+    `out_dir/runs/<label>`. `limits` (from `measure_limits`) are measured first when not given."""
+    from rlhf_ray.jobs.validate import validate
+
+    check_steps(warmup, steps)
+    label = label or cfg.algorithm.name
+    validate(bench_config(cfg, warmup + steps, Path(out_dir) / "runs" / label))  # fails before any measuring
+    limits = limits or measure_limits(threads=limits_threads(cfg))
+    load_before = load_average()
+    rows, summary = run_measured(cfg, Path(out_dir) / "runs" / label, warmup=warmup, steps=steps, address=address)
+    weight_bytes = summary.get("max", {}).get("memory/rollout/params_bytes")
+    return {"kind": "throughput", "label": label, "algorithm": cfg.algorithm.name, "settings": settings_of(cfg),
+            "warmup_steps": warmup, "hardware": hardware_info(), "limits": limits,
+            "load_average": {"before": load_before, "after": load_average()},
+            **analyse_throughput(cfg, rows, limits, weight_bytes)}
+
+
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (other work on the CPUs skews timings)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def settings_of(cfg: JobConfig) -> dict:
+    """The sizes a benchmark's figures depend on."""
+    return {"model": cfg.policy.model.name_or_path, "batch_size": cfg.run.batch_size,
+            "samples_per_step": samples_per_step(cfg), "max_prompt_length": cfg.data.max_prompt_length,
+            "max_new_tokens": cfg.rollout.max_new_tokens, "max_length": cfg.data.max_length,
+            "ppo_epochs": cfg.algorithm.ppo_epochs, "num_minibatches": cfg.algorithm.num_minibatches,
+            "policy_ranks": cfg.policy.num_ranks, "policy_zero_stage": cfg.policy.zero_stage,
+            "policy_micro_batch_size": cfg.policy.micro_batch_size,
+            "reward": cfg.reward.rule or cfg.reward.model.name_or_path}
+
+
+MEMORY_FIELDS = ("params", "grads", "optimizer", "held", "peak", "peak_rss")
+
+
+def role_memory(summary: dict) -> dict[str, dict[str, float]]:
+    """`{role: {params, grads, optimizer, held, peak, peak_rss}}` bytes from a summary's `max` memory keys."""
+    out: dict[str, dict[str, float]] = {}
+    for key, value in (summary.get("max") or {}).items():
+        parts = key.split("/")
+        if len(parts) == 3 and parts[0] == "memory" and parts[2].endswith("_bytes"):
+            field = parts[2][:-len("_bytes")]
+            if field in MEMORY_FIELDS:
+                out.setdefault(parts[1], dict.fromkeys(MEMORY_FIELDS, 0.0))[field] = value
+    return out
+
+
+def run_memory(cfg: JobConfig, algorithms: list[str], out_dir: str | os.PathLike, *,
+               address: str | None = None) -> dict:
+    """Two steps of each online algorithm on `cfg`'s sizes and batch (memory is reported after the
+    second update, when gradients and optimizer state have both existed); every role's measured
+    bytes, the planner's prediction of params/grads/optimizer for the same settings, totals, and
+    each algorithm's saving over the first."""
+    from rlhf_ray.planner.from_config import held_bytes
+
+    if len(algorithms) < 1:
+        raise ValueError("bench memory needs at least one algorithm, e.g. --algos ppo,remax")
+    variants = {name: with_algorithm(cfg, name) for name in algorithms}  # unknown names fail before any run
+    runs = {}
+    for name, variant in variants.items():
+        _, summary = run_measured(variant, Path(out_dir) / "runs" / f"memory-{name}", warmup=0, steps=2,
+                                  address=address)
+        roles = role_memory(summary)
+        totals = {field: sum(r[field] for r in roles.values()) for field in MEMORY_FIELDS}
+        runs[name] = {"roles": roles, "totals": totals, "planned": held_bytes(variant)}
+    base = runs[algorithms[0]]["totals"]
+    for name, run in runs.items():
+        run["saving_percent"] = {field: 100.0 * (base[field] - run["totals"][field]) / base[field]
+                                 for field in ("held", "peak", "peak_rss") if base[field]}
+    return {"kind": "memory", "baseline": algorithms[0], "algorithms": list(algorithms), "settings": settings_of(cfg),
+            "hardware": hardware_info(), "runs": runs}
+
+
+# PPO against ReMax on step time ------------------------------------------------------
+
+def planned_peak_bytes(cfg: JobConfig) -> int:
+    """The planner's busiest device for `cfg` (weights, optimizer state, activations, logits, KV cache)."""
+    from rlhf_ray.planner.from_config import plan_from_config
+
+    return plan_from_config(cfg).peak_gpu_bytes
+
+
+def largest_batch(cfg: JobConfig, budget_bytes: int, *, max_factor: int = 16) -> int:
+    """The largest `run.batch_size` up to `max_factor` times `cfg`'s whose planned busiest device fits
+    in `budget_bytes` and which the job accepts (batches split over minibatches, ranks and engines);
+    `cfg`'s own batch when no larger one does."""
+    from rlhf_ray.jobs.validate import validate_online
+
+    base = cfg.run.batch_size
+    best = base
+    for batch in range(base + 1, base * max_factor + 1):
+        candidate = replace_path(cfg, run={"batch_size": batch})
+        try:
+            validate_online(candidate)
+        except ConfigError:
+            continue
+        if planned_peak_bytes(candidate) > budget_bytes:
+            break
+        best = batch
+    return best
+
+
+def _phase_table(results: dict[str, dict]) -> dict[str, dict[str, float | None]]:
+    phases = sorted({p for r in results.values() for p in r["phases_median_s"]})
+    return {p: {name: r["phases_median_s"].get(p) for name, r in results.items()} for p in phases}
+
+
+def run_step_time_comparison(cfg: JobConfig, algorithms: list[str], out_dir: str | os.PathLike, *,
+                             warmup: int = 2, steps: int = 5, address: str | None = None,
+                             limits: dict | None = None) -> dict:
+    """Step time of each algorithm two ways: at `cfg`'s batch, and at the largest batch each fits in
+    the memory the first (the baseline) plans for `cfg`'s batch; per-phase medians side by side.
+
+    Memory here is the planner's (CPU runs measure no activations); times are measured."""
+    if len(algorithms) < 2:
+        raise ValueError("a step-time comparison needs two algorithms or more, e.g. ppo,remax")
+    check_steps(warmup, steps)
+    variants = {name: with_algorithm(cfg, name) for name in algorithms}
+    limits = limits or measure_limits(threads=limits_threads(cfg))
+    equal = {name: run_throughput(v, out_dir, warmup=warmup, steps=steps, address=address, limits=limits,
+                                  label=f"{name}-equal-batch") for name, v in variants.items()}
+    budget = planned_peak_bytes(variants[algorithms[0]])
+    batches = {name: largest_batch(v, budget) for name, v in variants.items()}
+    at_budget = {}
+    for name, v in variants.items():
+        if batches[name] == cfg.run.batch_size:
+            at_budget[name] = equal[name]
+        else:
+            at_budget[name] = run_throughput(replace_path(v, run={"batch_size": batches[name]}), out_dir,
+                                             warmup=warmup, steps=steps, address=address, limits=limits,
+                                             label=f"{name}-batch-{batches[name]}")
+    base = algorithms[0]
+
+    def summary(results: dict[str, dict]) -> dict:
+        return {"step_median_s": {n: r["step_median_s"] for n, r in results.items()},
+                "samples_per_s": {n: r["samples_per_s"] for n, r in results.items()},
+                "speedup_over_baseline": {n: r["samples_per_s"] / results[base]["samples_per_s"]
+                                          for n, r in results.items()},
+                "phases_median_s": _phase_table(results)}
+
+    return {"kind": "step_time", "baseline": base, "algorithms": list(algorithms), "settings": settings_of(cfg),
+            "hardware": hardware_info(), "limits": limits,
+            "equal_batch": {"batch_size": cfg.run.batch_size, **summary(equal)},
+            "equal_memory": {"budget_bytes": budget, "batch_size": batches, **summary(at_budget)},
+            "runs": {"equal_batch": equal, "equal_memory": at_budget}}
+
+
+__all__ = ["PHASE_KIND", "analyse_throughput", "bench_config", "largest_batch", "measure_limits", "planned_peak_bytes",
+           "role_memory", "run_measured", "run_memory", "run_step_time_comparison", "run_throughput",
+           "samples_per_step", "step_breakdown", "with_algorithm"]

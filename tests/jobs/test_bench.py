@@ -1,0 +1,129 @@
+"""Benchmarks: where a step's time goes (hand-worked rows), the worker compute clock,
+and end-to-end throughput runs whose results have every figure the report needs.
+
+Nothing here checks a duration: only the accounting, the keys and the files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rlhf_ray.config import load_config
+from rlhf_ray.jobs.bench import (
+    largest_batch,
+    measure_limits,
+    planned_peak_bytes,
+    replace_path,
+    role_memory,
+    run_throughput,
+    step_breakdown,
+    with_algorithm,
+)
+from rlhf_ray.jobs.bench_report import write_result
+from rlhf_ray.telemetry.timers import ComputeClock
+
+from job_helpers import tiny_config
+
+SMALL_ONLINE = ["run.batch_size=2", "rollout.max_new_tokens=4", "algorithm.num_minibatches=1", "algorithm.ppo_epochs=1"]
+
+
+def test_step_breakdown_splits_a_step_into_compute_sync_and_overhead():
+    row = {"step": 3, "time/generate_s": 2.0, "time/score_s": 3.0, "time/advantages_s": 0.5,
+           "time/update_policy_s": 4.0, "time/update_critic_s": 1.0, "time/sync_s": 0.5, "time/step_s": 12.0,
+           "time/compute/rollout/generate_s": 1.8, "time/compute/rollout_s": 1.8,
+           "time/compute/policy/forward_s": 2.0, "time/compute/reference/forward_s": 2.5,
+           "time/compute/critic/forward_s": 3.5,  # more than the score phase's wall: capped at 3.0
+           "time/compute/policy/train_s": 3.6, "time/compute/critic/train_s": 4.5}
+    b = step_breakdown(row)
+    # generate 1.8; forward min(3.5, 3.0) = 3.0; train: the slowest rank/role 4.5 inside 4.0 + 1.0 = 5.0;
+    # advantages run on the driver: 0.5. Compute 1.8 + 3.0 + 4.5 + 0.5 = 9.8.
+    assert b["compute/generate_s"] == pytest.approx(1.8)
+    assert b["compute/forward_s"] == pytest.approx(3.0)
+    assert b["compute/train_s"] == pytest.approx(4.5)
+    assert b["compute/driver_s"] == pytest.approx(0.5)
+    assert b["compute_s"] == pytest.approx(9.8)
+    assert b["wall/train_s"] == pytest.approx(5.0)
+    # Outside compute: 12 - 9.8 = 2.2 = sync 0.5 + overhead 1.7, a share of 2.2 / 12.
+    assert b["sync_s"] == pytest.approx(0.5)
+    assert b["overhead_s"] == pytest.approx(1.7)
+    assert b["outside_compute_share"] == pytest.approx(2.2 / 12)
+
+
+def test_step_breakdown_of_an_offline_step_and_a_row_without_a_step_time():
+    row = {"time/reference_s": 1.0, "time/update_s": 3.0, "time/step_s": 4.5,
+           "time/compute/reference/forward_s": 0.75, "time/compute/policy/train_s": 2.5}
+    b = step_breakdown(row)
+    assert b["compute_s"] == pytest.approx(3.25) and b["overhead_s"] == pytest.approx(1.25)  # 4.5 - 3.25 - 0
+    with pytest.raises(ValueError, match="time/step_s"):
+        step_breakdown({"step": 1, "time/update_s": 1.0})
+
+
+def test_compute_clock_adds_up_per_kind_and_starts_again_after_take():
+    ticks = iter([0.0, 2.0, 10.0, 10.5, 20.0, 23.0])
+    clock = ComputeClock(clock=lambda: next(ticks))
+    with clock.measure("train"):
+        pass
+    with clock.measure("train"):
+        pass
+    with clock.measure("forward"):
+        pass
+    assert clock.take() == {"train": 2.5, "forward": 3.0}
+    assert clock.take() == {}
+    with pytest.raises(ValueError, match="compute kind 'sleep'"):
+        with clock.measure("sleep"):
+            pass
+
+
+def test_role_memory_reads_the_memory_keys_of_a_summary():
+    summary = {"max": {"memory/policy/params_bytes": 8, "memory/policy/held_bytes": 24, "memory/reward/held_bytes": 0,
+                       "memory/reward/peak_rss_bytes": 100, "time/step_s": 1.0}}
+    roles = role_memory(summary)
+    assert roles["policy"]["params"] == 8 and roles["policy"]["held"] == 24 and roles["policy"]["grads"] == 0.0
+    assert roles["reward"]["peak_rss"] == 100 and set(roles) == {"policy", "reward"}
+
+
+def test_largest_batch_follows_the_planned_memory():
+    cfg = with_algorithm(load_config("tiny-remax", ["reward.rule=", "reward.model.name_or_path=tiny-gpt2"]), "remax")
+    doubled = replace_path(cfg, run={"batch_size": 2 * cfg.run.batch_size})
+    budget = planned_peak_bytes(doubled)
+    best = largest_batch(cfg, budget)
+    assert best >= 2 * cfg.run.batch_size and planned_peak_bytes(replace_path(cfg, run={"batch_size": best})) <= budget
+    assert largest_batch(cfg, budget_bytes=1) == cfg.run.batch_size  # nothing larger fits: its own batch
+
+
+def _limits():
+    return measure_limits(threads=1, matmul_n=64, copy_bytes=2**20)
+
+
+def test_online_throughput_reports_every_phase_compute_and_the_limits(ray_cluster, tmp_path):
+    cfg = tiny_config("tiny-ppo", tmp_path / "unused", *SMALL_ONLINE)
+    result = run_throughput(cfg, tmp_path, warmup=1, steps=1, limits=_limits(), label="ppo")
+    assert set(result["phases_median_s"]) == {"generate", "score", "advantages", "update_policy", "update_critic",
+                                              "sync"}
+    roles = {key.split("/")[2] for key in result["compute_median_s"]}
+    assert roles >= {"policy", "critic", "reference", "reward", "rollout"}
+    b = result["breakdown_median"]
+    assert b["compute_s"] + b["sync_s"] + b["overhead_s"] == pytest.approx(b["step_s"])
+    for kind in ("generate", "forward", "train"):
+        assert 0 < b[f"compute/{kind}_s"] <= b[f"wall/{kind}_s"]
+    assert result["samples_per_step"] == 2 and result["measured_steps"] == 1
+    assert result["model_train_tokens_per_s"] == pytest.approx(2 * result["train_tokens_per_s"])  # policy, critic
+    assert result["model_forward_tokens_per_s"] > 0 and len(result["step_seconds"]) == 1
+    assert result["train"]["matmul_params"] > 0 and result["train"]["mfu"] > 0
+    assert result["generate"]["weight_bytes"] == 2242560  # tiny-gpt2: 560,640 fp32 parameters
+    assert result["hardware"]["cpu_model"] and result["hardware"]["versions"]["torch"]
+    paths = write_result(result, tmp_path / "results", "throughput-ppo")
+    assert json.loads(paths["json"].read_text())["label"] == "ppo"
+    text = paths["md"].read_text()
+    assert "| update_critic |" in text and "MFU" in text and "Versions: python" in text
+
+
+def test_offline_throughput_counts_the_reference_and_the_update(ray_cluster, tmp_path):
+    cfg = tiny_config("tiny-dpo", tmp_path / "unused", "run.batch_size=4", "policy.micro_batch_size=4",
+                      "policy.optim.warmup_steps=0", "policy.optim.scheduler=constant")
+    result = run_throughput(cfg, tmp_path, warmup=1, steps=1, limits=_limits(), label="dpo")
+    assert set(result["phases_median_s"]) == {"reference", "update"}
+    assert "time/compute/reference/forward_s" in result["compute_median_s"]
+    assert "time/compute/policy/train_s" in result["compute_median_s"]
+    assert result["train_tokens_per_s"] > 0 and "generate" not in result
