@@ -40,7 +40,7 @@ from pathlib import Path
 import rlhf_ray.data.synthetic as synthetic_task
 from rlhf_ray.config import load_config
 from rlhf_ray.data.synthetic import SyntheticConfig, write_synthetic
-from rlhf_ray.jobs.bench import measure_limits, run_throughput
+from rlhf_ray.jobs.bench import load_average, measure_limits, run_throughput
 from rlhf_ray.telemetry.hardware import hardware_info
 
 HERE = Path(__file__).resolve().parent
@@ -91,6 +91,7 @@ def run_trl(python: Path, mode: str, shape: dict, paths: dict, work: Path, warmu
             "out_dir": str(work / label), **shape}
     spec_path, out_path = work / f"{label}-spec.json", work / f"{label}-result.json"
     spec_path.write_text(json.dumps(spec))
+    load = load_average()
     done = subprocess.run([str(python), str(HERE / "vs_trl_worker.py"), str(spec_path), str(out_path)],
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -98,7 +99,7 @@ def run_trl(python: Path, mode: str, shape: dict, paths: dict, work: Path, warmu
     result = json.loads(out_path.read_text())
     measured = result["step_seconds"][warmup:]
     return {"step_median_s": statistics.median(measured), "step_seconds": measured, "versions": result["versions"],
-            "threads": result["threads"]}
+            "threads": result["threads"], "load_average_before": load}
 
 
 def run_ours(mode: str, paths: dict, work: Path, warmup: int, steps: int, limits: dict, label: str) -> dict:
@@ -119,7 +120,8 @@ def run_ours(mode: str, paths: dict, work: Path, warmup: int, steps: int, limits
     result = run_throughput(cfg, work, warmup=warmup, steps=steps, limits=limits, label=label)
     return {"step_median_s": result["step_median_s"], "step_seconds": result["step_seconds"],
             "phases_median_s": result["phases_median_s"],
-            "outside_compute_share": result["breakdown_median"]["outside_compute_share"]}
+            "outside_compute_share": result["breakdown_median"]["outside_compute_share"],
+            "load_average_before": result["load_average"]["before"]}
 
 
 def markdown(result: dict) -> str:
@@ -134,6 +136,11 @@ def markdown(result: dict) -> str:
     for row in result["rows"]:
         lines.append(f"| {row['work']} | {row['unit']} | {row['trl']:.3g} | {row['ours']:.3g} | "
                      f"{row['ratio']:.2f}x |")
+    loads = [run.get("load_average_before") for d in result["details"].values() for side in d.values()
+             for run in side["runs"] if run.get("load_average_before")]
+    if loads:
+        lines += ["", f"Load average (1 min) before each run: {min(x[0] for x in loads):.1f} to "
+                      f"{max(x[0] for x in loads):.1f} on {hw['cpus_available']} CPUs."]
     lines += ["", "Ratios above 1 mean rlhf-ray is faster. Shapes: " + json.dumps({"dpo": DPO, "rloo": RLOO}), ""]
     return "\n".join(lines)
 

@@ -59,3 +59,21 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+def forget_deepspeed_process_group() -> None:
+    """After a test module destroys its torch.distributed group, drop DeepSpeed's cached
+    backend too, so the next module's `deepspeed.init_distributed` builds a fresh one instead
+    of reusing a handle to the destroyed group."""
+    import sys
+
+    comm = sys.modules.get("deepspeed.comm.comm")
+    if comm is not None:
+        comm.cdb = None
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:  # the data-parallel groups cached from the destroyed world
+        for name, value in list(vars(groups).items()):
+            if name.startswith("_") and name.endswith(("_GROUP", "_GROUP_RANKS")):
+                setattr(groups, name, {} if isinstance(value, dict) else None)
+        groups.mpu = None
+        groups.mesh_device = None

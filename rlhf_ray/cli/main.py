@@ -191,7 +191,7 @@ def _bench_setup(args):
 
 
 def _print_written(paths: dict) -> None:
-    for kind, path in paths.items():
+    for path in paths.values():
         print(f"wrote {path}")
 
 

@@ -100,6 +100,12 @@ def plan_job(cfg: JobConfig, *, algorithms: list[str] | None = None, model: str 
     and each online run's cost over `num_prompts` prompts (default: total_steps x batch_size)."""
     from rlhf_ray.planner.from_config import plan_from_config
 
+    if gpus is not None and gpus < 1:
+        raise ValueError(f"--gpus must be at least 1, got {gpus}")
+    if gpu_mem_gib <= 0:
+        raise ValueError(f"--gpu-mem must be a positive number of GiB, got {gpu_mem_gib}")
+    if num_prompts is not None and num_prompts < 1:
+        raise ValueError(f"--samples must be at least 1, got {num_prompts}")
     if gpu_type not in GPU_PEAK_FLOPS:
         raise ValueError(f"gpu type {gpu_type!r} unknown; use one of {', '.join(GPU_PEAK_FLOPS)}")
     names = algorithms or [cfg.algorithm.name]

@@ -59,9 +59,11 @@ def test_plan_of_a_config_naming_a_hub_model_asks_for_its_shape(capsys):
     assert "policy.model.name_or_path" in line and "--model" in line
 
 
-def test_plan_rejects_an_unknown_algorithm_and_model(capsys):
+def test_plan_rejects_an_unknown_algorithm_model_and_bad_sizes(capsys):
     assert "nope" in error_line(*run(["plan", "--model", "llama-7b", "--compare", "ppo,nope"], capsys)[::2])
     assert "llama-3b" in error_line(*run(["plan", "--model", "llama-3b"], capsys)[::2])
+    assert "--gpus" in error_line(*run(["plan", "--model", "llama-7b", "--gpus", "0"], capsys)[::2])
+    assert "--gpu-mem" in error_line(*run(["plan", "--model", "llama-7b", "--gpu-mem", "-1"], capsys)[::2])
 
 
 def test_bench_rejects_bad_step_counts_and_offline_algorithms_before_running(tmp_path, capsys):

@@ -7,6 +7,7 @@ import math
 import os
 
 import pytest
+from conftest import forget_deepspeed_process_group
 import torch
 
 from rlhf_ray.runtime.deepspeed_config import DeepSpeedConfigError, build_deepspeed_config, scheduled_lr
@@ -113,6 +114,7 @@ def single_process_group():
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+    forget_deepspeed_process_group()
     for key, value in saved.items():
         if value is None:
             os.environ.pop(key, None)

@@ -11,6 +11,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from conftest import forget_deepspeed_process_group
 import torch
 
 from rlhf_ray.telemetry.memory import MemoryReport, measure_memory, peak_rss_bytes, reset_peaks
@@ -205,6 +206,7 @@ def gloo_world_of_one():
             yield
         finally:
             dist.destroy_process_group()
+            forget_deepspeed_process_group()
             torch.set_num_threads(threads)
 
 
