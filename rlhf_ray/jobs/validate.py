@@ -104,7 +104,7 @@ def validate_online(cfg: JobConfig) -> None:
     if not cfg.reward.rule and not cfg.reward.model.name_or_path:
         raise ConfigError("reward: give reward.rule (module:function) or reward.model.name_or_path (a reward model)")
     if cfg.rollout.engine == "vllm":
-        check_vllm_available()
+        check_vllm_available(cfg)
     optimizer_steps = cfg.run.total_steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches
     _check_schedule(cfg.policy, "policy", optimizer_steps)
     if cfg.critic.enabled:
@@ -122,16 +122,22 @@ def validate_online(cfg: JobConfig) -> None:
                           f"{cfg.rollout.num_engines} engines")
 
 
-def check_vllm_available() -> None:
-    """`rollout.engine: vllm` needs the vllm package and a CUDA GPU."""
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("rollout.engine: vllm is not installed; install it with `pip install 'rlhf-ray[vllm]'` "
-                          "on a machine with CUDA GPUs, or set rollout.engine=hf")
-    import torch
+def check_vllm_available(cfg: JobConfig) -> None:
+    """`rollout.engine: vllm`: the build for the engines' device is installed, sampling is one the
+    log-prob check honours, and prompt plus response fit the model's positions."""
+    from rlhf_ray.models.loading import max_positions, read_model_config
+    from rlhf_ray.workers.rollout.vllm import check_sampling, check_vllm_runtime
 
-    if not torch.cuda.is_available():
-        raise ConfigError("rollout.engine: vllm needs a CUDA GPU and none is visible here; "
-                          "set rollout.engine=hf to generate with Hugging Face on CPU")
+    r = cfg.rollout
+    check_vllm_runtime(r)
+    check_sampling(r)
+    config = read_model_config(cfg.policy.model.name_or_path, trust_remote_code=cfg.policy.model.trust_remote_code)
+    limit = max_positions(config) if config is not None else None
+    wanted = cfg.data.max_prompt_length + r.max_new_tokens
+    if limit is not None and wanted > limit:
+        raise ConfigError(f"rollout.max_new_tokens: vLLM's max_model_len = data.max_prompt_length "
+                          f"({cfg.data.max_prompt_length}) + rollout.max_new_tokens ({r.max_new_tokens}) = {wanted} "
+                          f"exceeds the {limit} positions of {cfg.policy.model.name_or_path}; shorten one of them")
 
 
 def validate(cfg: JobConfig) -> str:

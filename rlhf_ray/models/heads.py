@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
-from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from rlhf_ray.models.loading import (
     SCALAR_HEAD_MODEL_TYPE,
@@ -48,12 +48,21 @@ class ScalarHeadConfig(PretrainedConfig):
     ``text_config`` and the score bias."""
 
     model_type = MODEL_TYPE
-    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+    sub_configs = {"text_config": AutoConfig}
 
     text_config: dict | PretrainedConfig | None = None
     """Config of the causal LM the backbone comes from (model_type gpt2, llama, ...)."""
     score_bias: float = 0.0
     """Subtracted from every :meth:`ScalarHeadModel.score`; not from per-token values."""
+
+    def __post_init__(self, **kwargs):
+        # A saved config holds the backbone's as a dict: rebuild it as its own config class.
+        if isinstance(self.text_config, dict):
+            raw = dict(self.text_config)
+            self.text_config = CONFIG_MAPPING[raw.pop("model_type", "llama")](**raw)
+        elif self.text_config is None:
+            self.text_config = CONFIG_MAPPING["llama"]()
+        super().__post_init__(**kwargs)
 
 
 def last_token_indices(attention_mask: Tensor) -> Tensor:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from rlhf_ray.models.presets import is_preset, list_presets, preset_config, preset_tokenizer_name
 
@@ -100,6 +100,28 @@ def check_model_source(name_or_path: str | os.PathLike) -> str:
     if _looks_like_local_path(name):
         raise FileNotFoundError(_not_found_message(name, " (no such directory)"))
     return "hub"
+
+
+def read_model_config(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
+    """The ``transformers`` config of a preset or a checkpoint directory, without loading weights;
+    ``None`` for a hub name (reading it could download)."""
+    name = os.fspath(name_or_path)
+    source = check_model_source(name)
+    if source == "preset":
+        return preset_config(name)
+    if source == "directory":
+        return AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    return None
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a model's position embeddings cover (``None`` when unbounded or unknown)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(text, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def checkpoint_model_type(path: str | os.PathLike) -> str | None:

@@ -91,22 +91,31 @@ def last_token_scores(scalar_module, input_ids, attention_mask) -> torch.Tensor:
     return scalar_module.score(input_ids=input_ids, attention_mask=attention_mask).float()
 
 
-def strip_response(tokens: list[int], pad_id: int, eos_id: int) -> list[int]:
-    """A generated row up to and including its first EOS, without padding."""
-    out = []
-    for tok in tokens:
+def strip_response(tokens: list[int], eos_id: int) -> list[int]:
+    """A generated row up to and including its first EOS.
+
+    Everything before EOS was sampled, the pad token included when the model
+    drew it; only what `generate` appends after EOS is padding. A row without
+    EOS was cut at the length limit and is kept whole."""
+    for index, tok in enumerate(tokens):
         if tok == eos_id:
-            out.append(tok)
-            break
-        if tok != pad_id:
-            out.append(tok)
-    return out
+            return list(tokens[:index + 1])
+    return list(tokens)
+
+
+def plain_generation_config(tokenizer):
+    """A `GenerationConfig` with only the tokenizer's special ids: generation then samples from
+    softmax(logits / temperature) whatever defaults a checkpoint's own `generation_config` carries."""
+    from transformers import GenerationConfig
+
+    return GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                            bos_token_id=tokenizer.bos_token_id)
 
 
 @torch.no_grad()
 def generate_tokens(module, tokenizer, prompt_batch: dict, *, max_new_tokens: int, seed: int, greedy: bool,
                     temperature: float = 1.0, top_p: float = 1.0, gathered=None) -> list[list[int]]:
-    """HF `generate` on left-padded prompts; returns each response's token ids (EOS kept, pads dropped).
+    """HF `generate` on left-padded prompts; returns each response's token ids (up to and including EOS).
 
     `gathered(params)` is a context that materialises ZeRO-3 partitions for the call."""
     from contextlib import nullcontext
@@ -121,9 +130,8 @@ def generate_tokens(module, tokenizer, prompt_batch: dict, *, max_new_tokens: in
     try:
         with (gathered(list(module.parameters())) if gathered else nullcontext()):
             out = module.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                  do_sample=not greedy, pad_token_id=tokenizer.pad_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, **sampling)
+                                  generation_config=plain_generation_config(tokenizer), do_sample=not greedy,
+                                  **sampling)
     finally:
         torch.random.set_rng_state(generator_state)
-    return [strip_response(row, tokenizer.pad_token_id, tokenizer.eos_token_id)
-            for row in out[:, ids.shape[1]:].tolist()]
+    return [strip_response(row, tokenizer.eos_token_id) for row in out[:, ids.shape[1]:].tolist()]

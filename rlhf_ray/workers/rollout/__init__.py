@@ -1,14 +1,18 @@
-"""Rollout engines: one interface (`base.py`), two backends (`hf.py`, `vllm.py`)."""
+"""Rollout engines: one contract (`base.RolloutEngine`), two backends (`hf.py`, `vllm.py`)."""
+
+from importlib import import_module
+
+# rollout.engine -> the actor class implementing `base.RolloutEngine` (imported only when asked for,
+# so vLLM is never imported by a job that does not use it).
+ENGINES = {
+    "hf": "rlhf_ray.workers.rollout.hf:HFRolloutWorker",
+    "vllm": "rlhf_ray.workers.rollout.vllm:VLLMRolloutWorker",
+}
 
 
 def engine_worker_class(engine: str) -> type:
-    """The actor class of `rollout.engine` (vLLM is imported only when asked for)."""
-    if engine == "hf":
-        from rlhf_ray.workers.rollout.hf import HFRolloutWorker
-
-        return HFRolloutWorker
-    if engine == "vllm":
-        from rlhf_ray.workers.rollout.vllm import VLLMRolloutWorker
-
-        return VLLMRolloutWorker
-    raise ValueError(f"rollout.engine {engine!r}: expected hf or vllm")
+    """The actor class of `rollout.engine`."""
+    if engine not in ENGINES:
+        raise ValueError(f"rollout.engine {engine!r}: expected one of {', '.join(ENGINES)}")
+    module, name = ENGINES[engine].split(":")
+    return getattr(import_module(module), name)

