@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "LOSS_AGGREGATIONS",
+    "aggregation_weights",
     "masked_mean",
     "masked_var",
     "whiten",
@@ -48,6 +50,28 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     if dim is None:
         return (x * m).sum() / m.sum().clamp(min=1.0)
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
+
+
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+
+
+def aggregation_weights(mask: Tensor, mode: str = "token-mean") -> Tensor:
+    """Per-token weights that make a weighted token mean the chosen loss aggregation.
+
+    `token-mean`: every response token weighs 1, so `masked_mean(loss, w)`
+    is the mean over tokens (long responses count more). `seq-mean-token-mean`:
+    a row's tokens weigh 1 / its length, so the same weighted mean is the mean
+    over sequences of each sequence's token mean. `w.sum()` is the aggregation's
+    denominator (tokens, or non-empty sequences): summed over a whole
+    minibatch, it lets every micro-batch and rank scale its share of the
+    loss so that the optimised objective does not depend on how the minibatch
+    is split (see `TrainEngine.global_loss`)."""
+    m = mask.float()
+    if mode == "token-mean":
+        return m
+    if mode == "seq-mean-token-mean":
+        return m / m.sum(-1, keepdim=True).clamp(min=1.0)
+    raise ValueError(f"loss aggregation {mode!r}: expected one of {', '.join(LOSS_AGGREGATIONS)}")
 
 
 def masked_var(x: Tensor, mask: Tensor) -> Tensor:

@@ -117,12 +117,13 @@ def _kl_sft(b: SFTBatch, p: Mapping[str, float]):
 
 def _rm(b: RewardPairBatch | RankedRewardBatch, p: Mapping[str, float]):
     if isinstance(b, RankedRewardBatch):
-        return ranked_reward_loss(b.rewards, b.ranking)
+        return ranked_reward_loss(b.rewards, b.ranking, margin=p.get("margin", 0.0))
     if not isinstance(b, RewardPairBatch):
         raise TypeError(
             f"Offline objective 'rm' takes a RewardPairBatch or a RankedRewardBatch; got {type(b).__name__}."
         )
-    return pairwise_reward_loss(b.chosen_rewards, b.rejected_rewards, b.margin)
+    margin = b.margin if b.margin is not None else (p.get("margin") or None)
+    return pairwise_reward_loss(b.chosen_rewards, b.rejected_rewards, margin)
 
 
 def _dpo_like(name: str):

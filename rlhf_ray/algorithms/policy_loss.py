@@ -1,8 +1,9 @@
 """Policy-gradient and value losses for the online algorithms.
 
 Shapes: every per-token input is `[B, T]`; `response_mask` is true on the
-response tokens. Losses are token means over the mask (a scalar); metrics
-are detached scalars under `actor/...` and `critic/...`.
+response tokens. Losses are means over the mask (a scalar), weighted when the
+mask holds weights (`advantages.aggregation_weights`); metrics are detached
+scalars under `actor/...` and `critic/...`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from torch import Tensor
 
 from rlhf_ray.algorithms.advantages import masked_mean
 
-__all__ = ["ppo_policy_loss", "value_loss", "reinforce_policy_loss"]
+__all__ = ["ppo_policy_loss", "value_loss", "reinforce_policy_loss", "MAX_LOG_RATIO"]
+
+MAX_LOG_RATIO = 20.0
 
 
 def ppo_policy_loss(
@@ -50,8 +53,10 @@ def ppo_policy_loss(
         raise ValueError(f"dual_clip must be > 1 (or None to disable); got {dual_clip}.")
     old_logprobs = old_logprobs.detach()
     advantages = advantages.detach()
-    # Padding may hold any log-probs; zero its log-ratio so exp() stays finite.
+    # Padding may hold any log-probs; zero its log-ratio so exp() stays finite, and clamp the rest
+    # (as verl and OpenRLHF do) so one token far off-policy cannot overflow the ratio.
     log_ratio = torch.where(response_mask.bool(), logprobs - old_logprobs, torch.zeros_like(logprobs))
+    log_ratio = log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)

@@ -28,6 +28,7 @@ __all__ = [
     "dpop_loss",
     "robust_dpo_loss",
     "odpo_loss",
+    "odpo_offsets",
     "slic_loss",
     "simpo_loss",
     "tdpo_loss",
@@ -175,6 +176,15 @@ def robust_dpo_loss(
     x = beta * (chosen - rejected)
     losses = ((1.0 - epsilon) * -F.logsigmoid(x) + epsilon * F.logsigmoid(-x)) / (1.0 - 2.0 * epsilon)
     return _finish(losses, chosen, rejected, beta, policy_chosen_logps, policy_rejected_logps)
+
+
+def odpo_offsets(score_chosen: Tensor, score_rejected: Tensor, alpha: float) -> Tensor:
+    """ODPO's per-pair offsets from the two responses' scores: `alpha * log(1 + max(s_w - s_l, 0))`.
+
+    The paper's log scaling of the score gap (Amini et al. 2024, section 5.3),
+    shifted by one so that a zero gap asks for no margin and a wider gap for a
+    wider one. `[B]` in, `[B]` out."""
+    return alpha * torch.log1p((score_chosen - score_rejected).clamp(min=0.0))
 
 
 def odpo_loss(

@@ -288,8 +288,8 @@ def _offline(name, description, data_format, needs_reference, trains="policy", n
 _OFFLINE = (
     _offline("sft", "Supervised fine-tuning: token-mean NLL.", "sft", False),
     _offline("kl_sft", "SFT plus a squared log-ratio penalty to the reference.", "sft", True, kl_coef=0.1),
-    _offline("rm", "Reward model: Bradley-Terry pairs or InstructGPT K-way rankings.", "ranked_or_preference",
-             False, trains="reward_model"),
+    _offline("rm", "Reward model: Bradley-Terry pairs or InstructGPT K-way rankings, optionally with a margin.",
+             "ranked_or_preference", False, trains="reward_model", margin=0.0),
     _offline("dpo", "Direct Preference Optimisation (Rafailov et al. 2023).", "preference", True,
              beta=0.1, label_smoothing=0.0),
     _offline("cdpo", "Conservative DPO: DPO with label smoothing (Mitchell 2023).", "preference", True,
@@ -299,8 +299,9 @@ _OFFLINE = (
              beta=0.1, lam=50.0),
     _offline("rdpo", "Robust DPO for noisy labels (Chowdhury et al. 2024).", "preference", True,
              beta=0.1, epsilon=0.1),
-    _offline("odpo", "DPO with an offset (Amini et al. 2024); per-pair offsets from the batch win.", "preference",
-             True, beta=0.1, offset=1.0),
+    _offline("odpo", "DPO with an offset (Amini et al. 2024): per-pair offsets alpha * log(1 + score gap) from the "
+             "data's score_chosen/score_rejected, or one constant offset when asked for.", "preference",
+             True, beta=0.1, alpha=1.0, offset=1.0),
     _offline("slic", "SLiC-HF hinge with an NLL regulariser on the chosen responses (Zhao et al. 2023).",
              "preference", False, delta=1.0, lam=0.1),
     _offline("simpo", "SimPO: length-normalised, reference-free, target margin (Meng et al. 2024).", "preference",

@@ -46,7 +46,7 @@ def pairwise_reward_loss(
     return loss, metrics
 
 
-def ranked_reward_loss(rewards: Tensor, ranking: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+def ranked_reward_loss(rewards: Tensor, ranking: Tensor, margin: float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
     """InstructGPT's K-way ranking loss (Ouyang et al. 2022, arXiv:2203.02155, eq. 1).
 
     The K responses of a prompt are scored in one forward pass; every pair
@@ -61,6 +61,7 @@ def ranked_reward_loss(rewards: Tensor, ranking: Tensor) -> tuple[Tensor, dict[s
         ranking: `[P, K]` integer rank of each response within its prompt,
             0 for the best; equal ranks (ties) form no pair; a negative rank
             marks a padding slot (a prompt with fewer than K responses).
+        margin: subtracted from every pair's gap inside the loss (0: none).
 
     Returns:
         `(scalar loss, metrics)` with `rewards/accuracies` (share of all
@@ -84,7 +85,9 @@ def ranked_reward_loss(rewards: Tensor, ranking: Tensor) -> tuple[Tensor, dict[s
             "Check the ranking column of the reward-model data."
         )
     gap = rewards[:, :, None] - rewards[:, None, :]  # r_i - r_j
-    pair_losses = -F.logsigmoid(gap) * pair_mask
+    # `margin` (algorithm.rm_margin): the better response must win by at least this much (Llama 2's
+    # margin loss with one constant margin); metrics use the plain gap.
+    pair_losses = -F.logsigmoid(gap - margin) * pair_mask
     has_pairs = pairs_per_prompt > 0
     per_prompt = pair_losses.sum(dim=(1, 2))[has_pairs] / pairs_per_prompt[has_pairs]
     loss = per_prompt.mean()

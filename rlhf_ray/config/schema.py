@@ -38,6 +38,10 @@ class ModelConfig:
     dtype: str = _help("auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16.", default="auto")
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass to save memory.", default=False)
     trust_remote_code: bool = _help("Allow model code from the checkpoint's repository to run. Off unless you trust it.", default=False)
+    disable_dropout: bool = _help("Turn the checkpoint's dropout off in a trained role (as TRL does for RL and "
+                                  "preference training): old log-probs, reference log-probs and values are computed "
+                                  "without dropout, so the training forward must be too. false keeps it.",
+                                  default=True)
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, "dtype", f"got {self.dtype!r}; expected one of {', '.join(DTYPES)}")
@@ -214,12 +218,20 @@ class AlgorithmConfig:
     normalize_rewards: bool = _help("Scale sequence rewards by a running std estimate.", default=False)
     no_eos_penalty: float = _help("Added to the reward of a response cut off before EOS (e.g. -1).", default=0.0)
     ptx_coef: float = _help("Weight of the SFT loss mixed into the policy loss (PPO-ptx).", default=0.0)
+    loss_aggregation: str = _help("How per-token losses (policy, critic, SFT, KL-SFT) become one number per "
+                                  "minibatch: token-mean (over every response token of the minibatch, on all "
+                                  "ranks) or seq-mean-token-mean (each sequence's token mean, then the mean over "
+                                  "sequences). Either way independent of micro_batch_size and num_ranks.",
+                                  default="token-mean")
     # offline
     beta: Optional[float] = _help("DPO temperature (and the family's equivalents). Empty: the objective's default.", default=None)
     label_smoothing: Optional[float] = _help("cDPO label noise. Empty: the objective's default.", default=None)
     dpop_lambda: Optional[float] = _help("DPOP penalty weight. Empty: the objective's default.", default=None)
     rdpo_epsilon: Optional[float] = _help("rDPO label-flip rate. Empty: the objective's default.", default=None)
-    odpo_offset: Optional[float] = _help("ODPO offset. Empty: the objective's default.", default=None)
+    odpo_offset: Optional[float] = _help("ODPO: one constant offset for every pair. Empty: per-pair offsets from the "
+                                         "data's score_chosen/score_rejected columns (required then).", default=None)
+    odpo_alpha: Optional[float] = _help("ODPO: scale of the per-pair offset alpha * log(1 + score gap). Empty: the "
+                                        "objective's default.", default=None)
     slic_delta: Optional[float] = _help("SLiC hinge margin. Empty: the objective's default.", default=None)
     slic_lambda: Optional[float] = _help("SLiC regulariser weight. Empty: the objective's default.", default=None)
     simpo_gamma: Optional[float] = _help("SimPO target reward margin. Empty: the objective's default.", default=None)
@@ -235,6 +247,8 @@ class AlgorithmConfig:
 
     def __post_init__(self):
         _check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"got {self.kl_estimator!r}; expected k1, k2 or k3")
+        _check(self.loss_aggregation in ("token-mean", "seq-mean-token-mean"), "loss_aggregation",
+               f"got {self.loss_aggregation!r}; expected token-mean or seq-mean-token-mean")
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         _check(self.clip_eps > 0, "clip_eps", "must be > 0")
         _check(self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "must be 0 (off) or > 1")

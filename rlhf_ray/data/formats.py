@@ -96,6 +96,9 @@ class PreferenceExample:
     prompt: Text
     chosen: Text
     rejected: Text
+    score_chosen: float | None = None
+    """Optional scores of the two responses (UltraFeedback-style `score_chosen`/`score_rejected`): ODPO's offsets."""
+    score_rejected: float | None = None
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,7 @@ Example = PromptExample | SFTExample | PreferenceExample | KTOExample | RankedEx
 LAYOUTS: dict[str, tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]] = {
     "prompt": (("prompt", ("prompt",), ()), ("messages", ("messages",), ())),
     "sft": (("prompt_completion", ("prompt", "completion"), ()), ("messages", ("messages",), ())),
-    "preference": (("explicit", ("chosen", "rejected"), ("prompt",)),),
+    "preference": (("explicit", ("chosen", "rejected"), ("prompt", "score_chosen", "score_rejected")),),
     "kto": (("prompt_completion_label", ("prompt", "completion", "label"), ()),),
     "ranked": (("prompt_responses_ranking", ("prompt", "responses", "ranking"), ()),),
 }
@@ -188,7 +191,19 @@ def _preference_row(layout: str, row: dict[str, Any]) -> PreferenceExample:
         prompt, chosen, rejected = split_implicit_prompt(_text(row, "chosen"), _text(row, "rejected"))
     if chosen == rejected:
         raise RowProblem("chosen_equals_rejected", _IDENTICAL)
-    return PreferenceExample(prompt, chosen, rejected)
+    if ("score_chosen" in row) != ("score_rejected" in row):
+        raise RowProblem("missing_value", "give both 'score_chosen' and 'score_rejected', or neither")
+    scores = [_score(row, key) for key in ("score_chosen", "score_rejected") if key in row]
+    return PreferenceExample(prompt, chosen, rejected, *scores)
+
+
+def _score(row: dict[str, Any], column: str) -> float:
+    value = row[column]
+    if value is None:
+        raise RowProblem("missing_value", f"{column!r} is empty; give a number")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise RowProblem("wrong_type", f"{column!r} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 def _kto_row(layout: str, row: dict[str, Any]) -> KTOExample:

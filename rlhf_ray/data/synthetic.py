@@ -14,7 +14,8 @@ already use (TRL names):
 - ``sft``: ``{"prompt", "completion"}``; only ``sft_mention_fraction`` of the
   completions mention the target, so SFT alone under-aligns.
 - ``preference_train`` / ``preference_eval``: ``{"prompt", "chosen",
-  "rejected"}``; ``chosen`` mentions the target, ``rejected`` is the same
+  "rejected", "score_chosen", "score_rejected"}`` (scores by
+  :func:`mention_reward`); ``chosen`` mentions the target, ``rejected`` is the same
   response with the mention clause swapped for a neutral one of similar length.
 - ``prompts_train`` / ``prompts_eval``: ``{"prompt"}`` for online RL.
 - ``kto``: ``{"prompt", "completion", "label"}``, half of them desirable.
@@ -388,7 +389,10 @@ def build_synthetic(cfg: SyntheticConfig = SyntheticConfig()) -> dict[str, list[
         out[split] = []
         for prompt, t in rng.sample(pool, n):
             chosen, rejected = _pair(rng, TOPICS[t], cfg.target)
-            out[split].append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+            # Scores by the task's rule reward (ODPO's offsets come from their gap).
+            score_chosen, score_rejected = mention_reward([prompt, prompt], [chosen, rejected], target=cfg.target)
+            out[split].append({"prompt": prompt, "chosen": chosen, "rejected": rejected,
+                               "score_chosen": score_chosen, "score_rejected": score_rejected})
 
     out["prompts_train"] = [{"prompt": p} for p, _ in _rng(cfg, "prompts_train").sample(train, cfg.n_prompts_train)]
     out["prompts_eval"] = [{"prompt": p} for p, _ in _rng(cfg, "prompts_eval").sample(held_out, cfg.n_prompts_eval)]

@@ -90,6 +90,9 @@ class JobData:
         for key, value in both.items():
             out[f"chosen_{key}"] = value[:n]
             out[f"rejected_{key}"] = value[n:]
+        if all(r.score_chosen is not None for r in rows):
+            out["score_chosen"] = torch.tensor([r.score_chosen for r in rows], dtype=torch.float32)
+            out["score_rejected"] = torch.tensor([r.score_rejected for r in rows], dtype=torch.float32)
         return out
 
     def _batch_kto(self, rows) -> dict:

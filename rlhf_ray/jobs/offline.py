@@ -22,7 +22,7 @@ import ray
 import torch
 
 from rlhf_ray.algorithms.registry import OfflineObjective, get_offline_objective
-from rlhf_ray.config.schema import AlgorithmConfig, JobConfig
+from rlhf_ray.config.schema import AlgorithmConfig, ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.jobs import evaluation
@@ -35,8 +35,9 @@ from rlhf_ray.jobs.common import (
     role_spec,
     save_checkpoint,
 )
+from rlhf_ray.algorithms.advantages import aggregation_weights
 from rlhf_ray.jobs.data import JobData, load_job_examples
-from rlhf_ray.jobs.validate import validate_offline
+from rlhf_ray.jobs.validate import param_field, validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.telemetry.metrics import MetricsWriter, write_summary
 from rlhf_ray.telemetry.progress import Progress
@@ -45,22 +46,18 @@ from rlhf_ray.workers.policy import PolicyWorker
 from rlhf_ray.workers.reference import ReferenceWorker
 from rlhf_ray.workers.reward_trainer import RewardTrainerWorker
 
-# Which config field feeds each objective parameter (the registry names them as the papers do).
-PARAM_FIELDS = {"beta": "beta", "label_smoothing": "label_smoothing", "epsilon": "rdpo_epsilon",
-                "offset": "odpo_offset", "delta": "slic_delta", "gamma": "simpo_gamma", "alpha": "tdpo_alpha",
-                "lambda_d": "kto_lambda_d", "lambda_u": "kto_lambda_u", "kl_coef": "kl_sft_coef"}
-PARAM_FIELDS_BY_OBJECTIVE = {("dpop", "lam"): "dpop_lambda", ("slic", "lam"): "slic_lambda"}
-
-
 def objective_params(objective: OfflineObjective, algorithm: AlgorithmConfig) -> dict[str, float]:
     """The objective's parameters: config values where set, registry defaults otherwise."""
     params = {}
     for key in objective.param_defaults:
-        field_name = PARAM_FIELDS_BY_OBJECTIVE.get((objective.name, key), PARAM_FIELDS.get(key))
+        field_name = param_field(objective.name, key)
         value = getattr(algorithm, field_name) if field_name else None
         if value is not None:
             params[key] = float(value)
-    return objective.resolve_params(params)
+    resolved = objective.resolve_params(params)
+    if objective.name == "odpo" and algorithm.odpo_offset is not None:
+        resolved["constant_offset"] = 1.0  # one offset for every pair, asked for explicitly
+    return resolved
 
 
 @dataclass
@@ -89,6 +86,22 @@ def plan_stages(cfg: JobConfig, num_rows: int) -> list[Stage]:
     return stages
 
 
+def _cat_right_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, right-padding dim 1 with zeros to the widest part (1-D parts as they are)."""
+    if parts[0].dim() == 1:
+        return torch.cat(parts)
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([_fit_width(p, width) for p in parts])
+
+
+def _fit_width(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`t` cut or zero-padded on the right of dim 1 to `width`."""
+    if t.shape[1] >= width:
+        return t[:, :width]
+    pad = torch.zeros(t.shape[0], width - t.shape[1], *t.shape[2:], dtype=t.dtype)
+    return torch.cat([t, pad], dim=1)
+
+
 class OfflineJob:
     """One offline job from config to `summary.json`."""
 
@@ -103,6 +116,7 @@ class OfflineJob:
         self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or model_cfg.name_or_path,
                                             trust_remote_code=model_cfg.trust_remote_code)
         self.train, self.eval_pairs, self.eval_prompts = self._load_data()
+        self._check_scores()
         self.reference_cache: dict[str, torch.Tensor] | None = None
 
     # data ------------------------------------------------------------------
@@ -125,6 +139,18 @@ class OfflineJob:
                 eval_pairs = JobData(load_job_examples(cfg.data.eval, disk_format, cfg.data, self.tokenizer,
                                                        data_dir)[0], kind, self.tokenizer, cfg.data)
         return train, eval_pairs, eval_prompts
+
+    def _check_scores(self) -> None:
+        """ODPO's offsets come from per-pair scores: refuse data without them unless one constant offset
+        was asked for."""
+        if self.objective.name != "odpo" or self.cfg.algorithm.odpo_offset is not None:
+            return
+        missing = [i for i, ex in enumerate(self.train.examples) if getattr(ex, "score_chosen", None) is None]
+        if missing:
+            raise ConfigError(f"algorithm.name: odpo sets each pair's offset from its scores, but {len(missing)} of "
+                              f"{len(self.train)} pairs in data.train ({self.cfg.data.train}) have no "
+                              f"score_chosen/score_rejected (first: row {missing[0]}); add those columns, or set "
+                              "algorithm.odpo_offset=<number> to use one offset for every pair")
 
     # roles -----------------------------------------------------------------
     def _specs(self):
@@ -253,7 +279,9 @@ class OfflineJob:
         for start in range(0, len(data), size):
             indices = list(range(start, min(start + size, len(data))))
             parts.append(self._reference_logps(roles, data.batch(indices), indices))
-        self.reference_cache = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        # Each chunk is padded to its own longest row; per-token entries are right-padded to one width
+        # here (padding is zero and off every mask) and cut to each batch's width when read.
+        self.reference_cache = {k: _cat_right_padded([p[k] for p in parts]) for k in parts[0]}
         roles.release("reference")
 
     def _reference_logps(self, roles: RoleGroups, batch: dict, indices: list[int]) -> dict:
@@ -261,7 +289,10 @@ class OfflineJob:
             return {}
         if self.reference_cache is not None:
             rows = torch.tensor(indices)
-            return {k: v[rows] for k, v in self.reference_cache.items()}
+            ids = batch["input_ids"] if "input_ids" in batch else batch["chosen_input_ids"]
+            width = ids.shape[1] - 1  # per-token log-probs score tokens 1 .. T-1
+            return {k: v[rows] if v.dim() == 1 else _fit_width(v[rows], width)
+                    for k, v in self.reference_cache.items()}
         ref = roles["reference"]
         fmt = self.objective.data_format
         if fmt == "preference":
@@ -275,6 +306,10 @@ class OfflineJob:
     def _train_step(self, roles: RoleGroups, batch: dict) -> dict:
         trainer = roles[self.trainer_name]
         name, params = self.objective.name, self.params
+        if self.objective.data_format == "sft":  # token losses: the step's mean over all its tokens
+            agg = self.cfg.algorithm.loss_aggregation
+            params = {**params, "loss_aggregation": agg,
+                      "loss_denominator": float(aggregation_weights(batch["loss_mask"][:, 1:], agg).sum())}
         per_rank = ray.get(trainer.scatter(lambda a, shard: a.train_offline.remote(shard, name, params), batch))
         return {f"train/{k}" if "/" not in k else k: sum(m[k] for m in per_rank) / len(per_rank)
                 for k in per_rank[0]}

@@ -19,7 +19,7 @@ import time
 import ray
 import torch
 
-from rlhf_ray.algorithms.advantages import masked_mean
+from rlhf_ray.algorithms.advantages import aggregation_weights, masked_mean
 from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty, token_level_rewards
 from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.config.schema import ConfigError, JobConfig
@@ -206,9 +206,13 @@ class OnlineJob:
         """Split the prompts across engine replicas; every sample of a prompt stays on one engine."""
         greedy = self.algorithm.needs_greedy if greedy is None else greedy
         n = self.n if n is None else n
-        batch = {k: prompts[k] for k in ("input_ids", "attention_mask")}
+        # Any prompt count over any number of engines: the last prompt is repeated up to a multiple,
+        # and the rows generated for the repeats are dropped.
+        batch, size = evaluation.pad_to_multiple({k: prompts[k] for k in ("input_ids", "attention_mask")},
+                                                 len(roles["rollout"]))
         shards = ray.get(roles["rollout"].scatter(lambda a, shard: a.generate.remote(shard, n, greedy, seed), batch))
-        return concat_shards(shards)
+        rows = concat_shards(shards)
+        return {k: v[:size] if k.startswith("greedy_") else v[:size * n] for k, v in rows.items()}
 
     def score(self, roles: RoleGroups, rollout: dict, timer: PhaseTimer) -> dict:
         """Old log-probs (policy), reference log-probs, rewards and values, all launched at once."""
@@ -282,21 +286,32 @@ class OnlineJob:
             for start in range(0, rows, size):
                 idx = order[start:start + size]
                 mb = {k: v[idx] for k, v in batch.items()}
+                # The minibatch's aggregation weight (tokens or sequences) over all its rows: each
+                # micro-batch on each rank scales its share by it (`TrainEngine.global_loss`).
+                denominator = float(aggregation_weights(mb["response_mask"], a.loss_aggregation).sum())
+                mb_params = {**params, "loss_aggregation": a.loss_aggregation, "loss_denominator": denominator}
                 if self.ptx is not None:
                     ptx_rows = torch.randint(len(self.ptx), (size,), generator=generator).tolist()
                     mb.update({f"ptx_{k}": v for k, v in self.ptx.batch(ptx_rows).items()})
-                refs = {"policy": roles["policy"].scatter(lambda w, s: w.train_online.remote(s, name, params), mb)}
+                    mb_params["ptx_denominator"] = float(
+                        aggregation_weights(mb["ptx_loss_mask"][:, 1:], a.loss_aggregation).sum())
+                refs = {"policy": roles["policy"].scatter(
+                    lambda w, s, p=mb_params: w.train_online.remote(s, name, p), mb)}
                 if "critic" in roles.groups:
-                    clip = a.value_clip_eps
-                    refs["critic"] = roles["critic"].scatter(lambda w, s: w.train_values.remote(s, clip), mb)
+                    clip, agg = a.value_clip_eps, a.loss_aggregation
+                    refs["critic"] = roles["critic"].scatter(
+                        lambda w, s, d=denominator: w.train_values.remote(s, clip, agg, d), mb)
                 merged = {}
                 for role, pending in refs.items():
                     with timer.phase(f"update_{role}"):
                         results = ray.get(pending)
-                    merged.update({k: sum(r[k] for r in results) / len(results) for k in results[0]})
+                    # Each role's own keys (loss, grad_norm, lr, ...) under its own prefix.
+                    prefix = "actor" if role == "policy" else role
+                    merged.update({k if "/" in k else f"{prefix}/{k}": sum(r[k] for r in results) / len(results)
+                                   for k in results[0]})
                 per_step.append(merged)
         keys = per_step[0].keys()
-        return {k if "/" in k else f"actor/{k}": sum(m[k] for m in per_step) / len(per_step) for k in keys}
+        return {k: sum(m[k] for m in per_step) / len(per_step) for k in keys}
 
     def sync_weights(self, roles: RoleGroups) -> dict:
         """Policy -> every engine, in buckets; returns seconds, bytes and bandwidth."""

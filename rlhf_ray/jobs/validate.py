@@ -53,6 +53,54 @@ def _check_schedule(role: RoleConfig, name: str, optimizer_steps: int) -> None:
         raise ConfigError(f"{name}.optim: {err} (this job makes {optimizer_steps} optimizer steps)") from None
 
 
+# Which `algorithm.*` fields each kind of job reads. A field set away from its default that the chosen
+# algorithm does not read is an error naming the ones it does (it would otherwise be silently ignored).
+ONLINE_FIELDS = ("samples_per_prompt", "kl_coef", "kl_estimator", "adaptive_kl", "kl_target", "kl_horizon",
+                 "clip_eps", "dual_clip", "value_clip_eps", "gamma", "lam", "ppo_epochs", "num_minibatches",
+                 "whiten_advantages", "normalize_rewards", "no_eos_penalty", "ptx_coef", "loss_aggregation")
+# offline objective parameter (as the registry names it) -> config field; per objective where names clash
+PARAM_FIELDS = {"beta": "beta", "label_smoothing": "label_smoothing", "epsilon": "rdpo_epsilon",
+                "offset": "odpo_offset", "delta": "slic_delta", "gamma": "simpo_gamma", "alpha": "tdpo_alpha",
+                "lambda_d": "kto_lambda_d", "lambda_u": "kto_lambda_u", "kl_coef": "kl_sft_coef"}
+PARAM_FIELDS_BY_OBJECTIVE = {("dpop", "lam"): "dpop_lambda", ("slic", "lam"): "slic_lambda",
+                             ("odpo", "alpha"): "odpo_alpha", ("rm", "margin"): "rm_margin"}
+OFFLINE_COMMON_FIELDS = ("precompute_reference", "spin_iterations", "sdpo_stages")
+OFFLINE_FIELDS_BY_OBJECTIVE = {"rm": ("rm_zero_mean",), "sft": ("loss_aggregation",),
+                               "kl_sft": ("loss_aggregation",)}
+
+
+def param_field(objective_name: str, key: str) -> str | None:
+    """The `algorithm.*` field that feeds parameter `key` of an offline objective."""
+    return PARAM_FIELDS_BY_OBJECTIVE.get((objective_name, key), PARAM_FIELDS.get(key))
+
+
+def fields_read(cfg: JobConfig) -> set[str]:
+    """The `algorithm.*` fields the job's algorithm or objective reads."""
+    name = cfg.algorithm.name
+    if name in ONLINE_ALGORITHMS:
+        return {"name", *ONLINE_FIELDS}
+    objective = get_offline_objective(name)
+    params = {param_field(name, key) for key in objective.param_defaults} - {None}
+    return {"name", *params, *OFFLINE_COMMON_FIELDS, *OFFLINE_FIELDS_BY_OBJECTIVE.get(name, ())}
+
+
+def check_fields_read(cfg: JobConfig) -> None:
+    """Refuse `algorithm.*` values the chosen algorithm would ignore."""
+    from dataclasses import fields
+
+    from rlhf_ray.config.schema import AlgorithmConfig
+
+    defaults = AlgorithmConfig()
+    read = fields_read(cfg)
+    ignored = sorted(f.name for f in fields(AlgorithmConfig)
+                     if f.name not in read and getattr(cfg.algorithm, f.name) != getattr(defaults, f.name))
+    if ignored:
+        uses = ", ".join(f"algorithm.{k}" for k in sorted(read - {"name"})) or "none"
+        raise ConfigError(f"algorithm.{ignored[0]}: {cfg.algorithm.name} does not read "
+                          f"{', '.join('algorithm.' + k for k in ignored)}; remove it. {cfg.algorithm.name} reads: "
+                          f"{uses}")
+
+
 def samples_per_prompt(cfg: JobConfig) -> int:
     algorithm = get_online_algorithm(cfg.algorithm.name)
     return cfg.algorithm.samples_per_prompt or algorithm.default_samples_per_prompt
@@ -60,6 +108,7 @@ def samples_per_prompt(cfg: JobConfig) -> int:
 
 def validate_offline(cfg: JobConfig) -> None:
     objective = get_offline_objective(cfg.algorithm.name)
+    check_fields_read(cfg)
     if objective.needs_reference and not cfg.reference.enabled:
         raise ConfigError(f"algorithm.name: {objective.name} needs a reference model, but reference.enabled is "
                           "false; set reference.enabled=true (or pick a reference-free objective: sft, slic, simpo)")
@@ -89,7 +138,14 @@ def validate_offline(cfg: JobConfig) -> None:
 
 def validate_online(cfg: JobConfig) -> None:
     algorithm = get_online_algorithm(cfg.algorithm.name)
+    check_fields_read(cfg)
     n = samples_per_prompt(cfg)
+    a = cfg.algorithm
+    if algorithm.policy_loss == "reinforce" and (a.ppo_epochs > 1 or a.num_minibatches > 1):
+        raise ConfigError(f"algorithm.ppo_epochs/num_minibatches: {algorithm.name}'s REINFORCE loss has no importance "
+                          f"ratio, so a second pass (ppo_epochs={a.ppo_epochs}) or minibatch "
+                          f"(num_minibatches={a.num_minibatches}) would train on samples of an older policy; set both "
+                          "to 1, or use a clipped-ratio algorithm (ppo, grpo)")
     if n < algorithm.min_samples_per_prompt:
         raise ConfigError(f"algorithm.samples_per_prompt: {algorithm.name} compares samples within a group and "
                           f"needs at least {algorithm.min_samples_per_prompt} per prompt; got {n}")
@@ -117,9 +173,6 @@ def validate_online(cfg: JobConfig) -> None:
     _divisible(minibatch, cfg.policy.num_ranks, cfg.policy.micro_batch_size, "policy minibatch")
     if cfg.critic.enabled:
         _divisible(minibatch, cfg.critic.num_ranks, cfg.critic.micro_batch_size, "critic minibatch")
-    if rows % cfg.rollout.num_engines:
-        raise ConfigError(f"rollout.num_engines: {cfg.run.batch_size} prompts x {n} samples do not split over "
-                          f"{cfg.rollout.num_engines} engines")
 
 
 def check_vllm_available(cfg: JobConfig) -> None:

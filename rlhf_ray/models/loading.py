@@ -134,6 +134,27 @@ def checkpoint_model_type(path: str | os.PathLike) -> str | None:
         return None
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Turn every dropout of `model` off (in train mode too); returns how many were on.
+
+    RL and preference losses compare the training forward with log-probs,
+    values or reference scores computed without gradients (in eval mode): with
+    dropout on, PPO's ratio at identical weights is not 1 and DPO's policy and
+    reference disagree at step 0. Covers `nn.Dropout` modules and the float
+    attention-dropout rates attention modules keep (Llama's `attention_dropout`)."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            module.p = 0.0
+            changed += 1
+        for name in ("attention_dropout", "dropout"):
+            value = getattr(module, name, None)
+            if isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
+                changed += 1
+    return changed
+
+
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """Recompute activations in the backward pass (non-reentrant torch
     checkpointing), and turn off the KV cache, which training never uses."""

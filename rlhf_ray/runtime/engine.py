@@ -87,6 +87,7 @@ class TrainEngine:
             raise ValueError(f"each rank gets {batch_per_rank} sequences per optimizer step, which is not a multiple "
                              f"of micro_batch_size {role.micro_batch_size}")
         self.grad_accum_steps = batch_per_rank // self.micro_batch_size
+        self.world_size = world_size
         self.zero_stage = role.zero_stage
         optim = role.optim
         self.ds_config = build_deepspeed_config(
@@ -114,6 +115,18 @@ class TrainEngine:
     @property
     def device(self) -> torch.device:
         return self.engine.device
+
+    def global_loss(self, loss: torch.Tensor, local_weight: torch.Tensor | float, total_weight: float) -> torch.Tensor:
+        """A micro-batch's share of a loss aggregated over the whole minibatch.
+
+        `loss` is this micro-batch's weighted mean (weights summing to
+        `local_weight`: its tokens, or its sequences); `total_weight` is the
+        same sum over the minibatch on every rank. DeepSpeed divides each
+        micro-batch's loss by the accumulation steps and averages gradients over
+        ranks, so scaling by `local / total * accumulation * ranks` makes the
+        update the gradient of the minibatch's own mean, whatever the
+        micro-batch size and rank count."""
+        return loss * (float(local_weight) / max(float(total_weight), 1e-12)) * self.grad_accum_steps * self.world_size
 
     def train_batch(self, batch: dict, loss_fn: LossFn) -> dict[str, float]:
         """One optimizer step over this rank's batch, accumulated over micro-batches.

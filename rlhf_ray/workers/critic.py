@@ -6,10 +6,11 @@ with a fresh head (`critic.init_from`), trained with the clipped value loss.
 
 from __future__ import annotations
 
+from rlhf_ray.algorithms.advantages import aggregation_weights
 from rlhf_ray.algorithms.policy_loss import value_loss
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
-from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
+from rlhf_ray.models.loading import disable_dropout, load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import TrainEngine
 from rlhf_ray.workers import forward as fw
@@ -30,6 +31,8 @@ class CriticWorker(DistributedWorker):
                                        gradient_checkpointing=cfg.model.gradient_checkpointing,
                                        trust_remote_code=cfg.model.trust_remote_code, seed=job.run.seed,
                                        tokenizer=tokenizer)
+        if cfg.model.disable_dropout:
+            disable_dropout(model)
         self.engine = TrainEngine(model, cfg, world_size=self.world_size, batch_per_rank=batch_per_rank,
                                   total_optimizer_steps=total_optimizer_steps,
                                   dtype=str(dtype).replace("torch.", ""))
@@ -41,11 +44,18 @@ class CriticWorker(DistributedWorker):
         return self.engine.forward_eval(batch, lambda m, mb: {
             "values": fw.response_values(m, mb["input_ids"], mb["attention_mask"], response_length)})
 
-    def train_values(self, batch: dict, clip_eps: float) -> dict:
-        """One optimizer step of the clipped value loss on a minibatch (`old_values`, `returns`)."""
+    def train_values(self, batch: dict, clip_eps: float, loss_aggregation: str = "token-mean",
+                     loss_denominator: float | None = None) -> dict:
+        """One optimizer step of the clipped value loss on a minibatch (`old_values`, `returns`); with
+        `loss_denominator` (the minibatch's aggregation weight over all ranks) the loss is the minibatch's
+        mean whatever the micro-batch size and rank count."""
         def loss_fn(module, mb):
             values = fw.response_values(module, mb["input_ids"], mb["attention_mask"], mb["response_mask"].shape[1])
-            return value_loss(values, mb["old_values"], mb["returns"], mb["response_mask"], clip_eps=clip_eps)
+            weights = aggregation_weights(mb["response_mask"], loss_aggregation)
+            loss, metrics = value_loss(values, mb["old_values"], mb["returns"], weights, clip_eps=clip_eps)
+            if loss_denominator is not None:
+                loss = self.engine.global_loss(loss, weights.sum(), loss_denominator)
+            return loss, metrics
         return self.engine.train_batch(batch, loss_fn)
 
     def save_checkpoint(self, directory: str) -> None:

@@ -11,20 +11,21 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.algorithms import policy_loss as pl
+from rlhf_ray.algorithms.advantages import aggregation_weights
 from rlhf_ray.algorithms.kl import kl_loss
 from rlhf_ray.algorithms.objectives import KTOBatch, PreferenceBatch, SFTBatch
-from rlhf_ray.algorithms.preference import tdpo_sequential_kl
+from rlhf_ray.algorithms.preference import odpo_offsets, tdpo_sequential_kl
 from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
 from rlhf_ray.algorithms.sft_loss import sft_loss
 from rlhf_ray.config.schema import JobConfig
-from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.models.loading import disable_dropout, load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import TrainEngine
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.forward import generate_tokens
 
 
-def _preference_loss(objective, params):
+def _preference_loss(objective, params, engine=None):
     def loss_fn(module, mb):
         stats = fw.pair_logps(module, mb, vocab=objective.needs_sequence_kl)
         seq_kl = {}
@@ -32,10 +33,14 @@ def _preference_loss(objective, params):
             for side in ("chosen", "rejected"):
                 seq_kl[f"{side}_seq_kl"] = tdpo_sequential_kl(
                     stats[f"{side}_vocab_logps"], mb[f"ref_{side}_vocab_logps"], stats[f"{side}_mask"])
+        offsets = None
+        if "offset" in objective.param_defaults and "score_chosen" in mb and not params.get("constant_offset"):
+            offsets = odpo_offsets(mb["score_chosen"], mb["score_rejected"], params["alpha"])
         inputs = PreferenceBatch(
             policy_chosen_logps=stats["chosen_logps"], policy_rejected_logps=stats["rejected_logps"],
             ref_chosen_logps=mb.get("ref_chosen_logps"), ref_rejected_logps=mb.get("ref_rejected_logps"),
-            chosen_lengths=stats["chosen_lengths"], rejected_lengths=stats["rejected_lengths"], **seq_kl)
+            chosen_lengths=stats["chosen_lengths"], rejected_lengths=stats["rejected_lengths"], offsets=offsets,
+            **seq_kl)
         loss, metrics = objective.loss(inputs, params)
         metrics["logps/chosen"] = stats["chosen_logps"].detach().mean()
         metrics["logps/rejected"] = stats["rejected_logps"].detach().mean()
@@ -43,20 +48,25 @@ def _preference_loss(objective, params):
     return loss_fn
 
 
-def _sft_loss(objective, params):
+def _sft_loss(objective, params, engine=None):
     def loss_fn(module, mb):
         stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
-        return objective.loss(SFTBatch(stats["token_logps"], stats["mask"], mb.get("ref_token_logps")), params)
+        weights = aggregation_weights(stats["mask"], params.get("loss_aggregation", "token-mean"))
+        loss, metrics = objective.loss(SFTBatch(stats["token_logps"], weights, mb.get("ref_token_logps")), params)
+        if engine is not None and "loss_denominator" in params:  # training: the minibatch's own mean
+            loss = engine.global_loss(loss, weights.sum(), params["loss_denominator"])
+        return loss, metrics
     return loss_fn
 
 
-def _kto_loss(objective, params):
+def _kto_loss(objective, params, engine=None):
     def loss_fn(module, mb):
         stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
         with torch.no_grad():
             mismatched = fw.sequence_logps(module, mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_loss_mask"])
         inputs = KTOBatch(policy_logps=stats["logps"], ref_logps=mb["ref_logps"], desirable=mb["label"].bool(),
-                          policy_logps_mismatched=mismatched["logps"], ref_logps_mismatched=mb["ref_kl_logps"])
+                          policy_logps_mismatched=mismatched["logps"], ref_logps_mismatched=mb["ref_kl_logps"],
+                          kl_reference_point=params.get("kl_reference_point"))
         return objective.loss(inputs, params)
     return loss_fn
 
@@ -78,6 +88,8 @@ class PolicyWorker(DistributedWorker):
         model = load_causal_lm(init_from, dtype=model_cfg.dtype, gradient_checkpointing=model_cfg.gradient_checkpointing,
                                trust_remote_code=model_cfg.trust_remote_code, seed=job.run.seed,
                                tokenizer=self.tokenizer)
+        if model_cfg.disable_dropout:
+            disable_dropout(model)
         self.engine = TrainEngine(model, job.policy, world_size=self.world_size, batch_per_rank=batch_per_rank,
                                   total_optimizer_steps=total_optimizer_steps,
                                   dtype=str(self.dtype).replace("torch.", ""))
@@ -87,8 +99,23 @@ class PolicyWorker(DistributedWorker):
     def train_offline(self, batch: dict, objective_name: str, params: dict) -> dict:
         """One optimizer step of an offline objective on this rank's share of the batch."""
         objective = get_offline_objective(objective_name)
-        loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, params)
+        if objective.data_format == "kto":
+            params = {**params, "kl_reference_point": self.kto_reference_point(batch)}
+        loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, params, self.engine)
         return self.engine.train_batch(batch, loss_fn)
+
+    def kto_reference_point(self, batch: dict) -> float:
+        """KTO's z0 for a whole step: the mean policy-minus-reference log-ratio of the mismatched pairs over
+        every micro-batch and rank, clamped at 0 after averaging (as TRL gathers before clamping)."""
+        import torch.distributed as dist
+
+        out = self.engine.forward_eval(batch, lambda m, mb: {"logps": fw.sequence_logps(
+            m, mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_loss_mask"])["logps"]})
+        total = torch.tensor([float((out["logps"] - batch["ref_kl_logps"]).sum()), float(len(out["logps"]))],
+                             dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(total)
+        return max(0.0, float(total[0] / total[1]))
 
     def eval_preference(self, batch: dict, objective_name: str, params: dict) -> dict:
         """The objective's loss and reward metrics on held-out pairs, without gradients."""
@@ -119,28 +146,36 @@ class PolicyWorker(DistributedWorker):
 
         `batch` holds input_ids, attention_mask, response_mask, old_logprobs,
         advantages (and ref_logprobs when the KL sits in the loss, ptx rows
-        when PPO-ptx is on)."""
+        when PPO-ptx is on). `params["loss_denominator"]` (and
+        `"ptx_denominator"`) is the minibatch's aggregation weight over all
+        ranks (`aggregation_weights(...).sum()`): the loss is the minibatch's
+        mean whatever the micro-batch size and rank count."""
         algorithm = get_online_algorithm(algorithm_name)
         temperature = self.job.rollout.temperature
+        mode = params.get("loss_aggregation", "token-mean")
 
         def loss_fn(module, mb):
             response_length = mb["response_mask"].shape[1]
             out = fw.response_logprobs(module, mb["input_ids"], mb["attention_mask"], response_length,
                                        temperature=temperature, with_entropy=True)
             mask = mb["response_mask"]
+            weights = aggregation_weights(mask, mode)
             if algorithm.policy_loss == "ppo_clip":
-                loss, metrics = pl.ppo_policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], mask,
+                loss, metrics = pl.ppo_policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], weights,
                                                    clip_eps=params["clip_eps"], dual_clip=params.get("dual_clip"))
             else:
-                loss, metrics = pl.reinforce_policy_loss(out["logprobs"], mb["advantages"], mask)
+                loss, metrics = pl.reinforce_policy_loss(out["logprobs"], mb["advantages"], weights)
             if algorithm.kl_placement == "loss" and params["kl_coef"] > 0:
-                kl_term, kl_metrics = kl_loss(out["logprobs"], mb["ref_logprobs"], mask, params["kl_coef"])
+                kl_term, kl_metrics = kl_loss(out["logprobs"], mb["ref_logprobs"], weights, params["kl_coef"])
                 loss = loss + kl_term
                 metrics.update(kl_metrics)
+            loss = self.engine.global_loss(loss, weights.sum(), params["loss_denominator"])
             if params.get("ptx_coef", 0.0) > 0 and "ptx_input_ids" in mb:
                 ptx = fw.sequence_logps(module, mb["ptx_input_ids"], mb["ptx_attention_mask"], mb["ptx_loss_mask"])
-                ptx_loss, _ = sft_loss(ptx["token_logps"], ptx["mask"])
-                loss = loss + params["ptx_coef"] * ptx_loss
+                ptx_weights = aggregation_weights(ptx["mask"], mode)
+                ptx_loss, _ = sft_loss(ptx["token_logps"], ptx_weights)
+                loss = loss + params["ptx_coef"] * self.engine.global_loss(ptx_loss, ptx_weights.sum(),
+                                                                           params["ptx_denominator"])
                 metrics["actor/ptx_loss"] = ptx_loss.detach()
             denom = mask.sum().clamp(min=1)
             metrics["actor/entropy"] = (out["entropy"] * mask).sum().detach() / denom

