@@ -140,12 +140,6 @@ def validate_online(cfg: JobConfig) -> None:
     algorithm = get_online_algorithm(cfg.algorithm.name)
     check_fields_read(cfg)
     n = samples_per_prompt(cfg)
-    a = cfg.algorithm
-    if algorithm.policy_loss == "reinforce" and (a.ppo_epochs > 1 or a.num_minibatches > 1):
-        raise ConfigError(f"algorithm.ppo_epochs/num_minibatches: {algorithm.name}'s REINFORCE loss has no importance "
-                          f"ratio, so a second pass (ppo_epochs={a.ppo_epochs}) or minibatch "
-                          f"(num_minibatches={a.num_minibatches}) would train on samples of an older policy; set both "
-                          "to 1, or use a clipped-ratio algorithm (ppo, grpo)")
     if n < algorithm.min_samples_per_prompt:
         raise ConfigError(f"algorithm.samples_per_prompt: {algorithm.name} compares samples within a group and "
                           f"needs at least {algorithm.min_samples_per_prompt} per prompt; got {n}")
@@ -157,6 +151,12 @@ def validate_online(cfg: JobConfig) -> None:
     if algorithm.needs_reference and not cfg.reference.enabled and cfg.algorithm.kl_coef > 0:
         raise ConfigError(f"reference.enabled: {algorithm.name} with kl_coef > 0 needs the reference model; "
                           "set reference.enabled=true or algorithm.kl_coef=0")
+    a = cfg.algorithm
+    if algorithm.policy_loss == "reinforce" and (a.ppo_epochs > 1 or a.num_minibatches > 1):
+        raise ConfigError(f"algorithm.ppo_epochs/num_minibatches: {algorithm.name}'s REINFORCE loss has no importance "
+                          f"ratio, so a second pass (ppo_epochs={a.ppo_epochs}) or minibatch "
+                          f"(num_minibatches={a.num_minibatches}) would train on samples of an older policy; set both "
+                          "to 1, or use a clipped-ratio algorithm (ppo, grpo)")
     if not cfg.reward.rule and not cfg.reward.model.name_or_path:
         raise ConfigError("reward: give reward.rule (module:function) or reward.model.name_or_path (a reward model)")
     if cfg.rollout.engine == "vllm":

@@ -148,17 +148,34 @@ class TrainEngine:
             mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
             loss, metrics = loss_fn(self.engine, mb)
             self.engine.backward(loss)
-            if index == len(micro) - 1 and self._snapshots_left:
+            last = index == len(micro) - 1
+            if last and self._snapshots_left:
                 self._snapshots_left -= 1
                 self._record_peak()
+            if last and self.zero_stage == 0:
+                own_norm = self._unpartitioned_grad_norm()
             self.engine.step()
             per_micro.append({"loss": loss.detach(), **metrics})
         out = mean_metrics(per_micro)
+        # The global norm over every rank's gradients, before clipping (the same number whatever the ZeRO
+        # stage and rank count), and whether clipping fired on this optimizer step. ZeRO 1-3 optimizers
+        # report it; at ZeRO-0 DeepSpeed clips without keeping the norm, so it is taken from the
+        # all-reduced gradients just before the step.
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None and self.zero_stage == 0:
+            grad_norm = own_norm
         if grad_norm is not None:
             out["grad_norm"] = float(grad_norm)
+            clip = self.ds_config.get("gradient_clipping", 0.0)
+            out["grad_clipped"] = float(clip > 0 and float(grad_norm) > clip)
         out["lr"] = float(self.engine.get_lr()[0])
         return out
+
+    @torch.no_grad()
+    def _unpartitioned_grad_norm(self) -> float:
+        """L2 norm of the module's gradients (ZeRO-0: after the boundary's all-reduce, the global ones)."""
+        squares = [p.grad.detach().double().pow(2).sum() for p in self.module.parameters() if p.grad is not None]
+        return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
     @torch.no_grad()
     def forward_eval(self, batch: dict, fn: Callable[[torch.nn.Module, dict], dict]) -> dict:

@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 # Shown in this order when present in a step's metrics, at most `max_keys` of them.
 DEFAULT_KEYS = (
-    "loss", "actor/pg_loss", "critic/value_loss", "rewards/mean", "rewards/accuracies", "rewards/margins",
-    "eval/alignment_accuracy", "time/step_s",
+    "loss", "train/loss", "actor/pg_loss", "critic/value_loss", "actor/grad_norm", "critic/grad_norm",
+    "train/grad_norm", "rewards/mean", "rewards/accuracies", "rewards/margins", "eval/alignment_accuracy",
+    "time/step_s",
 )
 
 
@@ -31,7 +32,7 @@ def _is_interactive(stream: TextIO) -> bool:
     return bool(isatty and isatty())
 
 
-def format_metrics(metrics: Mapping[str, Any], keys: Sequence[str] = DEFAULT_KEYS, max_keys: int = 4) -> str:
+def format_metrics(metrics: Mapping[str, Any], keys: Sequence[str] = DEFAULT_KEYS, max_keys: int = 5) -> str:
     """`"loss=0.612 rewards/accuracies=0.75"`: the first `max_keys` of `keys` present with a number."""
     parts = []
     for key in keys:
@@ -58,7 +59,7 @@ class Progress:
     """
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True, desc: str = "",
-                 keys: Sequence[str] = DEFAULT_KEYS, max_keys: int = 4, stream: TextIO | None = None,
+                 keys: Sequence[str] = DEFAULT_KEYS, max_keys: int = 5, stream: TextIO | None = None,
                  log_every: int | None = None):
         self.total = int(total)
         self.desc = desc

@@ -167,3 +167,17 @@ def test_reinforce_pp_advantages_hand_worked():
     adv = reinforce_pp_advantages(rewards, mask, gamma=1.0)
     close(adv, [[-0.707107, -0.707107], [1.414214, 0.0]])
     assert math.isclose(float(masked_mean(adv, mask)), 0.0, abs_tol=1e-6)
+
+
+def test_aggregation_weights_by_hand():
+    from rlhf_ray.algorithms.advantages import aggregation_weights
+
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [5.0, 9.0, 9.0, 9.0], [7.0, 7.0, 7.0, 7.0]])
+    tokens = aggregation_weights(mask, "token-mean")
+    assert float(tokens.sum()) == 5 and float(masked_mean(values, tokens)) == pytest.approx((4 + 5) / 5)
+    sequences = aggregation_weights(mask, "seq-mean-token-mean")
+    # Row means 1 and 5 (the empty row weighs nothing): (1 + 5) / 2.
+    assert float(sequences.sum()) == 2 and float(masked_mean(values, sequences)) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="loss aggregation 'sum'"):
+        aggregation_weights(mask, "sum")

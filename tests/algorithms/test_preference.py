@@ -200,3 +200,11 @@ def test_kto_reference_point_is_clamped_mean_without_gradient():
 def test_mismatched_shapes_are_reported():
     with pytest.raises(ValueError, match="ref_rejected_logps=\\(3,\\)"):
         dpo_loss(t(-1.0, -1.0), t(-1.0, -1.0), t(-1.0, -1.0), t(-1.0, -1.0, -1.0), beta=0.1)
+
+
+def test_odpo_offsets_from_scores_by_hand():
+    from rlhf_ray.algorithms.preference import odpo_offsets
+
+    offsets = odpo_offsets(torch.tensor([1.25, 2.0, 0.0]), torch.tensor([0.25, 2.0, 1.0]), alpha=2.0)
+    # 2 * log(1 + 1), 2 * log(1 + 0), and a negative gap asks for no margin either.
+    assert torch.allclose(offsets, torch.tensor([2 * math.log(2.0), 0.0, 0.0]))

@@ -75,3 +75,12 @@ def test_ranked_equals_averaged_pairwise(seed):
         per_prompt.append(pairwise_reward_loss(better, worse)[0])
     expected = torch.stack(per_prompt).mean()
     torch.testing.assert_close(ranked_reward_loss(rewards, ranking)[0], expected)
+
+
+def test_ranked_loss_with_a_margin_by_hand():
+    # One pair, gap 1: without a margin -log sigmoid(1) = 0.313262; with margin 0.5, -log sigmoid(0.5) = 0.474077.
+    rewards, ranking = torch.tensor([[1.0, 0.0]]), torch.tensor([[0, 1]])
+    assert float(ranked_reward_loss(rewards, ranking)[0]) == pytest.approx(0.313262, abs=1e-6)
+    loss, metrics = ranked_reward_loss(rewards, ranking, margin=0.5)
+    assert float(loss) == pytest.approx(0.474077, abs=1e-6)
+    assert float(metrics["rewards/margins"]) == pytest.approx(1.0)  # metrics read the plain gap

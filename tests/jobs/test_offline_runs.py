@@ -89,3 +89,47 @@ def test_reward_model_training_reports_heldout_accuracy_and_centres_rewards(ray_
     model = load_scalar_head_model(str(out / "final"))
     assert model.score_bias != 0.0  # InstructGPT's zero-mean shift was applied
     assert summary["algorithm"] == "rm"
+
+
+def test_kl_sft_with_precomputed_reference_logprobs(ray_cluster, tmp_path):
+    # The cached per-token reference log-probs come from chunks padded to different widths.
+    out = tmp_path / "klsft"
+    run_job(tiny_config("tiny-kl-sft", out, "run.total_steps=2", *SMALL, "algorithm.precompute_reference=true"))
+    rows = read_metrics(out)
+    assert len(rows) == 2 and all(math.isfinite(r["train/loss"]) for r in rows)
+    assert rows[0]["sft/kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+
+
+def test_odpo_uses_per_pair_scores_and_refuses_data_without_them(ray_cluster, tmp_path):
+    import json
+
+    from rlhf_ray.config import ConfigError
+
+    out = tmp_path / "odpo"
+    run_job(tiny_config("tiny-odpo", out, "run.total_steps=1", *SMALL))
+    # Offsets alpha * log(1 + 1.25 - 0.25) = log 2 for every synthetic pair: loss log(1 + 2) at the reference.
+    assert read_metrics(out)[0]["train/loss"] == pytest.approx(math.log(3.0), abs=1e-4)
+    unscored = tmp_path / "pairs.jsonl"
+    unscored.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Yes {i}.", "rejected": f"No {i}."})
+                                + "\n" for i in range(8)))
+    with pytest.raises(ConfigError, match=r"odpo sets each pair's offset from its scores.*odpo_offset"):
+        run_job(tiny_config("tiny-odpo", tmp_path / "bad", f"data.train={unscored}", *SMALL))
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+    constant = tmp_path / "constant"
+    run_job(tiny_config("tiny-odpo", constant, f"data.train={unscored}", "algorithm.odpo_offset=1.0",
+                        "run.total_steps=1", *SMALL))
+    assert read_metrics(constant)[0]["train/loss"] == pytest.approx(math.log(1 + math.e), abs=1e-4)
+
+
+@pytest.mark.parametrize("preset, override, message", [
+    ("tiny-kl-sft", "algorithm.kl_coef=0.5", r"algorithm.kl_coef: kl_sft does not read .*reads: .*kl_sft_coef"),
+    ("tiny-simpo", "algorithm.gamma=0.5", r"algorithm.gamma: simpo does not read .*simpo_gamma"),
+    ("tiny-dpop", "algorithm.lam=0.5", r"algorithm.lam: dpop does not read .*dpop_lambda"),
+    ("tiny-dpo", "algorithm.simpo_gamma=1.0", r"algorithm.simpo_gamma: dpo does not read"),
+])
+def test_settings_an_objective_ignores_are_refused(tmp_path, preset, override, message):
+    from rlhf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        run_job(tiny_config(preset, tmp_path / "bad", override))
+    assert not (tmp_path / "bad" / "metrics.jsonl").exists()

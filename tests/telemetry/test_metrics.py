@@ -171,3 +171,10 @@ def test_format_metrics_picks_known_keys_in_order():
     metrics = {"time/step_s": 2.0, "rewards/accuracies": 0.875, "loss": float("nan"), "flag": True}
     assert format_metrics(metrics) == "loss=nan rewards/accuracies=0.875 time/step_s=2"
     assert format_metrics(metrics, max_keys=1) == "loss=nan"
+
+
+def test_format_metrics_shows_each_roles_gradient_norm():
+    metrics = {"actor/pg_loss": 0.5, "critic/value_loss": 0.25, "actor/grad_norm": 1.5, "critic/grad_norm": 3.0}
+    assert format_metrics(metrics) == ("actor/pg_loss=0.5 critic/value_loss=0.25 actor/grad_norm=1.5 "
+                                       "critic/grad_norm=3")
+    assert "train/grad_norm=0.75" in format_metrics({"train/loss": 0.7, "train/grad_norm": 0.75})
