@@ -1,7 +1,7 @@
 """What every driver shares: the run directory, Ray start-up, role groups,
 checkpoints with exact resume, and the per-step record.
 
-A run directory (DESIGN.md) holds `config.yaml` (resolved), `metrics.jsonl`,
+A run directory (docs/ARCHITECTURE.md) holds `config.yaml` (resolved), `metrics.jsonl`,
 `checkpoints/step_<N>/` and `summary.json`. A checkpoint holds each trainable
 role's DeepSpeed state (model, optimizer, scheduler), the policy exported with
 `save_pretrained`, and `trainer_state.json` (step, data position, RNG, KL

@@ -38,6 +38,7 @@ from rlhf_ray.jobs.data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
+from rlhf_ray.telemetry.hardware import measure_memory_bandwidth
 from rlhf_ray.telemetry.metrics import MetricsWriter, write_summary
 from rlhf_ray.telemetry.progress import Progress
 from rlhf_ray.telemetry.timers import PhaseTimer
@@ -103,6 +104,8 @@ class OnlineJob:
             else FixedKLController(a.kl_coef)
         self.reward_std = RunningStd()
         self.uses_reference = self.algorithm.needs_reference and a.kl_coef > 0
+        # Bytes/s a plain copy moves on this machine (half the read + write bandwidth), beside each sync.
+        self.memcpy_rate = measure_memory_bandwidth(nbytes=64 * 2**20, iters=3) / 2
 
     # roles -----------------------------------------------------------------
     def _specs(self):
@@ -321,7 +324,10 @@ class OnlineJob:
         results = ray.get(roles["policy"].map(lambda a: a.send_weights.remote(engines, bucket)))
         seconds = time.perf_counter() - start
         sent = max(r["sync/bytes"] for r in results)
-        return {"sync/bytes": sent, "sync/seconds": seconds, "sync/bandwidth_bytes_per_s": sent / max(seconds, 1e-9)}
+        rate = sent / max(seconds, 1e-9)
+        return {"sync/bytes": sent, "sync/seconds": seconds, "sync/bandwidth_bytes_per_s": rate,
+                "sync/bandwidth_memcpy_bytes_per_s": self.memcpy_rate,
+                "sync/bandwidth_share_of_memcpy": rate / self.memcpy_rate}
 
     def rollout_metrics(self, rollout: dict, scores: dict, metrics: dict) -> dict:
         mask = rollout["response_mask"].float()

@@ -1,6 +1,6 @@
 """Checkpoint directories that are either whole or absent, and RNG state for exact resume.
 
-Layout (DESIGN.md): `<run_dir>/checkpoints/step_<N>/`, each holding a
+Layout (docs/ARCHITECTURE.md, "Run directories"): `<run_dir>/checkpoints/step_<N>/`, each holding a
 completion marker. A save goes into a hidden sibling `.step_<N>.tmp-<id>/`;
 only when everything inside is written (and flushed to disk) is the marker
 added and the directory renamed into place. A crash mid-save therefore leaves

@@ -98,6 +98,7 @@ def test_kl_sft_with_precomputed_reference_logprobs(ray_cluster, tmp_path):
     rows = read_metrics(out)
     assert len(rows) == 2 and all(math.isfinite(r["train/loss"]) for r in rows)
     assert rows[0]["sft/kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+    assert all(r["train/grad_norm"] > 0 and r["train/grad_clipped"] in (0.0, 1.0) for r in rows)
 
 
 def test_odpo_uses_per_pair_scores_and_refuses_data_without_them(ray_cluster, tmp_path):

@@ -182,6 +182,13 @@ def test_ppo_still_runs_on_the_hugging_face_engine(ray_cluster, tmp_path):
     assert summary["roles"] == ["critic", "policy", "reference", "reward", "rollout"]
     rows = read_metrics(tmp_path / "hf")
     assert all(row["rollout/logprob_diff"] < 1e-4 for row in rows)
-    # Each role's own optimizer metrics: the policy's loss is not the critic's.
+    # The sync's bandwidth, with this machine's memcpy rate beside it.
+    assert rows[-1]["sync/bytes"] > 0 and rows[-1]["sync/bandwidth_memcpy_bytes_per_s"] > 0
+    assert 0 < rows[-1]["sync/bandwidth_share_of_memcpy"] == pytest.approx(
+        rows[-1]["sync/bandwidth_bytes_per_s"] / rows[-1]["sync/bandwidth_memcpy_bytes_per_s"])
+    # Each role's own optimizer metrics: the policy's loss and gradient norm are not the critic's.
     assert rows[-1]["actor/loss"] != rows[-1]["critic/loss"]
-    assert rows[-1]["critic/loss"] == rows[-1]["critic/value_loss"]
+    assert rows[-1]["critic/loss"] == pytest.approx(rows[-1]["critic/value_loss"])
+    assert rows[-1]["actor/grad_norm"] > 0 and rows[-1]["critic/grad_norm"] > 0
+    assert rows[-1]["actor/grad_norm"] != rows[-1]["critic/grad_norm"]
+    assert 0 <= rows[-1]["actor/grad_clipped"] <= 1
