@@ -98,7 +98,7 @@ class RolloutSettings:
     """The generation engine."""
 
     engine: Literal["vllm", "hf"] = "vllm"
-    """"vllm" on GPUs, "hf" (transformers `generate`, a full copy of the weights) on CPUs."""
+    """"vllm" (weights plus the KV cache it claims) or "hf" (transformers `generate`, a full copy of the weights)."""
     dtype: str = "bf16"
     """Weights and KV cache."""
     tensor_parallel_size: int = 1

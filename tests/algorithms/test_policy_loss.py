@@ -121,3 +121,16 @@ def test_reinforce_policy_loss_hand_worked():
     loss.backward()
     # gradient -A / 2 on response tokens
     close(logprobs.grad, [[-0.5, 0.5, 0.0]])
+
+
+def test_ppo_log_ratio_is_clamped_so_one_far_off_token_stays_finite():
+    from rlhf_ray.algorithms.policy_loss import MAX_LOG_RATIO
+
+    logprobs = torch.tensor([[-0.1, 0.0]], requires_grad=True)
+    old = torch.tensor([[-200.0, 0.0]])  # log-ratio 199.9: exp() overflows float32 without the clamp
+    loss, metrics = ppo_policy_loss(logprobs, old, torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), clip_eps=0.2)
+    assert torch.isfinite(loss) and torch.isfinite(metrics["actor/approx_kl"])
+    # The clamped ratio e^20 on the negative-advantage token: loss (e^20 * 1 + -(1 * 1)) / 2.
+    assert float(loss) == pytest.approx((math.exp(MAX_LOG_RATIO) - 1.0) / 2, rel=1e-5)
+    loss.backward()
+    assert torch.isfinite(logprobs.grad).all()
