@@ -31,7 +31,7 @@ def sft(ray_cluster, tmp_path_factory):
 def test_each_online_algorithm_raises_the_heldout_reward(sft, tmp_path, preset):
     out = tmp_path / preset
     run_job(tiny_config(preset, out, "run.total_steps=8", "run.batch_size=8", f"policy.model.name_or_path={sft}",
-                        "data.eval=synthetic:prompts_eval", "run.eval_size=32"))
+                        "data.eval=synthetic:prompts_eval", "run.eval_size=64"))
     evals = [r for r in read_metrics(out) if "eval/reward_mean" in r]
     assert [r["step"] for r in evals] == [1, 8]
     first, last = evals[0]["eval/reward_mean"], evals[-1]["eval/reward_mean"]
