@@ -510,3 +510,28 @@ def test_nccl_weight_transfer_from_a_policy_actor(tmp_path, ray_cluster):
     prompt = _prompts(tokenizer)["input_ids"][1].tolist()
     assert ray.get(engine.greedy_text.remote(prompt)) == hf.greedy_text(prompt)
     ray.get(engine.shutdown.remote())
+
+
+def _vllm_groups_alive(worker) -> bool:
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    return bool(model_parallel_is_initialized())
+
+
+def test_shutdown_frees_the_engine_so_another_starts_in_the_same_process(tmp_path, ray_cluster):
+    # The engine core runs inside the actor's process on the CPU: shutdown stops it and drops the
+    # process groups vLLM made there, and a new engine then starts in the same process.
+    _, tokenizer = _save_tiny_checkpoint(tmp_path / "ckpt", seed=0)
+    job = _engine_job(tmp_path / "ckpt")
+    engine, _ = _start_engine(ray_cluster, job, str(tmp_path / "ckpt"), "cpu")
+    get = ray_cluster.get
+    try:
+        prompt = _prompts(tokenizer)["input_ids"][0].tolist()
+        first = get(engine.greedy_text.remote(prompt))
+        assert get(engine.__ray_call__.remote(_vllm_groups_alive))
+        get(engine.shutdown.remote())
+        assert not get(engine.__ray_call__.remote(_vllm_groups_alive))
+        get(engine.setup.remote(job, init_from=str(tmp_path / "ckpt")))
+        assert get(engine.greedy_text.remote(prompt)) == first
+    finally:
+        ray_cluster.kill(engine)
