@@ -1,7 +1,7 @@
 """The job configuration: frozen, typed dataclasses, one per role and section.
 
-Every field carries a docstring-style comment (the `help` metadata) that the
-CLI shows and `rlhf-ray train --help-config` prints. Nothing here mutates at
+Every field carries a docstring-style comment (the `help` metadata) that
+`rlhf-ray config keys` prints. Nothing here mutates at
 run time: a driver that wants a different value builds a new config with
 `dataclasses.replace`. Field checks that need only the field itself live in
 each class's `__post_init__`; checks across sections live in `JobConfig`.
@@ -9,7 +9,7 @@ each class's `__post_init__`; checks across sections live in `JobConfig`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Optional
 
 
@@ -289,12 +289,13 @@ class PlacementConfig:
     """How roles share resources."""
 
     colocate: tuple[tuple[str, ...], ...] = _help("Sets of roles sharing the same bundles, e.g. [[policy, reference]].", default=())
-    strategy: str = _help("PACK (fill nodes) or SPREAD.", default="PACK")
+    strategy: str = _help("Ray's placement strategy: PACK (fill nodes), SPREAD, STRICT_PACK (one node) or "
+                          "STRICT_SPREAD (one node per bundle).", default="PACK")
     timeout_s: float = _help("How long to wait for the placement group before failing.", default=60.0)
 
     def __post_init__(self):
         _check(self.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "strategy",
-               f"got {self.strategy!r}; expected PACK or SPREAD")
+               f"got {self.strategy!r}; expected PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
 
 
 @dataclass(frozen=True)
@@ -312,9 +313,3 @@ class JobConfig:
     placement: PlacementConfig = _help("Colocation of roles.", default_factory=PlacementConfig)
     name: str = _help("A label for this job (used when several run alongside each other).", default="job")
     judge: str = _help("Import path of `fn(text) -> bool` for alignment accuracy in evaluation; empty: none.", default="rlhf_ray.data.synthetic:mentions_target")
-
-
-def field_help(cls) -> dict[str, str]:
-    """`{field_name: help}` of a config dataclass."""
-    return {f.name: f.metadata.get("help", "") for f in fields(cls)}
-

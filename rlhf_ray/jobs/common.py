@@ -169,9 +169,6 @@ class RoleGroups:
     def __getitem__(self, name: str) -> ActorGroup:
         return self.groups[name]
 
-    def get(self, name: str) -> ActorGroup | None:
-        return self.groups.get(name)
-
     def __enter__(self) -> "RoleGroups":
         return self
 

@@ -233,8 +233,6 @@ class MetricsWriter:
         self.last_step = step
         return row
 
-    log = write
-
     def close(self) -> None:
         """Flush and close every sink (safe to call twice)."""
         if self._closed:

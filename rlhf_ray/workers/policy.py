@@ -129,10 +129,6 @@ class PolicyWorker(DistributedWorker):
         out = self.engine.forward_eval(batch, fn)
         return {k: float(v.mean()) for k, v in out.items()}
 
-    def pair_logps(self, batch: dict) -> dict:
-        return self.engine.forward_eval(batch, lambda m, mb: {k: v for k, v in fw.pair_logps(m, mb).items()
-                                                               if k.endswith("logps") and "token" not in k})
-
     # online ----------------------------------------------------------------
     def rollout_logprobs(self, batch: dict) -> dict:
         """Log-probs `[B, R]` of rollout responses under the current weights (PPO's old log-probs)."""

@@ -1,4 +1,5 @@
-"""Every offline objective and online policy loss, wired to a real tiny model and real batches.
+"""Every offline objective, wired to a real tiny model and real batches (the online policy loss is
+checked against a hand-computed gradient in test_rl_wiring.py).
 
 These run the roles' loss functions in-process (no Ray, no DeepSpeed) on the
 shipped tiny model and synthetic data: the batch layout the drivers build
