@@ -27,3 +27,28 @@ def metric_rows(run_dir: Path) -> list[dict]:
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(Path(run_dir) / "final" / "model.safetensors"))
+
+
+def assert_same_run(resumed: Path, full: Path, rel: float = 1e-6) -> None:
+    """A resumed online run ends like the uninterrupted one: every step once, the same metrics and the
+    same final weights, to float rounding. The vLLM engine's own log-probs (and what is computed
+    from them) can differ in the last bits between two runs of the same batch, so floats are compared
+    to `rel`; a real resume fault (a repeated or skipped step, a lost optimizer or RNG state, another
+    data position) moves them by far more. Differences are listed by step and key."""
+    import math
+
+    a, b = metric_rows(resumed), metric_rows(full)
+    assert [r["step"] for r in a] == [r["step"] for r in b], ([r["step"] for r in a], [r["step"] for r in b])
+    diffs = []
+    for ra, rb in zip(a, b):
+        for key in sorted(set(ra) | set(rb)):
+            x, y = ra.get(key), rb.get(key)
+            same = x == y or (isinstance(x, float) and isinstance(y, float)
+                              and math.isclose(x, y, rel_tol=rel, abs_tol=1e-9))
+            if not same:
+                diffs.append((ra["step"], key, x, y))
+    assert not diffs, diffs[:10]
+    wa, wb = final_weights(resumed), final_weights(full)
+    assert wa.keys() == wb.keys()
+    worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    assert worst <= 1e-6, worst

@@ -8,13 +8,12 @@ import threading
 
 import pytest
 import ray
-import torch
 
 from rlhf_ray.config import ConfigError
 from rlhf_ray.jobs import run_job
 from rlhf_ray.telemetry.metrics import read_metrics
 
-from job_helpers import final_weights, metric_rows, tiny_config
+from job_helpers import assert_same_run, tiny_config
 
 SMALL = ["run.batch_size=4", "rollout.max_new_tokens=8", "algorithm.num_minibatches=1"]
 REWARD_MODEL = ["reward.rule=", "reward.model.name_or_path=tiny-gpt2"]  # a (fresh) scalar-head reward model
@@ -38,9 +37,7 @@ def test_ppo_has_four_model_roles_and_resumes_exactly(ray_cluster, tmp_path):
     shutil.rmtree(resumed / "checkpoints" / "step_3")
     shutil.rmtree(resumed / "final")
     run_job(tiny_config("tiny-ppo", resumed, "run.total_steps=3", "run.save_every=2", *SMALL, *REWARD_MODEL))
-    assert metric_rows(resumed) == metric_rows(full)
-    a, b = final_weights(full), final_weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(resumed, full)
 
 
 def test_remax_creates_no_critic_uses_a_greedy_baseline_and_resumes_exactly(ray_cluster, tmp_path):
@@ -58,9 +55,7 @@ def test_remax_creates_no_critic_uses_a_greedy_baseline_and_resumes_exactly(ray_
     shutil.rmtree(resumed / "checkpoints" / "step_3")
     shutil.rmtree(resumed / "final")
     run_job(tiny_config("tiny-remax", resumed, *args))
-    assert metric_rows(resumed) == metric_rows(full)
-    a, b = final_weights(full), final_weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_run(resumed, full)
 
 
 def test_two_engine_replicas_split_any_prompt_count(ray_cluster, tmp_path):
