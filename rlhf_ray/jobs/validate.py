@@ -7,7 +7,6 @@ cluster?) run in `runtime/placement.py` just after these.
 
 from __future__ import annotations
 
-
 from rlhf_ray.algorithms.registry import (
     OFFLINE_OBJECTIVES,
     ONLINE_ALGORITHMS,
