@@ -424,25 +424,19 @@ def run_engine_comparison(cfg: JobConfig, engines: list[str], out_dir: str | os.
             rows, summary = run_measured(configs[engine], run_dir, warmup=warmup, steps=steps)
             weight_bytes = summary.get("max", {}).get("memory/rollout/params_bytes")
             analysis = analyse_throughput(configs[engine], rows, limits, weight_bytes)
-            sync = [r["sync/bandwidth_bytes_per_s"] for r in rows if r.get("sync/bytes")]
             runs[engine].append({"generate_tokens_per_s": analysis["generate_tokens_per_s"],
                                  "bandwidth_utilisation": analysis.get("generate", {}).get("bandwidth_utilisation"),
                                  "bandwidth_bound_tokens_per_s":
                                      analysis.get("generate", {}).get("bandwidth_bound_tokens_per_s"),
                                  "sync_bytes": _median(rows, "sync/bytes"),
                                  "sync_seconds": _median(rows, "sync/seconds"),
-                                 "sync_bytes_per_s": sorted(sync)[len(sync) // 2] if sync else None,
+                                 "sync_bytes_per_s": _median([r for r in rows if r.get("sync/bytes")],
+                                                             "sync/bandwidth_bytes_per_s"),
                                  "step_median_s": analysis["step_median_s"],
                                  "generate_median_s": analysis["phases_median_s"].get("generate")})
-
-    def median(values):
-        values = sorted(v for v in values if v is not None)
-        return values[len(values) // 2] if values else None
-
     per_engine = {}
     for engine, results in runs.items():
-        fields = results[0].keys()
-        per_engine[engine] = {k: median([r[k] for r in results]) for k in fields}
+        per_engine[engine] = {k: _median(results, k) for k in results[0]}
         sync = per_engine[engine]["sync_bytes_per_s"]
         per_engine[engine]["sync_share_of_memcpy"] = sync / copy_rate if sync else None
     out = {"kind": "engines", "algorithm": cfg.algorithm.name, "settings": settings_of(cfg), "engines": engines,

@@ -21,6 +21,7 @@ from pathlib import Path
 import ray
 import torch
 
+from rlhf_ray.algorithms.advantages import aggregation_weights
 from rlhf_ray.algorithms.registry import OfflineObjective, get_offline_objective
 from rlhf_ray.config.schema import AlgorithmConfig, ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
@@ -35,7 +36,6 @@ from rlhf_ray.jobs.common import (
     role_spec,
     save_checkpoint,
 )
-from rlhf_ray.algorithms.advantages import aggregation_weights
 from rlhf_ray.jobs.data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import param_field, validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
@@ -46,6 +46,11 @@ from rlhf_ray.workers.policy import PolicyWorker
 from rlhf_ray.workers.reference import ReferenceWorker
 from rlhf_ray.workers.reward_trainer import RewardTrainerWorker
 
+def takes_pair_offsets(objective: OfflineObjective) -> bool:
+    """Whether the objective reads per-pair offsets (ODPO's `offset` parameter, set from pair scores)."""
+    return "offset" in objective.param_defaults
+
+
 def objective_params(objective: OfflineObjective, algorithm: AlgorithmConfig) -> dict[str, float]:
     """The objective's parameters: config values where set, registry defaults otherwise."""
     params = {}
@@ -55,7 +60,7 @@ def objective_params(objective: OfflineObjective, algorithm: AlgorithmConfig) ->
         if value is not None:
             params[key] = float(value)
     resolved = objective.resolve_params(params)
-    if objective.name == "odpo" and algorithm.odpo_offset is not None:
+    if takes_pair_offsets(objective) and algorithm.odpo_offset is not None:
         resolved["constant_offset"] = 1.0  # one offset for every pair, asked for explicitly
     return resolved
 
@@ -143,7 +148,7 @@ class OfflineJob:
     def _check_scores(self) -> None:
         """ODPO's offsets come from per-pair scores: refuse data without them unless one constant offset
         was asked for."""
-        if self.objective.name != "odpo" or self.cfg.algorithm.odpo_offset is not None:
+        if not takes_pair_offsets(self.objective) or self.cfg.algorithm.odpo_offset is not None:
             return
         missing = [i for i, ex in enumerate(self.train.examples) if getattr(ex, "score_chosen", None) is None]
         if missing:

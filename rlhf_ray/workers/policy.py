@@ -35,6 +35,7 @@ def _preference_loss(objective, params, engine=None):
                     stats[f"{side}_vocab_logps"], mb[f"ref_{side}_vocab_logps"], stats[f"{side}_mask"])
         offsets = None
         if "offset" in objective.param_defaults and "score_chosen" in mb and not params.get("constant_offset"):
+            # ODPO: per-pair offsets from the pair's scores (`jobs.offline.takes_pair_offsets`).
             offsets = odpo_offsets(mb["score_chosen"], mb["score_rejected"], params["alpha"])
         inputs = PreferenceBatch(
             policy_chosen_logps=stats["chosen_logps"], policy_rejected_logps=stats["rejected_logps"],
