@@ -108,7 +108,7 @@ def run_ours(mode: str, paths: dict, work: Path, warmup: int, steps: int, limits
         overrides = model + OPTIM + [f"data.train={paths['pairs']}", "data.format=preference",
                                      f"run.batch_size={DPO['batch_size']}",
                                      f"policy.micro_batch_size={DPO['micro_batch_size']}",
-                                     f"data.max_length={DPO['max_length']}", f"algorithm.beta={DPO['beta']}"]
+                                     f"data.max_length={DPO['max_length']}", f"algorithm.params.beta={DPO['beta']}"]
         cfg = load_config("tiny-dpo", overrides)
     else:
         overrides = model + OPTIM + [f"data.train={paths['prompts']}", f"run.batch_size={RLOO['batch_size']}",

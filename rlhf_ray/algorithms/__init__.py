@@ -24,7 +24,7 @@ from rlhf_ray.algorithms.kl import (
     kl_penalty,
     token_level_rewards,
 )
-from rlhf_ray.algorithms.objectives import (
+from rlhf_ray.algorithms.batches import (
     KTOBatch,
     PreferenceBatch,
     RankedRewardBatch,
@@ -33,6 +33,7 @@ from rlhf_ray.algorithms.objectives import (
 )
 from rlhf_ray.algorithms.policy_loss import ppo_policy_loss, reinforce_policy_loss, value_loss
 from rlhf_ray.algorithms.preference import (
+    apo_zero_loss,
     dpo_loss,
     dpop_loss,
     ipo_loss,
@@ -66,7 +67,7 @@ __all__ = [
     # policy and value losses
     "ppo_policy_loss", "value_loss", "reinforce_policy_loss",
     # preference
-    "dpo_loss", "ipo_loss", "dpop_loss", "robust_dpo_loss", "odpo_loss", "slic_loss", "simpo_loss",
+    "dpo_loss", "ipo_loss", "dpop_loss", "robust_dpo_loss", "apo_zero_loss", "odpo_loss", "slic_loss", "simpo_loss",
     "tdpo_loss", "tdpo_sequential_kl", "kto_loss", "kto_reference_point",
     # reward model and SFT
     "pairwise_reward_loss", "ranked_reward_loss", "sft_loss", "kl_sft_loss",

@@ -27,6 +27,7 @@ __all__ = [
     "ipo_loss",
     "dpop_loss",
     "robust_dpo_loss",
+    "apo_zero_loss",
     "odpo_loss",
     "odpo_offsets",
     "slic_loss",
@@ -175,6 +176,28 @@ def robust_dpo_loss(
     chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     x = beta * (chosen - rejected)
     losses = ((1.0 - epsilon) * -F.logsigmoid(x) + epsilon * F.logsigmoid(-x)) / (1.0 - 2.0 * epsilon)
+    return _finish(losses, chosen, rejected, beta, policy_chosen_logps, policy_rejected_logps)
+
+
+def apo_zero_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Anchored Preference Optimisation, APO-zero (D'Oosterlinck et al. 2024, arXiv:2408.06266).
+
+        L = (1 - sigmoid(beta * chosen_logratio)) + sigmoid(beta * rejected_logratio)
+
+    Each side is anchored to the reference on its own rather than through the
+    difference: the chosen response's likelihood is pushed up and the
+    rejected one's down (the variant for pairs whose chosen responses are
+    better than the model's own). With the policy equal to the reference the
+    loss is 1.
+    """
+    chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    losses = (1.0 - torch.sigmoid(beta * chosen)) + torch.sigmoid(beta * rejected)
     return _finish(losses, chosen, rejected, beta, policy_chosen_logps, policy_rejected_logps)
 
 

@@ -144,9 +144,27 @@ def cmd_config_keys(args) -> int:
     if not rows:
         raise CLIError(f"no config key starts with {args.prefix!r}; sections: algorithm, policy, "
                                 "reference, reward, critic, rollout, data, run, placement")
+    expand = args.prefix.startswith("algorithm")  # the registry imports torch: only when asked for
     for key, type_name, default, text in rows:
         print(f"{key} ({type_name}, default {default!r}): {text}")
+        for line in _registry_lines(key) if expand else ():
+            print(line)
     return 0
+
+
+def _registry_lines(key: str) -> list[str]:
+    """What the registry adds below a key: the algorithm names, and each objective's parameters."""
+    from rlhf_ray.algorithms.registry import OFFLINE_OBJECTIVES, ONLINE_ALGORITHMS
+
+    if key == "algorithm.name":
+        return [f"    online:  {', '.join(ONLINE_ALGORITHMS)}", f"    offline: {', '.join(OFFLINE_OBJECTIVES)}"]
+    if key != "algorithm.params":
+        return []
+    lines = []
+    for objective in OFFLINE_OBJECTIVES.values():
+        lines.append(f"    {objective.name}:" + ("" if objective.params else " (no parameters)"))
+        lines += [f"      {line}" for line in objective.describe_params().splitlines() if objective.params]
+    return lines
 
 
 def cmd_data_synth(args) -> int:

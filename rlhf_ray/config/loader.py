@@ -1,6 +1,6 @@
 """YAML loading, dotted overrides and type checking for `JobConfig`.
 
-`load_config("tiny-dpo", ["algorithm.beta=0.2"])` reads a shipped preset (or
+`load_config("tiny-dpo", ["algorithm.params.beta=0.2"])` reads a shipped preset (or
 a YAML path), applies overrides, checks every key and type against the
 dataclasses of `schema.py`, and returns a frozen `JobConfig`. Unknown keys
 are errors that suggest the nearest known key; a wrong type names the key,
@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_ray.config.schema import ConfigError, JobConfig
+from rlhf_ray.config.schema import MOVED_KEYS, ConfigError, JobConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -68,7 +68,7 @@ def read_yaml(path: Path) -> dict:
 def parse_override(text: str) -> tuple[str, Any]:
     """`"a.b=1"` -> `("a.b", 1)`; the value is read as a YAML scalar or list."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. algorithm.beta=0.2)")
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. run.total_steps=20)")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
@@ -124,6 +124,11 @@ def build(cls, data: Any, prefix: str, source: str = "config", base: Any = None)
     for key in data:
         if key not in known:
             full = prefix + str(key)
+            if full in MOVED_KEYS:
+                moved = MOVED_KEYS[full]
+                raise ConfigError(f"{source}: {full} is no longer a key; " + (
+                    f"write {moved}" if moved else "it follows from the algorithm (a critic exists when the "
+                    "algorithm learns a value model, as PPO does); remove it"))
             candidates = [prefix + k for k in known]
             near = difflib.get_close_matches(full, candidates, n=1, cutoff=0.6)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known keys here: {', '.join(sorted(known))}"

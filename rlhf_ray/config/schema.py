@@ -10,11 +10,23 @@ each class's `__post_init__`; checks across sections live in `JobConfig`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 class ConfigError(ValueError):
     """A configuration value a user must change; the message says which and how."""
+
+
+# Keys of earlier releases and where their settings live now (the loader names the new key).
+MOVED_KEYS = {
+    "algorithm.beta": "algorithm.params.beta", "algorithm.label_smoothing": "algorithm.params.label_smoothing",
+    "algorithm.dpop_lambda": "algorithm.params.lam", "algorithm.rdpo_epsilon": "algorithm.params.epsilon",
+    "algorithm.odpo_offset": "algorithm.params.offset", "algorithm.odpo_alpha": "algorithm.params.alpha",
+    "algorithm.slic_delta": "algorithm.params.delta", "algorithm.slic_lambda": "algorithm.params.lam",
+    "algorithm.simpo_gamma": "algorithm.params.gamma", "algorithm.tdpo_alpha": "algorithm.params.alpha",
+    "algorithm.kto_lambda_d": "algorithm.params.lambda_d", "algorithm.kto_lambda_u": "algorithm.params.lambda_u",
+    "algorithm.kl_sft_coef": "algorithm.params.kl_coef", "algorithm.rm_margin": "algorithm.params.margin",
+    "critic.enabled": None,
+}
 
 
 def _help(text: str, **kwargs):
@@ -93,11 +105,10 @@ class RoleConfig:
 
 @dataclass(frozen=True)
 class CriticConfig(RoleConfig):
-    """The value model (PPO only)."""
+    """The value model: created when the algorithm learns one (`needs_critic`: PPO), never otherwise."""
 
     model: ModelConfig = _help("Dtype and loading options of the critic; its weights come from `init_from`.",
                                default_factory=lambda: ModelConfig(name_or_path=""))
-    enabled: bool = _help("Create a critic. Must be true for algorithms that need one and false otherwise.", default=False)
     init_from: str = _help("reward (InstructGPT: start from the reward model) or policy (start from the SFT weights with a fresh head).", default="reward")
 
     def __post_init__(self):
@@ -199,7 +210,8 @@ class DataConfig:
 class AlgorithmConfig:
     """The objective and its hyper-parameters. Online knobs are ignored by offline objectives and vice versa."""
 
-    name: str = _help("An online algorithm (ppo, remax, grpo, rloo, reinforce_pp) or offline objective (sft, kl_sft, rm, dpo, cdpo, ipo, dpop, rdpo, odpo, slic, simpo, tdpo1, tdpo2, kto).", default="dpo")
+    name: str = _help("An online algorithm or an offline objective (`rlhf-ray config keys algorithm.name` lists "
+                      "them).", default="dpo")
     # online
     samples_per_prompt: int = _help("Responses sampled per prompt; 0 means the algorithm's default.", default=0)
     kl_coef: float = _help("KL penalty coefficient (initial value when adaptive).", default=0.05)
@@ -224,23 +236,10 @@ class AlgorithmConfig:
                                   "sequences). Either way independent of micro_batch_size and num_ranks.",
                                   default="token-mean")
     # offline
-    beta: Optional[float] = _help("DPO temperature (and the family's equivalents). Empty: the objective's default.", default=None)
-    label_smoothing: Optional[float] = _help("cDPO label noise. Empty: the objective's default.", default=None)
-    dpop_lambda: Optional[float] = _help("DPOP penalty weight. Empty: the objective's default.", default=None)
-    rdpo_epsilon: Optional[float] = _help("rDPO label-flip rate. Empty: the objective's default.", default=None)
-    odpo_offset: Optional[float] = _help("ODPO: one constant offset for every pair. Empty: per-pair offsets from the "
-                                         "data's score_chosen/score_rejected columns (required then).", default=None)
-    odpo_alpha: Optional[float] = _help("ODPO: scale of the per-pair offset alpha * log(1 + score gap). Empty: the "
-                                        "objective's default.", default=None)
-    slic_delta: Optional[float] = _help("SLiC hinge margin. Empty: the objective's default.", default=None)
-    slic_lambda: Optional[float] = _help("SLiC regulariser weight. Empty: the objective's default.", default=None)
-    simpo_gamma: Optional[float] = _help("SimPO target reward margin. Empty: the objective's default.", default=None)
-    tdpo_alpha: Optional[float] = _help("TDPO alpha. Empty: the objective's default.", default=None)
-    kto_lambda_d: Optional[float] = _help("KTO weight of desirable examples. Empty: the objective's default.", default=None)
-    kto_lambda_u: Optional[float] = _help("KTO weight of undesirable examples. Empty: the objective's default.", default=None)
-    kl_sft_coef: Optional[float] = _help("KL-SFT penalty weight. Empty: the objective's default.", default=None)
+    params: dict = _help("The offline objective's own parameters, e.g. {beta: 0.1, lam: 50} for dpop; keys the "
+                         "objective does not read are refused. `rlhf-ray config keys algorithm.params` lists "
+                         "each objective's parameters with defaults and ranges.", default_factory=dict)
     precompute_reference: bool = _help("Compute reference log-probs once before training and cache them.", default=False)
-    rm_margin: float = _help("Margin in the Bradley-Terry loss (0: none).", default=0.0)
     rm_zero_mean: bool = _help("After RM training, add a bias so the mean reward on the train chosen responses is zero.", default=True)
     spin_iterations: int = _help("SPIN: iterations, each using the previous iterate as reference and generator (0: plain objective).", default=0)
     sdpo_stages: int = _help("sDPO: split the preference data into this many stages (0 or 1: plain DPO).", default=0)
@@ -254,9 +253,6 @@ class AlgorithmConfig:
         _check(self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "must be 0 (off) or > 1")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma/lam", "must lie in [0, 1]")
         _check(self.ppo_epochs >= 1 and self.num_minibatches >= 1, "ppo_epochs/num_minibatches", "must be >= 1")
-        _check(self.beta is None or self.beta > 0, "beta", "must be > 0")
-        _check(self.label_smoothing is None or 0 <= self.label_smoothing < 0.5, "label_smoothing", "must lie in [0, 0.5)")
-        _check(self.rdpo_epsilon is None or 0 <= self.rdpo_epsilon < 0.5, "rdpo_epsilon", "must lie in [0, 0.5)")
 
 
 @dataclass(frozen=True)

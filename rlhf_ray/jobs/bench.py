@@ -66,16 +66,15 @@ def bench_config(cfg: JobConfig, total_steps: int, run_dir: Path) -> JobConfig:
 
 
 def with_algorithm(cfg: JobConfig, name: str) -> JobConfig:
-    """`cfg` running online algorithm `name`, with a critic exactly when the registry says it needs one,
-    and one pass over one minibatch for a REINFORCE-style loss (which has no importance ratio to
-    reuse samples with)."""
+    """`cfg` running online algorithm `name`, with one pass over one minibatch for a REINFORCE-style loss
+    (which has no importance ratio to reuse samples with); the critic follows from the algorithm."""
     from rlhf_ray.algorithms.registry import get_online_algorithm
 
     algorithm = get_online_algorithm(name)
     changes = {"name": name}
-    if algorithm.policy_loss == "reinforce":
+    if not algorithm.policy_loss.uses_ratio:
         changes.update(ppo_epochs=1, num_minibatches=1)
-    return replace_path(cfg, algorithm=changes, critic={"enabled": algorithm.needs_critic})
+    return replace_path(cfg, algorithm=changes)
 
 
 def samples_per_step(cfg: JobConfig) -> int:

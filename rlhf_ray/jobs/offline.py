@@ -22,8 +22,8 @@ import ray
 import torch
 
 from rlhf_ray.algorithms.advantages import aggregation_weights
-from rlhf_ray.algorithms.registry import OfflineObjective, get_offline_objective
-from rlhf_ray.config.schema import AlgorithmConfig, ConfigError, JobConfig
+from rlhf_ray.algorithms.registry import get_offline_objective
+from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.jobs import evaluation
@@ -37,7 +37,7 @@ from rlhf_ray.jobs.common import (
     save_checkpoint,
 )
 from rlhf_ray.jobs.data import JobData, load_job_examples
-from rlhf_ray.jobs.validate import param_field, validate_offline
+from rlhf_ray.jobs.validate import objective_params, validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.telemetry.metrics import MetricsWriter, write_summary
 from rlhf_ray.telemetry.progress import Progress
@@ -45,25 +45,6 @@ from rlhf_ray.telemetry.timers import PhaseTimer
 from rlhf_ray.workers.policy import PolicyWorker
 from rlhf_ray.workers.reference import ReferenceWorker
 from rlhf_ray.workers.reward_trainer import RewardTrainerWorker
-
-def takes_pair_offsets(objective: OfflineObjective) -> bool:
-    """Whether the objective reads per-pair offsets (ODPO's `offset` parameter, set from pair scores)."""
-    return "offset" in objective.param_defaults
-
-
-def objective_params(objective: OfflineObjective, algorithm: AlgorithmConfig) -> dict[str, float]:
-    """The objective's parameters: config values where set, registry defaults otherwise."""
-    params = {}
-    for key in objective.param_defaults:
-        field_name = param_field(objective.name, key)
-        value = getattr(algorithm, field_name) if field_name else None
-        if value is not None:
-            params[key] = float(value)
-    resolved = objective.resolve_params(params)
-    if takes_pair_offsets(objective) and algorithm.odpo_offset is not None:
-        resolved["constant_offset"] = 1.0  # one offset for every pair, asked for explicitly
-    return resolved
-
 
 @dataclass
 class Stage:
@@ -114,7 +95,7 @@ class OfflineJob:
         validate_offline(cfg)
         self.cfg = cfg
         self.objective = get_offline_objective(cfg.algorithm.name)
-        self.params = objective_params(self.objective, cfg.algorithm)
+        self.params = objective_params(cfg)
         self.trains_policy = self.objective.trains == "policy"
         self.run_dir = prepare_run_dir(cfg)
         model_cfg = cfg.policy.model if self.trains_policy else cfg.reward.model
@@ -148,14 +129,14 @@ class OfflineJob:
     def _check_scores(self) -> None:
         """ODPO's offsets come from per-pair scores: refuse data without them unless one constant offset
         was asked for."""
-        if not takes_pair_offsets(self.objective) or self.cfg.algorithm.odpo_offset is not None:
+        if not self.objective.per_pair_offsets(self.params):
             return
         missing = [i for i, ex in enumerate(self.train.examples) if getattr(ex, "score_chosen", None) is None]
         if missing:
             raise ConfigError(f"algorithm.name: odpo sets each pair's offset from its scores, but {len(missing)} of "
                               f"{len(self.train)} pairs in data.train ({self.cfg.data.train}) have no "
                               f"score_chosen/score_rejected (first: row {missing[0]}); add those columns, or set "
-                              "algorithm.odpo_offset=<number> to use one offset for every pair")
+                              "algorithm.params.offset=<number> to use one offset for every pair")
 
     # roles -----------------------------------------------------------------
     def _specs(self):

@@ -258,7 +258,7 @@ class OnlineJob:
             greedy = None if greedy is None else greedy / self.reward_std.std
         old = scores["logprobs"]
         ref = scores.get("ref_logprobs", old)
-        kl_coef = self.kl.value if self.algorithm.kl_placement == "reward" else 0.0
+        kl_coef = self.algorithm.kl.reward_coef(self.kl.value)
         token_rewards = token_level_rewards(rewards, old, ref, mask, kl_coef, kind=a.kl_estimator)
         advantages, returns = self.algorithm.compute_advantages(
             response_mask=mask, token_rewards=token_rewards, sequence_rewards=rewards, greedy_rewards=greedy,

@@ -11,6 +11,8 @@ from rlhf_ray.algorithms.registry import (
     OFFLINE_OBJECTIVES,
     ONLINE_ALGORITHMS,
     UnknownAlgorithmError,
+    ParamValueError,
+    UnknownParamError,
     get_offline_objective,
     get_online_algorithm,
 )
@@ -56,20 +58,9 @@ def _check_schedule(role: RoleConfig, name: str, optimizer_steps: int) -> None:
 ONLINE_FIELDS = ("samples_per_prompt", "kl_coef", "kl_estimator", "adaptive_kl", "kl_target", "kl_horizon",
                  "clip_eps", "dual_clip", "value_clip_eps", "gamma", "lam", "ppo_epochs", "num_minibatches",
                  "whiten_advantages", "normalize_rewards", "no_eos_penalty", "ptx_coef", "loss_aggregation")
-# offline objective parameter (as the registry names it) -> config field; per objective where names clash
-PARAM_FIELDS = {"beta": "beta", "label_smoothing": "label_smoothing", "epsilon": "rdpo_epsilon",
-                "offset": "odpo_offset", "delta": "slic_delta", "gamma": "simpo_gamma", "alpha": "tdpo_alpha",
-                "lambda_d": "kto_lambda_d", "lambda_u": "kto_lambda_u", "kl_coef": "kl_sft_coef"}
-PARAM_FIELDS_BY_OBJECTIVE = {("dpop", "lam"): "dpop_lambda", ("slic", "lam"): "slic_lambda",
-                             ("odpo", "alpha"): "odpo_alpha", ("rm", "margin"): "rm_margin"}
-OFFLINE_COMMON_FIELDS = ("precompute_reference", "spin_iterations", "sdpo_stages")
+OFFLINE_COMMON_FIELDS = ("params", "precompute_reference", "spin_iterations", "sdpo_stages")
 OFFLINE_FIELDS_BY_OBJECTIVE = {"rm": ("rm_zero_mean",), "sft": ("loss_aggregation",),
                                "kl_sft": ("loss_aggregation",)}
-
-
-def param_field(objective_name: str, key: str) -> str | None:
-    """The `algorithm.*` field that feeds parameter `key` of an offline objective."""
-    return PARAM_FIELDS_BY_OBJECTIVE.get((objective_name, key), PARAM_FIELDS.get(key))
 
 
 def fields_read(cfg: JobConfig) -> set[str]:
@@ -77,9 +68,7 @@ def fields_read(cfg: JobConfig) -> set[str]:
     name = cfg.algorithm.name
     if name in ONLINE_ALGORITHMS:
         return {"name", *ONLINE_FIELDS}
-    objective = get_offline_objective(name)
-    params = {param_field(name, key) for key in objective.param_defaults} - {None}
-    return {"name", *params, *OFFLINE_COMMON_FIELDS, *OFFLINE_FIELDS_BY_OBJECTIVE.get(name, ())}
+    return {"name", *OFFLINE_COMMON_FIELDS, *OFFLINE_FIELDS_BY_OBJECTIVE.get(get_offline_objective(name).name, ())}
 
 
 def check_fields_read(cfg: JobConfig) -> None:
@@ -94,9 +83,24 @@ def check_fields_read(cfg: JobConfig) -> None:
                      if f.name not in read and getattr(cfg.algorithm, f.name) != getattr(defaults, f.name))
     if ignored:
         uses = ", ".join(f"algorithm.{k}" for k in sorted(read - {"name"})) or "none"
+        hint = (" (algorithm.params holds an offline objective's parameters; online algorithms take theirs as "
+                "algorithm.* keys)") if "params" in ignored else ""
         raise ConfigError(f"algorithm.{ignored[0]}: {cfg.algorithm.name} does not read "
-                          f"{', '.join('algorithm.' + k for k in ignored)}; remove it. {cfg.algorithm.name} reads: "
-                          f"{uses}")
+                          f"{', '.join('algorithm.' + k for k in ignored)}; remove it{hint}. "
+                          f"{cfg.algorithm.name} reads: {uses}")
+
+
+def objective_params(cfg: JobConfig) -> dict[str, float | None]:
+    """The offline objective's parameters: `algorithm.params` checked against the registry entry,
+    defaults filled in. An unknown key or a value out of range is a ConfigError naming the key."""
+    objective = get_offline_objective(cfg.algorithm.name)
+    try:
+        return objective.resolve_params(cfg.algorithm.params)
+    except UnknownParamError as err:
+        described = "; ".join(objective.describe_params().splitlines())
+        raise ConfigError(f"algorithm.params: {err} Parameters of {objective.name}: {described}") from None
+    except ParamValueError as err:
+        raise ConfigError(f"algorithm.params.{err.key}: {err}") from None
 
 
 def samples_per_prompt(cfg: JobConfig) -> int:
@@ -107,6 +111,7 @@ def samples_per_prompt(cfg: JobConfig) -> int:
 def validate_offline(cfg: JobConfig) -> None:
     objective = get_offline_objective(cfg.algorithm.name)
     check_fields_read(cfg)
+    objective_params(cfg)
     if objective.needs_reference and not cfg.reference.enabled:
         raise ConfigError(f"algorithm.name: {objective.name} needs a reference model, but reference.enabled is "
                           "false; set reference.enabled=true (or pick a reference-free objective: sft, slic, simpo)")
@@ -141,16 +146,11 @@ def validate_online(cfg: JobConfig) -> None:
     if n < algorithm.min_samples_per_prompt:
         raise ConfigError(f"algorithm.samples_per_prompt: {algorithm.name} compares samples within a group and "
                           f"needs at least {algorithm.min_samples_per_prompt} per prompt; got {n}")
-    if algorithm.needs_critic and not cfg.critic.enabled:
-        raise ConfigError(f"critic.enabled: {algorithm.name} learns a value model; set critic.enabled=true")
-    if cfg.critic.enabled and not algorithm.needs_critic:
-        raise ConfigError(f"critic.enabled: {algorithm.name} has no critic (that is the memory it saves); "
-                          "set critic.enabled=false, or use algorithm.name=ppo")
     if algorithm.needs_reference and not cfg.reference.enabled and cfg.algorithm.kl_coef > 0:
         raise ConfigError(f"reference.enabled: {algorithm.name} with kl_coef > 0 needs the reference model; "
                           "set reference.enabled=true or algorithm.kl_coef=0")
     a = cfg.algorithm
-    if algorithm.policy_loss == "reinforce" and (a.ppo_epochs > 1 or a.num_minibatches > 1):
+    if not algorithm.policy_loss.uses_ratio and (a.ppo_epochs > 1 or a.num_minibatches > 1):
         raise ConfigError(f"algorithm.ppo_epochs/num_minibatches: {algorithm.name}'s REINFORCE loss has no importance "
                           f"ratio, so a second pass (ppo_epochs={a.ppo_epochs}) or minibatch "
                           f"(num_minibatches={a.num_minibatches}) would train on samples of an older policy; set both "
@@ -161,7 +161,7 @@ def validate_online(cfg: JobConfig) -> None:
         check_vllm_available(cfg)
     optimizer_steps = cfg.run.total_steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches
     _check_schedule(cfg.policy, "policy", optimizer_steps)
-    if cfg.critic.enabled:
+    if algorithm.needs_critic:
         _check_schedule(cfg.critic, "critic", optimizer_steps)
     rows = cfg.run.batch_size * n
     minibatch = rows // cfg.algorithm.num_minibatches
@@ -169,7 +169,7 @@ def validate_online(cfg: JobConfig) -> None:
         raise ConfigError(f"algorithm.num_minibatches: {rows} rollouts per step (run.batch_size x samples) do not "
                           f"split into {cfg.algorithm.num_minibatches} minibatches")
     _divisible(minibatch, cfg.policy.num_ranks, cfg.policy.micro_batch_size, "policy minibatch")
-    if cfg.critic.enabled:
+    if algorithm.needs_critic:
         _divisible(minibatch, cfg.critic.num_ranks, cfg.critic.micro_batch_size, "critic minibatch")
 
 

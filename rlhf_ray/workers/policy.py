@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_ray.algorithms import policy_loss as pl
 from rlhf_ray.algorithms.advantages import aggregation_weights
-from rlhf_ray.algorithms.kl import kl_loss
-from rlhf_ray.algorithms.objectives import KTOBatch, PreferenceBatch, SFTBatch
+from rlhf_ray.algorithms.batches import KTOBatch, PreferenceBatch, SFTBatch
 from rlhf_ray.algorithms.preference import odpo_offsets, tdpo_sequential_kl
 from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
 from rlhf_ray.algorithms.sft_loss import sft_loss
@@ -34,8 +32,7 @@ def _preference_loss(objective, params, engine=None):
                 seq_kl[f"{side}_seq_kl"] = tdpo_sequential_kl(
                     stats[f"{side}_vocab_logps"], mb[f"ref_{side}_vocab_logps"], stats[f"{side}_mask"])
         offsets = None
-        if "offset" in objective.param_defaults and "score_chosen" in mb and not params.get("constant_offset"):
-            # ODPO: per-pair offsets from the pair's scores (`jobs.offline.takes_pair_offsets`).
+        if objective.per_pair_offsets(params) and "score_chosen" in mb:
             offsets = odpo_offsets(mb["score_chosen"], mb["score_rejected"], params["alpha"])
         inputs = PreferenceBatch(
             policy_chosen_logps=stats["chosen_logps"], policy_rejected_logps=stats["rejected_logps"],
@@ -157,15 +154,12 @@ class PolicyWorker(DistributedWorker):
                                        temperature=temperature, with_entropy=True)
             mask = mb["response_mask"]
             weights = aggregation_weights(mask, mode)
-            if algorithm.policy_loss == "ppo_clip":
-                loss, metrics = pl.ppo_policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], weights,
-                                                   clip_eps=params["clip_eps"], dual_clip=params.get("dual_clip"))
-            else:
-                loss, metrics = pl.reinforce_policy_loss(out["logprobs"], mb["advantages"], weights)
-            if algorithm.kl_placement == "loss" and params["kl_coef"] > 0:
-                kl_term, kl_metrics = kl_loss(out["logprobs"], mb["ref_logprobs"], weights, params["kl_coef"])
-                loss = loss + kl_term
-                metrics.update(kl_metrics)
+            loss, metrics = algorithm.policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], weights,
+                                                  params)
+            kl_term = algorithm.kl.loss_term(out["logprobs"], mb.get("ref_logprobs"), weights, params["kl_coef"])
+            if kl_term is not None:
+                loss = loss + kl_term[0]
+                metrics.update(kl_term[1])
             loss = self.engine.global_loss(loss, weights.sum(), params["loss_denominator"])
             if params.get("ptx_coef", 0.0) > 0 and "ptx_input_ids" in mb:
                 ptx = fw.sequence_logps(module, mb["ptx_input_ids"], mb["ptx_attention_mask"], mb["ptx_loss_mask"])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_ray.algorithms.objectives import RankedRewardBatch
+from rlhf_ray.algorithms.batches import RankedRewardBatch
 from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model

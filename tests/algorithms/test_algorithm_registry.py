@@ -24,6 +24,14 @@ from rlhf_ray.algorithms import (
     rloo_advantages,
     whiten,
 )
+from rlhf_ray.algorithms.registry import (
+    KL_IN_LOSS,
+    KL_IN_REWARD,
+    PPO_CLIP,
+    REINFORCE,
+    ParamValueError,
+    UnknownParamError,
+)
 
 torch.set_num_threads(1)
 LN2 = math.log(2.0)
@@ -36,7 +44,8 @@ def close(actual, expected, atol=1e-5):
 def test_all_names_are_declared():
     assert set(ONLINE_ALGORITHMS) == {"ppo", "remax", "grpo", "rloo", "reinforce_pp"}
     assert set(OFFLINE_OBJECTIVES) == {
-        "sft", "kl_sft", "rm", "dpo", "cdpo", "ipo", "dpop", "rdpo", "odpo", "slic", "simpo", "tdpo1", "tdpo2", "kto"
+        "sft", "kl_sft", "rm", "dpo", "cdpo", "ipo", "dpop", "rdpo", "apo_zero", "odpo", "slic", "simpo", "tdpo1",
+        "tdpo2", "kto"
     }
 
 
@@ -44,8 +53,10 @@ def test_online_declarations():
     ppo, remax, grpo = get_online_algorithm("ppo"), get_online_algorithm("remax"), get_online_algorithm("grpo")
     assert ppo.needs_critic and not remax.needs_critic and not grpo.needs_critic
     assert remax.needs_greedy and not ppo.needs_greedy
-    assert grpo.kl_placement == "loss" and ppo.kl_placement == "reward"
-    assert remax.policy_loss == "reinforce" and grpo.policy_loss == "ppo_clip"
+    assert grpo.kl is KL_IN_LOSS and ppo.kl is KL_IN_REWARD
+    assert remax.policy_loss is REINFORCE and grpo.policy_loss is PPO_CLIP
+    assert not REINFORCE.uses_ratio and PPO_CLIP.uses_ratio
+    assert KL_IN_LOSS.reward_coef(0.3) == 0.0 and KL_IN_REWARD.reward_coef(0.3) == 0.3
     assert get_online_algorithm("rloo").min_samples_per_prompt == 2
     assert all(a.needs_reference for a in ONLINE_ALGORITHMS.values())
 
@@ -147,24 +158,30 @@ def _equal_pair_batch(n=4, **extra):
 
 def test_offline_adapters_at_policy_equal_reference():
     batch = _equal_pair_batch()
-    # delta = 0 everywhere; defaults beta 0.1 (ipo: (0 - 5)^2 = 25), odpo offset 1: log(1 + e) = 1.313262
+    # delta = 0 everywhere; defaults beta 0.1 (ipo: (0 - 5)^2 = 25), odpo's constant offset 1: log(1 + e) = 1.313262
     expected = {"dpo": LN2, "cdpo": LN2, "rdpo": LN2, "dpop": LN2, "tdpo1": LN2, "tdpo2": LN2, "ipo": 25.0,
-                "odpo": 1.313262}
+                "odpo": 1.313262, "apo_zero": 1.0}
     for name, value in expected.items():
-        loss, metrics = get_offline_objective(name).loss(batch, {})
+        loss, metrics = get_offline_objective(name).loss(batch, {"offset": 1.0} if name == "odpo" else {})
         close(loss, value)
         close(metrics["rewards/margins"], 0.0)
+    with pytest.raises(ValueError, match=r"'odpo' needs PreferenceBatch.offsets .* or params\['offset'\]"):
+        get_offline_objective("odpo").loss(batch, {})
 
 
-def test_offline_params_override_defaults_and_ignore_other_keys():
+def test_offline_params_override_defaults_and_refuse_other_keys():
     c, r = torch.tensor([-1.0]), torch.tensor([-3.0])
     batch = PreferenceBatch(c, r, torch.tensor([-2.0]), torch.tensor([-2.0]))
-    # beta 0.5, delta 2: -log sigmoid(1) = 0.313262; "lam" belongs to other objectives and is ignored
-    loss, _ = get_offline_objective("dpo").loss(batch, {"beta": 0.5, "lam": 7.0})
+    # beta 0.5, delta 2: -log sigmoid(1) = 0.313262
+    loss, _ = get_offline_objective("dpo").loss(batch, {"beta": 0.5})
     close(loss, 0.313262)
     cdpo, _ = get_offline_objective("cdpo").loss(batch, {"beta": 0.5})
     torch.testing.assert_close(cdpo, dpo_loss(c, r, torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5, 0.1)[0])
-    assert get_offline_objective("tdpo2").resolve_params({"beta": 0.2, "gamma": 3}) == {"beta": 0.2, "alpha": 0.5}
+    assert get_offline_objective("tdpo2").resolve_params({"beta": 0.2}) == {"beta": 0.2, "alpha": 0.5}
+    with pytest.raises(UnknownParamError, match=r"tdpo2 has no parameter 'gamma'; its parameters: beta, alpha"):
+        get_offline_objective("tdpo2").resolve_params({"beta": 0.2, "gamma": 3})
+    with pytest.raises(ParamValueError, match=r"dpo parameter 'beta' must be > 0, got 0"):
+        get_offline_objective("dpo").loss(batch, {"beta": 0})
 
 
 def test_reference_free_objectives_need_no_reference():

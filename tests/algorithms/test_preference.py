@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhf_ray.algorithms import (
+    apo_zero_loss,
     dpo_loss,
     dpop_loss,
     ipo_loss,
@@ -83,6 +84,25 @@ def test_losses_with_a_reference_at_policy_equal_reference(seed):
     # KTO at z0 = 0: each example loses lambda * (1 - sigmoid(0)) = 0.5
     desirable = torch.arange(8) % 2 == 0
     close(kto_loss(chosen, chosen.clone(), desirable, 0.0, beta=0.1)[0], 0.5)
+
+
+def test_apo_zero_hand_worked_anchors_each_side():
+    # beta 0.5, chosen log-ratio 1, rejected -1: (1 - sigmoid(0.5)) + sigmoid(-0.5) = 0.377541 + 0.377541
+    loss, m = apo_zero_loss(**PAIR, beta=0.5)
+    close(loss, 0.755082)
+    close(m["rewards/margins"], 1.0)  # 0.5 * (1 - -1)
+    # Both log-ratios 2 lower, the same delta: DPO's loss does not change, APO-zero's rises because the
+    # chosen response fell below the reference: (1 - sigmoid(-0.5)) + sigmoid(-1.5) = 0.622459 + 0.182426
+    lower = dict(PAIR, policy_chosen_logps=t(-3.0), policy_rejected_logps=t(-5.0))
+    close(apo_zero_loss(**lower, beta=0.5)[0], 0.804885)
+    close(dpo_loss(**lower, beta=0.5)[0], dpo_loss(**PAIR, beta=0.5)[0])
+    # at the reference: (1 - 1/2) + 1/2 = 1; the gradient raises the chosen and lowers the rejected log-prob
+    pc, pr, rc, rr = random_logps(2)
+    close(apo_zero_loss(pc, pr, pc.clone(), pr.clone(), beta=0.1)[0], 1.0)
+    pc.requires_grad_()
+    pr.requires_grad_()
+    apo_zero_loss(pc, pr, rc, rr, beta=0.1)[0].backward()
+    assert (pc.grad < 0).all() and (pr.grad > 0).all()
 
 
 def test_ipo_hand_worked():

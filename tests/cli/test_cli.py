@@ -174,12 +174,15 @@ def test_overrides_may_follow_options():
 def test_config_keys_lists_every_key_with_type_and_help(capsys):
     code, out, _ = run(["config", "keys"], capsys)
     assert code == 0
-    lines = out.splitlines()
+    lines = [line for line in out.splitlines() if not line.startswith(" ")]
     assert len(lines) == len(cli.config_keys())
     assert "algorithm.kl_coef (float, default 0.05): KL penalty coefficient" in out
-    assert "algorithm.beta (float or empty, default None)" in out
+    assert "algorithm.params (dict, default {})" in out
     assert "policy.optim.betas (tuple[float, float], default (0.9, 0.95))" in out
     assert all(line.split("): ", 1)[1].strip() for line in lines)  # every key has help text
+    code, out, _ = run(["config", "keys", "algorithm"], capsys)
+    assert "    offline: sft, kl_sft, rm, dpo" in out  # algorithm.name lists the registry's names
+    assert "      lam (default 50.0, >= 0): weight of the penalty" in out  # each objective's parameters
     code, out, _ = run(["config", "keys", "rollout"], capsys)
     assert code == 0 and out and all(line.startswith("rollout.") for line in out.splitlines())
     assert "no config key starts with 'rollot'" in one_error_line(*run(["config", "keys", "rollot"], capsys)[::2])

@@ -15,20 +15,20 @@ def write(tmp_path, text, name="job.yaml"):
 
 
 def test_yaml_and_overrides_build_a_frozen_typed_config(tmp_path):
-    path = write(tmp_path, "algorithm:\n  name: dpo\n  beta: 0.2\npolicy:\n  num_ranks: 2\n  optim: {lr: 1.0e-5}\n")
-    cfg = load_config(path, ["algorithm.beta=0.3", "run.sinks=jsonl,tensorboard", "placement.colocate=[[policy, reference]]"])
+    path = write(tmp_path, "algorithm:\n  name: dpo\n  params: {beta: 0.2}\npolicy:\n  num_ranks: 2\n  optim: {lr: 1.0e-5}\n")
+    cfg = load_config(path, ["algorithm.params.beta=0.3", "run.sinks=jsonl,tensorboard", "placement.colocate=[[policy, reference]]"])
     assert isinstance(cfg, JobConfig)
-    assert cfg.algorithm.beta == 0.3
+    assert cfg.algorithm.params == {"beta": 0.3}
     assert cfg.policy.num_ranks == 2 and cfg.policy.optim.lr == 1e-5
     assert cfg.run.sinks == ("jsonl", "tensorboard")
     assert cfg.placement.colocate == (("policy", "reference"),)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.algorithm.beta = 1.0  # type: ignore[misc]
+        cfg.algorithm.kl_coef = 1.0  # type: ignore[misc]
 
 
 def test_int_is_accepted_for_float_and_dump_round_trips(tmp_path):
-    cfg = load_config(None, ["algorithm.beta=1", "policy.optim.betas=[0.9, 0.99]"])
-    assert cfg.algorithm.beta == 1.0 and isinstance(cfg.algorithm.beta, float)
+    cfg = load_config(None, ["algorithm.kl_coef=1", "policy.optim.betas=[0.9, 0.99]"])
+    assert cfg.algorithm.kl_coef == 1.0 and isinstance(cfg.algorithm.kl_coef, float)
     again = load_config(write(tmp_path, dump_yaml(cfg)))
     assert to_dict(again) == to_dict(cfg)
 
@@ -45,7 +45,9 @@ def test_unknown_key_suggests_the_nearest(tmp_path):
     [
         ("policy.num_ranks=two", r"policy.num_ranks expects an integer, got 'two'"),
         ("run.progress=maybe", r"run.progress expects true or false"),
-        ("algorithm.beta=[1]", r"algorithm.beta expects a number"),
+        ("algorithm.kl_coef=[1]", r"algorithm.kl_coef expects a number"),
+        ("algorithm.params=3", r"algorithm.params expects a mapping"),
+        ("algorithm.dpop_lambda=3", r"algorithm.dpop_lambda is no longer a key; write algorithm.params.lam"),
         ("policy.zero_stage=4", r"policy.zero_stage: got 4; expected 0, 1, 2 or 3"),
         ("policy.model.dtype=fp8", r"policy.model.dtype: got 'fp8'"),
         ("rollout.engine=tgi", r"rollout.engine: got 'tgi'; expected hf or vllm"),
@@ -71,7 +73,7 @@ def test_missing_file_and_unknown_preset_are_clear(tmp_path):
 
 def test_override_without_equals_is_an_error():
     with pytest.raises(ConfigError, match=r"section.key=value"):
-        load_config(None, ["algorithm.beta"])
+        load_config(None, ["algorithm.params.beta"])
 
 
 def test_build_rejects_non_mapping_section():

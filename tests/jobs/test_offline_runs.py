@@ -101,6 +101,15 @@ def test_kl_sft_with_precomputed_reference_logprobs(ray_cluster, tmp_path):
     assert all(r["train/grad_norm"] > 0 and r["train/grad_clipped"] in (0.0, 1.0) for r in rows)
 
 
+def test_apo_zero_declared_in_one_registry_entry_trains_end_to_end(ray_cluster, tmp_path):
+    out = tmp_path / "apo"
+    run_job(tiny_config("tiny-dpo", out, "algorithm.name=apo_zero", "algorithm.params.beta=0.5",
+                        "run.total_steps=3", *SMALL))
+    rows = read_metrics(out)
+    assert rows[0]["train/loss"] == pytest.approx(1.0, abs=1e-5)  # step 1: the policy is the reference
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+
+
 def test_odpo_uses_per_pair_scores_and_refuses_data_without_them(ray_cluster, tmp_path):
     import json
 
@@ -113,20 +122,23 @@ def test_odpo_uses_per_pair_scores_and_refuses_data_without_them(ray_cluster, tm
     unscored = tmp_path / "pairs.jsonl"
     unscored.write_text("".join(json.dumps({"prompt": f"Question {i}?", "chosen": f"Yes {i}.", "rejected": f"No {i}."})
                                 + "\n" for i in range(8)))
-    with pytest.raises(ConfigError, match=r"odpo sets each pair's offset from its scores.*odpo_offset"):
+    with pytest.raises(ConfigError, match=r"odpo sets each pair's offset from its scores.*algorithm.params.offset"):
         run_job(tiny_config("tiny-odpo", tmp_path / "bad", f"data.train={unscored}", *SMALL))
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
     constant = tmp_path / "constant"
-    run_job(tiny_config("tiny-odpo", constant, f"data.train={unscored}", "algorithm.odpo_offset=1.0",
+    run_job(tiny_config("tiny-odpo", constant, f"data.train={unscored}", "algorithm.params.offset=1.0",
                         "run.total_steps=1", *SMALL))
     assert read_metrics(constant)[0]["train/loss"] == pytest.approx(math.log(1 + math.e), abs=1e-4)
 
 
 @pytest.mark.parametrize("preset, override, message", [
-    ("tiny-kl-sft", "algorithm.kl_coef=0.5", r"algorithm.kl_coef: kl_sft does not read .*reads: .*kl_sft_coef"),
-    ("tiny-simpo", "algorithm.gamma=0.5", r"algorithm.gamma: simpo does not read .*simpo_gamma"),
-    ("tiny-dpop", "algorithm.lam=0.5", r"algorithm.lam: dpop does not read .*dpop_lambda"),
-    ("tiny-dpo", "algorithm.simpo_gamma=1.0", r"algorithm.simpo_gamma: dpo does not read"),
+    ("tiny-kl-sft", "algorithm.kl_coef=0.5", r"algorithm.kl_coef: kl_sft does not read .*reads: .*algorithm.params"),
+    ("tiny-simpo", "algorithm.params.lam=0.5", r"algorithm.params: simpo has no parameter 'lam'; its parameters: "
+                                               r"beta, gamma\..*gamma \(default 1.0, >= 0\): target reward margin"),
+    ("tiny-dpop", "algorithm.params.beta=-1", r"algorithm.params.beta: dpop parameter 'beta' must be > 0, got -1"),
+    ("tiny-cdpo", "algorithm.params.label_smoothing=0.5", r"algorithm.params.label_smoothing: .* must be \[0, 0.5\)"),
+    ("tiny-dpo", "algorithm.simpo_gamma=1.0", r"algorithm.simpo_gamma is no longer a key; write algorithm.params.gamma"),
+    ("tiny-dpo", "algorithm.params.beta=high", r"algorithm.params.beta: .* expects a number, got 'high'"),
 ])
 def test_settings_an_objective_ignores_are_refused(tmp_path, preset, override, message):
     from rlhf_ray.config import ConfigError

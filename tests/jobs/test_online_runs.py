@@ -86,14 +86,14 @@ def test_critic_free_algorithms_run_with_the_rule_reward(ray_cluster, tmp_path, 
 
 @pytest.mark.parametrize("overrides, message", [
     (["algorithm.name=grpo", "algorithm.samples_per_prompt=1"], r"needs at least 2 per prompt"),
-    (["algorithm.name=remax", "critic.enabled=true"], r"remax has no critic"),
+    (["critic.enabled=true"], r"critic.enabled is no longer a key; it follows from the algorithm"),
     (["rollout.top_p=0.9"], r"rollout.top_k/top_p"),
     (["rollout.temperature=0.005"], r"rollout.temperature: vLLM raises"),
     (["rollout.max_new_tokens=300"], r"rollout.max_new_tokens: vLLM's max_model_len .* 256 positions"),
     (["policy.num_cpus_per_rank=64", "placement.colocate=[]"], r"role 'policy' needs"),
-    (["algorithm.name=remax", "critic.enabled=false", "algorithm.ppo_epochs=2"],
+    (["algorithm.name=remax", "algorithm.ppo_epochs=2"],
      r"remax's REINFORCE loss has no importance ratio"),
-    (["algorithm.beta=0.1"], r"algorithm.beta: ppo does not read"),
+    (["algorithm.params.beta=0.1"], r"algorithm.params: ppo does not read .*algorithm.params holds an offline"),
 ])
 def test_bad_online_settings_fail_before_any_model_loads(ray_cluster, tmp_path, overrides, message):
     from rlhf_ray.runtime.placement import PlacementError

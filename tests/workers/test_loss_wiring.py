@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from rlhf_ray.algorithms.objectives import RankedRewardBatch
+from rlhf_ray.algorithms.batches import RankedRewardBatch
 from rlhf_ray.algorithms.registry import OFFLINE_OBJECTIVES, get_offline_objective
 from rlhf_ray.config.schema import AlgorithmConfig, DataConfig
 from rlhf_ray.data.synthetic import SyntheticConfig

@@ -1,0 +1,248 @@
+"""The online algorithms, each declared once: what the loop must produce, where the KL goes, the policy loss.
+
+An `OnlineAlgorithm` says what the online loop must produce (critic values?
+reference log-probs? a greedy rollout? how many samples per prompt?), where
+the KL to the reference goes (`KLPlacement`: shaped into the rewards, or a
+term of the loss), which policy loss it trains with (`PolicyLoss`), and
+computes its advantages through one keyword signature shared by all of them.
+Adding an algorithm is its advantage math (`advantages.py`), one adapter and
+one `OnlineAlgorithm(...)` entry in `_ONLINE` below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Mapping
+
+from torch import Tensor
+
+from rlhf_ray.algorithms.advantages import (
+    gae,
+    grpo_advantages,
+    reinforce_pp_advantages,
+    remax_advantages,
+    rloo_advantages,
+    whiten,
+)
+from rlhf_ray.algorithms.kl import kl_loss
+from rlhf_ray.algorithms.policy_loss import ppo_policy_loss, reinforce_policy_loss
+
+ADVANTAGE_INPUTS = ("token_rewards", "sequence_rewards", "greedy_rewards", "values")
+
+AdvantageFn = Callable[..., "tuple[Tensor, Tensor | None]"]
+LossResult = "tuple[Tensor, dict[str, Tensor]]"
+
+
+# --- the pieces an online algorithm is made of ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """A policy-gradient loss: `fn(logprobs, old_logprobs, advantages, weights, params) -> (loss, metrics)`."""
+
+    name: str
+    fn: Callable[..., LossResult] = field(repr=False)
+    uses_ratio: bool
+    """The loss weighs each token by pi / pi_old, so a rollout batch may be reused over several epochs and
+    minibatches; without the ratio (REINFORCE) a second pass would train on an older policy's samples."""
+
+    def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, weights: Tensor,
+                 params: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.fn(logprobs, old_logprobs, advantages, weights, params)
+
+
+PPO_CLIP = PolicyLoss("ppo_clip", uses_ratio=True, fn=lambda logprobs, old, adv, weights, p: ppo_policy_loss(
+    logprobs, old, adv, weights, clip_eps=p["clip_eps"], dual_clip=p.get("dual_clip")))
+REINFORCE = PolicyLoss("reinforce", uses_ratio=False, fn=lambda logprobs, old, adv, weights, p: reinforce_policy_loss(
+    logprobs, adv, weights))
+
+
+@dataclass(frozen=True)
+class KLPlacement:
+    """Where the KL to the reference enters: shaped into the token rewards, or a k3 term of the policy loss."""
+
+    name: str
+    in_reward: bool
+
+    def reward_coef(self, kl_coef: float) -> float:
+        """The coefficient `kl.token_level_rewards` shapes the rewards with (0 when the KL sits in the loss)."""
+        return kl_coef if self.in_reward else 0.0
+
+    def loss_term(self, logprobs: Tensor, ref_logprobs: Tensor | None, weights: Tensor,
+                  kl_coef: float) -> tuple[Tensor, dict[str, Tensor]] | None:
+        """`(kl_coef * mean KL, metrics)` to add to the policy loss, or None when the KL is in the rewards."""
+        if self.in_reward or kl_coef <= 0:
+            return None
+        return kl_loss(logprobs, ref_logprobs, weights, kl_coef)
+
+
+KL_IN_REWARD = KLPlacement("reward", in_reward=True)
+KL_IN_LOSS = KLPlacement("loss", in_reward=False)
+
+
+@dataclass(frozen=True)
+class OnlineAlgorithm:
+    """One online RL algorithm, as the driver and the policy worker need to know it."""
+
+    name: str
+    description: str
+    needs_critic: bool
+    """A trainable value model (critic actor group) is built and updated."""
+    needs_reference: bool
+    """Reference log-probs are computed for the KL term."""
+    needs_greedy: bool
+    """The rollout also decodes one greedy response per prompt (ReMax's baseline)."""
+    min_samples_per_prompt: int
+    default_samples_per_prompt: int
+    kl: KLPlacement
+    """`KL_IN_REWARD` (`kl.token_level_rewards`) or `KL_IN_LOSS` (`kl.kl_loss`, as in GRPO)."""
+    policy_loss: PolicyLoss
+    """`PPO_CLIP` (`ppo_policy_loss`) or `REINFORCE` (`reinforce_policy_loss`)."""
+    advantage_inputs: tuple[str, ...]
+    """Which of token_rewards / sequence_rewards / greedy_rewards / values the
+    advantage function reads; the others may be None."""
+    advantage_fn: AdvantageFn = field(repr=False)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.advantage_inputs) - set(ADVANTAGE_INPUTS)
+        if unknown:
+            raise ValueError(f"{self.name}: unknown advantage inputs {sorted(unknown)}; known {ADVANTAGE_INPUTS}.")
+        if not 1 <= self.min_samples_per_prompt <= self.default_samples_per_prompt:
+            raise ValueError(f"{self.name}: need 1 <= min_samples_per_prompt <= default_samples_per_prompt.")
+
+    def compute_advantages(
+        self,
+        *,
+        response_mask: Tensor,
+        token_rewards: Tensor | None = None,
+        sequence_rewards: Tensor | None = None,
+        greedy_rewards: Tensor | None = None,
+        values: Tensor | None = None,
+        group_size: int = 1,
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        whiten_advantages: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Advantages `[B, T]` and, for critic-based algorithms, returns `[B, T]` (else None).
+
+        Args:
+            response_mask: `[B, T]`.
+            token_rewards: `[B, T]` KL-shaped rewards (`kl.token_level_rewards`).
+            sequence_rewards: `[B]` raw reward of each sampled response.
+            greedy_rewards: `[B]` reward of the greedy response to each sample's prompt.
+            values: `[B, T]` critic values at rollout time.
+            group_size: samples per prompt, each prompt's samples consecutive.
+            gamma, lam: discount and GAE lambda (algorithms without a critic ignore lam).
+            whiten_advantages: normalise advantages over the batch (ignored by
+                grpo and reinforce_pp, which normalise by construction).
+        """
+        given = {
+            "token_rewards": token_rewards,
+            "sequence_rewards": sequence_rewards,
+            "greedy_rewards": greedy_rewards,
+            "values": values,
+        }
+        missing = [name for name in self.advantage_inputs if given[name] is None]
+        if missing:
+            raise ValueError(
+                f"Algorithm {self.name!r} computes advantages from {', '.join(self.advantage_inputs)}; "
+                f"{', '.join(missing)} {'was' if len(missing) == 1 else 'were'} not given."
+            )
+        if group_size < self.min_samples_per_prompt:
+            raise ValueError(
+                f"Algorithm {self.name!r} needs at least {self.min_samples_per_prompt} samples per prompt; "
+                f"got group_size={group_size}. Raise the rollout's samples per prompt."
+            )
+        return self.advantage_fn(
+            response_mask=response_mask,
+            group_size=group_size,
+            gamma=gamma,
+            lam=lam,
+            whiten_advantages=whiten_advantages,
+            **given,
+        )
+
+
+# --- online advantage adapters: one keyword signature, each reads its own inputs ---
+
+
+def _sequence_return(token_rewards: Tensor, response_mask: Tensor) -> Tensor:
+    """Undiscounted return of each response: the sum of its token rewards, `[B]`."""
+    return (token_rewards * response_mask.to(token_rewards.dtype)).sum(dim=-1)
+
+
+def _maybe_whiten(advantages: Tensor, response_mask: Tensor, whiten_advantages: bool) -> Tensor:
+    return whiten(advantages, response_mask) if whiten_advantages else advantages
+
+
+def _ppo(*, token_rewards, values, response_mask, gamma, lam, whiten_advantages, **_):
+    advantages, returns = gae(token_rewards, values, response_mask, gamma, lam)
+    return _maybe_whiten(advantages, response_mask, whiten_advantages), returns
+
+
+def _remax(*, token_rewards, greedy_rewards, response_mask, whiten_advantages, **_):
+    # The sample's KL-shaped return minus the greedy response's reward. The
+    # greedy response is not KL-shaped (that would cost two more forward
+    # passes); a baseline that does not depend on the sample keeps the
+    # gradient unbiased either way.
+    sampled = _sequence_return(token_rewards, response_mask)
+    advantages = remax_advantages(sampled, greedy_rewards, response_mask)
+    return _maybe_whiten(advantages, response_mask, whiten_advantages), None
+
+
+def _grpo(*, sequence_rewards, response_mask, group_size, **_):
+    # GRPO puts the KL in the loss, so its advantages use the raw rewards.
+    return grpo_advantages(sequence_rewards, group_size, response_mask), None
+
+
+def _rloo(*, token_rewards, response_mask, group_size, whiten_advantages, **_):
+    # Ahmadian et al. apply the leave-one-out baseline to the KL-shaped return.
+    sampled = _sequence_return(token_rewards, response_mask)
+    advantages = rloo_advantages(sampled, group_size, response_mask)
+    return _maybe_whiten(advantages, response_mask, whiten_advantages), None
+
+
+def _reinforce_pp(*, token_rewards, response_mask, gamma, **_):
+    return reinforce_pp_advantages(token_rewards, response_mask, gamma), None
+
+
+_ONLINE = (
+    OnlineAlgorithm(
+        name="ppo",
+        description="PPO with a learned critic and GAE (Schulman et al. 2017; Ouyang et al. 2022).",
+        needs_critic=True, needs_reference=True, needs_greedy=False,
+        min_samples_per_prompt=1, default_samples_per_prompt=1, kl=KL_IN_REWARD, policy_loss=PPO_CLIP,
+        advantage_inputs=("token_rewards", "values"), advantage_fn=_ppo,
+    ),
+    OnlineAlgorithm(
+        name="remax",
+        description="REINFORCE with the greedy response's reward as baseline; no critic (Li et al. 2023).",
+        needs_critic=False, needs_reference=True, needs_greedy=True,
+        min_samples_per_prompt=1, default_samples_per_prompt=1, kl=KL_IN_REWARD, policy_loss=REINFORCE,
+        advantage_inputs=("token_rewards", "greedy_rewards"), advantage_fn=_remax,
+    ),
+    OnlineAlgorithm(
+        name="grpo",
+        description="Group-relative advantages, KL in the loss; no critic (Shao et al. 2024).",
+        needs_critic=False, needs_reference=True, needs_greedy=False,
+        min_samples_per_prompt=2, default_samples_per_prompt=4, kl=KL_IN_LOSS, policy_loss=PPO_CLIP,
+        advantage_inputs=("sequence_rewards",), advantage_fn=_grpo,
+    ),
+    OnlineAlgorithm(
+        name="rloo",
+        description="REINFORCE with a leave-one-out baseline over k samples; no critic (Ahmadian et al. 2024).",
+        needs_critic=False, needs_reference=True, needs_greedy=False,
+        min_samples_per_prompt=2, default_samples_per_prompt=4, kl=KL_IN_REWARD, policy_loss=PPO_CLIP,
+        advantage_inputs=("token_rewards",), advantage_fn=_rloo,
+    ),
+    OnlineAlgorithm(
+        name="reinforce_pp",
+        description="REINFORCE++: batch-whitened returns of KL-shaped rewards, PPO clip; no critic (Hu 2025).",
+        needs_critic=False, needs_reference=True, needs_greedy=False,
+        min_samples_per_prompt=1, default_samples_per_prompt=1, kl=KL_IN_REWARD, policy_loss=PPO_CLIP,
+        advantage_inputs=("token_rewards",), advantage_fn=_reinforce_pp,
+    ),
+)
+
+ONLINE_ALGORITHMS: Mapping[str, OnlineAlgorithm] = MappingProxyType({a.name: a for a in _ONLINE})
