@@ -136,8 +136,12 @@ class OfflineObjective:
         return "offset" in self.params and params.get("offset") is None
 
     def loss(self, inputs: Any, params: Mapping[str, Any] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """`(scalar loss, metrics)` for one batch of this objective's data format."""
-        return self.loss_fn(inputs, self.resolve_params(params))
+        """`(scalar loss, metrics)` for one batch of this objective's data format.
+
+        `params` may also carry what the driver adds at run time (`loss_denominator`, ...); the loss
+        reads this objective's own keys only (the config's keys were checked by `resolve_params`)."""
+        own = {key: value for key, value in (params or {}).items() if key in self.params}
+        return self.loss_fn(inputs, self.resolve_params(own))
 
 
 # --- offline loss functions: (batch of the objective's format, params) -> (loss, metrics) ---

@@ -13,56 +13,18 @@ import os
 from pathlib import Path
 from typing import Callable
 
-import ray
 import torch
 
-from rlhf_ray.config.schema import JobConfig
-from rlhf_ray.runtime.actor_group import concat_shards
 from rlhf_ray.config.imports import import_callable
+from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.workers.reward_trainer import pairwise_accuracy
-
-
-def pad_to_multiple(batch: dict, multiple: int) -> tuple[dict, int]:
-    """Repeat the last row until the batch divides by `multiple`; returns (batch, real size)."""
-    size = len(next(v for v in batch.values() if isinstance(v, (torch.Tensor, list))))
-    extra = (-size) % multiple
-    if not extra:
-        return batch, size
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = torch.cat([value, value[-1:].expand(extra, *value.shape[1:])])
-        elif isinstance(value, list):
-            out[key] = value + [value[-1]] * extra
-        else:
-            out[key] = value
-    return out, size
-
-
-def scatter_async(group, fn, batch: dict) -> tuple[list, int]:
-    """Launch `group.scatter` over a batch of any size (padded to the group size); see `collect`."""
-    padded, size = pad_to_multiple(batch, len(group))
-    return group.scatter(fn, padded), size
-
-
-def collect(pending: tuple[list, int]) -> dict:
-    """Wait for a `scatter_async` call and merge its shards, padding trimmed."""
-    refs, size = pending
-    merged = concat_shards(ray.get(refs))
-    return {k: v[:size] for k, v in merged.items()}
-
-
-def scatter_all(group, fn, batch: dict) -> dict:
-    """`group.scatter` over a batch of any size (padded to the group size, trimmed after)."""
-    return collect(scatter_async(group, fn, batch))
 
 
 def generate_all(group, prompts: dict, *, max_new_tokens: int, seed: int, greedy: bool) -> list[list[int]]:
     """Responses of every rank's share of the prompts (all ranks take part: ZeRO-3 gathers)."""
-    padded, size = pad_to_multiple({k: prompts[k] for k in ("input_ids", "attention_mask")}, len(group))
-    shards = ray.get(group.scatter(
-        lambda a, shard: a.generate.remote(shard, max_new_tokens, seed, greedy), padded))
-    return [row for shard in shards for row in shard][:size]
+    pending = group.scatter_padded(lambda a, shard: a.generate.remote(shard, max_new_tokens, seed, greedy),
+                                   {k: prompts[k] for k in ("input_ids", "attention_mask")})
+    return [row for shard in pending.results() for row in shard][:pending.size]
 
 
 def judge_from(cfg: JobConfig) -> Callable[[str], bool] | None:
@@ -104,15 +66,16 @@ def offline_pair_metrics(job, roles) -> dict:
     n = len(data) if not cfg.run.eval_size else min(cfg.run.eval_size, len(data))
     batch = data.batch(list(range(n)))
     if not job.trains_policy:
-        scores = scatter_all(roles["reward"], lambda a, shard: a.scores.remote(shard), batch)["scores"]
+        scores = roles["reward"].scatter_padded(lambda a, shard: a.scores.remote(shard), batch).merged()["scores"]
         return {"eval/rm_accuracy": float(pairwise_accuracy(scores, batch["ranking"])),
                 "eval/rm_score_mean": float(scores.mean())}
     if job.objective.needs_reference:
         vocab = job.objective.needs_sequence_kl
-        batch.update(scatter_all(roles["reference"], lambda a, shard: a.pair_logps.remote(shard, vocab), batch))
+        batch.update(roles["reference"].scatter_padded(
+            lambda a, shard: a.pair_logps.remote(shard, vocab), batch).merged())
     name, params = job.objective.name, job.params
-    padded, _ = pad_to_multiple(batch, len(roles["policy"]))
-    per_rank = ray.get(roles["policy"].scatter(lambda a, shard: a.eval_preference.remote(shard, name, params), padded))
+    per_rank = roles["policy"].scatter_padded(
+        lambda a, shard: a.eval_preference.remote(shard, name, params), batch).results()
     return {f"eval/{k}": sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
 
 
@@ -122,10 +85,10 @@ def center_reward_model(job, trainer) -> float:
     data = job.train
     n = min(len(data), 512)
     batch = data.batch(list(range(n)))
-    scores = scatter_all(trainer, lambda a, shard: a.scores.remote(shard), batch)["scores"]
+    scores = trainer.scatter_padded(lambda a, shard: a.scores.remote(shard), batch).merged()["scores"]
     best = scores.gather(1, batch["ranking"].argmin(dim=1, keepdim=True)).squeeze(1)
     shift = float(best.mean())
-    ray.get(trainer.map(lambda a: a.shift_bias.remote(shift)))
+    trainer.call(lambda a: a.shift_bias.remote(shift))
     return shift
 
 
@@ -138,11 +101,11 @@ def online_eval(job, roles, prompts: dict, step: int) -> dict:
     sampled = {k: rollout[k] for k in keys}
     greedy = {k: rollout[f"greedy_{k}"] for k in keys}
     both = {k: torch.cat([sampled[k], greedy[k]]) for k in keys}
-    pending = {"reward": scatter_async(roles["reward"], lambda a, s: a.score.remote(s), both),
-               "policy": scatter_async(roles["policy"], lambda a, s: a.rollout_logprobs.remote(s), sampled)}
+    pending = {"reward": roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), both),
+               "policy": roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), sampled)}
     if "reference" in roles.groups:
-        pending["reference"] = scatter_async(roles["reference"], lambda a, s: a.rollout_logprobs.remote(s), sampled)
-    results = {name: collect(p) for name, p in pending.items()}
+        pending["reference"] = roles["reference"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), sampled)
+    results = {name: p.merged() for name, p in pending.items()}
     rewards = results["reward"]["sequence_rewards"]
     size = sampled["input_ids"].shape[0]
     out = {"eval/reward_mean": float(rewards[:size].mean()), "eval/greedy_reward_mean": float(rewards[size:].mean()),

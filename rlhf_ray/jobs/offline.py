@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
 import torch
 
 from rlhf_ray.algorithms.advantages import aggregation_weights
@@ -27,18 +26,12 @@ from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.jobs import evaluation
-from rlhf_ray.jobs.common import (
-    RoleGroups,
-    find_resume_checkpoint,
-    init_ray,
-    load_checkpoint,
-    prepare_run_dir,
-    role_spec,
-    save_checkpoint,
-)
+from rlhf_ray.jobs.common import prepare_run_dir
 from rlhf_ray.jobs.data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import objective_params, validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
+from rlhf_ray.runtime.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray
 from rlhf_ray.telemetry.metrics import MetricsWriter, write_summary
 from rlhf_ray.telemetry.progress import Progress
 from rlhf_ray.telemetry.timers import PhaseTimer
@@ -86,6 +79,17 @@ def _fit_width(t: torch.Tensor, width: int) -> torch.Tensor:
         return t[:, :width]
     pad = torch.zeros(t.shape[0], width - t.shape[1], *t.shape[2:], dtype=t.dtype)
     return torch.cat([t, pad], dim=1)
+
+
+# The reference's log-probs for each data format (`ReferenceWorker`), over a batch of any size.
+REFERENCE_LOGPS = {
+    "preference": lambda ref, batch, objective: ref.scatter_padded(
+        lambda a, shard: a.pair_logps.remote(shard, objective.needs_sequence_kl), batch).merged(),
+    "kto": lambda ref, batch, objective: ref.scatter_padded(
+        lambda a, shard: a.kto_logps.remote(shard), batch).merged(),
+    "sft": lambda ref, batch, objective: {"ref_token_logps": ref.scatter_padded(
+        lambda a, shard: a.token_logps.remote(shard), batch).merged()["ref_token_logps"]},
+}
 
 
 class OfflineJob:
@@ -141,11 +145,11 @@ class OfflineJob:
     # roles -----------------------------------------------------------------
     def _specs(self):
         cfg = self.cfg
-        trainer = role_spec("policy", PolicyWorker, cfg.policy) if self.trains_policy else \
-            role_spec("reward", RewardTrainerWorker, cfg.reward)
+        trainer = RoleSpec.of("policy", PolicyWorker, cfg.policy) if self.trains_policy else \
+            RoleSpec.of("reward", RewardTrainerWorker, cfg.reward)
         specs = [trainer]
         if self.objective.needs_reference:
-            specs.append(role_spec("reference", ReferenceWorker, cfg.reference))
+            specs.append(RoleSpec.of("reference", ReferenceWorker, cfg.reference))
         return specs
 
     def _setup(self, roles: RoleGroups, resume_from: Path | None, stage: int) -> None:
@@ -153,13 +157,13 @@ class OfflineJob:
         trainer = roles[self.trainer_name]
         per_rank = cfg.run.batch_size // len(trainer)
         init = (cfg.policy if self.trains_policy else cfg.reward).model.name_or_path
-        ray.get(trainer.map(lambda a: a.setup.remote(cfg, init_from=init, batch_per_rank=per_rank,
-                                                     total_optimizer_steps=cfg.run.total_steps)))
+        trainer.call(lambda a: a.setup.remote(cfg, init_from=init, batch_per_rank=per_rank,
+                                    total_optimizer_steps=cfg.run.total_steps))
         if roles.owns("reference"):
             ref_init = cfg.reference.model.name_or_path or init
             if resume_from is not None and stage > 0:
                 ref_init = str(resume_from / "reference_hf")
-            ray.get(roles["reference"].map(lambda a: a.setup.remote(cfg, init_from=ref_init)))
+            roles["reference"].call(lambda a: a.setup.remote(cfg, init_from=ref_init))
             if not (cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1):
                 roles.offer("reference")  # a frozen reference other jobs may share
 
@@ -245,7 +249,7 @@ class OfflineJob:
         for start in range(0, len(sft), chunk):
             indices = list(range(start, min(start + chunk, len(sft))))
             prompts = self.train.prompts(indices)
-            tokens = ray.get(roles["reference"].rank0.generate.remote(
+            tokens = roles["reference"].call_rank0(lambda a: a.generate.remote(
                 {k: prompts[k] for k in ("input_ids", "attention_mask")}, self.cfg.rollout.max_new_tokens,
                 self.cfg.run.seed + 7919 * stage.index + start))
             responses.extend(self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens)
@@ -256,7 +260,7 @@ class OfflineJob:
     def _advance_reference(self, roles: RoleGroups) -> None:
         """The reference becomes the latest policy (SPIN iterate / sDPO stage)."""
         targets = list(roles["reference"].actors)
-        ray.get(roles["policy"].map(lambda a: a.send_weights.remote(targets, self.cfg.rollout.sync_bucket_bytes)))
+        roles["policy"].call(lambda a: a.send_weights.remote(targets, self.cfg.rollout.sync_bucket_bytes))
 
     def _precompute_reference(self, roles: RoleGroups, data: JobData) -> None:
         """Score the whole training set with the reference once, then free the reference group."""
@@ -279,15 +283,7 @@ class OfflineJob:
             width = ids.shape[1] - 1  # per-token log-probs score tokens 1 .. T-1
             return {k: v[rows] if v.dim() == 1 else _fit_width(v[rows], width)
                     for k, v in self.reference_cache.items()}
-        ref = roles["reference"]
-        fmt = self.objective.data_format
-        if fmt == "preference":
-            vocab = self.objective.needs_sequence_kl
-            return evaluation.scatter_all(ref, lambda a, shard: a.pair_logps.remote(shard, vocab), batch)
-        if fmt == "kto":
-            return evaluation.scatter_all(ref, lambda a, shard: a.kto_logps.remote(shard), batch)
-        return {"ref_token_logps": evaluation.scatter_all(
-            ref, lambda a, shard: a.token_logps.remote(shard), batch)["ref_token_logps"]}
+        return REFERENCE_LOGPS[self.objective.data_format](roles["reference"], batch, self.objective)
 
     def _train_step(self, roles: RoleGroups, batch: dict) -> dict:
         trainer = roles[self.trainer_name]
@@ -296,7 +292,7 @@ class OfflineJob:
             agg = self.cfg.algorithm.loss_aggregation
             params = {**params, "loss_aggregation": agg,
                       "loss_denominator": float(aggregation_weights(batch["loss_mask"][:, 1:], agg).sum())}
-        per_rank = ray.get(trainer.scatter(lambda a, shard: a.train_offline.remote(shard, name, params), batch))
+        per_rank = trainer.call_scattered(lambda a, shard: a.train_offline.remote(shard, name, params), batch)
         return {f"train/{k}" if "/" not in k else k: sum(m[k] for m in per_rank) / len(per_rank)
                 for k in per_rank[0]}
 
@@ -320,7 +316,7 @@ class OfflineJob:
         trainer = roles[self.trainer_name]
         if not self.trains_policy and self.cfg.algorithm.rm_zero_mean:
             evaluation.center_reward_model(self, trainer)
-        ray.get(trainer.map(lambda a, d=str(self.run_dir / "final"): a.export.remote(d)))
+        trainer.call(lambda a, d=str(self.run_dir / "final"): a.export.remote(d))
 
 
 def _tokens(batch: dict) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 
-import ray
 import torch
 
 from rlhf_ray.algorithms.advantages import aggregation_weights, masked_mean
@@ -25,19 +24,13 @@ from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.jobs import evaluation
-from rlhf_ray.jobs.common import (
-    RoleGroups,
-    find_resume_checkpoint,
-    init_ray,
-    load_checkpoint,
-    prepare_run_dir,
-    role_spec,
-    save_checkpoint,
-)
+from rlhf_ray.jobs.common import prepare_run_dir
 from rlhf_ray.jobs.data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
+from rlhf_ray.runtime.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray
 from rlhf_ray.telemetry.hardware import measure_memory_bandwidth
 from rlhf_ray.telemetry.metrics import MetricsWriter, write_summary
 from rlhf_ray.telemetry.progress import Progress
@@ -111,14 +104,14 @@ class OnlineJob:
     def _specs(self):
         cfg = self.cfg
         r = cfg.rollout
-        engine = role_spec("rollout", engine_worker_class(r.engine), cfg.policy)
-        engine.num_ranks, engine.num_cpus_per_rank, engine.num_gpus_per_rank = \
-            r.num_engines, r.num_cpus_per_engine, r.num_gpus_per_engine
-        specs = [role_spec("policy", PolicyWorker, cfg.policy), engine, role_spec("reward", RewardWorker, cfg.reward)]
+        engine = RoleSpec("rollout", engine_worker_class(r.engine), r.num_engines, r.num_cpus_per_engine,
+                          r.num_gpus_per_engine)
+        specs = [RoleSpec.of("policy", PolicyWorker, cfg.policy), engine,
+                 RoleSpec.of("reward", RewardWorker, cfg.reward)]
         if self.uses_reference:
-            specs.append(role_spec("reference", ReferenceWorker, cfg.reference))
+            specs.append(RoleSpec.of("reference", ReferenceWorker, cfg.reference))
         if self.algorithm.needs_critic:
-            specs.append(role_spec("critic", CriticWorker, cfg.critic))
+            specs.append(RoleSpec.of("critic", CriticWorker, cfg.critic))
         return specs
 
     def _setup(self, roles: RoleGroups) -> None:
@@ -127,25 +120,30 @@ class OnlineJob:
         rows = cfg.run.batch_size * self.n
         minibatch = rows // cfg.algorithm.num_minibatches
         steps = cfg.run.total_steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches
-        calls = [roles["policy"].map(lambda a: a.setup.remote(cfg, init_from=init,
-                                                              batch_per_rank=minibatch // len(roles["policy"]),
-                                                              total_optimizer_steps=steps)),
-                 roles["rollout"].map(lambda a: a.setup.remote(cfg, init_from=init)),
-                 roles["reward"].map(lambda a: a.setup.remote(cfg, tokenizer_from=init))]
+        # Every role loads at once; then each group is waited for in turn.
+        def launch(name, fn):
+            return roles[name], roles[name].map(fn)
+
+        calls = [launch("policy", lambda a: a.setup.remote(cfg, init_from=init,
+                                                           batch_per_rank=minibatch // len(roles["policy"]),
+                                                           total_optimizer_steps=steps)),
+                 launch("rollout", lambda a: a.setup.remote(cfg, init_from=init)),
+                 launch("reward", lambda a: a.setup.remote(cfg, tokenizer_from=init))]
         if roles.owns("reference"):
             ref_init = cfg.reference.model.name_or_path or init
-            calls.append(roles["reference"].map(lambda a: a.setup.remote(cfg, init_from=ref_init)))
+            calls.append(launch("reference", lambda a: a.setup.remote(cfg, init_from=ref_init)))
         if "critic" in roles.groups:
             critic_init = cfg.reward.model.name_or_path if cfg.critic.init_from == "reward" else init
-            calls.append(roles["critic"].map(lambda a: a.setup.remote(
+            calls.append(launch("critic", lambda a: a.setup.remote(
                 cfg, init_from=critic_init, tokenizer_from=init, batch_per_rank=minibatch // len(roles["critic"]),
                 total_optimizer_steps=steps)))
-        ray.get([ref for group_calls in calls for ref in group_calls])
+        for group, refs in calls:
+            group.gather(refs)
         if roles.owns("reference"):
             roles.offer("reference")  # a frozen reference other jobs may share
         if cfg.rollout.engine == "vllm" and cfg.rollout.weight_transfer == "nccl":
             engines, tp, bucket = roles["rollout"].actors, cfg.rollout.tensor_parallel_size, cfg.rollout.sync_bucket_bytes
-            ray.get(roles["policy"].map(lambda a: a.connect_vllm_engines.remote(engines, tp, bucket)))
+            roles["policy"].call(lambda a: a.connect_vllm_engines.remote(engines, tp, bucket))
 
     def trainables(self, roles: RoleGroups) -> dict:
         return {name: roles[name] for name in ("policy", "critic") if name in roles.groups}
@@ -197,7 +195,7 @@ class OnlineJob:
                     save_checkpoint(self.run_dir, step, self.trainables(roles), state, cfg.run.keep_last,
                                     export={"policy": roles["policy"]})
             progress.close()
-            ray.get(roles["policy"].map(lambda a, d=str(self.run_dir / "final"): a.export.remote(d)))
+            roles["policy"].call(lambda a, d=str(self.run_dir / "final"): a.export.remote(d))
             summary = write_summary(self.run_dir, writer, extra={"algorithm": cfg.algorithm.name,
                                                                 "roles": sorted(roles.groups)})
             writer.close()
@@ -211,11 +209,10 @@ class OnlineJob:
         n = self.n if n is None else n
         # Any prompt count over any number of engines: the last prompt is repeated up to a multiple,
         # and the rows generated for the repeats are dropped.
-        batch, size = evaluation.pad_to_multiple({k: prompts[k] for k in ("input_ids", "attention_mask")},
-                                                 len(roles["rollout"]))
-        shards = ray.get(roles["rollout"].scatter(lambda a, shard: a.generate.remote(shard, n, greedy, seed), batch))
-        rows = concat_shards(shards)
-        return {k: v[:size] if k.startswith("greedy_") else v[:size * n] for k, v in rows.items()}
+        pending = roles["rollout"].scatter_padded(lambda a, shard: a.generate.remote(shard, n, greedy, seed),
+                                                  {k: prompts[k] for k in ("input_ids", "attention_mask")})
+        rows = concat_shards(pending.results())
+        return {k: v[:pending.size] if k.startswith("greedy_") else v[:pending.size * n] for k, v in rows.items()}
 
     def score(self, roles: RoleGroups, rollout: dict, timer: PhaseTimer) -> dict:
         """Old log-probs (policy), reference log-probs, rewards and values, all launched at once."""
@@ -226,18 +223,17 @@ class OnlineJob:
         else:
             reward_rows = rows
         pending = {
-            "policy": evaluation.scatter_async(roles["policy"], lambda a, s: a.rollout_logprobs.remote(s), rows),
-            "reward": evaluation.scatter_async(roles["reward"], lambda a, s: a.score.remote(s), reward_rows),
+            "policy": roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), rows),
+            "reward": roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), reward_rows),
         }
         if "reference" in roles.groups:
-            pending["reference"] = evaluation.scatter_async(roles["reference"],
-                                                            lambda a, s: a.rollout_logprobs.remote(s), rows)
+            pending["reference"] = roles["reference"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), rows)
         if "critic" in roles.groups:
-            pending["critic"] = evaluation.scatter_async(roles["critic"], lambda a, s: a.values.remote(s), rows)
+            pending["critic"] = roles["critic"].scatter_padded(lambda a, s: a.values.remote(s), rows)
         out = {}
         with timer.phase("score"):
-            for name, refs in pending.items():
-                out.update(evaluation.collect(refs))
+            for calls in pending.values():
+                out.update(calls.merged())
         rewards = out.pop("sequence_rewards")
         size = rows["input_ids"].shape[0]
         out["sequence_rewards"] = rewards[:size]
@@ -298,16 +294,16 @@ class OnlineJob:
                     mb.update({f"ptx_{k}": v for k, v in self.ptx.batch(ptx_rows).items()})
                     mb_params["ptx_denominator"] = float(
                         aggregation_weights(mb["ptx_loss_mask"][:, 1:], a.loss_aggregation).sum())
-                refs = {"policy": roles["policy"].scatter(
-                    lambda w, s, p=mb_params: w.train_online.remote(s, name, p), mb)}
+                refs = {"policy": (roles["policy"], roles["policy"].scatter(
+                    lambda w, s, p=mb_params: w.train_online.remote(s, name, p), mb))}
                 if "critic" in roles.groups:
                     clip, agg = a.value_clip_eps, a.loss_aggregation
-                    refs["critic"] = roles["critic"].scatter(
-                        lambda w, s, d=denominator: w.train_values.remote(s, clip, agg, d), mb)
+                    refs["critic"] = (roles["critic"], roles["critic"].scatter(
+                        lambda w, s, d=denominator: w.train_values.remote(s, clip, agg, d), mb))
                 merged = {}
-                for role, pending in refs.items():
+                for role, (group, pending) in refs.items():
                     with timer.phase(f"update_{role}"):
-                        results = ray.get(pending)
+                        results = group.gather(pending)
                     # Each role's own keys (loss, grad_norm, lr, ...) under its own prefix.
                     prefix = "actor" if role == "policy" else role
                     merged.update({k if "/" in k else f"{prefix}/{k}": sum(r[k] for r in results) / len(results)
@@ -321,7 +317,7 @@ class OnlineJob:
         start = time.perf_counter()
         engines = list(roles["rollout"].actors)
         bucket = self.cfg.rollout.sync_bucket_bytes
-        results = ray.get(roles["policy"].map(lambda a: a.send_weights.remote(engines, bucket)))
+        results = roles["policy"].call(lambda a: a.send_weights.remote(engines, bucket))
         seconds = time.perf_counter() - start
         sent = max(r["sync/bytes"] for r in results)
         rate = sent / max(seconds, 1e-9)

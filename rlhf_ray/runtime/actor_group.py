@@ -9,12 +9,17 @@
 
 Remote methods are called as methods (`actor.train.remote(...)`), never by a
 string name. `map` and `scatter` return one ObjectRef per rank, in rank order,
-without waiting; pass refs on to other actors, or `gather` them.
+without waiting; pass refs on to other actors, or `gather` them. `call` is
+`gather(map(...))`; `scatter_padded` takes a batch of any size (padded to a
+multiple of the ranks) and returns a `Pending` whose `merged()` is the rows
+back in order, padding dropped. Every wait of a driver on a group goes through
+`gather`, which names the role and rank that failed.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import ray
@@ -91,6 +96,69 @@ def concat_shards(results: Sequence[Any]) -> Any:
             raise TypeError(f"result[{key!r}] is a {type(value).__name__}, not a per-example tensor or list; "
                             "reduce such values (e.g. average metrics) per rank instead of concatenating")
     return merged
+
+
+def pad_to_multiple(batch: Batch, multiple: int) -> tuple[Batch, int]:
+    """Repeat the last row until the batch divides by `multiple`; returns (batch, real size)."""
+    size = len(next(v for v in batch.values() if isinstance(v, (torch.Tensor, list))))
+    extra = (-size) % multiple
+    if not extra:
+        return batch, size
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = torch.cat([value, value[-1:].expand(extra, *value.shape[1:])])
+        elif isinstance(value, list):
+            out[key] = value + [value[-1]] * extra
+        else:
+            out[key] = value
+    return out, size
+
+
+@dataclass
+class Pending:
+    """Calls launched on every rank of a group over a padded batch (`ActorGroup.scatter_padded`)."""
+
+    group: "ActorGroup"
+    refs: list
+    size: int
+    """Rows of the batch before padding."""
+
+    def results(self) -> list:
+        """Each rank's result, in rank order (waits; names the rank that failed)."""
+        return self.group.gather(self.refs)
+
+    def merged(self, rows_per_input: int = 1) -> Any:
+        """The ranks' results joined in rank order (`concat_shards`), the padding's rows dropped:
+        the first `size * rows_per_input` rows (a call returning n rows per input row passes n)."""
+        merged = concat_shards(self.results())
+        keep = self.size * rows_per_input
+        if isinstance(merged, torch.Tensor):
+            return merged[:keep]
+        return {k: v[:keep] for k, v in merged.items()}
+
+
+def wait_all(refs: Sequence[Any], describe: Callable[[int], str] = lambda index: f"call {index}") -> list:
+    """The results of `refs`, in order: the one place a driver or worker waits on Ray calls.
+
+    Raises `ActorGroupError` with `describe(index)` of the first call to fail, as
+    soon as it fails, rather than waiting on calls that may be blocked in a
+    collective with it."""
+    refs = list(refs)
+    results: list = [None] * len(refs)
+    positions: dict = {}
+    for index, ref in enumerate(refs):
+        positions.setdefault(ref, []).append(index)
+    pending = list(positions)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        try:
+            value = ray.get(ready[0])
+        except RayError as err:
+            raise ActorGroupError(f"{describe(positions[ready[0]][0])} failed:\n{err}") from err
+        for index in positions[ready[0]]:
+            results[index] = value
+    return results
 
 
 @ray.remote(num_cpus=0)
@@ -202,27 +270,30 @@ class ActorGroup:
         shards = split_batch(batch, len(self._actors), role=f"role {self.role!r}")
         return [fn(actor, shard) for actor, shard in zip(self._actors, shards)]
 
+    def scatter_padded(self, fn: Callable[[Any, Batch], Any], batch: Batch) -> Pending:
+        """`scatter` over a batch of any size: the last row repeated up to a multiple of the ranks.
+        Returns at once; `Pending.merged()` waits and drops the padding."""
+        padded, size = pad_to_multiple(batch, len(self._actors))
+        return Pending(self, self.scatter(fn, padded), size)
+
+    def call(self, fn: Callable[[Any], Any]) -> list:
+        """`gather(map(fn))`: the same call on every rank, waited for; the results in rank order."""
+        return self.gather(self.map(fn))
+
+    def call_scattered(self, fn: Callable[[Any, Batch], Any], batch: Batch) -> list:
+        """`gather(scatter(fn, batch))`: each rank's result on its shard, waited for, in rank order."""
+        return self.gather(self.scatter(fn, batch))
+
+    def call_rank0(self, fn: Callable[[Any], Any]) -> Any:
+        """`fn(rank 0's actor)`, waited for (a call only one rank should make)."""
+        return self.gather([fn(self.rank0)])[0]
+
     def gather(self, refs: Sequence[Any]) -> list:
         """The results of `refs` (rank r's at index r, as `map`/`scatter` return them).
 
         Raises `ActorGroupError` naming the rank as soon as one call fails, rather
         than waiting on ranks that may be blocked in a collective with it."""
-        refs = list(refs)
-        results: list = [None] * len(refs)
-        positions: dict = {}
-        for index, ref in enumerate(refs):
-            positions.setdefault(ref, []).append(index)
-        pending = list(positions)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            try:
-                value = ray.get(ready[0])
-            except RayError as err:
-                rank = positions[ready[0]][0]
-                raise ActorGroupError(f"role {self.role!r} rank {rank} of {len(self._actors)} failed:\n{err}") from err
-            for index in positions[ready[0]]:
-                results[index] = value
-        return results
+        return wait_all(refs, lambda index: f"role {self.role!r} rank {index} of {len(self._actors)}")
 
     def shutdown(self) -> None:
         """Stop every rank and release the group's own placement group. Safe to call twice."""

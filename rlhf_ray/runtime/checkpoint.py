@@ -10,7 +10,10 @@ removed by `prune_checkpoints`.
 
 Ray actors write their shards straight into the directory `atomic_dir`
 yields (all ranks must see the same filesystem, as DeepSpeed checkpoints
-already require).
+already require). `save_checkpoint` / `load_checkpoint` do that for a job:
+each trainable role group's DeepSpeed state under `<role>/`, `save_pretrained`
+exports under `<role>_hf/`, and `trainer_state.json` (step, data position,
+RNG, KL controller).
 """
 
 from __future__ import annotations
@@ -24,10 +27,16 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
+
+from rlhf_ray.config.schema import ConfigError
+
+if TYPE_CHECKING:
+    from rlhf_ray.config.schema import JobConfig
+    from rlhf_ray.runtime.actor_group import ActorGroup
 
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
 _STEP_DIR = re.compile(r"step_(\d+)")
@@ -197,3 +206,47 @@ def restore_rng_state(state: dict) -> None:
             raise ValueError(f"the RNG state holds {len(state['cuda'])} CUDA generators but this process sees "
                              f"{torch.cuda.device_count()} devices: resume with the same GPUs per rank")
         torch.cuda.set_rng_state_all([_text_to_bytes(s) for s in state["cuda"]])
+
+
+# A job's checkpoint: every trainable group's state plus the driver's --------------------------------
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step_{step}"
+
+
+def save_checkpoint(run_dir: Path, step: int, trainables: dict[str, "ActorGroup"], state: dict,
+                    keep_last: int, export: dict[str, "ActorGroup"] | None = None) -> Path:
+    """Write checkpoint `step` atomically: each trainable group's DeepSpeed state under
+    `<role>/`, `save_pretrained` exports under `<role>_hf/`, and `trainer_state.json`."""
+    final = checkpoint_dir(run_dir, step)
+    with atomic_dir(final) as tmp:
+        for name, group in trainables.items():
+            group.call(lambda actor, d=str(tmp / name): actor.save_checkpoint.remote(d))
+        for name, group in (export or {}).items():
+            group.call(lambda actor, d=str(tmp / f"{name}_hf"): actor.export.remote(d))
+        write_json_atomic(tmp / "trainer_state.json", {**state, "step": step, "rng": capture_rng_state()})
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def find_resume_checkpoint(cfg: "JobConfig", run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: `run.resume` auto (latest in the run dir), never, or a path."""
+    if cfg.run.resume == "never":
+        return None
+    if cfg.run.resume == "auto":
+        return latest_checkpoint(run_dir)
+    path = Path(cfg.run.resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"run.resume: {path} is not a checkpoint directory (no trainer_state.json); give "
+                          "a checkpoints/step_<N> folder, auto or never")
+    return path
+
+
+def load_checkpoint(path: Path, trainables: dict[str, "ActorGroup"]) -> dict:
+    """Restore each trainable group and the driver's RNG; returns the trainer state."""
+    for name, group in trainables.items():
+        group.call(lambda actor, d=str(path / name): actor.load_checkpoint.remote(d))
+    state = read_json(path / "trainer_state.json")
+    restore_rng_state(state["rng"])
+    return state

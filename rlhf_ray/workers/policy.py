@@ -72,6 +72,10 @@ def _kto_loss(objective, params, engine=None):
 OFFLINE_LOSS_BUILDERS = {"preference": _preference_loss, "sft": _sft_loss, "kto": _kto_loss}
 
 
+def _target(index: int) -> str:
+    return f"weight sync to target {index}"
+
+
 class PolicyWorker(DistributedWorker):
     """One rank of the policy group."""
 
@@ -206,20 +210,20 @@ class PolicyWorker(DistributedWorker):
 
         Every rank iterates so ZeRO-3 gathers line up; the driver never holds
         the weights. Returns bytes sent."""
-        import ray
+        from rlhf_ray.runtime.actor_group import wait_all
 
         if getattr(self, "_vllm_sender", None) is not None:
             return self._vllm_sender.send()
         sender = self.rank == 0 and bool(targets)
         sent = 0
         if sender:
-            ray.get([t.begin_weight_update.remote() for t in targets])
+            wait_all([t.begin_weight_update.remote() for t in targets], _target)
         for bucket in self.engine.iter_weight_buckets(bucket_bytes):
             if sender:
-                ray.get([t.load_weights.remote(bucket) for t in targets])
+                wait_all([t.load_weights.remote(bucket) for t in targets], _target)
                 sent += sum(w.numel() * w.element_size() for _, w in bucket) * len(targets)
         if sender:
-            ray.get([t.finish_weight_update.remote() for t in targets])
+            wait_all([t.finish_weight_update.remote() for t in targets], _target)
         return {"sync/bytes": float(sent)}
 
     def compute_time(self) -> dict[str, float]:

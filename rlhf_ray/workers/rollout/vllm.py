@@ -548,9 +548,9 @@ class EngineActorsClient:
         self.offsets = engine_rank_offsets(len(self.engines), tensor_parallel_size)
 
     def _all(self, call: Callable) -> None:
-        import ray
+        from rlhf_ray.runtime.actor_group import wait_all
 
-        ray.get([call(engine, i) for i, engine in enumerate(self.engines)])
+        wait_all([call(engine, i) for i, engine in enumerate(self.engines)], lambda i: f"vLLM engine {i}")
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         self._all(lambda e, i: e.init_weight_transfer.remote({**init_info, "rank_offset": self.offsets[i]}))
