@@ -28,9 +28,9 @@ from rlhf_ray.runtime.checkpoint import (
     prune_checkpoints,
     read_json,
     restore_rng_state,
-    write_json_atomic,
 )
 from rlhf_ray.runtime.placement import RoleResources, check_fits, create_placement_group, plan_placement
+from rlhf_ray.telemetry.metrics import write_json_atomic
 
 
 def prepare_run_dir(cfg: JobConfig) -> Path:
