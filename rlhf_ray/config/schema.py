@@ -255,6 +255,9 @@ class AlgorithmConfig:
         _check(self.ppo_epochs >= 1 and self.num_minibatches >= 1, "ppo_epochs/num_minibatches", "must be >= 1")
 
 
+METRIC_SINKS = ("jsonl", "tensorboard", "wandb")  # each one's writer: telemetry.metrics.SINKS
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """The run: its directory, length, batch, seed, checkpoints and evaluation."""
@@ -268,7 +271,7 @@ class RunConfig:
     eval_every: int = _help("Evaluate every N steps (0: only at the end).", default=0)
     eval_size: int = _help("Held-out examples per evaluation (0: all).", default=0)
     resume: str = _help("auto (latest checkpoint in output_dir, if any), never, or a checkpoint path.", default="auto")
-    sinks: tuple[str, ...] = _help("Metric sinks: jsonl, tensorboard, wandb.", default=("jsonl",))
+    sinks: tuple[str, ...] = _help(f"Metric sinks: {', '.join(METRIC_SINKS)}.", default=("jsonl",))
     progress: bool = _help("Show a progress bar on the driver's terminal.", default=True)
 
     def __post_init__(self):
@@ -277,7 +280,7 @@ class RunConfig:
         _check(self.save_every >= 0 and self.eval_every >= 0, "save_every/eval_every", "must be >= 0")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
         for sink in self.sinks:
-            _check(sink in ("jsonl", "tensorboard", "wandb"), "sinks", f"unknown sink {sink!r}; expected jsonl, tensorboard, wandb")
+            _check(sink in METRIC_SINKS, "sinks", f"unknown sink {sink!r}; expected {', '.join(METRIC_SINKS)}")
 
 
 @dataclass(frozen=True)

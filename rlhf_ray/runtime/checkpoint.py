@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from rlhf_ray.config.schema import ConfigError
+from rlhf_ray.telemetry.metrics import write_json_atomic
 
 if TYPE_CHECKING:
     from rlhf_ray.config.schema import JobConfig
@@ -93,23 +94,6 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     else:
         os.replace(tmp, final)
     _fsync_path(final.parent)
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as JSON to `path` via a temp file and a rename: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}{_TEMP_MARK}{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def read_json(path: str | os.PathLike) -> Any:

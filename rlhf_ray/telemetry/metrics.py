@@ -21,7 +21,7 @@ import statistics
 import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-SINKS = ("jsonl", "tensorboard", "wandb")
 
 
 def to_scalar(key: str, value: Any) -> int | float | bool | str | None:
@@ -160,38 +159,50 @@ def write_summary(run_dir: str | os.PathLike, source: Any = None, extra: Mapping
     return summary
 
 
-class MetricsWriter:
-    """Writes one metrics row per step to the run directory and to the asked-for sinks.
+# sinks -----------------------------------------------------------------------
 
-    Args:
-        run_dir: the run directory (created if missing).
-        sinks: any of "jsonl", "tensorboard", "wandb". TensorBoard and W&B are
-            used when their packages import; a missing one logs one warning.
-        config: the resolved job config (dataclass or mapping), recorded by W&B
-            and TensorBoard.
-        resume_step: continuing a run stopped after this step: rows with a
-            larger step are dropped from `metrics.jsonl` (and TensorBoard), so
-            the resumed file equals an uninterrupted run's. `None` starts a
-            fresh file.
-    """
+def _numeric(row: Mapping[str, Any]) -> dict[str, int | float]:
+    """The finite numbers of a row, `step` left out: what TensorBoard and W&B plot."""
+    return {k: v for k, v in row.items() if k != "step" and _is_number(v)}
 
-    def __init__(self, run_dir: str | os.PathLike, sinks: Iterable[str] = SINKS, config: Any = None,
-                 resume_step: int | None = None):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / METRICS_FILE
-        sinks = tuple(sinks)
-        unknown = [s for s in sinks if s not in SINKS]
-        if unknown:
-            raise ValueError(f"unknown metric sink(s) {unknown}; expected some of {list(SINKS)}")
-        self.last_step: int | None = None
-        self._file = None
-        if "jsonl" in sinks:
-            self.last_step = self._prepare_file(resume_step)
-            self._file = open(self.path, "a")
-        self._tensorboard = _open_tensorboard(self.run_dir, config, resume_step) if "tensorboard" in sinks else None
-        self._wandb = _open_wandb(self.run_dir, config) if "wandb" in sinks else None
-        self._closed = False
+
+class Sink(Protocol):
+    """A destination of metric rows, one class per name in `SINKS`.
+
+    `open(run_dir, config, resume_step)` starts it for a run directory, or
+    logs one warning and returns None where it cannot run (its package is not
+    installed, W&B cannot log in, ...): the run goes on with the others.
+    `last_step` is the last step it already holds after a resume (only
+    `metrics.jsonl` can say), else None."""
+
+    last_step: int | None = None
+
+    @classmethod
+    def open(cls, run_dir: Path, config: Any, resume_step: int | None) -> Sink | None:
+        """The sink for `run_dir`, continuing after `resume_step` when that is not None; None if unavailable."""
+
+    def write(self, step: int, row: dict[str, Any]) -> None:
+        """Record the row of `step` (`"step"` first, every value a JSON scalar)."""
+
+    def close(self) -> None:
+        """Flush and release; called once."""
+
+
+class JsonlSink(Sink):
+    """`metrics.jsonl` in the run directory, one line per step, flushed as written.
+
+    A fresh run starts the file empty; a resumed one keeps the rows up to the
+    resume step and drops the rest, so the resumed file equals an
+    uninterrupted run's."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        self.last_step = self._prepare_file(resume_step)
+        self._file = open(self.path, "a")
+
+    @classmethod
+    def open(cls, run_dir: Path, config: Any, resume_step: int | None) -> JsonlSink:
+        return cls(run_dir / METRICS_FILE, resume_step)
 
     def _prepare_file(self, resume_step: int | None) -> int | None:
         if resume_step is None:
@@ -205,6 +216,111 @@ class MetricsWriter:
         kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
         _write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
         return kept[-1]["step"] if kept else None
+
+    def write(self, step: int, row: dict[str, Any]) -> None:
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class TensorBoardSink(Sink):
+    """TensorBoard event files under `<run_dir>/tensorboard`; a resume purges the events after its step."""
+
+    def __init__(self, writer):
+        self._writer = writer
+
+    @classmethod
+    def open(cls, run_dir: Path, config: Any, resume_step: int | None) -> TensorBoardSink | None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            logger.warning("metric sink 'tensorboard' asked for but the tensorboard package is not installed "
+                           "(pip install tensorboard); metrics go to %s only", run_dir / METRICS_FILE)
+            return None
+        purge_step = resume_step + 1 if resume_step is not None else None
+        writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
+        if config is not None and purge_step is None:
+            writer.add_text("config", "```\n" + json.dumps(_config_dict(config), indent=2, default=str) + "\n```")
+        return cls(writer)
+
+    def write(self, step: int, row: dict[str, Any]) -> None:
+        for key, value in _numeric(row).items():
+            self._writer.add_scalar(key, value, global_step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+class WandbSink(Sink):
+    """A W&B run named after the run directory; its id is kept in `<run_dir>/wandb_run_id`, so a resume
+    continues the same W&B run."""
+
+    def __init__(self, run):
+        self._run = run
+
+    @classmethod
+    def open(cls, run_dir: Path, config: Any, resume_step: int | None) -> WandbSink | None:
+        try:
+            import wandb
+        except ImportError:
+            logger.warning("metric sink 'wandb' asked for but the wandb package is not installed (pip install wandb); "
+                           "metrics go to %s only", run_dir / METRICS_FILE)
+            return None
+        id_file = run_dir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+        try:
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rlhf-ray"), name=run_dir.name, id=run_id,
+                             resume="allow", dir=str(run_dir), config=_config_dict(config))
+        except Exception as err:  # not logged in, no network, bad settings: the run goes on without W&B
+            logger.warning("metric sink 'wandb' could not start (%s); metrics go to %s only",
+                           err, run_dir / METRICS_FILE)
+            return None
+        id_file.write_text(run_id + "\n")
+        return cls(run)
+
+    def write(self, step: int, row: dict[str, Any]) -> None:
+        self._run.log(_numeric(row), step=step)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+# run.sinks -> its class; the names are `config.schema.METRIC_SINKS`, in the order sinks are opened and written.
+SINKS: dict[str, type[Sink]] = {"jsonl": JsonlSink, "tensorboard": TensorBoardSink, "wandb": WandbSink}
+
+
+class MetricsWriter:
+    """Writes one metrics row per step to the run directory and to the asked-for sinks.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        sinks: names in `SINKS` ("jsonl", "tensorboard", "wandb"). TensorBoard
+            and W&B are used when their packages import; a missing one logs
+            one warning.
+        config: the resolved job config (dataclass or mapping), recorded by W&B
+            and TensorBoard.
+        resume_step: continuing a run stopped after this step: rows with a
+            larger step are dropped from `metrics.jsonl` (and TensorBoard), so
+            the resumed file equals an uninterrupted run's. `None` starts a
+            fresh file.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, sinks: Iterable[str] = tuple(SINKS), config: Any = None,
+                 resume_step: int | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        sinks = tuple(sinks)
+        unknown = [s for s in sinks if s not in SINKS]
+        if unknown:
+            raise ValueError(f"unknown metric sink(s) {unknown}; expected some of {list(SINKS)}")
+        opened = (cls.open(self.run_dir, config, resume_step) for name, cls in SINKS.items() if name in sinks)
+        self._sinks: list[Sink] = [sink for sink in opened if sink is not None]
+        self.last_step: int | None = next((s.last_step for s in self._sinks if s.last_step is not None), None)
+        self._closed = False
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
         """Record the metrics of `step` (steps strictly increase); returns the row written."""
@@ -220,16 +336,8 @@ class MetricsWriter:
             if not isinstance(key, str):
                 raise TypeError(f"metric names are strings, got {key!r}")
             row[key] = to_scalar(key, value)
-        if self._file is not None:
-            self._file.write(json.dumps(row) + "\n")
-            self._file.flush()
-        numeric = {k: v for k, v in row.items() if k != "step" and _is_number(v)}
-        if self._tensorboard is not None:
-            for key, value in numeric.items():
-                self._tensorboard.add_scalar(key, value, global_step=step)
-            self._tensorboard.flush()
-        if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
+        for sink in self._sinks:
+            sink.write(step, row)
         self.last_step = step
         return row
 
@@ -238,49 +346,11 @@ class MetricsWriter:
         if self._closed:
             return
         self._closed = True
-        if self._file is not None:
-            self._file.close()
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-        if self._wandb is not None:
-            self._wandb.finish()
+        for sink in self._sinks:
+            sink.close()
 
     def __enter__(self) -> MetricsWriter:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _open_tensorboard(run_dir: Path, config: Any, resume_step: int | None):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        logger.warning("metric sink 'tensorboard' asked for but the tensorboard package is not installed "
-                       "(pip install tensorboard); metrics go to %s only", run_dir / METRICS_FILE)
-        return None
-    purge_step = resume_step + 1 if resume_step is not None else None
-    writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge_step)
-    if config is not None and purge_step is None:
-        writer.add_text("config", "```\n" + json.dumps(_config_dict(config), indent=2, default=str) + "\n```")
-    return writer
-
-
-def _open_wandb(run_dir: Path, config: Any):
-    try:
-        import wandb
-    except ImportError:
-        logger.warning("metric sink 'wandb' asked for but the wandb package is not installed (pip install wandb); "
-                       "metrics go to %s only", run_dir / METRICS_FILE)
-        return None
-    id_file = run_dir / "wandb_run_id"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-    try:
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "rlhf-ray"), name=run_dir.name, id=run_id,
-                         resume="allow", dir=str(run_dir), config=_config_dict(config))
-    except Exception as err:  # not logged in, no network, bad settings: the run goes on without W&B
-        logger.warning("metric sink 'wandb' could not start (%s); metrics go to %s only",
-                       err, run_dir / METRICS_FILE)
-        return None
-    id_file.write_text(run_id + "\n")
-    return run

@@ -11,13 +11,15 @@ from rlhf_ray.algorithms.policy_loss import value_loss
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import disable_dropout, load_tokenizer_for, resolve_dtype
-from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import TrainEngine
 from rlhf_ray.workers import forward as fw
+from rlhf_ray.workers.base import TrainableWorker
 
 
-class CriticWorker(DistributedWorker):
+class CriticWorker(TrainableWorker):
     """One rank of the critic group."""
+
+    ROLE = "critic"
 
     def setup(self, job: JobConfig, *, init_from: str, tokenizer_from: str, batch_per_rank: int,
               total_optimizer_steps: int) -> dict:
@@ -57,16 +59,3 @@ class CriticWorker(DistributedWorker):
                 loss = self.engine.global_loss(loss, weights.sum(), loss_denominator)
             return loss, metrics
         return self.engine.train_batch(batch, loss_fn)
-
-    def save_checkpoint(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory)
-
-    def load_checkpoint(self, directory: str) -> None:
-        self.engine.load_checkpoint(directory)
-
-    def compute_time(self) -> dict[str, float]:
-        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
-        return self.engine.clock.take()
-
-    def memory(self) -> dict:
-        return self.engine.memory().to_metrics("critic")

@@ -17,9 +17,9 @@ from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algor
 from rlhf_ray.algorithms.sft_loss import sft_loss
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import disable_dropout, load_causal_lm, load_tokenizer_for, resolve_dtype
-from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import TrainEngine
 from rlhf_ray.workers import forward as fw
+from rlhf_ray.workers.base import ExportMixin, TrainableWorker
 from rlhf_ray.workers.forward import generate_tokens
 
 
@@ -76,8 +76,10 @@ def _target(index: int) -> str:
     return f"weight sync to target {index}"
 
 
-class PolicyWorker(DistributedWorker):
+class PolicyWorker(ExportMixin, TrainableWorker):
     """One rank of the policy group."""
+
+    ROLE = "policy"
 
     def setup(self, job: JobConfig, *, init_from: str, batch_per_rank: int, total_optimizer_steps: int) -> dict:
         """Load the model from `init_from` (preset, path or hub name) and build the DeepSpeed engine."""
@@ -185,17 +187,7 @@ class PolicyWorker(DistributedWorker):
                                seed=seed + self.rank, greedy=greedy, temperature=self.job.rollout.temperature,
                                top_p=self.job.rollout.top_p, gathered=self.engine.gathered)
 
-    # state -----------------------------------------------------------------
-    def save_checkpoint(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory)
-
-    def load_checkpoint(self, directory: str) -> None:
-        self.engine.load_checkpoint(directory)
-
-    def export(self, directory: str) -> None:
-        """`save_pretrained` of the model and tokenizer (rank 0 writes; all ranks gather for ZeRO-3)."""
-        self.engine.export(directory, self.tokenizer, self.rank)
-
+    # weight sync -----------------------------------------------------------
     def connect_vllm_engines(self, engines: list, tensor_parallel_size: int, bucket_bytes: int) -> None:
         """Join the NCCL weight-transfer group with the vLLM engines (`rollout.weight_transfer: nccl`);
         every rank calls it, rank 0 becomes the sender, the others only take part in ZeRO-3 gathers."""
@@ -225,10 +217,3 @@ class PolicyWorker(DistributedWorker):
         if sender:
             wait_all([t.finish_weight_update.remote() for t in targets], _target)
         return {"sync/bytes": float(sent)}
-
-    def compute_time(self) -> dict[str, float]:
-        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
-        return self.engine.clock.take()
-
-    def memory(self) -> dict:
-        return self.engine.memory().to_metrics("policy")

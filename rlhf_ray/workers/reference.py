@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
-from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import InferenceEngine
 from rlhf_ray.workers import forward as fw
+from rlhf_ray.workers.base import EngineWorker, ExportMixin
 from rlhf_ray.workers.forward import generate_tokens
 
 
-class ReferenceWorker(DistributedWorker):
-    """One rank of the reference group."""
+class ReferenceWorker(ExportMixin, EngineWorker):
+    """One rank of the reference group; `export` writes the current reference weights (SPIN/sDPO
+    checkpoints need them)."""
+
+    ROLE = "reference"
 
     def setup(self, job: JobConfig, *, init_from: str) -> dict:
         self.job = job
@@ -67,10 +70,6 @@ class ReferenceWorker(DistributedWorker):
                                seed=seed + self.rank, greedy=greedy, temperature=self.job.rollout.temperature,
                                top_p=self.job.rollout.top_p, gathered=self.engine.gathered)
 
-    def export(self, directory: str) -> None:
-        """`save_pretrained` of the current reference weights (SPIN/sDPO checkpoints need them)."""
-        self.engine.export(directory, self.tokenizer, self.rank)
-
     # weight updates (SPIN, sDPO) -------------------------------------------
     def begin_weight_update(self) -> None:
         return None
@@ -80,10 +79,3 @@ class ReferenceWorker(DistributedWorker):
 
     def finish_weight_update(self) -> None:
         return None
-
-    def compute_time(self) -> dict[str, float]:
-        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
-        return self.engine.clock.take()
-
-    def memory(self) -> dict:
-        return self.engine.memory().to_metrics("reference")

@@ -14,14 +14,17 @@ from rlhf_ray.config.imports import import_callable
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
-from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import InferenceEngine
 from rlhf_ray.telemetry.timers import ComputeClock
 from rlhf_ray.workers import forward as fw
+from rlhf_ray.workers.base import EngineWorker
 
 
-class RewardWorker(DistributedWorker):
-    """One rank of the reward group."""
+class RewardWorker(EngineWorker):
+    """One rank of the reward group; with a rule there is no engine, and the rule's own clock and the
+    process's peak RSS stand in for the engine's."""
+
+    ROLE = "reward"
 
     def setup(self, job: JobConfig, *, tokenizer_from: str) -> dict:
         self.job = job
@@ -66,12 +69,12 @@ class RewardWorker(DistributedWorker):
 
     def compute_time(self) -> dict[str, float]:
         """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
-        return self.engine.clock.take() if self.engine is not None else self.clock.take()
+        return super().compute_time() if self.engine is not None else self.clock.take()
 
     def memory(self) -> dict:
         if self.engine is None:
             from rlhf_ray.telemetry.memory import peak_rss_bytes
 
-            return {"memory/reward/held_bytes": 0.0, "memory/reward/peak_bytes": 0.0,
-                    "memory/reward/peak_rss_bytes": float(peak_rss_bytes())}
-        return self.engine.memory().to_metrics("reward")
+            return {f"memory/{self.ROLE}/held_bytes": 0.0, f"memory/{self.ROLE}/peak_bytes": 0.0,
+                    f"memory/{self.ROLE}/peak_rss_bytes": float(peak_rss_bytes())}
+        return super().memory()

@@ -15,9 +15,9 @@ from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import disable_dropout, load_tokenizer_for, resolve_dtype
-from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import TrainEngine
 from rlhf_ray.workers import forward as fw
+from rlhf_ray.workers.base import ExportMixin, TrainableWorker
 
 
 def ranked_scores(module, mb: dict) -> torch.Tensor:
@@ -34,8 +34,10 @@ def pairwise_accuracy(scores: torch.Tensor, ranking: torch.Tensor) -> torch.Tens
     return correct.sum().float() / better.sum().clamp(min=1).float()
 
 
-class RewardTrainerWorker(DistributedWorker):
+class RewardTrainerWorker(ExportMixin, TrainableWorker):
     """One rank of the reward-model trainer group."""
+
+    ROLE = "reward"
 
     def setup(self, job: JobConfig, *, init_from: str, batch_per_rank: int, total_optimizer_steps: int) -> dict:
         self.job = job
@@ -74,19 +76,3 @@ class RewardTrainerWorker(DistributedWorker):
         """Add `delta` to the bias the score subtracts (InstructGPT's zero-mean normalisation)."""
         module = self.engine.module
         module.set_score_bias(module.score_bias + float(delta))
-
-    def save_checkpoint(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory)
-
-    def load_checkpoint(self, directory: str) -> None:
-        self.engine.load_checkpoint(directory)
-
-    def export(self, directory: str) -> None:
-        self.engine.export(directory, self.tokenizer, self.rank)
-
-    def compute_time(self) -> dict[str, float]:
-        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
-        return self.engine.clock.take()
-
-    def memory(self) -> dict:
-        return self.engine.memory().to_metrics("reward")

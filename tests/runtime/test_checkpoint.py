@@ -18,8 +18,8 @@ from rlhf_ray.runtime.checkpoint import (
     prune_checkpoints,
     read_json,
     restore_rng_state,
-    write_json_atomic,
 )
+from rlhf_ray.telemetry.metrics import write_json_atomic
 
 
 def _save(run_dir, step: int, payload: str) -> None:

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from rlhf_ray.telemetry.metrics import MetricsWriter, read_metrics, summarise, to_scalar, write_summary
+from rlhf_ray.config.schema import METRIC_SINKS
+from rlhf_ray.telemetry.metrics import SINKS, MetricsWriter, read_metrics, summarise, to_scalar, write_summary
 from rlhf_ray.telemetry.progress import Progress, format_metrics
 
 
@@ -121,6 +122,10 @@ def test_missing_sink_package_warns_once_and_never_crashes(tmp_path, monkeypatch
     warnings = [r for r in caplog.records if "wandb" in r.getMessage()]
     assert len(warnings) == 1 and "not installed" in warnings[0].getMessage()
     assert [row["loss"] for row in read_metrics(tmp_path)] == [1.0, 0.5]
+
+
+def test_every_sink_the_config_accepts_has_a_writer():
+    assert tuple(SINKS) == METRIC_SINKS
 
 
 def test_tensorboard_sink_writes_events_when_installed(tmp_path):

@@ -1,0 +1,53 @@
+"""What the model roles share: a rank over one engine (`self.engine`, built by `setup`).
+
+- `EngineWorker`: `compute_time` and `memory` of the engine, the memory
+  metrics named by the class's `ROLE` (`memory/<ROLE>/...`). The reference
+  role is one as it is; the reward role overrides both for its rule.
+- `TrainableWorker`: an `EngineWorker` over a `TrainEngine`, with
+  `save_checkpoint` / `load_checkpoint` of its DeepSpeed state (policy,
+  critic, reward trainer).
+- `ExportMixin`: `export`, the `save_pretrained` of the engine's weights and
+  `self.tokenizer`, for the roles that keep their tokenizer (policy, reward
+  trainer, reference).
+
+Ray makes every method of these bases a remote method of the role's actor.
+"""
+
+from __future__ import annotations
+
+from rlhf_ray.runtime.distributed import DistributedWorker
+from rlhf_ray.runtime.engine import InferenceEngine, TrainEngine
+
+
+class EngineWorker(DistributedWorker):
+    """One rank of a role over one engine; a subclass sets `ROLE`."""
+
+    ROLE: str
+    engine: TrainEngine | InferenceEngine
+
+    def compute_time(self) -> dict[str, float]:
+        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
+        return self.engine.clock.take()
+
+    def memory(self) -> dict:
+        return self.engine.memory().to_metrics(self.ROLE)
+
+
+class TrainableWorker(EngineWorker):
+    """One rank of a trained role: its DeepSpeed state goes into and comes out of checkpoints."""
+
+    engine: TrainEngine
+
+    def save_checkpoint(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory)
+
+
+class ExportMixin:
+    """`export` for an `EngineWorker` that keeps its tokenizer as `self.tokenizer`."""
+
+    def export(self, directory: str) -> None:
+        """`save_pretrained` of the model and tokenizer (rank 0 writes; all ranks gather for ZeRO-3)."""
+        self.engine.export(directory, self.tokenizer, self.rank)
