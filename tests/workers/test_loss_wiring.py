@@ -15,10 +15,9 @@ import torch
 
 from rlhf_ray.algorithms.batches import RankedRewardBatch
 from rlhf_ray.algorithms.registry import OFFLINE_OBJECTIVES, get_offline_objective
-from rlhf_ray.config.schema import AlgorithmConfig, DataConfig
+from rlhf_ray.config.schema import DataConfig
 from rlhf_ray.data.synthetic import SyntheticConfig
 from rlhf_ray.jobs.data import JobData, load_job_examples
-from rlhf_ray.jobs.offline import objective_params
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.tokenizer import load_tokenizer
@@ -74,7 +73,7 @@ def test_each_policy_objective_gives_a_finite_loss_with_gradient(name, tokenizer
     policy = load_causal_lm("tiny-gpt2", seed=0)
     if objective.needs_reference:
         add_reference(objective, batch, load_causal_lm("tiny-gpt2", seed=0))
-    loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, objective_params(objective, AlgorithmConfig()))
+    loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, objective.resolve_params({}))
     policy.train()
     loss, metrics = loss_fn(policy, batch)
     assert loss.dim() == 0 and math.isfinite(float(loss.detach()))
