@@ -65,7 +65,7 @@ def _step_cost(cfg: JobConfig, plan: LayoutPlan, *, model: str | None, gpus: int
     shapes = {s.role: s.shape for s in role_specs(cfg, model=model, gpus=gpus)}
     n = cfg.algorithm.samples_per_prompt or algorithm.default_samples_per_prompt
     work = online_step_work(
-        actor=shapes["actor"], critic=shapes.get("critic"), reference=shapes.get("reference"),
+        policy=shapes["policy"], critic=shapes.get("critic"), reference=shapes.get("reference"),
         reward=shapes.get("reward"), prompts=cfg.run.batch_size, samples_per_prompt=n,
         greedy_per_prompt=1 if algorithm.needs_greedy else 0, prompt_len=cfg.data.max_prompt_length,
         response_len=cfg.rollout.max_new_tokens, policy_epochs=cfg.algorithm.ppo_epochs)

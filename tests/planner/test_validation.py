@@ -81,10 +81,10 @@ def test_a_dpo_config_plans_pairs_in_one_pass_beside_a_frozen_reference():
     from rlhf_ray.planner.from_config import plan_from_config
 
     plan = plan_from_config(load_config("tiny-dpo", []))
-    assert [r.role for r in plan.roles] == ["actor", "reference"]
+    assert [r.role for r in plan.roles] == ["policy", "reference"]
     # 16 pairs in micro-batches of 8: chosen and rejected stacked, 16 rows of max_length 96.
-    assert "micro-batch 16 x 96 tokens" in plan.role("actor").notes[0]
-    assert plan.role("reference").gpu.get("grads", 0) == 0 and plan.role("actor").gpu["grads"] > 0
+    assert "micro-batch 16 x 96 tokens" in plan.role("policy").notes[0]
+    assert plan.role("reference").gpu.get("grads", 0) == 0 and plan.role("policy").gpu["grads"] > 0
 
 
 def test_ranks_sharing_a_gpu_add_up_on_it():
