@@ -72,7 +72,6 @@ from rlhf_ray.planner.zero import (
     frozen_state_bytes,
     optimizer_groups,
     train_state_bytes,
-    zero_buckets,
 )
 
 __all__ = [
@@ -128,5 +127,4 @@ __all__ = [
     "shape_from_config",
     "step_time",
     "train_state_bytes",
-    "zero_buckets",
 ]
