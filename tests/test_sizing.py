@@ -23,12 +23,12 @@ def test_buckets_hold_the_largest_tensor_and_stop_at_deepspeeds_default():
 
 def test_the_deepspeed_config_and_the_planner_use_the_same_sizes():
     from rlhf_ray.config import load_config
-    from rlhf_ray.planner.from_config import role_specs
+    from rlhf_ray.planner.from_config import planned_roles
     from rlhf_ray.planner.shapes import param_tensors
     from rlhf_ray.runtime.deepspeed_config import build_deepspeed_config
 
     cfg = load_config("tiny-ppo", ["policy.zero_stage=3"])
-    spec = next(s for s in role_specs(cfg) if s.role == "policy")
+    spec = next(s for s in planned_roles(cfg) if s.role == "policy")
     numels = [t.numel for t in param_tensors(spec.shape, spec.head)]
     expected = zero_buckets(3, sum(numels), max(numels))
     zero = build_deepspeed_config(zero_stage=3, micro_batch_size_per_rank=1, world_size=1, on_cuda=False,

@@ -144,7 +144,7 @@ def _scaled(plan: RolePlan, ranks_per_device: int) -> RolePlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class RoleSpec:
+class PlannedRole:
     """One role of a config as the planner sees it."""
 
     role: str
@@ -158,7 +158,7 @@ class RoleSpec:
     ranks_per_device: int
 
 
-def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = None) -> tuple[RoleSpec, ...]:
+def planned_roles(cfg: JobConfig, *, model: str | None = None, gpus: int | None = None) -> tuple[PlannedRole, ...]:
     """Every role `cfg` creates, with the settings it runs with (see the module docstring)."""
     roles = _roles(cfg)
     sections = {role: getattr(cfg, role) for role, _ in roles.trained + roles.frozen}
@@ -195,7 +195,7 @@ def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = N
             settings = InferenceSettings(
                 dtype=dtype, zero=_zero(stage, shape, head, False, section.offload_params),
                 micro_batch_size=rows * section.micro_batch_size, seq_len=seq_len)
-        specs.append(RoleSpec(role, head, shape, settings, ranks, devices, per_device))
+        specs.append(PlannedRole(role, head, shape, settings, ranks, devices, per_device))
     if online:
         r = cfg.rollout
         tp = r.tensor_parallel_size if r.engine == "vllm" else 1
@@ -204,7 +204,7 @@ def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = N
             engine=r.engine, dtype=planner_dtype(cfg.policy.model.dtype, gpu), tensor_parallel_size=tp,
             gpu_memory_utilization=r.gpu_memory_utilization, num_sequences=roles.rollout_sequences,
             prompt_len=cfg.data.max_prompt_length, response_len=r.max_new_tokens)
-        specs.append(RoleSpec("rollout", "lm", shapes["policy"], settings, devices // tp, devices, 1))
+        specs.append(PlannedRole("rollout", "lm", shapes["policy"], settings, devices // tp, devices, 1))
     return tuple(specs)
 
 
@@ -226,7 +226,7 @@ def plan_from_config(cfg: JobConfig, *, algorithm: str | None = None, model: str
     plans: dict[str, RolePlan] = {}
     devices: dict[str, int] = {}
     gpu_mem = int(gpu_mem_gib * GiB)
-    for spec in role_specs(cfg, model=model, gpus=gpus):
+    for spec in planned_roles(cfg, model=model, gpus=gpus):
         if isinstance(spec.settings, RolloutSettings):
             plan = plan_rollout(spec.shape, spec.settings, spec.devices, gpu_mem)
         elif isinstance(spec.settings, TrainSettings):
@@ -248,7 +248,7 @@ def held_bytes(cfg: JobConfig, *, algorithm: str | None = None, rank: int = 0) -
     The ZeRO-1/2 reduce bucket, set up for a backward pass and freed after it, is not held.
     """
     out = {}
-    for spec in role_specs(_with_algorithm(cfg, algorithm)):
+    for spec in planned_roles(_with_algorithm(cfg, algorithm)):
         numels = [t.numel for t in param_tensors(spec.shape, spec.head)]
         s = spec.settings
         if isinstance(s, TrainSettings):
@@ -284,5 +284,5 @@ def _layout(cfg: JobConfig, plans: dict[str, RolePlan], devices: dict[str, int],
                       roles=tuple(plans[r] for r in ROLES if r in plans), groups=group_plans, notes=tuple(notes))
 
 
-__all__ = ["RoleSpec", "held_bytes", "on_gpu", "plan_from_config", "planner_dtype", "role_shape",
-           "role_specs"]
+__all__ = ["PlannedRole", "held_bytes", "on_gpu", "plan_from_config", "planned_roles", "planner_dtype",
+           "role_shape"]
