@@ -19,13 +19,13 @@ import argparse
 import json
 from pathlib import Path
 
-from rlhf_ray.jobs.demo import Stage, run_stages
+from rlhf_ray.jobs.demo import DemoStage, run_stages
 from rlhf_ray.telemetry.metrics import read_metrics
 
 CHOSEN_AS_SFT = ["data.train=synthetic:preference_train", "data.format=sft", "data.column_map={chosen: completion}"]
 
 
-def stages(out: Path, scale: float) -> list[Stage]:
+def stages(out: Path, scale: float) -> list[DemoStage]:
     def steps(n: int) -> int:
         return max(2, int(n * scale))
 
@@ -33,16 +33,17 @@ def stages(out: Path, scale: float) -> list[Stage]:
     common = ["run.progress=true", "run.resume=never", "run.save_every=0", "run.eval_every=0", "run.eval_size=125"]
     tuned = common + [f"policy.model.name_or_path={base}"]
     return [
-        Stage("sft_base", "tiny-sft", common + [f"run.total_steps={steps(150)}"]),
-        Stage("sft", "tiny-sft", tuned + CHOSEN_AS_SFT + [f"run.total_steps={steps(60)}", "policy.optim.lr=2.0e-4"]),
-        Stage("kl_sft", "tiny-kl-sft", tuned + CHOSEN_AS_SFT + [f"run.total_steps={steps(60)}",
-                                                               "policy.optim.lr=2.0e-4"]),
-        Stage("dpo", "tiny-dpo", tuned + [f"run.total_steps={steps(60)}"]),
-        Stage("dpop", "tiny-dpop", tuned + [f"run.total_steps={steps(60)}"]),
+        DemoStage("sft_base", "tiny-sft", common + [f"run.total_steps={steps(150)}"]),
+        DemoStage("sft", "tiny-sft", tuned + CHOSEN_AS_SFT + [f"run.total_steps={steps(60)}",
+                                                             "policy.optim.lr=2.0e-4"]),
+        DemoStage("kl_sft", "tiny-kl-sft", tuned + CHOSEN_AS_SFT + [f"run.total_steps={steps(60)}",
+                                                                   "policy.optim.lr=2.0e-4"]),
+        DemoStage("dpo", "tiny-dpo", tuned + [f"run.total_steps={steps(60)}"]),
+        DemoStage("dpop", "tiny-dpop", tuned + [f"run.total_steps={steps(60)}"]),
     ]
 
 
-def summarise(out: Path, ran: list[Stage]) -> dict:
+def summarise(out: Path, ran: list[DemoStage]) -> dict:
     table = {}
     for stage in ran:
         rows = read_metrics(out / stage.name)

@@ -13,7 +13,7 @@ Writes, into --out:
   comparison at Llama-2-7B on 8 x 80 GiB GPUs, every role on all eight
   (`rlhf-ray plan --compare ppo,remax --model llama-7b --gpus 8`);
 - plan-llama-7b-remax-paper-layout.{json,md}: the ReMax paper's layout on
-  4 x 80 GiB GPUs (actor and critic ZeRO-2, reference and reward ZeRO-3 with
+  4 x 80 GiB GPUs (policy and critic ZeRO-2, reference and reward ZeRO-3 with
   their weights offloaded, all colocated).
 """
 

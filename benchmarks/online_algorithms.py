@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rlhf_ray.jobs.demo import Stage, run_stages
+from rlhf_ray.jobs.demo import DemoStage, run_stages
 from rlhf_ray.telemetry.metrics import read_metrics
 
 ALGORITHMS = {"ppo": "tiny-ppo", "remax": "tiny-remax", "grpo": "tiny-grpo", "rloo": "tiny-rloo",
@@ -34,8 +34,9 @@ def main(argv=None) -> dict:
     results.mkdir(parents=True, exist_ok=True)
     common = ["run.progress=true", "run.resume=never", "run.save_every=0", "run.eval_every=0", "run.eval_size=125"]
     sft = Path(args.sft).resolve() if args.sft else out / "sft" / "final"
-    stages = [] if args.sft else [Stage("sft", "tiny-sft", common)]
-    stages += [Stage(name, preset, common + [f"policy.model.name_or_path={sft}", f"run.total_steps={args.steps}"])
+    stages = [] if args.sft else [DemoStage("sft", "tiny-sft", common)]
+    stages += [DemoStage(name, preset, common + [f"policy.model.name_or_path={sft}",
+                                                 f"run.total_steps={args.steps}"])
                for name, preset in ALGORITHMS.items()]
     ran = run_stages(out, stages)
     table = {}

@@ -159,12 +159,12 @@ def _total(rows: list[dict], key: str) -> float:
 
 def trained_matmul_params(cfg: JobConfig) -> int | None:
     """N of the 6N rule: matmul parameters of every model the job trains; None when a shape is unknown."""
-    from rlhf_ray.planner.from_config import role_specs
+    from rlhf_ray.planner.from_config import planned_roles
     from rlhf_ray.planner.memory import TrainSettings
     from rlhf_ray.planner.shapes import matmul_param_count
 
     try:
-        specs = role_specs(cfg)
+        specs = planned_roles(cfg)
     except (ConfigError, FileNotFoundError, ValueError):
         return None
     return sum(matmul_param_count(s.shape, s.head) for s in specs if isinstance(s.settings, TrainSettings))

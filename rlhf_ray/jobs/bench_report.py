@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+from functools import partial
 from pathlib import Path
 
-MiB = 2**20
+from rlhf_ray.telemetry.formatting import MiB, mib, number
+
 ROLE_ORDER = ("policy", "critic", "reference", "reward", "rollout")
 PHASE_ORDER = ("generate", "score", "reference", "advantages", "update_policy", "update_critic", "update", "sync")
 
@@ -17,16 +19,9 @@ def _phase_key(phase: str) -> tuple[int, str]:
     return (PHASE_ORDER.index(phase) if phase in PHASE_ORDER else len(PHASE_ORDER), phase)
 
 
-def _num(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:,.0f}"
-    return str(value)
-
-
-def _mib(nbytes) -> str:
-    return "-" if nbytes is None else f"{nbytes / MiB:.2f}"
+# The benchmark tables print a figure a run lacks as "-".
+_num = partial(number, missing="-")
+_mib = partial(mib, missing="-")
 
 
 def header(result: dict, title: str) -> list[str]:

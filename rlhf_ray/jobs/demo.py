@@ -25,7 +25,7 @@ from rlhf_ray.jobs.report import write_report
 
 
 @dataclass
-class Stage:
+class DemoStage:
     name: str
     preset: str
     overrides: list[str] = field(default_factory=list)
@@ -40,7 +40,7 @@ def _schedule(role: str, steps: int, warmup: int) -> list[str]:
     return [f"{role}.optim.warmup_steps={max(2, min(warmup, steps // 4))}"]
 
 
-def demo_stages(out: Path, scale: float = 1.0) -> list[Stage]:
+def demo_stages(out: Path, scale: float = 1.0) -> list[DemoStage]:
     """The demo's jobs in order; `scale` shortens every stage (tests use a small one)."""
     def steps(n: int) -> int:
         return max(2, int(n * scale))
@@ -50,18 +50,18 @@ def demo_stages(out: Path, scale: float = 1.0) -> list[Stage]:
     from_sft = [f"policy.model.name_or_path={sft}"]
     reward_model = ["reward.rule=", f"reward.model.name_or_path={rm}"]
     return [
-        Stage("sft", "tiny-sft", common + [f"run.total_steps={steps(150)}"] + _schedule("policy", steps(150), 10)),
-        Stage("rm", "tiny-rm", common + [f"reward.model.name_or_path={sft}", f"run.total_steps={steps(100)}"]
-              + _schedule("reward", steps(100), 5)),
-        Stage("dpo", "tiny-dpo", common + from_sft + [f"run.total_steps={steps(60)}"]
-              + _schedule("policy", steps(60), 5)),
-        Stage("ppo", "tiny-ppo", common + from_sft + reward_model + [f"run.total_steps={steps(30)}",
-                                                                     "critic.init_from=reward"]),
-        Stage("remax", "tiny-remax", common + from_sft + reward_model + [f"run.total_steps={steps(30)}"]),
+        DemoStage("sft", "tiny-sft", common + [f"run.total_steps={steps(150)}"] + _schedule("policy", steps(150), 10)),
+        DemoStage("rm", "tiny-rm", common + [f"reward.model.name_or_path={sft}", f"run.total_steps={steps(100)}"]
+                  + _schedule("reward", steps(100), 5)),
+        DemoStage("dpo", "tiny-dpo", common + from_sft + [f"run.total_steps={steps(60)}"]
+                  + _schedule("policy", steps(60), 5)),
+        DemoStage("ppo", "tiny-ppo", common + from_sft + reward_model + [f"run.total_steps={steps(30)}",
+                                                                         "critic.init_from=reward"]),
+        DemoStage("remax", "tiny-remax", common + from_sft + reward_model + [f"run.total_steps={steps(30)}"]),
     ]
 
 
-def run_stages(out: Path, stages: list[Stage], address: str | None = None) -> list[Stage]:
+def run_stages(out: Path, stages: list[DemoStage], address: str | None = None) -> list[DemoStage]:
     """Run stages in order, each in a fresh `out/<name>` run directory."""
     out.mkdir(parents=True, exist_ok=True)
     for stage in stages:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from rlhf_ray.telemetry.formatting import fixed, mib, percent
 from rlhf_ray.telemetry.hardware import hardware_info
 from rlhf_ray.telemetry.metrics import read_metrics
 
@@ -25,18 +26,6 @@ def _first(rows: list[dict], key: str):
         if key in row:
             return row[key]
     return None
-
-
-def _pct(x) -> str:
-    return "–" if x is None else f"{100 * x:.1f}%"
-
-
-def _num(x, fmt: str = "{:.3f}") -> str:
-    return "–" if x is None else fmt.format(x)
-
-
-def _mib(n) -> str:
-    return "–" if not n else f"{n / 2**20:.2f}"
 
 
 def memory_by_role(rows: list[dict]) -> dict[str, dict[str, int]]:
@@ -89,12 +78,12 @@ def _alignment_section(runs: dict[str, list[dict]], seconds: dict[str, float]) -
     for name, rows in runs.items():
         if name == "rm":
             continue
-        lines.append(f"| {name.upper()} | {_pct(_first(rows, 'eval/alignment_accuracy'))} | "
-                     f"{_pct(_last(rows, 'eval/alignment_accuracy'))} | {_num(_last(rows, 'eval/reward_mean'))} | "
-                     f"{_num(_last(rows, 'eval/kl_to_ref'))} | {seconds.get(name, 0):.0f} s |")
+        lines.append(f"| {name.upper()} | {percent(_first(rows, 'eval/alignment_accuracy'))} | "
+                     f"{percent(_last(rows, 'eval/alignment_accuracy'))} | {fixed(_last(rows, 'eval/reward_mean'))} | "
+                     f"{fixed(_last(rows, 'eval/kl_to_ref'))} | {seconds.get(name, 0):.0f} s |")
     rm = runs.get("rm")
     if rm:
-        lines += ["", f"Reward model: held-out pairwise accuracy {_pct(_last(rm, 'eval/rm_accuracy'))} "
+        lines += ["", f"Reward model: held-out pairwise accuracy {percent(_last(rm, 'eval/rm_accuracy'))} "
                       f"(chosen scored above rejected) after {rm[-1]['step']} steps."]
     return lines
 
@@ -113,9 +102,11 @@ def _layout_section(runs: dict[str, list[dict]]) -> list[str]:
             continue
         totals["ppo"] += p.get("held", 0)
         totals["remax"] += r.get("held", 0)
-        lines.append(f"| {role} | {_mib(p.get('params'))} | {_mib(p.get('grads'))} | {_mib(p.get('optimizer'))} | "
-                     f"{_mib(p.get('held'))} | {_mib(r.get('held')) if r else 'not created'} |")
-    lines.append(f"| **total** | | | | **{_mib(totals['ppo'])}** | **{_mib(totals['remax'])}** |")
+        # No bytes of a kind (a frozen role's gradients) print as missing.
+        cells = [mib(p.get(kind) or None) for kind in ("params", "grads", "optimizer", "held")]
+        cells.append(mib(r.get("held") or None) if r else "not created")
+        lines.append(f"| {role} | " + " | ".join(cells) + " |")
+    lines.append(f"| **total** | | | | **{mib(totals['ppo'] or None)}** | **{mib(totals['remax'] or None)}** |")
     if totals["ppo"]:
         saving = 1 - totals["remax"] / totals["ppo"]
         lines += ["", f"ReMax holds {100 * saving:.1f}% less than PPO here (the ReMax paper reports about 46% less "
@@ -123,7 +114,8 @@ def _layout_section(runs: dict[str, list[dict]]) -> list[str]:
                       "models are tiny and fp32, so the split is by parameter, gradient and optimizer bytes)."]
         peak = {name: max((m.get("peak_rss", 0) for m in memory_by_role(runs.get(name, [])).values()), default=0)
                 for name in ("ppo", "remax")}
-        lines.append(f"Largest process RSS of any role: PPO {_mib(peak['ppo'])} MiB, ReMax {_mib(peak['remax'])} MiB "
+        lines.append(f"Largest process RSS of any role: PPO {mib(peak['ppo'] or None)} MiB, "
+                     f"ReMax {mib(peak['remax'] or None)} MiB "
                      "(mostly the Python, torch and DeepSpeed runtime of each actor).")
     return lines
 
@@ -139,8 +131,8 @@ def _time_section(runs: dict[str, list[dict]]) -> list[str]:
         def median(key):
             values = sorted(r[key] for r in rows if key in r)
             return values[len(values) // 2] if values else None
-        cells = [_num(median(p)) for p in phases]
-        lines.append(f"| {name.upper()} | {_num(median('time/step_s'))} | " + " | ".join(cells) + " |")
+        cells = [fixed(median(p)) for p in phases]
+        lines.append(f"| {name.upper()} | {fixed(median('time/step_s'))} | " + " | ".join(cells) + " |")
     return lines
 
 

@@ -5,7 +5,7 @@ what a run costs. Plain Python: no ray, deepspeed or vllm.
 
     shape = load_shape("llama-7b")
     plan = plan_layout("remax", needs_critic=False, needs_reference=True,
-                       actor=shape, reward=shape, gpus=8, gpu_mem_gib=80)
+                       policy=shape, reward=shape, gpus=8, gpu_mem_gib=80)
     print(plan_to_markdown(plan))
 """
 
@@ -72,7 +72,6 @@ from rlhf_ray.planner.zero import (
     frozen_state_bytes,
     optimizer_groups,
     train_state_bytes,
-    zero_buckets,
 )
 
 __all__ = [
@@ -128,5 +127,4 @@ __all__ = [
     "shape_from_config",
     "step_time",
     "train_state_bytes",
-    "zero_buckets",
 ]

@@ -46,7 +46,7 @@ def _flops_per_token(shape: ModelShape, head: str, context: float, kind: Kind) -
 
 def online_step_work(
     *,
-    actor: ModelShape,
+    policy: ModelShape,
     critic: ModelShape | None,
     reference: ModelShape | None,
     reward: ModelShape | None,
@@ -59,8 +59,8 @@ def online_step_work(
 ) -> list[PhaseWork]:
     """The work of one online step: generate samples_per_prompt sampled (and
     greedy_per_prompt greedy, ReMax's baseline) responses per prompt; score
-    them (actor log-probs, reference log-probs and critic values for the
-    sampled ones, rewards for all); train the actor, and the critic when there
+    them (policy log-probs, reference log-probs and critic values for the
+    sampled ones, rewards for all); train the policy, and the critic when there
     is one, for `policy_epochs` passes over the sampled sequences.
     A role given as None does not exist (no critic, no reference, a rule reward).
     """
@@ -68,12 +68,12 @@ def online_step_work(
     generated = prompts * (samples_per_prompt + greedy_per_prompt)
     seq = prompt_len + response_len
     work = [
-        PhaseWork("generate", "rollout", "forward", generated * prompt_len, _flops_per_token(actor, "lm", prompt_len, "forward")),
+        PhaseWork("generate", "rollout", "forward", generated * prompt_len, _flops_per_token(policy, "lm", prompt_len, "forward")),
         PhaseWork(
             "generate", "rollout", "generate", generated * response_len,
-            _flops_per_token(actor, "lm", prompt_len + response_len / 2, "generate"),
+            _flops_per_token(policy, "lm", prompt_len + response_len / 2, "generate"),
         ),
-        PhaseWork("score", "actor", "forward", sampled * seq, _flops_per_token(actor, "lm", seq, "forward")),
+        PhaseWork("score", "policy", "forward", sampled * seq, _flops_per_token(policy, "lm", seq, "forward")),
     ]
     if reference is not None:
         work.append(PhaseWork("score", "reference", "forward", sampled * seq, _flops_per_token(reference, "lm", seq, "forward")))
@@ -81,7 +81,7 @@ def online_step_work(
         work.append(PhaseWork("score", "reward", "forward", generated * seq, _flops_per_token(reward, "scalar", seq, "forward")))
     if critic is not None:
         work.append(PhaseWork("score", "critic", "forward", sampled * seq, _flops_per_token(critic, "scalar", seq, "forward")))
-    work.append(PhaseWork("train", "actor", "train", policy_epochs * sampled * seq, _flops_per_token(actor, "lm", seq, "train")))
+    work.append(PhaseWork("train", "policy", "train", policy_epochs * sampled * seq, _flops_per_token(policy, "lm", seq, "train")))
     if critic is not None:
         work.append(
             PhaseWork("train", "critic", "train", policy_epochs * sampled * seq, _flops_per_token(critic, "scalar", seq, "train"))

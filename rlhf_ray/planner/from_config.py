@@ -1,7 +1,8 @@
 """Plan a job config: the planner's settings read from a `JobConfig`, exactly
 as the drivers and `runtime/deepspeed_config.py` would run it.
 
-What is read, per role (policy -> "actor", critic, reference, reward, rollout):
+What is read, per role (policy, critic, reference, reward, rollout; a role is
+named as its config section and its `memory/<role>/...` metrics):
 
 - which roles exist: the algorithm's registry entry (critic? reference with
   kl_coef > 0? greedy baseline? samples per prompt?), a reward model unless
@@ -33,7 +34,7 @@ import dataclasses
 import math
 
 from rlhf_ray.algorithms.registry import UnknownAlgorithmError, get_offline_objective, get_online_algorithm
-from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
+from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.planner.layout import ROLES, LayoutPlan, plan_group
 from rlhf_ray.planner.memory import (
     GiB,
@@ -46,11 +47,8 @@ from rlhf_ray.planner.memory import (
     plan_trained_role,
 )
 from rlhf_ray.planner.shapes import ModelShape, load_shape, param_tensors
-from rlhf_ray.planner.zero import ZeroConfig, frozen_state_bytes, optimizer_groups, train_state_bytes, zero_buckets
-
-CONFIG_ROLE = {"actor": "policy", "critic": "critic", "reference": "reference", "reward": "reward",
-               "rollout": "rollout"}
-"""Planner role -> the config section (and `memory/<role>/...` metric name) of that role."""
+from rlhf_ray.planner.zero import ZeroConfig, frozen_state_bytes, optimizer_groups, train_state_bytes
+from rlhf_ray.sizing import zero_buckets
 
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -78,8 +76,8 @@ def role_shape(key: str, name_or_path: str, model: str | None) -> ModelShape:
 class _Roles:
     """What the algorithm asks for, read from the registry."""
 
-    trained: tuple[tuple[str, str], ...]   # (planner role, head) of trained models
-    frozen: tuple[tuple[str, str], ...]    # (planner role, head) of frozen models
+    trained: tuple[tuple[str, str], ...]   # (role, head) of trained models
+    frozen: tuple[tuple[str, str], ...]    # (role, head) of frozen models
     rollout_sequences: int                 # sequences generated per step (0: offline)
     rows_per_optimizer_step: int           # rows of a trained role's optimizer step
     pairs: bool                            # chosen and rejected rows in one forward
@@ -93,7 +91,7 @@ def _roles(cfg: JobConfig) -> _Roles:
         online = None
     if online is not None:
         n = a.samples_per_prompt or online.default_samples_per_prompt
-        trained = [("actor", "lm")] + ([("critic", "scalar")] if online.needs_critic else [])
+        trained = [("policy", "lm")] + ([("critic", "scalar")] if online.needs_critic else [])
         frozen = [("reference", "lm")] if online.needs_reference and a.kl_coef > 0 else []
         if not cfg.reward.rule:
             frozen.append(("reward", "scalar"))
@@ -104,7 +102,7 @@ def _roles(cfg: JobConfig) -> _Roles:
     except UnknownAlgorithmError:
         raise ConfigError(f"algorithm.name: {name!r} is neither an online algorithm (ppo, remax, grpo, rloo, "
                           "reinforce_pp) nor an offline objective (sft, rm, dpo and its family)") from None
-    trained = [("actor", "lm")] if objective.trains == "policy" else [("reward", "scalar")]
+    trained = [("policy", "lm")] if objective.trains == "policy" else [("reward", "scalar")]
     frozen = [("reference", "lm")] if objective.needs_reference else []
     return _Roles(tuple(trained), tuple(frozen), 0, batch, objective.data_format == "preference")
 
@@ -113,10 +111,6 @@ def on_gpu(cfg: JobConfig, gpus: int | None = None) -> bool:
     """Whether the job runs on GPUs: `gpus` given, or any role asks for GPUs."""
     roles = (cfg.policy, cfg.critic, cfg.reference, cfg.reward)
     return gpus is not None or any(r.num_gpus_per_rank > 0 for r in roles) or cfg.rollout.num_gpus_per_engine > 0
-
-
-def _section(cfg: JobConfig, role: str) -> RoleConfig:
-    return getattr(cfg, CONFIG_ROLE[role])
 
 
 def _devices(ranks: int, gpus_per_rank: float) -> tuple[int, int]:
@@ -150,7 +144,7 @@ def _scaled(plan: RolePlan, ranks_per_device: int) -> RolePlan:
 
 
 @dataclasses.dataclass(frozen=True)
-class RoleSpec:
+class PlannedRole:
     """One role of a config as the planner sees it."""
 
     role: str
@@ -164,20 +158,20 @@ class RoleSpec:
     ranks_per_device: int
 
 
-def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = None) -> tuple[RoleSpec, ...]:
+def planned_roles(cfg: JobConfig, *, model: str | None = None, gpus: int | None = None) -> tuple[PlannedRole, ...]:
     """Every role `cfg` creates, with the settings it runs with (see the module docstring)."""
     roles = _roles(cfg)
-    sections = {role: _section(cfg, role) for role, _ in roles.trained + roles.frozen}
+    sections = {role: getattr(cfg, role) for role, _ in roles.trained + roles.frozen}
     online = roles.rollout_sequences > 0
     gpu = on_gpu(cfg, gpus)
     policy_path = cfg.policy.model.name_or_path
-    paths = {"actor": ("policy.model.name_or_path", policy_path),
+    paths = {"policy": ("policy.model.name_or_path", policy_path),
              "reference": ("reference.model.name_or_path", cfg.reference.model.name_or_path or policy_path),
              "reward": ("reward.model.name_or_path", cfg.reward.model.name_or_path),
              # InstructGPT starts the critic from the reward model, else from the policy with a new head.
              "critic": ("critic.init_from", cfg.reward.model.name_or_path if cfg.critic.init_from == "reward"
                         else policy_path)}
-    shapes = {role: role_shape(*paths[role], model) for role in ["actor", *sections]}
+    shapes = {role: role_shape(*paths[role], model) for role in ["policy", *sections]}
     seq_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens if online else cfg.data.max_length
     rows = 2 if roles.pairs else 1
     specs = []
@@ -201,7 +195,7 @@ def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = N
             settings = InferenceSettings(
                 dtype=dtype, zero=_zero(stage, shape, head, False, section.offload_params),
                 micro_batch_size=rows * section.micro_batch_size, seq_len=seq_len)
-        specs.append(RoleSpec(role, head, shape, settings, ranks, devices, per_device))
+        specs.append(PlannedRole(role, head, shape, settings, ranks, devices, per_device))
     if online:
         r = cfg.rollout
         tp = r.tensor_parallel_size if r.engine == "vllm" else 1
@@ -210,7 +204,7 @@ def role_specs(cfg: JobConfig, *, model: str | None = None, gpus: int | None = N
             engine=r.engine, dtype=planner_dtype(cfg.policy.model.dtype, gpu), tensor_parallel_size=tp,
             gpu_memory_utilization=r.gpu_memory_utilization, num_sequences=roles.rollout_sequences,
             prompt_len=cfg.data.max_prompt_length, response_len=r.max_new_tokens)
-        specs.append(RoleSpec("rollout", "lm", shapes["actor"], settings, devices // tp, devices, 1))
+        specs.append(PlannedRole("rollout", "lm", shapes["policy"], settings, devices // tp, devices, 1))
     return tuple(specs)
 
 
@@ -232,7 +226,7 @@ def plan_from_config(cfg: JobConfig, *, algorithm: str | None = None, model: str
     plans: dict[str, RolePlan] = {}
     devices: dict[str, int] = {}
     gpu_mem = int(gpu_mem_gib * GiB)
-    for spec in role_specs(cfg, model=model, gpus=gpus):
+    for spec in planned_roles(cfg, model=model, gpus=gpus):
         if isinstance(spec.settings, RolloutSettings):
             plan = plan_rollout(spec.shape, spec.settings, spec.devices, gpu_mem)
         elif isinstance(spec.settings, TrainSettings):
@@ -246,7 +240,7 @@ def plan_from_config(cfg: JobConfig, *, algorithm: str | None = None, model: str
 
 def held_bytes(cfg: JobConfig, *, algorithm: str | None = None, rank: int = 0) -> dict[str, dict[str, int]]:
     """What each role's `rank` holds after its second step, in the classes `measure_memory` reports
-    (`memory/<role>/{params,grads,optimizer}_bytes`, keyed by config role name): params; grads;
+    (`memory/<role>/{params,grads,optimizer}_bytes`, keyed by role): params; grads;
     optimizer = fp32 master weights + optimizer states, device and host bytes alike.
 
     This is `StateBytes.held_by_category` of the settings `plan_from_config` uses, for one rank
@@ -254,7 +248,7 @@ def held_bytes(cfg: JobConfig, *, algorithm: str | None = None, rank: int = 0) -
     The ZeRO-1/2 reduce bucket, set up for a backward pass and freed after it, is not held.
     """
     out = {}
-    for spec in role_specs(_with_algorithm(cfg, algorithm)):
+    for spec in planned_roles(_with_algorithm(cfg, algorithm)):
         numels = [t.numel for t in param_tensors(spec.shape, spec.head)]
         s = spec.settings
         if isinstance(s, TrainSettings):
@@ -265,17 +259,16 @@ def held_bytes(cfg: JobConfig, *, algorithm: str | None = None, rank: int = 0) -
             state = frozen_state_bytes(numels, s.dtype, s.zero, spec.ranks)
         else:  # a rollout engine holds a whole copy of the weights
             state = frozen_state_bytes(numels, s.dtype, ZeroConfig(), 1)
-        out[CONFIG_ROLE[spec.role]] = state.held_by_category()
+        out[spec.role] = state.held_by_category()
     return out
 
 
 def _layout(cfg: JobConfig, plans: dict[str, RolePlan], devices: dict[str, int], gpus: int | None,
             gpu_mem_gib: float, gpu: bool) -> LayoutPlan:
-    by_config = {CONFIG_ROLE[role]: role for role in plans}
     if gpus is not None:
         groups = [tuple(plans)]
     else:
-        groups = [tuple(by_config[r] for r in group if r in by_config) for group in cfg.placement.colocate]
+        groups = [tuple(r for r in group if r in plans) for group in cfg.placement.colocate]
         groups = [g for g in groups if g]
         placed = {role for g in groups for role in g}
         groups += [(role,) for role in plans if role not in placed]
@@ -291,5 +284,5 @@ def _layout(cfg: JobConfig, plans: dict[str, RolePlan], devices: dict[str, int],
                       roles=tuple(plans[r] for r in ROLES if r in plans), groups=group_plans, notes=tuple(notes))
 
 
-__all__ = ["CONFIG_ROLE", "RoleSpec", "held_bytes", "on_gpu", "plan_from_config", "planner_dtype", "role_shape",
-           "role_specs"]
+__all__ = ["PlannedRole", "held_bytes", "on_gpu", "plan_from_config", "planned_roles", "planner_dtype",
+           "role_shape"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.planner.cost import GPU_PEAK_FLOPS, Hardware, Throughput, online_step_work, run_cost, step_time
-from rlhf_ray.planner.from_config import on_gpu, role_specs
+from rlhf_ray.planner.from_config import on_gpu, planned_roles
 from rlhf_ray.planner.layout import LayoutPlan, compare
 from rlhf_ray.planner.memory import GiB
 from rlhf_ray.planner.report import (
@@ -62,10 +62,10 @@ def _step_cost(cfg: JobConfig, plan: LayoutPlan, *, model: str | None, gpus: int
         algorithm = get_online_algorithm(cfg.algorithm.name)
     except UnknownAlgorithmError:
         return None
-    shapes = {s.role: s.shape for s in role_specs(cfg, model=model, gpus=gpus)}
+    shapes = {s.role: s.shape for s in planned_roles(cfg, model=model, gpus=gpus)}
     n = cfg.algorithm.samples_per_prompt or algorithm.default_samples_per_prompt
     work = online_step_work(
-        actor=shapes["actor"], critic=shapes.get("critic"), reference=shapes.get("reference"),
+        policy=shapes["policy"], critic=shapes.get("critic"), reference=shapes.get("reference"),
         reward=shapes.get("reward"), prompts=cfg.run.batch_size, samples_per_prompt=n,
         greedy_per_prompt=1 if algorithm.needs_greedy else 0, prompt_len=cfg.data.max_prompt_length,
         response_len=cfg.rollout.max_new_tokens, policy_epochs=cfg.algorithm.ppo_epochs)

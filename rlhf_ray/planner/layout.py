@@ -30,7 +30,7 @@ from rlhf_ray.planner.memory import (
 )
 from rlhf_ray.planner.shapes import ModelShape
 
-ROLES = ("actor", "critic", "reference", "reward", "rollout")
+ROLES = ("policy", "critic", "reference", "reward", "rollout")
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ def plan_layout(
     *,
     needs_critic: bool,
     needs_reference: bool,
-    actor: ModelShape,
+    policy: ModelShape,
     reward: ModelShape | None,
     critic: ModelShape | None = None,
     reference: ModelShape | None = None,
@@ -161,12 +161,12 @@ def plan_layout(
 
     reward=None: rewards come from a rule, no reward model. critic defaults to
     the reward model's shape (InstructGPT initialises it from the reward
-    model), else the actor's; reference to the actor's. placement=None puts
+    model), else the policy's; reference to the policy's. placement=None puts
     every role on all `gpus` GPUs (colocated, as DeepSpeed-Chat and the ReMax
     paper run); otherwise each role must sit in exactly one group, and roles
     the algorithm lacks are left out (a group left empty is dropped).
     """
-    present = ["actor"]
+    present = ["policy"]
     if needs_critic:
         present.append("critic")
     if needs_reference:
@@ -183,15 +183,15 @@ def plan_layout(
     gpu_mem = int(gpu_mem_gib * GiB)
     gpus_of = {role: g.num_gpus for g in placement for role in g.roles}
     plans: dict[str, RolePlan] = {
-        "actor": plan_trained_role("actor", actor, "lm", train, gpus_of["actor"]),
-        "rollout": plan_rollout(actor, rollout, gpus_of["rollout"], gpu_mem),
+        "policy": plan_trained_role("policy", policy, "lm", train, gpus_of["policy"]),
+        "rollout": plan_rollout(policy, rollout, gpus_of["rollout"], gpu_mem),
     }
     if needs_critic:
         plans["critic"] = plan_trained_role(
-            "critic", critic or reward or actor, "scalar", critic_train or train, gpus_of["critic"]
+            "critic", critic or reward or policy, "scalar", critic_train or train, gpus_of["critic"]
         )
     if needs_reference:
-        plans["reference"] = plan_frozen_role("reference", reference or actor, "lm", inference, gpus_of["reference"])
+        plans["reference"] = plan_frozen_role("reference", reference or policy, "lm", inference, gpus_of["reference"])
     if reward is not None:
         plans["reward"] = plan_frozen_role("reward", reward, "scalar", inference, gpus_of["reward"])
     groups = tuple(plan_group([plans[r] for r in g.roles], g.num_gpus, gpu_mem) for g in placement)

@@ -1,6 +1,6 @@
 """Per-role, per-GPU memory of the four-model RLHF layout.
 
-Each role (actor, critic, reference, reward, rollout) gets a `RolePlan`: its
+Each role (policy, critic, reference, reward, rollout) gets a `RolePlan`: its
 bytes per GPU by component, which of them it holds for the whole step
 (weights, optimizer state) and which only during one phase of it (generate,
 score, train). Roles sharing GPUs add their resident bytes, plus the largest
@@ -46,7 +46,7 @@ def _check_batch(owner: str, dtype: str, sequences: int, tokens: int) -> None:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """A trained role (actor or critic): DeepSpeed engine and batch shape."""
+    """A trained role (policy or critic): DeepSpeed engine and batch shape."""
 
     dtype: str = "bf16"
     """Weights and activations: "bf16", "fp16" (fp32 master weights) or "fp32"."""
@@ -267,7 +267,7 @@ def _gathered_params(shape: ModelShape, head: str, dtype: str, zero: ZeroConfig)
 
 
 def plan_trained_role(role: str, shape: ModelShape, head: str, settings: TrainSettings, num_gpus: int) -> RolePlan:
-    """Actor (head="lm") or critic (head="scalar") trained with DeepSpeed on
+    """The policy (head="lm") or critic (head="scalar") trained with DeepSpeed on
     `num_gpus` data-parallel GPUs."""
     tensors = param_tensors(shape, head)
     groups = optimizer_groups(tensors, settings.split_no_decay)

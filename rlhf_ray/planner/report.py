@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlhf_ray.planner.cost import RunCost, StepTime
-from rlhf_ray.planner.layout import Comparison, LayoutPlan
+from rlhf_ray.planner.layout import ROLES, Comparison, LayoutPlan
 from rlhf_ray.planner.memory import GiB, PHASES, RolePlan
 
 _COLUMNS = (
@@ -145,7 +145,7 @@ def comparison_to_markdown(comparison: Comparison) -> str:
     """One row per algorithm: GiB over all GPUs by role, the total, the busiest
     GPU, and the saving against the baseline."""
     unit = _unit(max(r.total_bytes for r in comparison.rows))
-    roles = [role for role in ("actor", "critic", "reference", "reward", "rollout")
+    roles = [role for role in ROLES
              if any(role in r.role_bytes for r in comparison.rows)]
     head = ["algorithm"] + roles + ["total", "busiest GPU", "fits", f"saving vs {comparison.baseline}"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

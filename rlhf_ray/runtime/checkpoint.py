@@ -45,11 +45,6 @@ _TEMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
 
 
-def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
-    """`<run_dir>/checkpoints/step_<step>`."""
-    return Path(run_dir) / "checkpoints" / f"step_{step}"
-
-
 def _fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from rlhf_ray.planner.zero import zero_buckets
+from rlhf_ray.sizing import zero_buckets
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULERS = ("constant", "linear", "cosine")

@@ -27,6 +27,8 @@ from typing import Iterable, Mapping, Sequence
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 
+from rlhf_ray.telemetry.formatting import compact
+
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
@@ -86,17 +88,13 @@ class PlacementPlan:
         lines = []
         for unit in self.units:
             first = self.slots[unit[0]][0].bundle_index
-            bundle = ", ".join(f"{k}: {_num(v)}" for k, v in self.bundles[first].items())
+            bundle = ", ".join(f"{k}: {compact(v)}" for k, v in self.bundles[first].items())
             lines.append(f"{'+'.join(unit)}: {len(self.slots[unit[0]])} x {{{bundle}}}")
         return "; ".join(lines)
 
 
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
-
-
 def _amount(x: float, resource: str) -> str:
-    return f"{_num(x)} {resource}{'' if x == 1 else 's'}"
+    return f"{compact(x)} {resource}{'' if x == 1 else 's'}"
 
 
 def _share(amount: float, ways: int) -> float:
@@ -196,8 +194,8 @@ def _shortage_message(plan: PlacementPlan, unit: tuple[str, ...], resource: str,
                f"the cluster has {_amount(have, resource)} free in total")
     before = [(u, amount) for u, amount in used if amount > 0]
     if before:
-        taken = ", ".join(f"{'+'.join(u)}: {_num(amount)}" for u, amount in before)
-        message += f", of which the roles placed before it take {_num(sum(a for _, a in before))} ({taken})"
+        taken = ", ".join(f"{'+'.join(u)}: {compact(amount)}" for u, amount in before)
+        message += f", of which the roles placed before it take {compact(sum(a for _, a in before))} ({taken})"
     if resource == "GPU" and have == 0:
         roles = ", ".join(f"{r}.num_gpus_per_rank" for r in unit)
         return f"{message}: set {roles} to 0 to run on CPUs, or connect to a cluster with GPUs"

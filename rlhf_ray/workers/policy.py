@@ -39,10 +39,7 @@ def _preference_loss(objective, params, engine=None):
             ref_chosen_logps=mb.get("ref_chosen_logps"), ref_rejected_logps=mb.get("ref_rejected_logps"),
             chosen_lengths=stats["chosen_lengths"], rejected_lengths=stats["rejected_lengths"], offsets=offsets,
             **seq_kl)
-        loss, metrics = objective.loss(inputs, params)
-        metrics["logps/chosen"] = stats["chosen_logps"].detach().mean()
-        metrics["logps/rejected"] = stats["rejected_logps"].detach().mean()
-        return loss, metrics
+        return objective.loss(inputs, params)
     return loss_fn
 
 

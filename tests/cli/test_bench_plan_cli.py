@@ -43,10 +43,10 @@ def test_plan_json_has_exact_bytes_of_a_tiny_config(capsys):
                         "--compare", "ppo,remax"], capsys)
     assert code == 0
     result = json.loads(out)
-    actor = next(r for r in result["plans"]["ppo"]["roles"] if r["role"] == "actor")
+    policy = next(r for r in result["plans"]["ppo"]["roles"] if r["role"] == "policy")
     # tiny-gpt2: 560,640 fp32 parameters, whole on its one rank at ZeRO-0.
-    assert actor["gpu_bytes"]["params"] == 4 * 560_640 and actor["num_params"] == 560_640
-    assert [r["role"] for r in result["plans"]["remax"]["roles"]] == ["actor", "reference", "reward", "rollout"]
+    assert policy["gpu_bytes"]["params"] == 4 * 560_640 and policy["num_params"] == 560_640
+    assert [r["role"] for r in result["plans"]["remax"]["roles"]] == ["policy", "reference", "reward", "rollout"]
     assert result["comparison"]["baseline"] == "ppo" and result["costs"] == {}  # a CPU job: no GPU cost
 
 
@@ -94,8 +94,8 @@ def test_plan_costs_a_run_from_a_measured_throughput(tmp_path, capsys):
     assert code == 0
     cost = json.loads(out)["costs"]["ppo"]
     # tiny-ppo: 16 prompts x 1 sample, prompts 48 and responses 32 tokens (80 a row), 2 PPO epochs, rule reward.
-    # generate 16*32 / 100 = 5.12 s, prefill 16*48 / 1000 = 0.768 s; scoring by actor, reference and
-    # critic 3 * 16*80 / 1000 = 3.84 s; training actor and critic 2 * (2*16*80) / 500 = 10.24 s: 19.968 s.
+    # generate 16*32 / 100 = 5.12 s, prefill 16*48 / 1000 = 0.768 s; scoring by policy, reference and
+    # critic 3 * 16*80 / 1000 = 3.84 s; training policy and critic 2 * (2*16*80) / 500 = 10.24 s: 19.968 s.
     assert cost["step_total_s"] == pytest.approx(19.968)
     assert cost["steps"] == 2 and cost["run_seconds"] == pytest.approx(2 * 19.968)
     line = error_line(*run(["plan", "tiny-ppo", "--throughput", str(tmp_path / "missing.json")], capsys)[::2])

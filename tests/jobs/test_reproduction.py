@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_ray.jobs.demo import Stage, run_stages
+from rlhf_ray.jobs.demo import DemoStage, run_stages
 from rlhf_ray.telemetry.metrics import read_metrics
 
 
@@ -17,10 +17,10 @@ def test_dpo_and_dpop_align_and_the_reward_model_ranks_pairs(ray_cluster, tmp_pa
     common = ["run.progress=false", "run.save_every=0", "run.eval_every=0", "run.eval_size=125"]
     tuned = common + [f"policy.model.name_or_path={base}"]
     run_stages(tmp_path, [
-        Stage("sft", "tiny-sft", common + ["run.total_steps=150"]),
-        Stage("rm", "tiny-rm", common + [f"reward.model.name_or_path={base}", "run.total_steps=100"]),
-        Stage("dpo", "tiny-dpo", tuned + ["run.total_steps=60"]),
-        Stage("dpop", "tiny-dpop", tuned + ["run.total_steps=60"]),
+        DemoStage("sft", "tiny-sft", common + ["run.total_steps=150"]),
+        DemoStage("rm", "tiny-rm", common + [f"reward.model.name_or_path={base}", "run.total_steps=100"]),
+        DemoStage("dpo", "tiny-dpo", tuned + ["run.total_steps=60"]),
+        DemoStage("dpop", "tiny-dpop", tuned + ["run.total_steps=60"]),
     ])
     sft = read_metrics(tmp_path / "sft")[-1]["eval/alignment_accuracy"]
     for name in ("dpo", "dpop"):

@@ -19,7 +19,7 @@ TINY = shape_from_config({
 def _remax_work():
     # 2 prompts, 1 sample + 1 greedy each, prompt 3, response 5 tokens.
     return online_step_work(
-        actor=TINY, critic=None, reference=TINY, reward=TINY,
+        policy=TINY, critic=None, reference=TINY, reward=TINY,
         prompts=2, samples_per_prompt=1, greedy_per_prompt=1, prompt_len=3, response_len=5,
     )
 
@@ -29,34 +29,34 @@ def test_remax_step_work_by_hand():
     assert work == {
         ("generate", "rollout", "forward"): (4 * 3, 320 + 16 * 3),        # prefill of 4 sequences
         ("generate", "rollout", "generate"): (4 * 5, 320 + 16 * 5.5),     # context 3 + 5/2 on average
-        ("score", "actor", "forward"): (2 * 8, 320 + 16 * 8),            # sampled sequences only
+        ("score", "policy", "forward"): (2 * 8, 320 + 16 * 8),           # sampled sequences only
         ("score", "reference", "forward"): (2 * 8, 320 + 16 * 8),
         ("score", "reward", "forward"): (4 * 8, 248 + 16 * 8),           # greedy ones too
-        ("train", "actor", "train"): (2 * 8, 3 * (320 + 16 * 8)),        # 6N + 12*L*q*c
+        ("train", "policy", "train"): (2 * 8, 3 * (320 + 16 * 8)),       # 6N + 12*L*q*c
     }
 
 
 def test_ppo_adds_critic_values_and_updates():
     work = online_step_work(
-        actor=TINY, critic=TINY, reference=TINY, reward=TINY,
+        policy=TINY, critic=TINY, reference=TINY, reward=TINY,
         prompts=2, samples_per_prompt=1, greedy_per_prompt=0, prompt_len=3, response_len=5, policy_epochs=4,
     )
     roles = {(w.phase, w.role) for w in work}
     assert ("score", "critic") in roles and ("train", "critic") in roles
     train = {w.role: w.tokens for w in work if w.phase == "train"}
-    assert train == {"actor": 4 * 2 * 8, "critic": 4 * 2 * 8}
+    assert train == {"policy": 4 * 2 * 8, "critic": 4 * 2 * 8}
 
 
 def test_step_time_from_flops_by_hand():
     hardware = Hardware(num_gpus=2, peak_flops=1000.0, train_mfu=0.5, forward_mfu=0.25, generate_mfu=0.1)
     time = step_time(_remax_work(), hardware=hardware)
     # FLOPs / (2 GPUs * 1000 * MFU): prefill 12*368/500 = 8.832, decode 20*408/200
-    # = 40.8, actor and reference 16*448/500 = 14.336 each, reward 32*376/500 =
+    # = 40.8, policy and reference 16*448/500 = 14.336 each, reward 32*376/500 =
     # 24.064, training 16*1344/1000 = 21.504.
     assert time.seconds["generate/rollout/forward"] == pytest.approx(8.832)
     assert time.seconds["generate/rollout/generate"] == pytest.approx(40.8)
     assert time.phase_s("score") == pytest.approx(14.336 * 2 + 24.064)
-    assert time.seconds["train/actor/train"] == pytest.approx(21.504)
+    assert time.seconds["train/policy/train"] == pytest.approx(21.504)
     assert time.total_s == pytest.approx(123.872)
 
 
@@ -94,7 +94,7 @@ def test_run_cost_arithmetic():
 def test_llama_7b_training_flops_are_about_six_n_per_token():
     shape = load_shape("llama-7b")
     (train,) = [w for w in online_step_work(
-        actor=shape, critic=None, reference=None, reward=None,
+        policy=shape, critic=None, reference=None, reward=None,
         prompts=1, samples_per_prompt=1, greedy_per_prompt=0, prompt_len=512, response_len=512,
     ) if w.phase == "train"]
     # 6N with N ~ 6.6e9 matmul parameters, plus 12*L*h*T = 12*32*4096*1024 ~ 1.6e9.

@@ -111,7 +111,7 @@ def test_a_vllm_claim_too_small_to_start_does_not_fit():
 
 def test_trained_role_is_zero_state_plus_activations():
     settings = TrainSettings(dtype="bf16", zero=ZeroConfig(stage=2, reduce_bucket_size=100), micro_batch_size=2, seq_len=3)
-    plan = plan_trained_role("actor", TINY, "lm", settings, num_gpus=3)
+    plan = plan_trained_role("policy", TINY, "lm", settings, num_gpus=3)
     state = train_state_bytes(optimizer_groups(param_tensors(TINY)), "bf16", settings.zero, 3)
     for key, value in {**state.device, **state.transient}.items():
         assert plan.gpu[key] == value
@@ -128,7 +128,7 @@ def _role(name: str, resident: int, reserved: int = 0, **phases: int) -> RolePla
 
 def test_colocated_roles_add_resident_bytes_and_the_worst_phase():
     roles = [
-        _role("actor", 100, score=10, train=50),
+        _role("policy", 100, score=10, train=50),
         _role("reference", 20, score=15),
         _role("reward", 20, score=15),
         _role("rollout", 0, reserved=70, generate=30),  # a sleeping vLLM engine
@@ -149,7 +149,7 @@ def _llama7b_plans(placement=None, gpus=8, offload_frozen=False):
     shape = load_shape("llama-7b")
     frozen_zero = ZeroConfig(stage=3, offload_params=offload_frozen)
     kwargs = dict(
-        actor=shape, reward=shape, gpus=None if placement else gpus, gpu_mem_gib=80, placement=placement,
+        policy=shape, reward=shape, gpus=None if placement else gpus, gpu_mem_gib=80, placement=placement,
         train=TrainSettings(dtype="bf16", zero=ZeroConfig(stage=2), micro_batch_size=4, seq_len=1024),
         inference=InferenceSettings(dtype="bf16", zero=frozen_zero, micro_batch_size=4, seq_len=1024),
         rollout=RolloutSettings(engine="vllm", gpu_memory_utilization=0.3, sleep=True, num_sequences=128),
@@ -161,11 +161,11 @@ def _llama7b_plans(placement=None, gpus=8, offload_frozen=False):
 
 def test_algorithms_decide_the_roles():
     ppo, remax = _llama7b_plans()
-    assert [r.role for r in ppo.roles] == ["actor", "critic", "reference", "reward", "rollout"]
-    assert [r.role for r in remax.roles] == ["actor", "reference", "reward", "rollout"]
+    assert [r.role for r in ppo.roles] == ["policy", "critic", "reference", "reward", "rollout"]
+    assert [r.role for r in remax.roles] == ["policy", "reference", "reward", "rollout"]
     shape = load_shape("llama-7b")
-    rule = plan_layout("grpo", needs_critic=False, needs_reference=True, actor=shape, reward=None, gpus=8)
-    assert [r.role for r in rule.roles] == ["actor", "reference", "rollout"]
+    rule = plan_layout("grpo", needs_critic=False, needs_reference=True, policy=shape, reward=None, gpus=8)
+    assert [r.role for r in rule.roles] == ["policy", "reference", "rollout"]
 
 
 def test_remax_saves_the_critic_on_llama_7b():
@@ -182,7 +182,7 @@ def test_remax_saves_the_critic_on_llama_7b():
 
 
 def test_with_a_gpu_group_per_role_the_saving_is_exactly_the_critic():
-    placement = [GpuGroup((role,), 2) for role in ("actor", "critic", "reference", "reward", "rollout")]
+    placement = [GpuGroup((role,), 2) for role in ("policy", "critic", "reference", "reward", "rollout")]
     ppo, remax = _llama7b_plans(placement=placement)
     assert ppo.num_gpus == 10 and remax.num_gpus == 8
     assert "critic" in " ".join(remax.notes)
@@ -191,7 +191,7 @@ def test_with_a_gpu_group_per_role_the_saving_is_exactly_the_critic():
 
 
 def test_remax_fits_four_80gb_gpus_where_ppo_does_not():
-    # The ReMax paper's setting: Llama-2-7B on 4 x 80 GB, actor ZeRO-2 with
+    # The ReMax paper's setting: Llama-2-7B on 4 x 80 GB, policy ZeRO-2 with
     # gradient checkpointing, reference and reward ZeRO-3 with offload.
     ppo, remax = _llama7b_plans(gpus=4, offload_frozen=True)
     ppo_fits, remax_fits = ppo.fits, remax.fits
@@ -201,7 +201,7 @@ def test_remax_fits_four_80gb_gpus_where_ppo_does_not():
 
 def test_fit_follows_gpu_memory_and_vllm_claim():
     shape = load_shape("llama-7b")
-    common = dict(needs_critic=False, needs_reference=True, actor=shape, reward=shape, gpus=8)
+    common = dict(needs_critic=False, needs_reference=True, policy=shape, reward=shape, gpus=8)
     assert not plan_layout("remax", gpu_mem_gib=24, **common).fits
     # vLLM claiming 90% of each GPU for good leaves no room for training beside it.
     greedy = plan_layout("remax", gpu_mem_gib=80, rollout=RolloutSettings(gpu_memory_utilization=0.9), **common)
@@ -213,14 +213,14 @@ def test_fit_follows_gpu_memory_and_vllm_claim():
 
 def test_placement_errors_name_the_role():
     shape = load_shape("gpt2")
-    common = dict(needs_critic=True, needs_reference=True, actor=shape, reward=shape)
+    common = dict(needs_critic=True, needs_reference=True, policy=shape, reward=shape)
     with pytest.raises(ValueError, match="not placed: \\['rollout'\\]"):
-        plan_layout("ppo", placement=[GpuGroup(("actor", "critic", "reference", "reward"), 1)], **common)
-    with pytest.raises(ValueError, match="placed twice: \\['actor'\\]"):
-        plan_layout("ppo", placement=[GpuGroup(("actor", "critic", "reference", "reward", "rollout"), 1),
-                                      GpuGroup(("actor",), 1)], **common)
+        plan_layout("ppo", placement=[GpuGroup(("policy", "critic", "reference", "reward"), 1)], **common)
+    with pytest.raises(ValueError, match="placed twice: \\['policy'\\]"):
+        plan_layout("ppo", placement=[GpuGroup(("policy", "critic", "reference", "reward", "rollout"), 1),
+                                      GpuGroup(("policy",), 1)], **common)
     with pytest.raises(ValueError, match="unknown role"):
-        plan_layout("ppo", placement=[GpuGroup(("policy",), 1)], **common)
+        plan_layout("ppo", placement=[GpuGroup(("actor",), 1)], **common)
     with pytest.raises(ValueError, match="give gpus"):
         plan_layout("ppo", **common)
     with pytest.raises(ValueError, match="tensor_parallel_size 2"):

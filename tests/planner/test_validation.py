@@ -81,21 +81,21 @@ def test_a_dpo_config_plans_pairs_in_one_pass_beside_a_frozen_reference():
     from rlhf_ray.planner.from_config import plan_from_config
 
     plan = plan_from_config(load_config("tiny-dpo", []))
-    assert [r.role for r in plan.roles] == ["actor", "reference"]
+    assert [r.role for r in plan.roles] == ["policy", "reference"]
     # 16 pairs in micro-batches of 8: chosen and rejected stacked, 16 rows of max_length 96.
-    assert "micro-batch 16 x 96 tokens" in plan.role("actor").notes[0]
-    assert plan.role("reference").gpu.get("grads", 0) == 0 and plan.role("actor").gpu["grads"] > 0
+    assert "micro-batch 16 x 96 tokens" in plan.role("policy").notes[0]
+    assert plan.role("reference").gpu.get("grads", 0) == 0 and plan.role("policy").gpu["grads"] > 0
 
 
 def test_ranks_sharing_a_gpu_add_up_on_it():
     from rlhf_ray.config import load_config
-    from rlhf_ray.planner.from_config import plan_from_config, role_specs
+    from rlhf_ray.planner.from_config import plan_from_config, planned_roles
     from rlhf_ray.planner.memory import plan_frozen_role
 
     cfg = load_config("llama-7b-ppo-vllm", [])
     plan = plan_from_config(cfg, model="llama-7b")
     # Four reference ranks of 0.5 GPU each: ZeRO-3 over 4 ranks, two ranks on each of 2 GPUs.
-    spec = next(s for s in role_specs(cfg, model="llama-7b") if s.role == "reference")
+    spec = next(s for s in planned_roles(cfg, model="llama-7b") if s.role == "reference")
     assert (spec.ranks, spec.devices, spec.ranks_per_device) == (4, 2, 2)
     one_rank = plan_frozen_role("reference", spec.shape, "lm", spec.settings, 4)
     assert plan.role("reference").resident == 2 * one_rank.resident

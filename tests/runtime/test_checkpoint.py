@@ -13,7 +13,6 @@ from rlhf_ray.runtime.checkpoint import (
     COMPLETE_MARKER,
     atomic_dir,
     capture_rng_state,
-    checkpoint_path,
     latest_checkpoint,
     prune_checkpoints,
     read_json,
@@ -22,8 +21,13 @@ from rlhf_ray.runtime.checkpoint import (
 from rlhf_ray.telemetry.metrics import write_json_atomic
 
 
+def _step_dir(run_dir, step: int):
+    """Where the drivers save checkpoint `step` (jobs/common.py `checkpoint_dir`)."""
+    return run_dir / "checkpoints" / f"step_{step}"
+
+
 def _save(run_dir, step: int, payload: str) -> None:
-    with atomic_dir(checkpoint_path(run_dir, step)) as tmp:
+    with atomic_dir(_step_dir(run_dir, step)) as tmp:
         (tmp / "model.txt").write_text(payload)
 
 
@@ -37,14 +41,14 @@ def test_atomic_dir_publishes_a_complete_directory(tmp_path):
 
 def test_a_crash_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
     _save(tmp_path, 3, "weights-3")
-    final = checkpoint_path(tmp_path, 3)
+    final = _step_dir(tmp_path, 3)
     with pytest.raises(RuntimeError, match="disk full"):
         with atomic_dir(final) as tmp:
             (tmp / "model.txt").write_text("half-written")
             raise RuntimeError("disk full")
     assert (final / "model.txt").read_text() == "weights-3"
     with pytest.raises(OSError):
-        with atomic_dir(checkpoint_path(tmp_path, 4)) as tmp:
+        with atomic_dir(_step_dir(tmp_path, 4)) as tmp:
             (tmp / "model.txt").write_text("half")
             raise OSError("killed")
     # Neither the failed step_4 nor any temp directory is visible; step_3 is still the latest.
@@ -55,7 +59,7 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_whole(tmp_path):
 def test_saving_a_step_again_replaces_it_whole(tmp_path):
     _save(tmp_path, 5, "first")
     _save(tmp_path, 5, "second")
-    final = checkpoint_path(tmp_path, 5)
+    final = _step_dir(tmp_path, 5)
     assert (final / "model.txt").read_text() == "second"
     assert sorted(p.name for p in final.parent.iterdir()) == ["step_5"]
 

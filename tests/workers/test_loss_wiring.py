@@ -80,6 +80,8 @@ def test_each_policy_objective_gives_a_finite_loss_with_gradient(name, tokenizer
     loss.backward()
     grad = sum(float(p.grad.abs().sum()) for p in policy.parameters() if p.grad is not None)
     assert grad > 0
+    if objective.data_format == "preference":  # the objective's own metrics carry the policy's log-probs
+        assert math.isfinite(float(metrics["logps/chosen"])) and math.isfinite(float(metrics["logps/rejected"]))
     if objective.data_format == "preference" and objective.needs_reference:
         # The policy equals the reference: every implicit reward is zero (TRL's step-one metrics).
         assert float(metrics["rewards/chosen"]) == pytest.approx(0.0, abs=1e-5)
