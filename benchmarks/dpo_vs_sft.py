@@ -19,7 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rlhf_ray.jobs.demo import DemoStage, run_stages
+from rlhf_ray.pipeline.demo import DemoStage, run_stages
 from rlhf_ray.telemetry.metrics import read_metrics
 
 CHOSEN_AS_SFT = ["data.train=synthetic:preference_train", "data.format=sft", "data.column_map={chosen: completion}"]

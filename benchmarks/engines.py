@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from rlhf_ray.config import load_config
-from rlhf_ray.jobs.bench import run_engine_comparison
-from rlhf_ray.jobs.bench_report import write_result
+from rlhf_ray.reports.bench import run_engine_comparison
+from rlhf_ray.reports.bench_markdown import write_result
 
 
 def main() -> None:

@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 from rlhf_ray.config import load_config
-from rlhf_ray.jobs.bench import run_memory
-from rlhf_ray.jobs.bench_report import write_result
+from rlhf_ray.reports.bench import run_memory
+from rlhf_ray.reports.bench_markdown import write_result
 from rlhf_ray.planner.job_plan import job_plan_markdown, plan_job, strip_markdown
 
 REWARD_MODEL = ["reward.rule=", "reward.model.name_or_path=tiny-gpt2"]

@@ -16,7 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rlhf_ray.jobs.demo import DemoStage, run_stages
+from rlhf_ray.pipeline.demo import DemoStage, run_stages
 from rlhf_ray.telemetry.metrics import read_metrics
 
 ALGORITHMS = {"ppo": "tiny-ppo", "remax": "tiny-remax", "grpo": "tiny-grpo", "rloo": "tiny-rloo",

@@ -20,8 +20,8 @@ import tempfile
 from pathlib import Path
 
 from rlhf_ray.config import load_config
-from rlhf_ray.jobs.bench import limits_threads, measure_limits, run_step_time_comparison, run_throughput
-from rlhf_ray.jobs.bench_report import write_result
+from rlhf_ray.reports.bench import limits_threads, measure_limits, run_step_time_comparison, run_throughput
+from rlhf_ray.reports.bench_markdown import write_result
 
 REWARD_MODEL = ["reward.rule=", "reward.model.name_or_path=tiny-gpt2"]
 

@@ -40,7 +40,7 @@ from pathlib import Path
 import rlhf_ray.data.synthetic as synthetic_task
 from rlhf_ray.config import load_config
 from rlhf_ray.data.synthetic import SyntheticConfig, write_synthetic
-from rlhf_ray.jobs.bench import load_average, measure_limits, run_throughput
+from rlhf_ray.reports.bench import load_average, measure_limits, run_throughput
 from rlhf_ray.telemetry.hardware import hardware_info
 
 HERE = Path(__file__).resolve().parent
@@ -128,8 +128,8 @@ def markdown(result: dict) -> str:
     hw = result["hardware"]
     lines = ["# rlhf-ray vs TRL on the same CPU work", "",
              f"- CPU: {hw['cpu_model']} ({hw['cpus_available']} CPUs available); torch threads per process: {THREADS}",
-             f"- rlhf-ray side: " + ", ".join(f"{k} {v}" for k, v in hw["versions"].items() if v),
-             f"- TRL side: " + ", ".join(f"{k} {v}" for k, v in result["trl_versions"].items()),
+             "- rlhf-ray side: " + ", ".join(f"{k} {v}" for k, v in hw["versions"].items() if v),
+             "- TRL side: " + ", ".join(f"{k} {v}" for k, v in result["trl_versions"].items()),
              f"- {result['repeats']} runs of each side, alternating which goes first; {result['warmup']} warm-up and "
              f"{result['steps']} measured steps per run; the median over every measured step.", "",
              "| work | unit | TRL | rlhf-ray | rlhf-ray / TRL |", "|---|---|---|---|---|"]

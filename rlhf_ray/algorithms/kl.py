@@ -67,13 +67,13 @@ def kl_loss(
     `logprobs` only.
 
     Returns:
-        `(scalar loss, {"actor/kl_loss": mean KL, "actor/kl_coef": kl_coef})`.
+        `(scalar loss, {"policy/kl_loss": mean KL, "policy/kl_coef": kl_coef})`.
     """
     kl = kl_penalty(logprobs, ref_logprobs.detach(), kind)
     mean_kl = masked_mean(kl, response_mask)
     metrics = {
-        "actor/kl_loss": mean_kl.detach(),
-        "actor/kl_coef": torch.tensor(float(kl_coef)),
+        "policy/kl_loss": mean_kl.detach(),
+        "policy/kl_coef": torch.tensor(float(kl_coef)),
     }
     return kl_coef * mean_kl, metrics
 

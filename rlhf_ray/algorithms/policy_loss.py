@@ -3,7 +3,7 @@
 Shapes: every per-token input is `[B, T]`; `response_mask` is true on the
 response tokens. Losses are means over the mask (a scalar), weighted when the
 mask holds weights (`advantages.aggregation_weights`); metrics are detached
-scalars under `actor/...` and `critic/...`.
+scalars under `policy/...` and `critic/...`.
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ def ppo_policy_loss(
         dual_clip: the dual-clip constant `c > 1`, or None.
 
     Returns:
-        `(scalar loss, metrics)` with `actor/pg_loss`, `actor/clipfrac` (share
-        of tokens where the clipped term was taken), `actor/approx_kl` (the k3
+        `(scalar loss, metrics)` with `policy/pg_loss`, `policy/clipfrac` (share
+        of tokens where the clipped term was taken), `policy/approx_kl` (the k3
         estimate of KL(old || current)) and, with dual clip,
-        `actor/dual_clipfrac`.
+        `policy/dual_clipfrac`.
     """
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1 (or None to disable); got {dual_clip}.")
@@ -66,13 +66,13 @@ def ppo_policy_loss(
         capped = torch.minimum(per_token, -advantages * dual_clip)
         dual_hit = (advantages < 0) & (capped < per_token)
         per_token = torch.where(advantages < 0, capped, per_token)
-        metrics["actor/dual_clipfrac"] = masked_mean(dual_hit.float(), response_mask).detach()
+        metrics["policy/dual_clipfrac"] = masked_mean(dual_hit.float(), response_mask).detach()
     loss = masked_mean(per_token, response_mask)
     with torch.no_grad():
-        metrics["actor/pg_loss"] = loss.detach()
-        metrics["actor/clipfrac"] = masked_mean((clipped > unclipped).float(), response_mask)
+        metrics["policy/pg_loss"] = loss.detach()
+        metrics["policy/clipfrac"] = masked_mean((clipped > unclipped).float(), response_mask)
         # k3 estimator of KL(old || current): (ratio - 1) - log ratio
-        metrics["actor/approx_kl"] = masked_mean(ratio - 1.0 - log_ratio, response_mask)
+        metrics["policy/approx_kl"] = masked_mean(ratio - 1.0 - log_ratio, response_mask)
     return loss, metrics
 
 
@@ -131,7 +131,7 @@ def reinforce_policy_loss(
         response_mask: `[B, T]`.
 
     Returns:
-        `(scalar loss, {"actor/pg_loss": ...})`.
+        `(scalar loss, {"policy/pg_loss": ...})`.
     """
     loss = -masked_mean(advantages.detach() * logprobs, response_mask)
-    return loss, {"actor/pg_loss": loss.detach()}
+    return loss, {"policy/pg_loss": loss.detach()}

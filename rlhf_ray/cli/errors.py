@@ -38,7 +38,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from rlhf_ray.algorithms.registry import UnknownAlgorithmError
     from rlhf_ray.config.schema import ConfigError
     from rlhf_ray.data.formats import DataError
-    from rlhf_ray.jobs.submit import SubmitError
+    from rlhf_ray.cli.submit import SubmitError
     from rlhf_ray.runtime.placement import PlacementError
 
     return (CLIError, SubmitError, ConfigError, DataError, UnknownAlgorithmError, PlacementError, ValueError,

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlhf_ray.jobs import submit as jobs_api
+from rlhf_ray.cli import submit as jobs_api
 from rlhf_ray.cli.errors import EXIT_USAGE, PROG, CLIError, report
 
 
@@ -78,7 +78,7 @@ def print_summary(run_dir: Path, summary: dict) -> None:
 
 
 def cmd_demo(args) -> int:
-    from rlhf_ray.jobs.demo import run_demo
+    from rlhf_ray.pipeline.demo import run_demo
 
     report_path = run_demo(args.out, scale=args.scale)
     print(f"demo report: {report_path}")
@@ -180,7 +180,7 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from rlhf_ray.jobs.eval_job import METRICS_FILE, SAMPLES_FILE, run_eval
+    from rlhf_ray.evaluation.standalone import METRICS_FILE, SAMPLES_FILE, run_eval
 
     metrics = run_eval(args.model, baseline=args.baseline, reward_model=args.reward_model, prompts=args.prompts,
                        judge=args.judge, out_dir=args.out, max_new_tokens=args.max_new_tokens, limit=args.limit,
@@ -214,8 +214,8 @@ def _print_written(paths: dict) -> None:
 
 
 def cmd_bench_throughput(args) -> int:
-    from rlhf_ray.jobs.bench import run_throughput
-    from rlhf_ray.jobs.bench_report import write_result
+    from rlhf_ray.reports.bench import run_throughput
+    from rlhf_ray.reports.bench_markdown import write_result
 
     cfg, address, name = _bench_setup(args)
     result = run_throughput(cfg, args.out, warmup=args.warmup, steps=args.steps, address=address, label=name)
@@ -228,8 +228,8 @@ def cmd_bench_throughput(args) -> int:
 
 
 def cmd_bench_memory(args) -> int:
-    from rlhf_ray.jobs.bench import run_memory
-    from rlhf_ray.jobs.bench_report import write_result
+    from rlhf_ray.reports.bench import run_memory
+    from rlhf_ray.reports.bench_markdown import write_result
 
     cfg, address, name = _bench_setup(args)
     result = run_memory(cfg, _algorithms(args.algos), args.out, address=address)
@@ -242,8 +242,8 @@ def cmd_bench_memory(args) -> int:
 
 
 def cmd_bench_compare(args) -> int:
-    from rlhf_ray.jobs.bench import run_step_time_comparison
-    from rlhf_ray.jobs.bench_report import write_result
+    from rlhf_ray.reports.bench import run_step_time_comparison
+    from rlhf_ray.reports.bench_markdown import write_result
 
     cfg, address, name = _bench_setup(args)
     result = run_step_time_comparison(cfg, _algorithms(args.algos), args.out, warmup=args.warmup, steps=args.steps,

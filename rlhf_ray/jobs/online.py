@@ -23,9 +23,9 @@ from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController, kl_p
 from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.sampler import EpochSampler
-from rlhf_ray.jobs import evaluation
+from rlhf_ray.evaluation import during_training as evaluation
 from rlhf_ray.jobs.common import prepare_run_dir
-from rlhf_ray.jobs.data import JobData, load_job_examples
+from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
@@ -266,7 +266,7 @@ class OnlineJob:
         batch.update(old_logprobs=old, advantages=advantages, ref_logprobs=ref)
         if returns is not None:
             batch.update(returns=returns, old_values=scores["values"])
-        metrics = {"rollout/kl": float(sequence_kl.mean()), "actor/kl_coef": self.kl.value,
+        metrics = {"rollout/kl": float(sequence_kl.mean()), "policy/kl_coef": self.kl.value,
                    "rollout/advantage_mean": float(masked_mean(advantages, mask))}
         return batch, metrics
 
@@ -305,8 +305,7 @@ class OnlineJob:
                     with timer.phase(f"update_{role}"):
                         results = group.gather(pending)
                     # Each role's own keys (loss, grad_norm, lr, ...) under its own prefix.
-                    prefix = "actor" if role == "policy" else role
-                    merged.update({k if "/" in k else f"{prefix}/{k}": sum(r[k] for r in results) / len(results)
+                    merged.update({k if "/" in k else f"{role}/{k}": sum(r[k] for r in results) / len(results)
                                    for k in results[0]})
                 per_step.append(merged)
         keys = per_step[0].keys()

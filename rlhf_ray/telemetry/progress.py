@@ -19,7 +19,7 @@ logger = logging.getLogger(__name__)
 
 # Shown in this order when present in a step's metrics, at most `max_keys` of them.
 DEFAULT_KEYS = (
-    "loss", "train/loss", "actor/pg_loss", "critic/value_loss", "actor/grad_norm", "critic/grad_norm",
+    "loss", "train/loss", "policy/pg_loss", "critic/value_loss", "policy/grad_norm", "critic/grad_norm",
     "train/grad_norm", "rewards/mean", "rewards/accuracies", "rewards/margins", "eval/alignment_accuracy",
     "time/step_s",
 )

@@ -170,9 +170,9 @@ class PolicyWorker(ExportMixin, TrainableWorker):
                 ptx_loss, _ = sft_loss(ptx["token_logps"], ptx_weights)
                 loss = loss + params["ptx_coef"] * self.engine.global_loss(ptx_loss, ptx_weights.sum(),
                                                                            params["ptx_denominator"])
-                metrics["actor/ptx_loss"] = ptx_loss.detach()
+                metrics["policy/ptx_loss"] = ptx_loss.detach()
             denom = mask.sum().clamp(min=1)
-            metrics["actor/entropy"] = (out["entropy"] * mask).sum().detach() / denom
+            metrics["policy/entropy"] = (out["entropy"] * mask).sum().detach() / denom
             return loss, metrics
 
         return self.engine.train_batch(batch, loss_fn)

@@ -51,7 +51,7 @@ def test_kl_loss_is_coefficient_times_masked_mean():
     # only token 0 counts: k3 = 0.193147; loss = 0.1 * 0.193147
     loss, metrics = kl_loss(logprobs, ref, mask, kl_coef=0.1)
     close(loss, 0.0193147)
-    close(metrics["actor/kl_loss"], 0.193147)
+    close(metrics["policy/kl_loss"], 0.193147)
     loss.backward()
     # d k3 / d logq = 1 - p/q = 1 - 0.5 = 0.5, times 0.1; masked token gets 0
     close(logprobs.grad, [[0.05, 0.0]])

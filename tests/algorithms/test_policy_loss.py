@@ -27,9 +27,9 @@ def test_ppo_policy_loss_hand_worked():
     # approx_kl = mean((r - 1) - ln r) = (0.094535 + 0.193147 + 0) / 3 = 0.095894
     loss, m = ppo_policy_loss(logprobs, old, adv, mask, clip_eps=0.2)
     close(loss, -0.7 / 3)
-    close(m["actor/pg_loss"], -0.7 / 3)
-    close(m["actor/clipfrac"], 1 / 3)
-    close(m["actor/approx_kl"], 0.095894)
+    close(m["policy/pg_loss"], -0.7 / 3)
+    close(m["policy/clipfrac"], 1 / 3)
+    close(m["policy/approx_kl"], 0.095894)
     loss.backward()
     # d/dlogp of -A * ratio is -A * ratio: t0 clipped -> 0; t1 -0.5 / 3; t2 +1 / 3
     close(logprobs.grad, [[0.0, -0.5 / 3, 1.0 / 3]])
@@ -41,7 +41,7 @@ def test_ppo_policy_loss_ignores_masked_tokens():
     # only t0: ratio 1, loss = -2
     loss, m = ppo_policy_loss(logprobs, torch.zeros(1, 2), adv, torch.tensor([[1, 0]]), clip_eps=0.2)
     close(loss, -2.0)
-    close(m["actor/clipfrac"], 0.0)
+    close(m["policy/clipfrac"], 0.0)
 
 
 def test_ppo_policy_loss_survives_junk_in_padding():
@@ -51,7 +51,7 @@ def test_ppo_policy_loss_survives_junk_in_padding():
     loss, m = ppo_policy_loss(logprobs, old, torch.tensor([[1.0, 0.0]]), torch.tensor([[1, 0]]), clip_eps=0.2)
     close(loss, -1.0)  # only t0: -A * ratio = -1
     loss.backward()
-    assert torch.isfinite(logprobs.grad).all() and torch.isfinite(m["actor/approx_kl"])
+    assert torch.isfinite(logprobs.grad).all() and torch.isfinite(m["policy/approx_kl"])
 
 
 def test_ppo_dual_clip_caps_negative_advantages():
@@ -64,7 +64,7 @@ def test_ppo_dual_clip_caps_negative_advantages():
     dual, m = ppo_policy_loss(logprobs, torch.zeros(1, 2), adv, torch.ones(1, 2), clip_eps=0.2, dual_clip=3.0)
     close(plain, 1.9)
     close(dual, 0.9)
-    close(m["actor/dual_clipfrac"], 0.5)
+    close(m["policy/dual_clipfrac"], 0.5)
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
         ppo_policy_loss(logprobs, torch.zeros(1, 2), adv, torch.ones(1, 2), clip_eps=0.2, dual_clip=0.5)
 
@@ -117,7 +117,7 @@ def test_reinforce_policy_loss_hand_worked():
     # -(1 * -1 + -1 * -2) / 2 = -(-1 + 2) / 2 = -0.5
     loss, m = reinforce_policy_loss(logprobs, adv, mask)
     close(loss, -0.5)
-    assert math.isclose(float(m["actor/pg_loss"]), -0.5)
+    assert math.isclose(float(m["policy/pg_loss"]), -0.5)
     loss.backward()
     # gradient -A / 2 on response tokens
     close(logprobs.grad, [[-0.5, 0.5, 0.0]])
@@ -129,7 +129,7 @@ def test_ppo_log_ratio_is_clamped_so_one_far_off_token_stays_finite():
     logprobs = torch.tensor([[-0.1, 0.0]], requires_grad=True)
     old = torch.tensor([[-200.0, 0.0]])  # log-ratio 199.9: exp() overflows float32 without the clamp
     loss, metrics = ppo_policy_loss(logprobs, old, torch.tensor([[-1.0, 1.0]]), torch.ones(1, 2), clip_eps=0.2)
-    assert torch.isfinite(loss) and torch.isfinite(metrics["actor/approx_kl"])
+    assert torch.isfinite(loss) and torch.isfinite(metrics["policy/approx_kl"])
     # The clamped ratio e^20 on the negative-advantage token: loss (e^20 * 1 + -(1 * 1)) / 2.
     assert float(loss) == pytest.approx((math.exp(MAX_LOG_RATIO) - 1.0) / 2, rel=1e-5)
     loss.backward()

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.cli import main as cli
-from rlhf_ray.jobs.submit import SubmitError
-from rlhf_ray.jobs.submit import (
+from rlhf_ray.cli.submit import SubmitError
+from rlhf_ray.cli.submit import (
     PACKAGE_DIR,
     Cluster,
     check_cluster_address,

@@ -21,7 +21,7 @@ SMALL = ["run.batch_size=8", "policy.micro_batch_size=4", "reference.micro_batch
 
 
 def test_dpo_two_ranks_equal_one_rank_and_zero3_holds_less_per_rank(ray_cluster, tmp_path):
-    one = run_job(tiny_config("tiny-dpo", tmp_path / "one", "run.total_steps=3", *SMALL))
+    run_job(tiny_config("tiny-dpo", tmp_path / "one", "run.total_steps=3", *SMALL))
     two = run_job(tiny_config("tiny-dpo", tmp_path / "two", "run.total_steps=3", "policy.num_ranks=2", *SMALL))
     # Same global batch of 8 pairs: one rank accumulates 2 micro-batches of 4, two ranks average 4 each.
     w1, w2 = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")

@@ -81,7 +81,7 @@ def test_critic_free_algorithms_run_with_the_rule_reward(ray_cluster, tmp_path, 
                                   "rollout.max_new_tokens=8"))
     assert "critic" not in summary["roles"]
     row = read_metrics(tmp_path / preset)[-1]
-    assert "actor/pg_loss" in row and row["rollout/response_length"] > 0
+    assert "policy/pg_loss" in row and row["rollout/response_length"] > 0
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -114,7 +114,7 @@ def test_vllm_missing_is_named_with_what_to_install(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_weight_sync_makes_the_engine_generate_what_the_policy_generates(ray_cluster, tmp_path, engine):
-    from rlhf_ray.jobs.data import JobData, load_job_examples
+    from rlhf_ray.data.job_data import JobData, load_job_examples
     from rlhf_ray.models.tokenizer import load_tokenizer
     from rlhf_ray.runtime.actor_group import ActorGroup
     from rlhf_ray.workers.policy import PolicyWorker
@@ -169,7 +169,7 @@ def test_online_and_offline_jobs_run_side_by_side_sharing_one_reference(ray_clus
     assert ppo[-1]["critic/value_loss"] < ppo[0]["critic/value_loss"]
     assert "reference" in results["ppo"]["roles"] and "eval/kl_to_ref" not in ppo[-1]
     assert ppo[-1]["rollout/kl"] != 0  # the borrowed reference scored PPO's samples (k1: either sign)
-    assert all(row["actor/approx_kl"] >= 0 for row in ppo)
+    assert all(row["policy/approx_kl"] >= 0 for row in ppo)
 
 
 def test_ppo_still_runs_on_the_hugging_face_engine(ray_cluster, tmp_path):
@@ -182,8 +182,8 @@ def test_ppo_still_runs_on_the_hugging_face_engine(ray_cluster, tmp_path):
     assert 0 < rows[-1]["sync/bandwidth_share_of_memcpy"] == pytest.approx(
         rows[-1]["sync/bandwidth_bytes_per_s"] / rows[-1]["sync/bandwidth_memcpy_bytes_per_s"])
     # Each role's own optimizer metrics: the policy's loss and gradient norm are not the critic's.
-    assert rows[-1]["actor/loss"] != rows[-1]["critic/loss"]
+    assert rows[-1]["policy/loss"] != rows[-1]["critic/loss"]
     assert rows[-1]["critic/loss"] == pytest.approx(rows[-1]["critic/value_loss"])
-    assert rows[-1]["actor/grad_norm"] > 0 and rows[-1]["critic/grad_norm"] > 0
-    assert rows[-1]["actor/grad_norm"] != rows[-1]["critic/grad_norm"]
-    assert 0 <= rows[-1]["actor/grad_clipped"] <= 1
+    assert rows[-1]["policy/grad_norm"] > 0 and rows[-1]["critic/grad_norm"] > 0
+    assert rows[-1]["policy/grad_norm"] != rows[-1]["critic/grad_norm"]
+    assert 0 <= rows[-1]["policy/grad_clipped"] <= 1

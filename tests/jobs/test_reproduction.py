@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_ray.jobs.demo import DemoStage, run_stages
+from rlhf_ray.pipeline.demo import DemoStage, run_stages
 from rlhf_ray.telemetry.metrics import read_metrics
 
 

@@ -179,7 +179,7 @@ def test_format_metrics_picks_known_keys_in_order():
 
 
 def test_format_metrics_shows_each_roles_gradient_norm():
-    metrics = {"actor/pg_loss": 0.5, "critic/value_loss": 0.25, "actor/grad_norm": 1.5, "critic/grad_norm": 3.0}
-    assert format_metrics(metrics) == ("actor/pg_loss=0.5 critic/value_loss=0.25 actor/grad_norm=1.5 "
+    metrics = {"policy/pg_loss": 0.5, "critic/value_loss": 0.25, "policy/grad_norm": 1.5, "critic/grad_norm": 3.0}
+    assert format_metrics(metrics) == ("policy/pg_loss=0.5 critic/value_loss=0.25 policy/grad_norm=1.5 "
                                        "critic/grad_norm=3")
     assert "train/grad_norm=0.75" in format_metrics({"train/loss": 0.7, "train/grad_norm": 0.75})

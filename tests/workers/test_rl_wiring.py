@@ -105,13 +105,13 @@ def test_dropout_is_off_while_the_policy_trains(ray_cluster, tmp_path, disable):
         result = ray.get(policy.rank0.train_online.remote({**batch, "old_logprobs": old}, "ppo", params))
     # approx_kl is the k3 estimate of KL(old || current) at identical weights: 0 iff the forwards agree.
     if disable:
-        assert result["actor/approx_kl"] < 1e-10 and result["actor/clipfrac"] == 0.0
+        assert result["policy/approx_kl"] < 1e-10 and result["policy/clipfrac"] == 0.0
     else:
-        assert result["actor/approx_kl"] > 1e-4  # what dropout did to the ratio before it was turned off
+        assert result["policy/approx_kl"] > 1e-4  # what dropout did to the ratio before it was turned off
 
 
 def test_kto_reference_point_is_averaged_over_the_whole_step_before_clamping(ray_cluster, tmp_path):
-    from rlhf_ray.jobs.data import JobData, load_job_examples
+    from rlhf_ray.data.job_data import JobData, load_job_examples
 
     job = load_config("tiny-kto", [f"run.output_dir={tmp_path}", "policy.micro_batch_size=2",
                                    "policy.optim.warmup_steps=0", "policy.optim.scheduler=constant"])

@@ -2,8 +2,8 @@
 
     synthetic task -> SFT -> reward model (from the SFT weights, InstructGPT)
                    -> DPO (from SFT)
-                   -> PPO (actor from SFT, critic from the reward model)
-                   -> ReMax (actor from SFT, no critic)
+                   -> PPO (policy from SFT, critic from the reward model)
+                   -> ReMax (policy from SFT, no critic)
     -> report.md: alignment accuracy of each, reward curves, the four-model
        layout of PPO against the three of ReMax with every role's memory,
        and per-phase time.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from rlhf_ray.config import load_config
 from rlhf_ray.jobs import run_job
-from rlhf_ray.jobs.report import write_report
+from rlhf_ray.reports.demo_report import write_report
 
 
 @dataclass

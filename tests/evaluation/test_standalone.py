@@ -14,7 +14,7 @@ import torch
 from rlhf_ray.data.collate import collate_sequences
 from rlhf_ray.data.synthetic import SyntheticConfig, build_synthetic
 from rlhf_ray.data.tokenize import encode_prompt_response
-from rlhf_ray.jobs.eval_job import pairwise_outcomes, run_eval
+from rlhf_ray.evaluation.standalone import pairwise_outcomes, run_eval
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
 

@@ -90,8 +90,8 @@ def _alignment_section(runs: dict[str, list[dict]], seconds: dict[str, float]) -
 
 def _layout_section(runs: dict[str, list[dict]]) -> list[str]:
     lines = ["## The four-model layout and what it costs", "",
-             "PPO keeps four models (actor, critic, frozen reference, frozen reward model) plus the rollout "
-             "engine's copy of the actor; ReMax drops the critic: its weights, gradients, optimizer state and "
+             "PPO keeps four models (policy, critic, frozen reference, frozen reward model) plus the rollout "
+             "engine's copy of the policy; ReMax drops the critic: its weights, gradients, optimizer state and "
              "activations. Bytes each role holds on one rank (MiB), measured after the first updates:", "",
              "| role | PPO params | PPO grads | PPO optimizer | PPO held | ReMax held |", "|---|---|---|---|---|---|"]
     ppo, remax = memory_by_role(runs.get("ppo", [])), memory_by_role(runs.get("remax", []))

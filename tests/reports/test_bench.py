@@ -10,7 +10,7 @@ import json
 import pytest
 
 from rlhf_ray.config import load_config
-from rlhf_ray.jobs.bench import (
+from rlhf_ray.reports.bench import (
     largest_batch,
     measure_limits,
     planned_peak_bytes,
@@ -20,7 +20,7 @@ from rlhf_ray.jobs.bench import (
     step_breakdown,
     with_algorithm,
 )
-from rlhf_ray.jobs.bench_report import write_result
+from rlhf_ray.reports.bench_markdown import write_result
 from rlhf_ray.telemetry.timers import ComputeClock
 
 from job_helpers import tiny_config

@@ -35,7 +35,7 @@ from rlhf_ray.data.collate import collate_prompts, collate_sequences
 from rlhf_ray.data.formats import Text
 from rlhf_ray.data.loading import load_examples
 from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
-from rlhf_ray.jobs.data import resolve_source
+from rlhf_ray.data.job_data import resolve_source
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import default_device, load_causal_lm, load_tokenizer_for
 from rlhf_ray.workers.forward import generate_tokens
