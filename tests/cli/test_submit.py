@@ -70,7 +70,7 @@ def test_runtime_env_ships_the_config_and_this_package(tmp_path):
     env = job_runtime_env(tmp_path)
     assert env["working_dir"] == str(tmp_path)
     assert env["py_modules"] == [str(PACKAGE_DIR)]
-    assert PACKAGE_DIR.name == "rlhf_ray" and (PACKAGE_DIR / "jobs" / "submit.py").is_file()
+    assert PACKAGE_DIR.name == "rlhf_ray" and (PACKAGE_DIR / "cli" / "submit.py").is_file()
     assert "env_vars" not in env  # the driver's ray.init sets them; Ray refuses overlapping keys
     assert "py_modules" not in job_runtime_env(tmp_path, package=False)
 
