@@ -62,15 +62,8 @@ class Param:
         return None
 
 
-class UnknownParamError(KeyError, ValueError):
-    """A key in `params` that the objective does not read; the message lists the ones it does."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-class ParamValueError(ValueError):
-    """A parameter value out of its range; `key` names the parameter."""
+class ParamError(ValueError):
+    """A key in `params` the objective does not read, or a value out of its range; `key` names it."""
 
     def __init__(self, key: str, message: str):
         super().__init__(message)
@@ -115,19 +108,19 @@ class OfflineObjective:
     def resolve_params(self, params: Mapping[str, Any] | None = None) -> dict[str, float | None]:
         """Every parameter of this objective from `params`, defaults filled in for the keys not given (or None).
 
-        Raises `UnknownParamError` for a key the objective does not read and `ParamValueError` for a value
-        out of its range, each naming the key and listing what is allowed."""
+        Raises `ParamError` for a key the objective does not read or a value out of its range, naming
+        the key and listing what is allowed."""
         params = dict(params or {})
         unknown = sorted(set(params) - set(self.params))
         if unknown:
-            raise UnknownParamError(f"{self.name} has no parameter {unknown[0]!r}; its parameters: "
-                                    f"{', '.join(self.params) or 'none'}.")
+            raise ParamError(unknown[0], f"{self.name} has no parameter {unknown[0]!r}; its parameters: "
+                                         f"{', '.join(self.params) or 'none'}.")
         resolved: dict[str, float | None] = {}
         for key, spec in self.params.items():
             value = params.get(key)
             problem = spec.problem(value)
             if problem:
-                raise ParamValueError(key, f"{self.name} parameter {key!r} {problem} ({spec.doc}).")
+                raise ParamError(key, f"{self.name} parameter {key!r} {problem} ({spec.doc}).")
             resolved[key] = spec.default if value is None else float(value)
         return resolved
 

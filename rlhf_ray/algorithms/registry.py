@@ -12,27 +12,11 @@ import difflib
 from typing import Any, Mapping
 
 from rlhf_ray.algorithms.batches import KTOBatch, PreferenceBatch, RankedRewardBatch, RewardPairBatch, SFTBatch
-from rlhf_ray.algorithms.offline import (
-    OFFLINE_OBJECTIVES,
-    OfflineObjective,
-    Param,
-    ParamValueError,
-    UnknownParamError,
-)
-from rlhf_ray.algorithms.online import (
-    KL_IN_LOSS,
-    KL_IN_REWARD,
-    ONLINE_ALGORITHMS,
-    PPO_CLIP,
-    REINFORCE,
-    KLPlacement,
-    OnlineAlgorithm,
-    PolicyLoss,
-)
+from rlhf_ray.algorithms.offline import OFFLINE_OBJECTIVES, OfflineObjective, Param, ParamError
+from rlhf_ray.algorithms.online import ONLINE_ALGORITHMS, OnlineAlgorithm
 
 __all__ = [
-    "OnlineAlgorithm", "OfflineObjective", "Param", "ParamValueError", "UnknownParamError", "PolicyLoss", "KLPlacement",
-    "PPO_CLIP", "REINFORCE", "KL_IN_REWARD", "KL_IN_LOSS", "ONLINE_ALGORITHMS", "OFFLINE_OBJECTIVES",
+    "OnlineAlgorithm", "OfflineObjective", "Param", "ParamError", "ONLINE_ALGORITHMS", "OFFLINE_OBJECTIVES",
     "UnknownAlgorithmError", "get_online_algorithm", "get_offline_objective",
     "PreferenceBatch", "SFTBatch", "KTOBatch", "RewardPairBatch", "RankedRewardBatch",
 ]

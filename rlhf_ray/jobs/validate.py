@@ -11,8 +11,7 @@ from rlhf_ray.algorithms.registry import (
     OFFLINE_OBJECTIVES,
     ONLINE_ALGORITHMS,
     UnknownAlgorithmError,
-    ParamValueError,
-    UnknownParamError,
+    ParamError,
     get_offline_objective,
     get_online_algorithm,
 )
@@ -96,11 +95,11 @@ def objective_params(cfg: JobConfig) -> dict[str, float | None]:
     objective = get_offline_objective(cfg.algorithm.name)
     try:
         return objective.resolve_params(cfg.algorithm.params)
-    except UnknownParamError as err:
+    except ParamError as err:
+        if err.key in objective.params:
+            raise ConfigError(f"algorithm.params.{err.key}: {err}") from None
         described = "; ".join(objective.describe_params().splitlines())
         raise ConfigError(f"algorithm.params: {err} Parameters of {objective.name}: {described}") from None
-    except ParamValueError as err:
-        raise ConfigError(f"algorithm.params.{err.key}: {err}") from None
 
 
 def samples_per_prompt(cfg: JobConfig) -> int:

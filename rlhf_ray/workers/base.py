@@ -15,6 +15,8 @@ Ray makes every method of these bases a remote method of the role's actor.
 
 from __future__ import annotations
 
+from rlhf_ray.config.schema import RoleConfig
+from rlhf_ray.models.loading import disable_dropout, resolve_dtype
 from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import InferenceEngine, TrainEngine
 
@@ -37,6 +39,16 @@ class TrainableWorker(EngineWorker):
     """One rank of a trained role: its DeepSpeed state goes into and comes out of checkpoints."""
 
     engine: TrainEngine
+
+    def build_engine(self, model, settings: RoleConfig, *, batch_per_rank: int, total_optimizer_steps: int) -> dict:
+        """Make `model` this rank's `TrainEngine` under the role's config (dropout off unless
+        `model.disable_dropout` is false); returns the rank's memory metrics."""
+        if settings.model.disable_dropout:
+            disable_dropout(model)
+        dtype = str(resolve_dtype(settings.model.dtype)).replace("torch.", "")
+        self.engine = TrainEngine(model, settings, world_size=self.world_size, batch_per_rank=batch_per_rank,
+                                  total_optimizer_steps=total_optimizer_steps, dtype=dtype)
+        return self.memory()
 
     def save_checkpoint(self, directory: str) -> None:
         self.engine.save_checkpoint(directory)

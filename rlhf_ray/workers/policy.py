@@ -16,8 +16,7 @@ from rlhf_ray.algorithms.preference import odpo_offsets, tdpo_sequential_kl
 from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
 from rlhf_ray.algorithms.sft_loss import sft_loss
 from rlhf_ray.config.schema import JobConfig
-from rlhf_ray.models.loading import disable_dropout, load_causal_lm, load_tokenizer_for, resolve_dtype
-from rlhf_ray.runtime.engine import TrainEngine
+from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import ExportMixin, TrainableWorker
 from rlhf_ray.workers.forward import generate_tokens
@@ -83,18 +82,13 @@ class PolicyWorker(ExportMixin, TrainableWorker):
         self.job = job
         self.set_seed(job.run.seed)
         model_cfg = job.policy.model
-        self.dtype = resolve_dtype(model_cfg.dtype)
         self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or init_from,
                                             trust_remote_code=model_cfg.trust_remote_code)
         model = load_causal_lm(init_from, dtype=model_cfg.dtype, gradient_checkpointing=model_cfg.gradient_checkpointing,
                                trust_remote_code=model_cfg.trust_remote_code, seed=job.run.seed,
                                tokenizer=self.tokenizer)
-        if model_cfg.disable_dropout:
-            disable_dropout(model)
-        self.engine = TrainEngine(model, job.policy, world_size=self.world_size, batch_per_rank=batch_per_rank,
-                                  total_optimizer_steps=total_optimizer_steps,
-                                  dtype=str(self.dtype).replace("torch.", ""))
-        return self.memory()
+        return self.build_engine(model, job.policy, batch_per_rank=batch_per_rank,
+                                 total_optimizer_steps=total_optimizer_steps)
 
     # offline ---------------------------------------------------------------
     def train_offline(self, batch: dict, objective_name: str, params: dict) -> dict:

@@ -14,8 +14,7 @@ from rlhf_ray.algorithms.batches import RankedRewardBatch
 from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
-from rlhf_ray.models.loading import disable_dropout, load_tokenizer_for, resolve_dtype
-from rlhf_ray.runtime.engine import TrainEngine
+from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import ExportMixin, TrainableWorker
 
@@ -43,19 +42,14 @@ class RewardTrainerWorker(ExportMixin, TrainableWorker):
         self.job = job
         self.set_seed(job.run.seed)
         cfg = job.reward
-        dtype = resolve_dtype(cfg.model.dtype)
         self.tokenizer = load_tokenizer_for(cfg.model.tokenizer or init_from,
                                             trust_remote_code=cfg.model.trust_remote_code)
         model = load_scalar_head_model(init_from, dtype=cfg.model.dtype,
                                        gradient_checkpointing=cfg.model.gradient_checkpointing,
                                        trust_remote_code=cfg.model.trust_remote_code, seed=job.run.seed,
                                        tokenizer=self.tokenizer)
-        if cfg.model.disable_dropout:
-            disable_dropout(model)
-        self.engine = TrainEngine(model, cfg, world_size=self.world_size, batch_per_rank=batch_per_rank,
-                                  total_optimizer_steps=total_optimizer_steps,
-                                  dtype=str(dtype).replace("torch.", ""))
-        return self.memory()
+        return self.build_engine(model, cfg, batch_per_rank=batch_per_rank,
+                                 total_optimizer_steps=total_optimizer_steps)
 
     def train_offline(self, batch: dict, objective_name: str, params: dict) -> dict:
         objective = get_offline_objective(objective_name)

@@ -24,14 +24,8 @@ from rlhf_ray.algorithms import (
     rloo_advantages,
     whiten,
 )
-from rlhf_ray.algorithms.registry import (
-    KL_IN_LOSS,
-    KL_IN_REWARD,
-    PPO_CLIP,
-    REINFORCE,
-    ParamValueError,
-    UnknownParamError,
-)
+from rlhf_ray.algorithms.online import KL_IN_LOSS, KL_IN_REWARD, PPO_CLIP, REINFORCE
+from rlhf_ray.algorithms.registry import ParamError
 
 torch.set_num_threads(1)
 LN2 = math.log(2.0)
@@ -178,9 +172,9 @@ def test_offline_params_override_defaults_and_refuse_other_keys():
     cdpo, _ = get_offline_objective("cdpo").loss(batch, {"beta": 0.5})
     torch.testing.assert_close(cdpo, dpo_loss(c, r, torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5, 0.1)[0])
     assert get_offline_objective("tdpo2").resolve_params({"beta": 0.2}) == {"beta": 0.2, "alpha": 0.5}
-    with pytest.raises(UnknownParamError, match=r"tdpo2 has no parameter 'gamma'; its parameters: beta, alpha"):
+    with pytest.raises(ParamError, match=r"tdpo2 has no parameter 'gamma'; its parameters: beta, alpha"):
         get_offline_objective("tdpo2").resolve_params({"beta": 0.2, "gamma": 3})
-    with pytest.raises(ParamValueError, match=r"dpo parameter 'beta' must be > 0, got 0"):
+    with pytest.raises(ParamError, match=r"dpo parameter 'beta' must be > 0, got 0"):
         get_offline_objective("dpo").loss(batch, {"beta": 0})
 
 

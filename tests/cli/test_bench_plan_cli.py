@@ -8,16 +8,8 @@ import json
 
 import pytest
 
-from rlhf_ray.cli import main as cli
+from cli_helpers import run
 
-
-def run(argv, capsys):
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def error_line(code, err) -> str:

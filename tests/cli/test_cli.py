@@ -19,18 +19,11 @@ from rlhf_ray.cli.errors import EXIT_INTERRUPTED, CLIError, describe, report
 from rlhf_ray.config import JobConfig, load_config
 from rlhf_ray.data.synthetic import SPLITS, SyntheticConfig, build_synthetic
 
+from cli_helpers import run
+
 REQUIRED_PRESETS = ("tiny-ppo", "tiny-remax", "tiny-grpo", "tiny-rloo", "tiny-reinforce-pp", "tiny-sft", "tiny-rm",
                     "tiny-dpo", "llama-7b-ppo-vllm", "llama-7b-remax-vllm")
 
-
-def run(argv, capsys):
-    """(exit code, stdout, stderr) of `rlhf-ray <argv>` run in this process."""
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_error_line(code, err) -> str:

@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from rlhf_ray.cli import main as cli
-from rlhf_ray.cli.submit import SubmitError
 from rlhf_ray.cli.submit import (
     PACKAGE_DIR,
     Cluster,
+    SubmitError,
     check_cluster_address,
     config_file_name,
     dashboard_url,
@@ -38,17 +37,11 @@ from rlhf_ray.cli.submit import (
     train_entrypoint,
 )
 
+from cli_helpers import run
+
 VENV_BIN = Path(sys.executable).parent
 HEAD_START_LIMIT_S = 600  # a guard against a hung start, not a timing assertion
 
-
-def run(argv, capsys):
-    try:
-        code = cli.main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def free_port() -> int:
