@@ -56,6 +56,23 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from rlhf_ray.pipeline.runner import load_pipeline, pipeline_table, run_pipeline
+
+    pipeline = load_pipeline(args.pipeline, args.out)  # every job's config is checked before anything loads
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        jobs_api.check_cluster_address(address)
+    outcomes = run_pipeline(pipeline, address)
+    print(f"\npipeline {args.pipeline} -> {pipeline.out}")
+    print(pipeline_table(outcomes))
+    failed = [name for name, o in outcomes.items() if o.status != "finished"]
+    if failed:
+        raise CLIError(f"{len(failed)} of {len(outcomes)} jobs did not finish: {', '.join(failed)} (see "
+                       f"{pipeline.out / 'pipeline.json'} and <job>.error.txt there)")
+    return 0
+
+
 def key_figures(summary: dict) -> list[tuple[str, Any]]:
     """What `train` prints of a run's summary: its top-level scalars, the last
     evaluation metrics and losses, and the mean step time."""
@@ -330,6 +347,16 @@ def build_parser() -> Parser:
                      "ray://HEAD:10001 (default: $RAY_ADDRESS, else a new local cluster)")
     sub.add_argument("--out", default=None, help="the run directory (sets run.output_dir)")
 
+    sub = _command(commands, "run", cmd_run, "run a pipeline: several jobs on one Ray cluster, each as soon as the "
+                   "jobs it comes after have finished", debug,
+                   description="Run a pipeline file (jobs: {name: {config, overrides, after}}): jobs whose "
+                               "dependencies are done run at the same time on one Ray cluster, sharing frozen "
+                               "roles of equal weights.")
+    sub.add_argument("pipeline", metavar="PIPELINE", help="the pipeline YAML file")
+    sub.add_argument("--out", default=None, help="folder of the jobs' run directories (default: runs/<file name>)")
+    sub.add_argument("--address", default=None, help="join the Ray cluster at this GCS address (HEAD:6379) or "
+                     "ray://HEAD:10001 (default: $RAY_ADDRESS, else a new local cluster)")
+
     _command(commands, "presets", cmd_presets, "list the shipped job presets", debug)
 
     config = commands.add_parser("config", help="show a resolved config or every config key",
@@ -374,15 +401,18 @@ def build_parser() -> Parser:
     sub.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default: 16)")
     sub.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when visible)")
 
-    sub = _command(commands, "submit", jobs_api.cmd_submit, "submit a training job to a Ray cluster", debug,
-                   overrides=True, description="Submit a training job through the Ray Jobs API, with the resolved "
-                   "config and this rlhf_ray package in its runtime environment; prints the job id.")
+    sub = _command(commands, "submit", jobs_api.cmd_submit, "submit a training job or a pipeline to a Ray cluster",
+                   debug, overrides=True, description="Submit a training job (or a pipeline file, run as one job) "
+                   "through the Ray Jobs API, with the resolved config and this rlhf_ray package in its runtime "
+                   "environment; prints the job id.")
     _add_config(sub, "e.g. llama-7b-ppo-vllm")
     _add_address(sub)
     sub.add_argument("--wait", action="store_true", help="follow the job until it ends; exit non-zero unless it "
                      "succeeded (the log tail is printed on failure)")
     sub.add_argument("--no-package", action="store_true", help="do not ship the rlhf_ray package (the cluster "
                      "has it installed)")
+    sub.add_argument("--out", default=None, help="for a pipeline file: the folder of its jobs' run directories "
+                     "on the cluster (default: runs/<file name>)")
 
     for name, handler, text in (("status", jobs_api.cmd_status, "show a job's status"),
                                 ("logs", jobs_api.cmd_logs, "print a job's logs"),

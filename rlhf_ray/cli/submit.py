@@ -247,12 +247,61 @@ def _log_tail(cluster: Cluster, job_id: str, lines: int = LOG_TAIL_LINES) -> str
     return "\n".join(cluster.logs(job_id).rstrip("\n").splitlines()[-lines:])
 
 
+def is_pipeline_file(path: str) -> bool:
+    """Whether `path` is a pipeline file (a YAML mapping with `jobs:`) rather than a job config."""
+    import yaml
+
+    file = Path(path)
+    if file.suffix not in (".yaml", ".yml") or not file.is_file():
+        return False
+    try:
+        data = yaml.safe_load(file.read_text())
+    except yaml.YAMLError:
+        return False
+    return isinstance(data, dict) and "jobs" in data
+
+
+def submit_pipeline(cluster: Cluster, path: str, out: str | None, *, package: bool = True) -> str:
+    """Ship a pipeline file with every job's config resolved to a YAML of its own, and start `run` on the
+    cluster; returns the job id. The pipeline is checked here first, so a bad job fails before any call."""
+    import yaml
+
+    from rlhf_ray.config import dump_yaml, load_config
+    from rlhf_ray.pipeline.runner import load_pipeline
+
+    pipeline = load_pipeline(path, out)
+    out_dir = out or str(Path("runs") / Path(path).stem)
+    if not Path(out_dir).is_absolute():
+        print(f"{PROG}: note: --out {out_dir!r} is relative, so on the cluster it lands in the job's temporary "
+              "working directory; give an absolute path on storage the nodes share", file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="rlhf-ray-submit-") as folder:
+        jobs = {}
+        for name, job in pipeline.jobs.items():
+            config_name = f"{name}.{config_file_name(job.config)}"
+            Path(folder, config_name).write_text(dump_yaml(load_config(job.config)))
+            jobs[name] = {"config": config_name, "overrides": list(job.overrides), "after": list(job.after)}
+        Path(folder, "pipeline.yaml").write_text(yaml.safe_dump(
+            {"jobs": jobs, "fail_fast": pipeline.fail_fast, "share_frozen": pipeline.share_frozen}, sort_keys=False))
+        command = ["python", "-m", "rlhf_ray.cli.main"] if package else [PROG]
+        return cluster.submit(shlex.join([*command, "run", "pipeline.yaml", "--out", out_dir]),
+                              job_runtime_env(folder, package=package),
+                              metadata={"rlhf_ray_pipeline": str(path), "rlhf_ray_output_dir": out_dir})
+
+
 def cmd_submit(args) -> int:
     from rlhf_ray.config import load_config
 
-    cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any cluster call
-    cluster = Cluster(args.address)
-    job_id = submit_config(cluster, args.config, cfg, args.overrides, package=not args.no_package)
+    cluster = None
+    if is_pipeline_file(args.config):
+        if args.overrides:
+            raise SubmitError(f"{args.config} is a pipeline: give each job's overrides in the file, not on the "
+                              "command line")
+        cluster = Cluster(args.address)
+        job_id = submit_pipeline(cluster, args.config, getattr(args, "out", None), package=not args.no_package)
+    else:
+        cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any cluster call
+        cluster = Cluster(args.address)
+        job_id = submit_config(cluster, args.config, cfg, args.overrides, package=not args.no_package)
     print(job_id, flush=True)
     if not args.wait:
         _stderr(f"follow it with: {PROG} logs {job_id} --follow --address {cluster.url}")

@@ -137,6 +137,9 @@ class RewardConfig(RoleConfig):
                                "for reward-model training, the initial weights.",
                                default_factory=lambda: ModelConfig(name_or_path=""))
     rule: str = _help("Import path `module:function` of `fn(prompts, responses) -> list[float]`; empty uses `model`.", default="")
+    share_with: str = _help("Name (`name:`) of an online job running alongside in the same driver whose reward-model "
+                            "group this job borrows instead of creating one: it must hold the same weights. A "
+                            "pipeline sets it where the weights match.", default="")
 
     def __post_init__(self):
         super().__post_init__()

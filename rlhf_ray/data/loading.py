@@ -24,6 +24,7 @@ import csv
 import json
 import re
 import string
+import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -153,6 +154,9 @@ def _read_source(source: str | Path, split: str) -> list[tuple[str, Any]]:
     return [(f"{text} (split {split!r})", _read_hub(text, split))]
 
 
+_DATASETS_LOCK = threading.Lock()
+
+
 def _read_file(path: Path) -> Any:
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
@@ -163,10 +167,11 @@ def _read_file(path: Path) -> Any:
     import datasets
 
     try:
-        if builder == "csv":
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **_csv_as_text(path))
-        else:
-            dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
+        with _DATASETS_LOCK:  # jobs of a pipeline load data from threads; `datasets` is not thread-safe
+            if builder == "csv":
+                dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **_csv_as_text(path))
+            else:
+                dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # datasets wraps parser errors in several types
         why = (_json_problem(path) if builder == "json" else None) or _causes(error)
         raise DataError(f"{path}: could not read it as {builder}: {why}") from error
@@ -197,7 +202,8 @@ def _read_hub(name: str, split: str) -> Any:
     import datasets
 
     try:
-        return datasets.load_dataset(name, split=split)
+        with _DATASETS_LOCK:
+            return datasets.load_dataset(name, split=split)
     except Exception as error:
         raise DataError(
             f"{name}: could not load split {split!r} from the Hugging Face Hub: {_causes(error)}. If you meant "

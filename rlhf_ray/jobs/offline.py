@@ -15,6 +15,7 @@ reference generate the rejected responses to the SFT prompts.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,14 +27,16 @@ from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
+from rlhf_ray.jobs import StopRequested
 from rlhf_ray.jobs.common import prepare_run_dir
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import objective_params, validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray
-from rlhf_ray.telemetry.metrics import MetricsWriter, write_summary
+from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray, node_addresses
+from rlhf_ray.telemetry.metrics import MetricsWriter, utc_now, write_summary
 from rlhf_ray.telemetry.progress import Progress
+from rlhf_ray.telemetry.timeline import Timeline
 from rlhf_ray.telemetry.timers import PhaseTimer
 from rlhf_ray.workers.policy import PolicyWorker
 from rlhf_ray.workers.reference import ReferenceWorker
@@ -92,6 +95,17 @@ REFERENCE_LOGPS = {
 }
 
 
+def role_specs(cfg: JobConfig) -> list[RoleSpec]:
+    """The role groups an offline job creates: the trained model (policy, or the reward-model trainer) and
+    the reference when the objective needs one."""
+    objective = get_offline_objective(cfg.algorithm.name)
+    specs = [RoleSpec.of("policy", PolicyWorker, cfg.policy) if objective.trains == "policy"
+             else RoleSpec.of("reward", RewardTrainerWorker, cfg.reward)]
+    if objective.needs_reference:
+        specs.append(RoleSpec.of("reference", ReferenceWorker, cfg.reference))
+    return specs
+
+
 class OfflineJob:
     """One offline job from config to `summary.json`."""
 
@@ -143,14 +157,8 @@ class OfflineJob:
                               "algorithm.params.offset=<number> to use one offset for every pair")
 
     # roles -----------------------------------------------------------------
-    def _specs(self):
-        cfg = self.cfg
-        trainer = RoleSpec.of("policy", PolicyWorker, cfg.policy) if self.trains_policy else \
-            RoleSpec.of("reward", RewardTrainerWorker, cfg.reward)
-        specs = [trainer]
-        if self.objective.needs_reference:
-            specs.append(RoleSpec.of("reference", ReferenceWorker, cfg.reference))
-        return specs
+    def _specs(self) -> list[RoleSpec]:
+        return role_specs(self.cfg)
 
     def _setup(self, roles: RoleGroups, resume_from: Path | None, stage: int) -> None:
         cfg = self.cfg
@@ -172,8 +180,9 @@ class OfflineJob:
         return "policy" if self.trains_policy else "reward"
 
     # the loop --------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, stop: threading.Event | None = None) -> dict:
         cfg = self.cfg
+        started_at = utc_now()
         resume_from = find_resume_checkpoint(cfg, self.run_dir)
         stages = plan_stages(cfg, len(self.train))
         with RoleGroups(cfg, self._specs()) as roles:
@@ -185,7 +194,12 @@ class OfflineJob:
             else:
                 self._setup(roles, None, 0)
             writer = MetricsWriter(self.run_dir, sinks=cfg.run.sinks, config=cfg, resume_step=state["step"])
-            timer = PhaseTimer()
+            self.timeline = Timeline(self.run_dir, cfg.name)
+            trainer = self.trainer_name
+            busy = {"reference": ["reference"], "precompute_reference": ["reference"], "update": [trainer]}
+            self._step = state["step"]
+            timer = PhaseTimer(on_phase=lambda name, t0, t1: self.timeline.record(
+                name, busy.get(name, ()), t0, t1, self._step))
             progress = Progress(total=cfg.run.total_steps, initial=state["step"], enabled=cfg.run.progress,
                                 desc=f"{cfg.algorithm.name}")
             data = self.train
@@ -205,6 +219,9 @@ class OfflineJob:
                 if resumed_here:
                     sampler.load_state_dict(state["sampler"])
                 for step in range(max(stage.first_step, state["step"] + 1), stage.last_step + 1):
+                    if stop is not None and stop.is_set():
+                        raise StopRequested(f"{cfg.name}: stopped before step {step}")
+                    self._step = step
                     timer.start_step()
                     indices = next(sampler)
                     batch = data.batch(indices)
@@ -218,7 +235,9 @@ class OfflineJob:
                                     "perf/trained_tokens": _padded_tokens(batch)})
                     if step == 1 or (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
                             step == cfg.run.total_steps:
-                        metrics.update(self._evaluate(roles, step))
+                        with self.timeline.interval("eval", [r for r in (trainer, "reference") if r in roles.groups],
+                                                    step):
+                            metrics.update(self._evaluate(roles, step))
                         roles.compute_times()  # evaluation's compute is not the next step's
                     if step == min(state["step"] + 2, cfg.run.total_steps):  # gradients and optimizer state seen
                         metrics.update(roles.memory())
@@ -228,9 +247,12 @@ class OfflineJob:
                     if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.total_steps:
                         self._save(roles, state)
             progress.close()
+            self.timeline.close()
             self._export_final(roles)
-            summary = write_summary(self.run_dir, writer, extra={"algorithm": cfg.algorithm.name,
-                                                                "skipped_rows": self.train.skipped})
+            summary = write_summary(self.run_dir, writer, extra={
+                "algorithm": cfg.algorithm.name, "roles": sorted(roles.groups), "shared_roles": roles.borrowed_from(),
+                "layout": roles.layout(), "nodes": node_addresses(), "skipped_rows": self.train.skipped,
+                "started_at": started_at, "finished_at": utc_now()})
             writer.close()
         return summary
 
@@ -334,11 +356,12 @@ def _peek_state(path: Path) -> dict:
     return read_json(path / "trainer_state.json")
 
 
-def run_offline(cfg: JobConfig, address: str | None = None) -> dict:
-    """Run an offline job on the local Ray cluster (or the one at `address`); returns the summary."""
+def run_offline(cfg: JobConfig, address: str | None = None, stop: threading.Event | None = None) -> dict:
+    """Run an offline job on the local Ray cluster (or the one at `address`); returns the summary.
+    `stop`: see `jobs.run_job`."""
     job = OfflineJob(cfg)
     init_ray(address)
-    return job.run()
+    return job.run(stop)
 
 
 __all__ = ["OfflineJob", "run_offline", "objective_params", "plan_stages"]

@@ -14,6 +14,7 @@ policy loss); the loop below never branches on its name:
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -24,16 +25,18 @@ from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
+from rlhf_ray.jobs import StopRequested
 from rlhf_ray.jobs.common import prepare_run_dir
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
 from rlhf_ray.runtime.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
-from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray
+from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray, node_addresses
 from rlhf_ray.telemetry.hardware import measure_memory_bandwidth
-from rlhf_ray.telemetry.metrics import MetricsWriter, write_summary
+from rlhf_ray.telemetry.metrics import MetricsWriter, utc_now, write_summary
 from rlhf_ray.telemetry.progress import Progress
+from rlhf_ray.telemetry.timeline import Timeline
 from rlhf_ray.telemetry.timers import PhaseTimer
 from rlhf_ray.workers.critic import CriticWorker
 from rlhf_ray.workers.policy import PolicyWorker
@@ -64,6 +67,22 @@ class RunningStd:
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+
+def role_specs(cfg: JobConfig) -> list[RoleSpec]:
+    """The role groups an online job creates: policy, rollout engines and reward, the reference when the KL
+    needs it, the critic when the algorithm learns one."""
+    algorithm = get_online_algorithm(cfg.algorithm.name)
+    r = cfg.rollout
+    specs = [RoleSpec.of("policy", PolicyWorker, cfg.policy),
+             RoleSpec("rollout", engine_worker_class(r.engine), r.num_engines, r.num_cpus_per_engine,
+                      r.num_gpus_per_engine),
+             RoleSpec.of("reward", RewardWorker, cfg.reward)]
+    if algorithm.needs_reference and cfg.algorithm.kl_coef > 0:
+        specs.append(RoleSpec.of("reference", ReferenceWorker, cfg.reference))
+    if algorithm.needs_critic:
+        specs.append(RoleSpec.of("critic", CriticWorker, cfg.critic))
+    return specs
 
 
 class OnlineJob:
@@ -101,18 +120,8 @@ class OnlineJob:
         self.memcpy_rate = measure_memory_bandwidth(nbytes=64 * 2**20, iters=3) / 2
 
     # roles -----------------------------------------------------------------
-    def _specs(self):
-        cfg = self.cfg
-        r = cfg.rollout
-        engine = RoleSpec("rollout", engine_worker_class(r.engine), r.num_engines, r.num_cpus_per_engine,
-                          r.num_gpus_per_engine)
-        specs = [RoleSpec.of("policy", PolicyWorker, cfg.policy), engine,
-                 RoleSpec.of("reward", RewardWorker, cfg.reward)]
-        if self.uses_reference:
-            specs.append(RoleSpec.of("reference", ReferenceWorker, cfg.reference))
-        if self.algorithm.needs_critic:
-            specs.append(RoleSpec.of("critic", CriticWorker, cfg.critic))
-        return specs
+    def _specs(self) -> list[RoleSpec]:
+        return role_specs(self.cfg)
 
     def _setup(self, roles: RoleGroups) -> None:
         cfg = self.cfg
@@ -127,8 +136,9 @@ class OnlineJob:
         calls = [launch("policy", lambda a: a.setup.remote(cfg, init_from=init,
                                                            batch_per_rank=minibatch // len(roles["policy"]),
                                                            total_optimizer_steps=steps)),
-                 launch("rollout", lambda a: a.setup.remote(cfg, init_from=init)),
-                 launch("reward", lambda a: a.setup.remote(cfg, tokenizer_from=init))]
+                 launch("rollout", lambda a: a.setup.remote(cfg, init_from=init))]
+        if roles.owns("reward"):
+            calls.append(launch("reward", lambda a: a.setup.remote(cfg, tokenizer_from=init)))
         if roles.owns("reference"):
             ref_init = cfg.reference.model.name_or_path or init
             calls.append(launch("reference", lambda a: a.setup.remote(cfg, init_from=ref_init)))
@@ -141,6 +151,8 @@ class OnlineJob:
             group.gather(refs)
         if roles.owns("reference"):
             roles.offer("reference")  # a frozen reference other jobs may share
+        if roles.owns("reward") and not cfg.reward.rule:
+            roles.offer("reward")  # and the reward model
         if cfg.rollout.engine == "vllm" and cfg.rollout.weight_transfer == "nccl":
             engines, tp, bucket = roles["rollout"].actors, cfg.rollout.tensor_parallel_size, cfg.rollout.sync_bucket_bytes
             roles["policy"].call(lambda a: a.connect_vllm_engines.remote(engines, tp, bucket))
@@ -149,8 +161,9 @@ class OnlineJob:
         return {name: roles[name] for name in ("policy", "critic") if name in roles.groups}
 
     # the loop --------------------------------------------------------------
-    def run(self) -> dict:
+    def run(self, stop: threading.Event | None = None) -> dict:
         cfg = self.cfg
+        started_at = utc_now()
         resume_from = find_resume_checkpoint(cfg, self.run_dir)
         with RoleGroups(cfg, self._specs()) as roles:
             self._setup(roles)
@@ -166,8 +179,15 @@ class OnlineJob:
             writer = MetricsWriter(self.run_dir, sinks=cfg.run.sinks, config=cfg, resume_step=start)
             progress = Progress(total=cfg.run.total_steps, initial=start, enabled=cfg.run.progress,
                                 desc=cfg.algorithm.name)
-            timer = PhaseTimer()
+            self.timeline = Timeline(self.run_dir, cfg.name)
+            busy = {"generate": ["rollout"], "score": [r for r in ("policy", "reward", "reference", "critic")
+                                                       if r in roles.groups], "sync": ["policy", "rollout"]}
+            timer = PhaseTimer(on_phase=lambda name, t0, t1: self.timeline.record(
+                name, busy.get(name, ()), t0, t1, self._step))
             for step in range(start + 1, cfg.run.total_steps + 1):
+                self._step = step
+                if stop is not None and stop.is_set():
+                    raise StopRequested(f"{cfg.name}: stopped before step {step}")
                 timer.start_step()
                 prompts = self.prompts.batch(next(sampler))
                 with timer.phase("generate"):
@@ -185,7 +205,9 @@ class OnlineJob:
                     metrics.update(roles.memory())
                 if step == 1 or (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
                         step == cfg.run.total_steps:
-                    metrics.update(self.evaluate(roles, step))
+                    with self.timeline.interval("eval", [r for r in ("rollout", "policy", "reward", "reference")
+                                                         if r in roles.groups], step):
+                        metrics.update(self.evaluate(roles, step))
                     roles.compute_times()  # evaluation's compute is not the next step's
                 writer.write(step, metrics)
                 progress.update(step, metrics)
@@ -195,9 +217,12 @@ class OnlineJob:
                     save_checkpoint(self.run_dir, step, self.trainables(roles), state, cfg.run.keep_last,
                                     export={"policy": roles["policy"]})
             progress.close()
+            self.timeline.close()
             roles["policy"].call(lambda a, d=str(self.run_dir / "final"): a.export.remote(d))
-            summary = write_summary(self.run_dir, writer, extra={"algorithm": cfg.algorithm.name,
-                                                                "roles": sorted(roles.groups)})
+            summary = write_summary(self.run_dir, writer, extra={
+                "algorithm": cfg.algorithm.name, "roles": sorted(roles.groups), "shared_roles": roles.borrowed_from(),
+                "layout": roles.layout(), "nodes": node_addresses(), "started_at": started_at,
+                "finished_at": utc_now()})
             writer.close()
         return summary
 
@@ -301,9 +326,11 @@ class OnlineJob:
                     refs["critic"] = (roles["critic"], roles["critic"].scatter(
                         lambda w, s, d=denominator: w.train_values.remote(s, clip, agg, d), mb))
                 merged = {}
+                launched = time.time()
                 for role, (group, pending) in refs.items():
                     with timer.phase(f"update_{role}"):
                         results = group.gather(pending)
+                    self.timeline.record("update", [role], launched, time.time(), step)
                     # Each role's own keys (loss, grad_norm, lr, ...) under its own prefix.
                     merged.update({k if "/" in k else f"{role}/{k}": sum(r[k] for r in results) / len(results)
                                    for k in results[0]})
@@ -359,11 +386,12 @@ class OnlineJob:
         return evaluation.online_eval(self, roles, prompts, step)
 
 
-def run_online(cfg: JobConfig, address: str | None = None) -> dict:
-    """Run an online job on the local Ray cluster (or the one at `address`); returns the summary."""
+def run_online(cfg: JobConfig, address: str | None = None, stop: threading.Event | None = None) -> dict:
+    """Run an online job on the local Ray cluster (or the one at `address`); returns the summary.
+    `stop`: see `jobs.run_job`."""
     job = OnlineJob(cfg)
     init_ray(address)
-    return job.run()
+    return job.run(stop)
 
 
 __all__ = ["OnlineJob", "run_online", "RunningStd"]

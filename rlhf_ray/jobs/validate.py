@@ -138,7 +138,7 @@ def validate_offline(cfg: JobConfig) -> None:
         raise ConfigError(f"run.total_steps {cfg.run.total_steps} is fewer than algorithm.spin_iterations {spin}")
 
 
-def validate_online(cfg: JobConfig) -> None:
+def validate_online(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
     algorithm = get_online_algorithm(cfg.algorithm.name)
     check_fields_read(cfg)
     n = samples_per_prompt(cfg)
@@ -157,7 +157,7 @@ def validate_online(cfg: JobConfig) -> None:
     if not cfg.reward.rule and not cfg.reward.model.name_or_path:
         raise ConfigError("reward: give reward.rule (module:function) or reward.model.name_or_path (a reward model)")
     if cfg.rollout.engine == "vllm":
-        check_vllm_available(cfg)
+        check_vllm_available(cfg, produced)
     optimizer_steps = cfg.run.total_steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches
     _check_schedule(cfg.policy, "policy", optimizer_steps)
     if algorithm.needs_critic:
@@ -172,15 +172,18 @@ def validate_online(cfg: JobConfig) -> None:
         _divisible(minibatch, cfg.critic.num_ranks, cfg.critic.micro_batch_size, "critic minibatch")
 
 
-def check_vllm_available(cfg: JobConfig) -> None:
+def check_vllm_available(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
     """`rollout.engine: vllm`: the build for the engines' device is installed, sampling is one the
-    log-prob check honours, and prompt plus response fit the model's positions."""
+    log-prob check honours, and prompt plus response fit the model's positions (unless the model is
+    one a job before it in a pipeline will write, under one of the `produced` folders)."""
     from rlhf_ray.models.loading import max_positions, read_model_config
     from rlhf_ray.workers.rollout.vllm import check_sampling, check_vllm_runtime
 
     r = cfg.rollout
     check_vllm_runtime(r)
     check_sampling(r)
+    if any(str(cfg.policy.model.name_or_path).startswith(folder.rstrip("/") + "/") for folder in produced):
+        return
     config = read_model_config(cfg.policy.model.name_or_path, trust_remote_code=cfg.policy.model.trust_remote_code)
     limit = max_positions(config) if config is not None else None
     wanted = cfg.data.max_prompt_length + r.max_new_tokens
@@ -190,8 +193,12 @@ def check_vllm_available(cfg: JobConfig) -> None:
                           f"exceeds the {limit} positions of {cfg.policy.model.name_or_path}; shorten one of them")
 
 
-def validate(cfg: JobConfig) -> str:
-    """Run every cross-section check; returns the job kind."""
+def validate(cfg: JobConfig, produced: tuple[str, ...] = ()) -> str:
+    """Run every cross-section check; returns the job kind. `produced`: folders that jobs before this one
+    (in a pipeline) will write, whose models cannot be read yet; they are checked when the job starts."""
     kind = job_kind(cfg)
-    (validate_online if kind == "online" else validate_offline)(cfg)
+    if kind == "online":
+        validate_online(cfg, produced)
+    else:
+        validate_offline(cfg)
     return kind

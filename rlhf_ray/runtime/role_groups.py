@@ -20,6 +20,11 @@ from rlhf_ray.runtime.actor_group import ActorGroup
 from rlhf_ray.runtime.placement import RoleResources, check_fits, create_placement_group, plan_placement
 
 
+def node_addresses() -> dict[str, str]:
+    """Node id -> IP of every live node of the cluster."""
+    return {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes() if n.get("Alive")}
+
+
 def init_ray(address: str | None = None) -> None:
     """Connect to the cluster at `address`, or start a local one bound to 127.0.0.1."""
     if ray.is_initialized():
@@ -49,45 +54,70 @@ class RoleSpec:
 
 
 class SharedGroups:
-    """Groups one job lends to others driven from the same process (`reference.share_with`).
+    """Groups one job lends to others driven from the same process (`reference.share_with`, `reward.share_with`).
 
-    The owner publishes its group once it is set up; a borrower waits for it,
-    uses it, and gives it back; the owner tears it down only after every
-    borrower has given it back."""
+    The owner publishes its group once it is set up; a borrower reserves it
+    (before the owner may finish: a pipeline reserves for every borrower when
+    it starts), waits for it, uses it and gives it back; the owner tears it down
+    only after every borrower has given it back. A key is `<owner job>/<role>`."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._groups: dict[str, ActorGroup] = {}
-        self._users: dict[str, int] = {}
+        self._users: dict[str, set[str]] = {}
+        self._abandoned: set[str] = set()
 
     def publish(self, key: str, group: ActorGroup) -> None:
         with self._cond:
             self._groups[key] = group
-            self._users.setdefault(key, 0)
+            self._users.setdefault(key, set())
             self._cond.notify_all()
 
-    def reserve(self, key: str) -> None:
-        """Announce a borrower before the group is offered, so its owner waits for it before tearing down."""
+    def reserve(self, key: str, borrower: str) -> None:
+        """Announce `borrower` before the group is offered, so its owner waits for it before tearing down
+        (reserving twice is one reservation)."""
         with self._cond:
-            self._users[key] = self._users.get(key, 0) + 1
+            self._users.setdefault(key, set()).add(borrower)
+
+    def abandon(self, job: str) -> None:
+        """Job `job` ended: its borrowers that are still waiting for a group it never offered fail."""
+        with self._cond:
+            self._abandoned.add(job)
+            self._cond.notify_all()
+
+    def forget(self, job: str) -> None:
+        """A new job of this name starts: what an earlier one abandoned no longer counts."""
+        with self._cond:
+            self._abandoned.discard(job)
 
     def wait(self, key: str, timeout_s: float) -> ActorGroup:
         """The reserved group, once its owner has offered it."""
+        job, role = key.split("/")
         with self._cond:
-            if not self._cond.wait_for(lambda: key in self._groups, timeout=timeout_s):
-                job = key.split("/")[0]
-                raise ConfigError(f"reference.share_with: no running job named {job!r} offered its reference "
-                                  f"within {timeout_s:g} s; start that job (name: {job}) alongside this one")
-            return self._groups[key]
+            self._cond.wait_for(lambda: key in self._groups or job in self._abandoned, timeout=timeout_s)
+            if key in self._groups:
+                return self._groups[key]
+            if job in self._abandoned:
+                raise ConfigError(f"{role}.share_with: job {job!r}, whose {role} this job borrows, ended without "
+                                  "offering it (it failed, or did not create one)")
+            raise ConfigError(f"{role}.share_with: no running job named {job!r} offered its {role} "
+                              f"within {timeout_s:g} s; start that job (name: {job}) alongside this one")
 
-    def give_back(self, key: str) -> None:
+    def give_back(self, key: str, borrower: str) -> None:
         with self._cond:
-            self._users[key] -= 1
+            self._users.get(key, set()).discard(borrower)
+            self._cond.notify_all()
+
+    def give_back_all(self, borrower: str) -> None:
+        """Every reservation of `borrower` (a job that ended, or was skipped, before giving them back)."""
+        with self._cond:
+            for users in self._users.values():
+                users.discard(borrower)
             self._cond.notify_all()
 
     def withdraw(self, key: str) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._users.get(key, 0) == 0)
+            self._cond.wait_for(lambda: not self._users.get(key))
             self._groups.pop(key, None)
             self._users.pop(key, None)
 
@@ -95,33 +125,45 @@ class SharedGroups:
 SHARED = SharedGroups()
 
 
+SHAREABLE = ("reference", "reward")
+
+
+def plan_for(cfg: JobConfig, specs: list[RoleSpec]):
+    """The placement plan of the groups a job creates itself: `specs` without the frozen roles it borrows
+    (`<role>.share_with`), colocation sets cut to the roles that remain."""
+    own = [s for s in specs if not (s.name in SHAREABLE and getattr(cfg, s.name).share_with)]
+    names = {s.name for s in own}
+    resources = [RoleResources(s.name, s.num_ranks, s.num_cpus_per_rank, s.num_gpus_per_rank) for s in own]
+    colocate = [tuple(r for r in group if r in names) for group in cfg.placement.colocate]
+    return plan_placement(resources, colocate=[group for group in colocate if len(group) > 1])
+
+
 class RoleGroups:
     """The actor groups of one job, placed together; a context manager that tears them down.
 
-    With `reference.share_with: JOB`, the reference group is borrowed from the
-    job named JOB running alongside (same driver process) instead of created."""
+    With `reference.share_with: JOB` (or `reward.share_with`), that frozen group
+    is borrowed from the job named JOB running alongside (same driver process)
+    instead of created."""
 
     def __init__(self, cfg: JobConfig, specs: list[RoleSpec]):
         self.cfg = cfg
+        self.specs = {s.name: s for s in specs}
         self.borrowed: dict[str, str] = {}
         self.published: dict[str, str] = {}
         self.groups: dict[str, ActorGroup] = {}
         self.placement = None
-        borrow = cfg.reference.share_with and any(s.name == "reference" for s in specs)
-        if borrow:
-            specs = [s for s in specs if s.name != "reference"]
-        resources = [RoleResources(s.name, s.num_ranks, s.num_cpus_per_rank, s.num_gpus_per_rank) for s in specs]
-        colocate = [tuple(r for r in group if r in {s.name for s in specs}) for group in cfg.placement.colocate]
-        colocate = [group for group in colocate if len(group) > 1]
-        plan = plan_placement(resources, colocate=colocate)
+        plan = plan_for(cfg, specs)
         check_fits(plan, ray.available_resources())
-        if borrow:
-            self.borrowed["reference"] = f"{cfg.reference.share_with}/reference"
-            SHARED.reserve(self.borrowed["reference"])
+        for spec in specs:
+            if spec.name in SHAREABLE and getattr(cfg, spec.name).share_with:
+                self.borrowed[spec.name] = f"{getattr(cfg, spec.name).share_with}/{spec.name}"
+                SHARED.reserve(self.borrowed[spec.name], cfg.name)
         try:
             self.placement = create_placement_group(plan, timeout_s=cfg.placement.timeout_s,
                                                     strategy=cfg.placement.strategy)
             for spec in specs:
+                if spec.name in self.borrowed:
+                    continue
                 self.groups[spec.name] = ActorGroup(
                     spec.worker_cls, role=spec.name, num_ranks=spec.num_ranks,
                     num_cpus_per_rank=spec.num_cpus_per_rank, num_gpus_per_rank=spec.num_gpus_per_rank,
@@ -132,12 +174,42 @@ class RoleGroups:
             self.shutdown()
             raise
 
+    def borrowed_from(self) -> dict[str, str]:
+        """{role: the job it is borrowed from} for the frozen groups this job did not create."""
+        return {name: key.split("/")[0] for name, key in self.borrowed.items()}
+
+    def layout(self) -> dict[str, dict]:
+        """Every role group of the job: ranks, CPUs and GPUs per rank, the node id of each rank (for the
+        groups it created), and the job it was borrowed from (`owner`), for `summary.json` and `layout.png`."""
+        nodes: dict[int, str] = {}
+        if self.placement is not None and self.placement.placement_group is not None:
+            from ray.util import placement_group_table
+
+            table = placement_group_table(self.placement.placement_group)
+            nodes = {int(k): v for k, v in (table.get("bundles_to_node_id") or {}).items()}
+        out = {}
+        plan = self.placement.plan if self.placement is not None else None
+        for name, spec in self.specs.items():
+            owner = self.borrowed_from().get(name)
+            slots = plan.slots.get(name, ()) if plan is not None and not owner else ()
+            unit = next((u for u in plan.units if name in u), (name,)) if plan is not None else (name,)
+            # What the rank's actor reserves: its share of a bundle it shares with colocated roles.
+            cpus = slots[0].num_cpus if slots else spec.num_cpus_per_rank
+            gpus = slots[0].num_gpus if slots else spec.num_gpus_per_rank
+            out[name] = {"ranks": spec.num_ranks, "cpus_per_rank": cpus, "gpus_per_rank": gpus, "owner": owner,
+                         "colocated_with": [r for r in unit if r != name],
+                         "bundles": [s.bundle_index for s in slots],
+                         "nodes": [nodes.get(s.bundle_index, "") for s in slots]}
+        return out
+
     def owns(self, name: str) -> bool:
         """Whether this job created (and so sets up) the group `name`."""
         return name in self.groups and name not in self.borrowed
 
     def offer(self, name: str) -> None:
-        """Let jobs alongside borrow group `name` (after it is set up)."""
+        """Let jobs alongside borrow group `name` (after it is set up); a no-op for a borrowed group."""
+        if name in self.borrowed or name not in self.groups:
+            return
         key = f"{self.cfg.name}/{name}"
         SHARED.publish(key, self.groups[name])
         self.published[name] = key
@@ -155,7 +227,7 @@ class RoleGroups:
         """Stop one role early (e.g. the reference after its log-probs are cached); its memory is freed."""
         group = self.groups.pop(name)
         if name in self.borrowed:
-            SHARED.give_back(self.borrowed.pop(name))
+            SHARED.give_back(self.borrowed.pop(name), self.cfg.name)
             return
         if name in self.published:
             SHARED.withdraw(self.published.pop(name))
@@ -165,7 +237,7 @@ class RoleGroups:
         for name in list(self.groups):
             self.release(name)
         for name in list(self.borrowed):  # reserved but never received
-            SHARED.give_back(self.borrowed.pop(name))
+            SHARED.give_back(self.borrowed.pop(name), self.cfg.name)
         if self.placement is not None:
             self.placement.remove()
             self.placement = None

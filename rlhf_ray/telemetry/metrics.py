@@ -20,6 +20,7 @@ import os
 import statistics
 import tempfile
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -138,6 +139,11 @@ def summarise(rows: Iterable[Mapping[str, Any]]) -> dict:
         "median": {k: statistics.median(v) for k, v in series.items() if k.startswith("time/")},
         "max": {k: max(v) for k, v in series.items() if k.startswith("memory/")},
     }
+
+
+def utc_now() -> str:
+    """The current time in ISO 8601, UTC, to the millisecond (`summary.json`'s `started_at` / `finished_at`)."""
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
 def write_summary(run_dir: str | os.PathLike, source: Any = None, extra: Mapping[str, Any] | None = None) -> dict:

@@ -2,20 +2,21 @@
 
 Shown only on an interactive terminal: when the stream is not a TTY, when the
 `CI` or `RLHF_RAY_NO_PROGRESS` environment variable is set, or when the job
-asks for none, no bar is drawn. Off a terminal (logs, CI) a plain log line
-every `log_every` steps takes its place, unless the job turned progress off.
+asks for none, no bar is drawn. Off a terminal (a log file, `submit --wait`,
+CI) a plain line every `log_every` steps takes its place on the same stream:
+the step, a few metrics, the rate and the time left, prefixed with the job's
+label, so a pipeline's jobs each print their own lines. `run.progress: false`
+turns both off.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
-
-logger = logging.getLogger(__name__)
 
 # Shown in this order when present in a step's metrics, at most `max_keys` of them.
 DEFAULT_KEYS = (
@@ -68,6 +69,9 @@ class Progress:
         self.enabled = bool(enabled)
         self.log_every = log_every if log_every is not None else max(1, self.total // 20)
         stream = stream if stream is not None else sys.stderr
+        self._stream = stream
+        self._initial = int(initial)
+        self._started = time.perf_counter()
         self._bar = None
         if self.enabled and _is_interactive(stream):
             from tqdm.auto import tqdm
@@ -86,8 +90,16 @@ class Progress:
             self._bar.update(int(step) - self._bar.n)
             self._bar.set_postfix_str(text, refresh=True)
         elif self.enabled and (step % self.log_every == 0 or step == self.total):
-            label = f"{self.desc} " if self.desc else ""
-            logger.info("%sstep %d/%d %s", label, step, self.total, text)
+            print(self.line(step, text), file=self._stream, flush=True)
+
+    def line(self, step: int, text: str = "") -> str:
+        """`"[ppo] step 12/40 loss=0.61 | 0.52 step/s, 54 s left"`: one plain progress line."""
+        done = int(step) - self._initial
+        elapsed = time.perf_counter() - self._started
+        rate = done / elapsed if done > 0 and elapsed > 0 else 0.0
+        left = f", {(self.total - step) / rate:.0f} s left" if rate > 0 and step < self.total else ""
+        label = f"[{self.desc}] " if self.desc else ""
+        return f"{label}step {step}/{self.total}" + (f" {text}" if text else "") + f" | {rate:.3g} step/s{left}"
 
     def close(self) -> None:
         if self._bar is not None:

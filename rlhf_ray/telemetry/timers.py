@@ -33,10 +33,14 @@ class PhaseTimer:
     Args:
         clock: a monotonic clock in seconds (`time.perf_counter` by default;
             tests pass a fake one).
+        on_phase: called as `on_phase(name, start, end)` with wall-clock
+            (epoch) seconds when each phase ends (the driver's `Timeline`).
     """
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter,
+                 on_phase: Callable[[str, float, float], None] | None = None):
         self._clock = clock
+        self._on_phase = on_phase
         self._totals: dict[str, float] = {}
         self._step_start: float | None = None
         self._open: tuple[str, float] | None = None
@@ -60,6 +64,7 @@ class PhaseTimer:
             raise RuntimeError(f"phase {name!r} entered inside phase {self._open[0]!r}: phases do not nest; "
                                f"end {self._open[0]!r} first or time the outer block only")
         start = self._clock()
+        wall_start = time.time()
         if self._step_start is None:
             self._step_start = start
         self._open = (name, start)
@@ -68,6 +73,8 @@ class PhaseTimer:
         finally:
             self._open = None
             self._totals[name] = self._totals.get(name, 0.0) + (self._clock() - start)
+            if self._on_phase is not None:
+                self._on_phase(name, wall_start, time.time())
 
     @property
     def current_phase(self) -> str | None:
@@ -111,8 +118,10 @@ class ComputeClock:
 
     KINDS = ("generate", "forward", "train")
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter,
+                 on_phase: Callable[[str, float, float], None] | None = None):
         self._clock = clock
+        self._on_phase = on_phase
         self._seconds: dict[str, float] = {}
 
     @contextmanager

@@ -1,0 +1,146 @@
+"""Pipelines: several jobs on one cluster from one driver, checked before anything loads.
+
+The shape checks (names, `after`, `${...}`, cycles, per-job configs, whether
+overlapping jobs fit) run without Ray; two small pipelines then run for real:
+the shipped two-job example, whose jobs overlap in time and share one frozen
+reference, and one with a failing job, whose dependent is skipped while the
+independent job finishes."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+
+from rlhf_ray.config import ConfigError
+from rlhf_ray.pipeline.runner import (
+    check_pipeline_fits,
+    configure,
+    load_pipeline,
+    parse_pipeline,
+    run_pipeline,
+)
+
+QUIET = ["run.progress=false", "data.eval=", "run.eval_every=0", "policy.optim.scheduler=constant",
+         "policy.optim.warmup_steps=0"]
+
+
+def job(config, *overrides, after=()):
+    return {"config": config, "overrides": list(overrides), "after": list(after)}
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"jobs": {}}, r"a non-empty `jobs:` mapping"),
+    ({"jobs": {"a": job("tiny-sft")}, "parallel": True}, r"parallel: unknown key; a pipeline has jobs"),
+    ({"jobs": {"a": {"config": "tiny-sft", "after": [], "steps": 3}}}, r"jobs.a.steps: unknown key"),
+    ({"jobs": {"a": {"overrides": []}}}, r"jobs.a.config: give a shipped preset"),
+    ({"jobs": {"a": job("tiny-sft", after=["b"])}}, r"jobs.a.after: no job named 'b'; jobs: a"),
+    ({"jobs": {"a": job("tiny-sft", after=["b"]), "b": job("tiny-sft", after=["a"])}},
+     r"the jobs wait for each other in a cycle: a -> b -> a"),
+    ({"jobs": {"a": job("tiny-sft"), "b": job("tiny-dpo", "policy.model.name_or_path=${c}/final")}},
+     r"jobs.b.overrides: \$\{c\} names no job"),
+    ({"jobs": {"a": job("tiny-sft"), "b": job("tiny-dpo", "policy.model.name_or_path=${a}/final")}},
+     r"\$\{a\} is 'a''s output, which exists only once 'a' has finished: add 'a' to jobs.b.after"),
+    ({"jobs": {"a b": job("tiny-sft")}}, r"jobs.a b: a job name is letters"),
+])
+def test_bad_pipeline_shapes_fail_in_one_line(data, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        parse_pipeline(data, "p.yaml")
+    assert "\n" not in str(err.value)
+
+
+def test_a_bad_job_config_names_the_job_and_the_key(tmp_path):
+    pipeline = parse_pipeline({"jobs": {"sft": job("tiny-sft"), "dpo": job("tiny-dpo", "algorithm.params.bta=1")}},
+                              "p.yaml", tmp_path)
+    with pytest.raises(ConfigError, match=r"p.yaml: job 'dpo': algorithm.params: dpo has no parameter 'bta'"):
+        configure(pipeline)
+    pipeline = parse_pipeline({"jobs": {"x": job("no-such-preset")}}, "p.yaml", tmp_path)
+    with pytest.raises(ConfigError, match=r"job 'x': .*no-such-preset"):
+        configure(pipeline)
+
+
+def test_dependencies_resolve_to_run_directories_and_frozen_roles_are_shared(tmp_path):
+    pipeline = parse_pipeline({"jobs": {
+        "sft": job("tiny-sft"),
+        "rm": job("tiny-rm", "reward.model.name_or_path=${sft}/final", after=["sft"]),
+        "dpo": job("tiny-dpo", "policy.model.name_or_path=${sft}/final", after=["sft", "rm"]),
+        "ppo": job("tiny-ppo", "policy.model.name_or_path=${sft}/final", "reward.rule=",
+                   "reward.model.name_or_path=${rm}/final", after=["sft", "rm"]),
+        "remax": job("tiny-remax", "policy.model.name_or_path=${sft}/final", "reward.rule=",
+                     "reward.model.name_or_path=${rm}/final", after=["sft", "rm"]),
+        "kl": job("tiny-kl-sft", "algorithm.precompute_reference=true"),  # frees its reference: never shared
+    }}, "p.yaml", tmp_path)
+    configure(pipeline)
+    cfgs = pipeline.configs
+    assert cfgs["dpo"].policy.model.name_or_path == str(tmp_path / "sft" / "final")
+    assert cfgs["dpo"].run.output_dir == str(tmp_path / "dpo") and cfgs["dpo"].name == "dpo"
+    # DPO, PPO and ReMax start from the SFT weights and run together: one reference (DPO's), one reward
+    # model (PPO's). The reward model's trainer in `rm` is a trained role, never shared.
+    assert cfgs["dpo"].reference.share_with == ""
+    assert cfgs["ppo"].reference.share_with == "dpo" and cfgs["remax"].reference.share_with == "dpo"
+    assert cfgs["ppo"].reward.share_with == "" and cfgs["remax"].reward.share_with == "ppo"
+    assert cfgs["rm"].reward.share_with == "" and cfgs["kl"].reference.share_with == ""
+    assert not pipeline.may_overlap("sft", "dpo") and pipeline.may_overlap("dpo", "remax")
+    off = parse_pipeline({"jobs": {"a": job("tiny-dpo"), "b": job("tiny-ipo")}, "share_frozen": False},
+                         "p.yaml", tmp_path)
+    configure(off)
+    assert off.configs["b"].reference.share_with == ""
+
+
+def test_jobs_that_may_overlap_must_fit_together(tmp_path):
+    pipeline = parse_pipeline({"jobs": {
+        "a": job("tiny-sft"), "b": job("tiny-sft"), "c": job("tiny-sft", after=["a", "b"])}}, "p.yaml", tmp_path)
+    configure(pipeline)
+    check_pipeline_fits(pipeline, {"CPU": 4.0})  # a and b take 2 CPUs each; c runs after both
+    with pytest.raises(ConfigError, match=r"a \+ b may run at the same time and ask for 4 CPUs \(a: 2, b: 2\); "
+                                          r"the cluster has 3, 1 short"):
+        check_pipeline_fits(pipeline, {"CPU": 3.0})
+
+
+def _interval(summary):
+    return datetime.fromisoformat(summary["started_at"]), datetime.fromisoformat(summary["finished_at"])
+
+
+def test_shipped_example_runs_both_jobs_at_once_sharing_the_reference(ray_cluster, tmp_path):
+    pipeline = load_pipeline("tiny-alongside", tmp_path)
+    outcomes = run_pipeline(pipeline, on_event=lambda line: None)
+    assert {name: o.status for name, o in outcomes.items()} == {"dpo": "finished", "grpo": "finished"}
+    dpo, grpo = (json.loads((tmp_path / name / "summary.json").read_text()) for name in ("dpo", "grpo"))
+    (a0, a1), (b0, b1) = _interval(dpo), _interval(grpo)
+    assert a0 < b1 and b0 < a1  # the two jobs overlapped in time
+    assert grpo["shared_roles"] == {"reference": "dpo"} and grpo["layout"]["reference"]["owner"] == "dpo"
+    assert dpo["layout"]["reference"]["owner"] is None and len(dpo["layout"]["reference"]["nodes"]) == 1
+    for name in ("dpo", "grpo"):
+        phases = {json.loads(line)["phase"] for line in (tmp_path / name / "timeline.jsonl").read_text().splitlines()}
+        assert {"update"} <= phases
+    report = json.loads((tmp_path / "pipeline.json").read_text())
+    assert report["failed"] == [] and report["jobs"]["grpo"]["shares"] == {"reference": "dpo"}
+
+    from rlhf_ray.reports.pipeline_report import write_pipeline_report
+
+    paths = write_pipeline_report(tmp_path, {"dpo": tmp_path / "dpo", "grpo": tmp_path / "grpo"})
+    assert paths["layout"].stat().st_size > 10_000 and paths["timeline"].stat().st_size > 10_000
+    cost = paths["cost"].read_text()
+    assert "| dpo | reference |" in cost and "dpo, grpo" in cost  # the shared group is costed once, to its owner
+    assert "| grpo | reference |" not in cost
+
+
+def test_a_failed_job_skips_its_dependents_and_the_others_finish(ray_cluster, tmp_path):
+    from rlhf_ray.cli.main import main
+
+    missing = tmp_path / "nowhere.jsonl"
+    spec = {"jobs": {
+        "bad": job("tiny-sft", f"data.train={missing}", "run.total_steps=2", *QUIET),
+        "after_bad": job("tiny-dpo", "policy.model.name_or_path=${bad}/final", "run.total_steps=2", *QUIET,
+                         after=["bad"]),
+        "good": job("tiny-sft", "run.total_steps=2", "run.batch_size=8", *QUIET),
+    }}
+    path = tmp_path / "p.yaml"
+    path.write_text(json.dumps(spec))  # JSON is YAML
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) != 0
+    report = json.loads((tmp_path / "out" / "pipeline.json").read_text())
+    status = {name: row["status"] for name, row in report["jobs"].items()}
+    assert status == {"bad": "failed", "after_bad": "skipped", "good": "finished"}
+    assert sorted(report["failed"]) == ["after_bad", "bad"]
+    assert str(missing) in report["jobs"]["bad"]["error"]
