@@ -28,6 +28,7 @@ from typing import Any
 
 from rlhf_ray.cli import submit as jobs_api
 from rlhf_ray.cli.errors import EXIT_USAGE, PROG, CLIError, report
+from rlhf_ray.runtime.auth import use_auth_token
 
 
 class Parser(argparse.ArgumentParser):
@@ -49,6 +50,7 @@ def cmd_train(args) -> int:
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         jobs_api.check_cluster_address(address)
+        use_auth_token()  # before Ray is imported
     from rlhf_ray.jobs import run_job
 
     summary = run_job(cfg, address)
@@ -57,12 +59,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from rlhf_ray.pipeline.runner import load_pipeline, pipeline_table, run_pipeline
-
-    pipeline = load_pipeline(args.pipeline, args.out)  # every job's config is checked before anything loads
     address = args.address or os.environ.get("RAY_ADDRESS") or None
     if address:
         jobs_api.check_cluster_address(address)
+        use_auth_token()  # before Ray is imported
+    from rlhf_ray.pipeline.runner import load_pipeline, pipeline_table, run_pipeline
+
+    pipeline = load_pipeline(args.pipeline, args.out)  # every job's config is checked before anything loads
     outcomes = run_pipeline(pipeline, address)
     print(f"\npipeline {args.pipeline} -> {pipeline.out}")
     print(pipeline_table(outcomes))

@@ -98,6 +98,9 @@ class Cluster:
     """A connection to one cluster's Jobs API; every call fails as a `SubmitError`."""
 
     def __init__(self, address: str | None):
+        from rlhf_ray.runtime.auth import use_auth_token
+
+        use_auth_token()  # before Ray is imported: it reads the mode then
         from ray.exceptions import AuthenticationError
         from ray.job_submission import JobSubmissionClient
 

@@ -196,7 +196,8 @@ class OfflineJob:
             writer = MetricsWriter(self.run_dir, sinks=cfg.run.sinks, config=cfg, resume_step=state["step"])
             self.timeline = Timeline(self.run_dir, cfg.name)
             trainer = self.trainer_name
-            busy = {"reference": ["reference"], "precompute_reference": ["reference"], "update": [trainer]}
+            reference = [r for r in ("reference",) if r in roles.groups]
+            busy = {"reference": reference, "precompute_reference": reference, "update": [trainer]}
             self._step = state["step"]
             timer = PhaseTimer(on_phase=lambda name, t0, t1: self.timeline.record(
                 name, busy.get(name, ()), t0, t1, self._step))

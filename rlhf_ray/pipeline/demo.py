@@ -1,15 +1,19 @@
-"""`rlhf-ray demo`: the whole pipeline on the shipped tiny default, on a CPU, in minutes.
+"""`rlhf-ray demo`: the mission's shape on the shipped tiny default, on a CPU, in minutes.
 
     synthetic task -> SFT -> reward model (from the SFT weights, InstructGPT)
-                   -> DPO (from SFT)
-                   -> PPO (policy from SFT, critic from the reward model)
-                   -> ReMax (policy from SFT, no critic)
+                   -> at the same time, on one cluster:
+                      DPO   (from SFT)
+                      PPO   (policy from SFT, critic from the reward model)
+                      ReMax (policy from SFT, no critic)
+                      sharing one frozen reference group and one reward-model group
     -> report.md: alignment accuracy of each, reward curves, the four-model
        layout of PPO against the three of ReMax with every role's memory,
-       and per-phase time.
+       per-phase time, and what each role cost; layout.png, timeline.png.
 
-Each stage writes its own run directory under the demo folder; the demo
-clears those directories first, so it runs twice in a row without clean-up.
+The demo is a pipeline (`pipeline/runner.py`): each job writes its own run
+directory under the demo folder; the demo clears those directories first, so
+it runs twice in a row without clean-up. `run_stages` runs a list of jobs one
+after another (the benchmarks use it).
 """
 
 from __future__ import annotations
@@ -53,8 +57,8 @@ def demo_stages(out: Path, scale: float = 1.0) -> list[DemoStage]:
         DemoStage("sft", "tiny-sft", common + [f"run.total_steps={steps(150)}"] + _schedule("policy", steps(150), 10)),
         DemoStage("rm", "tiny-rm", common + [f"reward.model.name_or_path={sft}", f"run.total_steps={steps(100)}"]
                   + _schedule("reward", steps(100), 5)),
-        DemoStage("dpo", "tiny-dpo", common + from_sft + [f"run.total_steps={steps(60)}"]
-                  + _schedule("policy", steps(60), 5)),
+        DemoStage("dpo", "tiny-dpo", common + from_sft + [f"run.total_steps={steps(120)}"]
+                  + _schedule("policy", steps(120), 5)),
         DemoStage("ppo", "tiny-ppo", common + from_sft + reward_model + [f"run.total_steps={steps(30)}",
                                                                          "critic.init_from=reward"]),
         DemoStage("remax", "tiny-remax", common + from_sft + reward_model + [f"run.total_steps={steps(30)}"]),
@@ -76,8 +80,64 @@ def run_stages(out: Path, stages: list[DemoStage], address: str | None = None) -
     return stages
 
 
+def demo_pipeline(out: Path, scale: float = 1.0) -> dict:
+    """The demo as a pipeline file's contents: SFT, then the reward model, then DPO, PPO and ReMax together.
+
+    The three last jobs share the two cores of a laptop: every role reserves 0.6 CPU (one torch thread), so
+    the three placement groups fit side by side, and the frozen reference and reward groups are set up once
+    (by DPO and PPO) and borrowed by the others."""
+    jobs = {}
+    for stage in demo_stages(out, scale):
+        overrides = [o.replace(str(out / "sft"), "${sft}").replace(str(out / "rm"), "${rm}") for o in stage.overrides]
+        after = {"sft": [], "rm": ["sft"]}.get(stage.name, ["sft", "rm"])
+        if after == ["sft", "rm"]:
+            overrides += [f"{role}.num_cpus_per_rank=0.6" for role in ("policy", "reference", "reward", "critic")]
+            # Checkpoints along the run (about five each) are the frontier's points.
+            steps = int(next(o for o in overrides if o.startswith("run.total_steps=")).split("=")[1])
+            overrides += ["rollout.num_cpus_per_engine=0.6", f"run.save_every={max(1, steps // 5)}",
+                          "run.keep_last=10"]
+        jobs[stage.name] = {"config": stage.preset, "overrides": overrides, "after": after}
+    return {"jobs": jobs}
+
+
+def write_frontier(out: Path) -> Path:
+    """`frontier.json` and `frontier.png`: reward against KL along the DPO, PPO and ReMax runs."""
+    import json
+
+    from rlhf_ray.evaluation.frontier import draw_frontier, frontier, reward_at_kl
+
+    points = frontier({name: out / name for name in ("dpo", "ppo", "remax")}, sft=out / "sft" / "final",
+                      reward_model=out / "rm" / "final", prompts_source="synthetic:prompts_eval",
+                      data_dir=out / "frontier_data", limit=64)
+    finals = [max((p for p in points if p["method"] == m), key=lambda p: p["step"])["kl"]
+              for m in ("dpo", "ppo", "remax") if any(p["method"] == m for p in points)]
+    matched = round(0.8 * min(finals), 1) if finals else None  # a KL every method passed
+    (out / "frontier.json").write_text(json.dumps({"points": points, "matched_kl": matched,
+                                                   "reward_at_matched_kl": reward_at_kl(points, matched)
+                                                   if matched else {}}, indent=2))
+    return draw_frontier(points, out / "frontier.png", matched)
+
+
 def run_demo(out_dir: str | Path = "runs/demo", *, scale: float = 1.0, address: str | None = None) -> Path:
-    """Run every stage and write `report.md`; returns its path."""
+    """Run the demo pipeline and write `report.md`, `layout.png`, `timeline.png`; returns the report's path."""
+    from rlhf_ray.pipeline.runner import configure, parse_pipeline, pipeline_table, run_pipeline
+    from rlhf_ray.reports.pipeline_report import write_pipeline_report
+
     out = Path(out_dir).expanduser().resolve()
-    stages = run_stages(out, demo_stages(out, scale), address)
-    return write_report(out, [(s.name, out / s.name, s.seconds) for s in stages])
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("sft", "rm", "dpo", "ppo", "remax"):
+        if (out / name).exists():
+            shutil.rmtree(out / name)
+    pipeline = parse_pipeline(demo_pipeline(out, scale), "demo", out)
+    configure(pipeline)
+    outcomes = run_pipeline(pipeline, address)
+    print(pipeline_table(outcomes), flush=True)
+    failed = [name for name, o in outcomes.items() if o.status != "finished"]
+    if failed:
+        raise RuntimeError(f"demo jobs did not finish: {', '.join(failed)} (see {out / 'pipeline.json'})")
+    run_dirs = {name: out / name for name in pipeline.jobs}
+    pictures = write_pipeline_report(out, run_dirs)
+    pictures["frontier"] = write_frontier(out)
+    wall = max(o.finished for o in outcomes.values()) - min(o.started for o in outcomes.values())
+    return write_report(out, [(name, out / name, o.finished - o.started) for name, o in outcomes.items()],
+                        pictures=pictures, wall_s=wall)

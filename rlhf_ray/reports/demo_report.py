@@ -88,6 +88,29 @@ def _alignment_section(runs: dict[str, list[dict]], seconds: dict[str, float]) -
     return lines
 
 
+def _frontier_section(out: Path, picture: Path) -> list[str]:
+    """Reward against KL along each run, and each method's reward at one matched KL."""
+    import json
+
+    data = json.loads((out / "frontier.json").read_text())
+    points, matched = data["points"], data.get("matched_kl")
+    lines = ["## Reward against KL: what each method buys per nat", "",
+             "Every method reaches 100% alignment, which ranks nothing; RLHF methods are compared by the reward "
+             "they reach for how far they move from the reference. Each point is a checkpoint along a run, "
+             "scored on the same 64 held-out prompts with one sampled response each: the reward model's "
+             "score, the KL to the SFT model, and the responses' NLL under the SFT model (coherence).", "",
+             f"![frontier]({picture.name})", "",
+             f"| method | final KL (nats) | final reward | SFT NLL per token | reward at KL {matched} |",
+             "|---|---|---|---|---|"]
+    at = data.get("reward_at_matched_kl") or {}
+    for method in dict.fromkeys(p["method"] for p in points):
+        last = max((p for p in points if p["method"] == method), key=lambda p: p["step"])
+        value = at.get(method)
+        lines.append(f"| {method.upper()} | {last['kl']:.1f} | {last['reward']:.2f} | {last['sft_nll']:.2f} | "
+                     f"{'–' if value is None else f'{value:.2f}'} |")
+    return lines + [""]
+
+
 def _layout_section(runs: dict[str, list[dict]]) -> list[str]:
     lines = ["## The four-model layout and what it costs", "",
              "PPO keeps four models (policy, critic, frozen reference, frozen reward model) plus the rollout "
@@ -136,19 +159,35 @@ def _time_section(runs: dict[str, list[dict]]) -> list[str]:
     return lines
 
 
-def write_report(out: Path, stages: list[tuple[str, Path, float]]) -> Path:
-    """Write `out/report.md` (and `out/rewards.png`) from the stages' run directories."""
+def write_report(out: Path, stages: list[tuple[str, Path, float]], pictures: dict[str, Path] | None = None,
+                 wall_s: float | None = None) -> Path:
+    """Write `out/report.md` (and `out/rewards.png`) from the stages' run directories; `pictures` are the
+    pipeline report's `layout`, `timeline` and `cost` files, shown when given."""
     runs = {name: read_metrics(run_dir) for name, run_dir, _ in stages}
     seconds = {name: s for name, _, s in stages}
     plot = plot_curves(runs, out / "rewards.png")
     hw = hardware_info()
+    wall = sum(seconds.values()) if wall_s is None else wall_s
     lines = ["# rlhf-ray demo report", "",
              f"Machine: {hw.get('cpu_model', 'CPU')}, {hw.get('cpu_logical_cores', '?')} cores; no GPU used. "
-             f"Total wall time {sum(seconds.values()) / 60:.1f} min for {len(stages)} jobs.", "",
+             f"Total wall time {wall / 60:.1f} min for {len(stages)} jobs.", "",
              "Pipeline: synthetic 'mention Penn' task -> SFT (30% of demonstrations mention the target) -> reward "
-             "model on preference pairs -> DPO, PPO and ReMax from the SFT model.", ""]
+             "model on preference pairs -> DPO, PPO and ReMax from the SFT model, the three at the same time on "
+             "one Ray cluster.", ""]
     lines += _alignment_section(runs, seconds) + [""]
     lines += ["## Reward curves", "", f"![reward curves]({plot.name})", ""]
+    if pictures:
+        lines += ["## The cluster: who ran where, and when", "",
+                  "Each job is a placement group of role groups; the frozen reference and reward groups are "
+                  "set up once and borrowed by the jobs alongside.", "", f"![layout]({pictures['layout'].name})", "",
+                  "Busy intervals of every role over wall time: the three last jobs overlap, and the gaps are "
+                  "reserved time a role waits.", "", f"![timeline]({pictures['timeline'].name})", ""]
+        if "frontier" in pictures:
+            lines += _frontier_section(out, pictures["frontier"])
+        cost = Path(pictures["cost"]).read_text().splitlines()[2:]
+        lines += ["## What each role cost", "",
+                  "Reserved core-seconds (CPUs x the job's wall time), the share of that time the role was busy, "
+                  "the bytes each rank holds and the peak RSS of its process.", ""] + cost + [""]
     lines += _layout_section(runs) + [""]
     lines += _time_section(runs) + [""]
     lines += ["Run directories: " + ", ".join(f"`{name}/`" for name, _, _ in stages) +

@@ -107,8 +107,8 @@ def _node_names(records: dict[str, dict]) -> dict[str, str]:
         ips = rec["summary"].get("nodes") or {}
         for spec in (rec["summary"].get("layout") or {}).values():
             for node in spec.get("nodes") or []:
-                if node not in names:
-                    names[node] = f"node {len(names) + 1} ({ips.get(node, node[:8])})"
+                if node and node not in names:
+                    names[node] = f"node {len(names) + 1} ({ips.get(node, '?')}, id {node[:6]})"
     return names
 
 
@@ -134,7 +134,7 @@ def draw_layout(records: dict[str, dict], path: Path) -> Path:
     ax.set_ylim(-1.9, top + 0.5)
     ax.axis("off")
     # The node(s): one frame around every job; with several nodes each role box takes its node's colour.
-    label = " | ".join(nodes.values()) if nodes else "one node"
+    label = "   ".join(nodes.values()) if nodes else "one node"
     ax.add_patch(FancyBboxPatch((0.08, -0.05), width - 0.16, top + 0.3, boxstyle="round,pad=0.02", fc="none",
                                 ec="#999999", lw=1.0, ls=":"))
     ax.text(0.2, top + 0.05, f"Ray cluster: {label}", fontsize=9, color="#555555")
@@ -152,7 +152,7 @@ def draw_layout(records: dict[str, dict], path: Path) -> Path:
         y_top = top - 0.25
         ax.add_patch(FancyBboxPatch((x0, y_top - box_h), col_w - 0.35, box_h, boxstyle="round,pad=0.02",
                                     fc="white", ec="#333333", lw=1.4))
-        reserve = f"{cpus:g} CPU" + (f", {gpus:g} GPU" if gpus else "")
+        reserve = f"{cpus:.3g} CPU" + (f", {gpus:.3g} GPU" if gpus else "")
         ax.text(x0 + 0.1, y_top - 0.32, f"{job}  ({summary.get('algorithm', '')})", fontsize=11, weight="bold")
         ax.text(x0 + 0.1, y_top - 0.62, f"placement group: {reserve}", fontsize=8.5, color="#444444")
         for j, role in enumerate(roles):
@@ -172,21 +172,31 @@ def draw_layout(records: dict[str, dict], path: Path) -> Path:
                 links.append((job, role, owner))
                 continue
             held = records[job]["memory"].get(role, {}).get("held_bytes")
-            per_rank = f"{spec['cpus_per_rank']:g} CPU" + (f" {spec['gpus_per_rank']:g} GPU"
-                                                            if spec["gpus_per_rank"] else "")
+            per_rank = f"{spec['cpus_per_rank']:.3g} CPU" + (f" {spec['gpus_per_rank']:.3g} GPU"
+                                                              if spec["gpus_per_rank"] else "")
             what = f"held {mib(held)} MiB" if held else "a rule: no weights"
             ax.text(x0 + 0.2, y + 0.45, f"{role}  x{spec['ranks']}", fontsize=10, weight="bold")
             ax.text(x0 + 0.2, y + 0.15, f"{per_rank} per rank · {what}", fontsize=8)
+            if len(nodes) > 1:  # one chip per rank, in its node's colour
+                for r, rank_node in enumerate(spec.get("nodes") or []):
+                    cx = x0 + 1.55 + r * 0.42
+                    ax.add_patch(FancyBboxPatch((cx, y + 0.38), 0.36, 0.2, boxstyle="round,pad=0.01",
+                                                fc=node_colour.get(rank_node, "#f2f2f2"), ec="#555555", lw=0.6))
+                    short = nodes.get(rank_node, "?").split(" (")[0].replace("node ", "n")
+                    ax.text(cx + 0.18, y + 0.48, f"r{r}:{short}", fontsize=6.5, ha="center", va="center")
             users = [j2 for j2 in jobs if (records[j2]["summary"].get("layout") or {}).get(role, {})
                      .get("owner") == job]
             if users:
                 ax.text(x0 + col_w - 0.55, y + 0.45, f"shared with {', '.join(users)}", fontsize=7.5,
                         ha="right", color="#b03060", style="italic")
-        shared_bundle = [r for r in own if layout[r].get("colocated_with")]
-        if shared_bundle:
-            ax.text(x0 + 0.1, y_top - box_h - 0.3, textwrap.fill(f"one bundle per rank shared by "
-                                                                 f"{', '.join(shared_bundle)}", 48),
-                    fontsize=7.5, color="#555555", va="top")
+        units = []
+        for r in own:
+            unit = tuple(sorted([r, *layout[r].get("colocated_with", [])], key=_role_order(layout).index))
+            if len(unit) > 1 and unit not in units:
+                units.append(unit)
+        if units:
+            text = "colocated (one bundle per rank): " + "; ".join(" + ".join(u) for u in units)
+            ax.text(x0 + 0.1, y_top - box_h - 0.3, textwrap.fill(text, 52), fontsize=7.5, color="#555555", va="top")
     for job, role, owner in links:
         if (owner, role) in anchors:
             (x1, y1), (x2, y2) = anchors[(owner, role)], anchors[(job, role)]

@@ -17,6 +17,7 @@ import ray
 
 from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
 from rlhf_ray.runtime.actor_group import ActorGroup
+from rlhf_ray.runtime.auth import use_auth_token
 from rlhf_ray.runtime.placement import RoleResources, check_fits, create_placement_group, plan_placement
 
 
@@ -26,11 +27,13 @@ def node_addresses() -> dict[str, str]:
 
 
 def init_ray(address: str | None = None) -> None:
-    """Connect to the cluster at `address`, or start a local one bound to 127.0.0.1."""
+    """Connect to the cluster at `address` (with its token when it has one), or start a local one bound to
+    127.0.0.1."""
     if ray.is_initialized():
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}}
     if address:
+        use_auth_token()
         ray.init(address=address, runtime_env=env, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False, runtime_env=env,

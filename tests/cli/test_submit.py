@@ -12,12 +12,6 @@ which takes minutes on a busy two-core machine, so it is marked slow.
 """
 
 import json
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -38,16 +32,9 @@ from rlhf_ray.cli.submit import (
 )
 
 from cli_helpers import run
+from ray_nodes import START_LIMIT_S, free_port, node_env, start_node, stop_node, wait_until
 
-VENV_BIN = Path(sys.executable).parent
-HEAD_START_LIMIT_S = 600  # a guard against a hung start, not a timing assertion
-
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+HEAD_START_LIMIT_S = START_LIMIT_S
 
 
 # without a cluster ----------------------------------------------------------------
@@ -106,51 +93,11 @@ class Head:
     temp_dir: Path
 
 
-def _pids_naming(text: str) -> list[int]:
-    """Processes whose command line contains `text` (this head's own temp dir)."""
-    needle = text.encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
-
-
-def _stop_head(proc: subprocess.Popen, temp_dir: Path) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)  # `ray start --block` drains, then stops the processes it started
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session)
-            proc.wait()
-    for pid in _pids_naming(str(temp_dir)):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _wait_until_serving(proc: subprocess.Popen, url: str, log: Path) -> None:
+def _wait_until_serving(proc, url: str, log: Path) -> None:
     import requests
 
-    deadline = time.monotonic() + HEAD_START_LIMIT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if requests.get(f"{url}/api/version", timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(1)
-    pytest.fail(f"the Ray head did not serve {url} within {HEAD_START_LIMIT_S} s:\n{log.read_text()[-3000:]}")
+    wait_until(lambda: requests.get(f"{url}/api/version", timeout=5).status_code == 200, proc, log,
+               f"the Ray head's dashboard at {url}")
 
 
 @pytest.fixture(scope="module")
@@ -160,27 +107,20 @@ def ray_head(tmp_path_factory):
     log = tmp_path_factory.mktemp("head") / "ray-start.log"
     port = {name: free_port() for name in ("gcs", "dashboard", "client", "agent", "agent_grpc", "runtime_env",
                                            "metrics")}
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           # a throw-away head on 127.0.0.1: no token, so the test needs none of the user's
-           "RAY_AUTH_MODE": "disabled"}
-    for key in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        env.pop(key, None)
-    command = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-               f"--port={port['gcs']}", "--dashboard-host=127.0.0.1", f"--dashboard-port={port['dashboard']}",
-               f"--ray-client-server-port={port['client']}", f"--dashboard-agent-listen-port={port['agent']}",
-               f"--dashboard-agent-grpc-port={port['agent_grpc']}", f"--runtime-env-agent-port={port['runtime_env']}",
-               f"--metrics-export-port={port['metrics']}", "--num-cpus=4", "--include-dashboard=true",
-               "--disable-usage-stats", f"--temp-dir={temp_dir}"]
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, cwd=temp_dir,
-                                start_new_session=True)
+    # a throw-away head on 127.0.0.1: no token, so the test needs none of the user's
+    env = node_env(RAY_AUTH_MODE="disabled")
+    proc = start_node(["--head", "--node-ip-address=127.0.0.1", f"--port={port['gcs']}", "--dashboard-host=127.0.0.1",
+                       f"--dashboard-port={port['dashboard']}", f"--ray-client-server-port={port['client']}",
+                       f"--dashboard-agent-listen-port={port['agent']}",
+                       f"--dashboard-agent-grpc-port={port['agent_grpc']}",
+                       f"--runtime-env-agent-port={port['runtime_env']}", f"--metrics-export-port={port['metrics']}",
+                       "--num-cpus=4", "--include-dashboard=true"], env, temp_dir, log)
     url = f"http://127.0.0.1:{port['dashboard']}"
     try:
         _wait_until_serving(proc, url, log)
         yield Head(url=url, temp_dir=temp_dir)
     finally:
-        _stop_head(proc, temp_dir)
+        stop_node(proc, temp_dir)
 
 
 def _wait_for(cluster: Cluster, job_id: str, wanted: str) -> str:

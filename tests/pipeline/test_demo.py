@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rlhf_ray.cli.main import main
@@ -19,6 +21,13 @@ def test_demo_writes_every_report_section_and_runs_twice(ray_cluster, tmp_path):
     for stage in ("SFT", "DPO", "PPO", "REMAX"):
         assert f"| {stage} |" in report
     assert "| critic |" in report and "not created" in report  # ReMax has no critic
+    assert "## The cluster: who ran where, and when" in report and "## What each role cost" in report
+    assert "## Reward against KL: what each method buys per nat" in report
+    summaries = {name: json.loads((tmp_path / name / "summary.json").read_text()) for name in ("dpo", "ppo", "remax")}
+    assert summaries["ppo"]["shared_roles"] == {"reference": "dpo"}
+    assert summaries["remax"]["shared_roles"] == {"reference": "dpo", "reward": "ppo"}
+    for picture in ("layout.png", "timeline.png", "frontier.png"):
+        assert (tmp_path / picture).stat().st_size > 10_000
     assert "ReMax holds" in report
     assert (tmp_path / "rewards.png").stat().st_size > 10_000
     for stage in ("sft", "rm", "dpo", "ppo", "remax"):

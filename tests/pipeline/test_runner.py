@@ -144,3 +144,17 @@ def test_a_failed_job_skips_its_dependents_and_the_others_finish(ray_cluster, tm
     assert status == {"bad": "failed", "after_bad": "skipped", "good": "finished"}
     assert sorted(report["failed"]) == ["after_bad", "bad"]
     assert str(missing) in report["jobs"]["bad"]["error"]
+
+
+def test_reward_at_matched_kl_interpolates_along_each_run():
+    from rlhf_ray.evaluation.frontier import reward_at_kl
+
+    points = [{"method": "sft", "step": 0, "kl": 0.0, "reward": -10.0},
+              {"method": "ppo", "step": 10, "kl": 4.0, "reward": -2.0},
+              {"method": "ppo", "step": 20, "kl": 8.0, "reward": 2.0},
+              {"method": "dpo", "step": 10, "kl": 20.0, "reward": 1.0},
+              {"method": "remax", "step": 10, "kl": 1.0, "reward": -5.0}]
+    at = reward_at_kl(points, 6.0)
+    assert at["ppo"] == pytest.approx(0.0)  # halfway between (4, -2) and (8, 2)
+    assert at["dpo"] == pytest.approx(-10.0 + 0.3 * 11.0)  # on the way from the SFT start to its first point
+    assert at["remax"] is None  # never got that far
