@@ -211,3 +211,33 @@ def test_submit_tiny_sft_end_to_end(ray_head, tmp_path, capsys):
     assert (run_dir / "checkpoints" / "step_2" / "trainer_state.json").is_file()
     logs = run(["logs", job_id, "--address", url], capsys)[1]
     assert f"run directory: {run_dir}" in logs and "train/loss" in logs
+
+
+def test_a_pipeline_is_submitted_as_one_run_job_with_each_config_shipped(tmp_path):
+    import yaml
+
+    from rlhf_ray.cli.submit import is_pipeline_file, submit_pipeline
+
+    pipeline = tmp_path / "two.yaml"
+    pipeline.write_text("jobs:\n  sft: {config: tiny-sft, overrides: [run.total_steps=20]}\n"
+                        "  dpo: {config: tiny-dpo, after: [sft], overrides: ['policy.model.name_or_path=${sft}/final']}\n")
+    assert is_pipeline_file(str(pipeline)) and not is_pipeline_file("tiny-sft")
+
+    class Recorder:  # stands in for the Jobs API client: records what would be submitted
+        def submit(self, entrypoint, runtime_env, metadata):
+            folder = Path(runtime_env["working_dir"])
+            self.files = {p.name: p.read_text() for p in folder.iterdir()}
+            self.entrypoint, self.metadata = entrypoint, metadata
+            return "raysubmit_1"
+
+    cluster = Recorder()
+    assert submit_pipeline(cluster, str(pipeline), "/shared/runs/two") == "raysubmit_1"
+    assert cluster.entrypoint == "python -m rlhf_ray.cli.main run pipeline.yaml --out /shared/runs/two"
+    shipped = yaml.safe_load(cluster.files["pipeline.yaml"])
+    assert shipped["jobs"]["dpo"] == {"config": "dpo.tiny-dpo.yaml", "after": ["sft"],
+                                      "overrides": ["policy.model.name_or_path=${sft}/final"]}
+    assert yaml.safe_load(cluster.files["sft.tiny-sft.yaml"])["algorithm"]["name"] == "sft"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("jobs:\n  a: {config: tiny-sft, after: [b]}\n")
+    with pytest.raises(Exception, match=r"jobs.a.after: no job named 'b'"):
+        submit_pipeline(cluster, str(bad), None)
