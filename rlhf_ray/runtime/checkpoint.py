@@ -19,11 +19,13 @@ RNG, KL controller).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from rlhf_ray.runtime.actor_group import ActorGroup
 
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
+MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"step_(\d+)")
 _TEMP_MARK = ".tmp-"
 _OLD_MARK = ".old-"
@@ -74,6 +77,7 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        write_manifest(tmp)
         (tmp / COMPLETE_MARKER).write_text(final.name + "\n")
         _fsync_tree(tmp)
     except BaseException:
@@ -89,6 +93,48 @@ def atomic_dir(final_path: str | os.PathLike) -> Iterator[Path]:
     else:
         os.replace(tmp, final)
     _fsync_path(final.parent)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> Path:
+    """`manifest.json`: every file under `directory` with its size and SHA-256, written last."""
+    files = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(directory.rglob("*")) if p.is_file() and p.name not in (MANIFEST, COMPLETE_MARKER)}
+    path = directory / MANIFEST
+    path.write_text(json.dumps({"files": files}, indent=1))
+    return path
+
+
+def checkpoint_problem(directory: str | os.PathLike) -> str | None:
+    """Why checkpoint `directory` cannot be trusted (a file missing, cut short or changed since it was
+    written, per its manifest), or None when it is whole. A checkpoint without a manifest (written by
+    an earlier release) is trusted on its completion marker alone."""
+    directory = Path(directory)
+    if not (directory / COMPLETE_MARKER).is_file():
+        return "no completion marker (the save did not finish)"
+    manifest = directory / MANIFEST
+    if not manifest.is_file():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as err:
+        return f"{MANIFEST} is unreadable ({err})"
+    for name, meta in files.items():
+        path = directory / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != meta["bytes"]:
+            return f"{name} holds {path.stat().st_size} bytes, {meta['bytes']} were written"
+        if _sha256(path) != meta["sha256"]:
+            return f"{name} changed since it was written (checksum mismatch)"
+    return None
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -120,6 +166,18 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     Directories without the completion marker and temp directories are skipped."""
     found = _complete_checkpoints(run_dir)
     return found[-1][1] if found else None
+
+
+def latest_sound_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest complete checkpoint whose files match its manifest, and the newer ones passed over
+    (each with what is wrong with it)."""
+    damaged = []
+    for _, path in reversed(_complete_checkpoints(run_dir)):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path, damaged
+        damaged.append((path, problem))
+    return None, damaged
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
@@ -214,11 +272,19 @@ def find_resume_checkpoint(cfg: "JobConfig", run_dir: Path) -> Path | None:
     if cfg.run.resume == "never":
         return None
     if cfg.run.resume == "auto":
-        return latest_checkpoint(run_dir)
+        path, damaged = latest_sound_checkpoint(run_dir)
+        for bad, problem in damaged:
+            print(f"rlhf-ray: warning: checkpoint {bad} is damaged ({problem}); resuming from "
+                  f"{path or 'the start'} instead", file=sys.stderr, flush=True)
+        return path
     path = Path(cfg.run.resume)
     if not (path / "trainer_state.json").is_file():
         raise ConfigError(f"run.resume: {path} is not a checkpoint directory (no trainer_state.json); give "
                           "a checkpoints/step_<N> folder, auto or never")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ConfigError(f"run.resume: checkpoint {path} is damaged ({problem}); give an earlier "
+                          "checkpoints/step_<N>, or auto to take the newest sound one")
     return path
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from rlhf_ray.config.schema import ConfigError
 from rlhf_ray.runtime.checkpoint import (
     COMPLETE_MARKER,
     atomic_dir,
@@ -120,3 +121,37 @@ def test_rng_capture_restore_reproduces_draws_through_json(tmp_path):
     restore_rng_state(read_json(tmp_path / "rng.json"))
     assert _draws() == expected
     assert json.loads(json.dumps(state)) == state
+
+
+def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
+    from rlhf_ray.config import load_config
+    from rlhf_ray.runtime.checkpoint import (
+        MANIFEST,
+        checkpoint_problem,
+        find_resume_checkpoint,
+        latest_sound_checkpoint,
+    )
+
+    for step in (2, 4):
+        with atomic_dir(tmp_path / "checkpoints" / f"step_{step}") as tmp:
+            (tmp / "policy").mkdir()
+            (tmp / "policy" / "model.bin").write_bytes(bytes(range(256)) * 4)
+            (tmp / "trainer_state.json").write_text('{"step": %d}' % step)
+    newest = tmp_path / "checkpoints" / "step_4"
+    manifest = json.loads((newest / MANIFEST).read_text())["files"]
+    assert manifest["policy/model.bin"]["bytes"] == 1024 and len(manifest["policy/model.bin"]["sha256"]) == 64
+    assert checkpoint_problem(newest) is None
+    cfg = load_config(None, [f"run.output_dir={tmp_path}"])
+    assert find_resume_checkpoint(cfg, tmp_path) == newest
+
+    data = bytearray((newest / "policy" / "model.bin").read_bytes())
+    data[100] ^= 0xFF  # one flipped byte: same size, other content
+    (newest / "policy" / "model.bin").write_bytes(bytes(data))
+    assert "policy/model.bin changed since it was written" in checkpoint_problem(newest)
+    assert find_resume_checkpoint(cfg, tmp_path) == tmp_path / "checkpoints" / "step_2"
+    assert "step_4 is damaged (policy/model.bin changed since it was written" in capsys.readouterr().err
+    (newest / "policy" / "model.bin").write_bytes(bytes(data[:10]))  # cut short
+    path, damaged = latest_sound_checkpoint(tmp_path)
+    assert path == tmp_path / "checkpoints" / "step_2" and "holds 10 bytes, 1024 were written" in damaged[0][1]
+    with pytest.raises(ConfigError, match=r"run.resume: checkpoint .*step_4 is damaged"):
+        find_resume_checkpoint(load_config(None, [f"run.resume={newest}"]), tmp_path)
