@@ -87,16 +87,23 @@ def cost_rows(records: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def cost_markdown(rows: list[dict]) -> list[str]:
-    lines = ["| job | role | ranks | CPUs | GPUs | CPU-core-s reserved | GPU-s reserved | busy share | used by | "
-             "held MiB | peak RSS MiB |", "|---|---|--:|--:|--:|--:|--:|--:|---|--:|--:|"]
+def cost_markdown(rows: list[dict], price_per_gpu_hour: float = 2.0) -> list[str]:
+    """The cost table; with GPUs reserved, a column of dollars at the planner's hourly GPU price."""
+    gpus = any(r["gpus"] for r in rows)
+    dollars = f" $ at {price_per_gpu_hour:.2f}/GPU-h |" if gpus else ""
+    lines = ["| job | role | ranks | CPUs | GPUs | CPU-core-s reserved | GPU-s reserved |" + dollars +
+             " busy share | used by | held MiB | peak RSS MiB |",
+             "|---|---|--:|--:|--:|--:|--:|" + ("--:|" if gpus else "") + "--:|---|--:|--:|"]
     for r in rows:
         busy = "–" if r["busy_share"] is None else f"{100 * r['busy_share']:.0f}%"
-        lines.append(f"| {r['job']} | {r['role']} | {r['ranks']} | {r['cpus']:g} | {r['gpus']:g} | "
-                     f"{r['cpu_core_s']:.0f} | {r['gpu_s']:.0f} | {busy} | {', '.join(r['used_by'])} | "
+        cost = f" {r['gpu_s'] / 3600 * price_per_gpu_hour:.2f} |" if gpus else ""
+        lines.append(f"| {r['job']} | {r['role']} | {r['ranks']} | {r['cpus']:.3g} | {r['gpus']:.3g} | "
+                     f"{r['cpu_core_s']:.0f} | {r['gpu_s']:.0f} |{cost} {busy} | {', '.join(r['used_by'])} | "
                      f"{mib(r['held_bytes'])} | {mib(r['peak_rss_bytes'])} |")
     totals = {k: sum(r[k] for r in rows) for k in ("cpu_core_s", "gpu_s")}
-    lines.append(f"| **all** | | | | | **{totals['cpu_core_s']:.0f}** | **{totals['gpu_s']:.0f}** | | | | |")
+    total_cost = f" **{totals['gpu_s'] / 3600 * price_per_gpu_hour:.2f}** |" if gpus else ""
+    lines.append(f"| **all** | | | | | **{totals['cpu_core_s']:.0f}** | **{totals['gpu_s']:.0f}** |{total_cost}"
+                 " | | | |")
     return lines
 
 

@@ -158,3 +158,13 @@ def test_reward_at_matched_kl_interpolates_along_each_run():
     assert at["ppo"] == pytest.approx(0.0)  # halfway between (4, -2) and (8, 2)
     assert at["dpo"] == pytest.approx(-10.0 + 0.3 * 11.0)  # on the way from the SFT start to its first point
     assert at["remax"] is None  # never got that far
+
+
+def test_the_cost_table_prices_gpu_time_only_where_gpus_were_reserved():
+    from rlhf_ray.reports.pipeline_report import cost_markdown
+
+    row = {"job": "ppo", "role": "policy", "ranks": 8, "cpus": 8, "gpus": 8, "cpu_core_s": 100.0, "gpu_s": 7200.0,
+           "busy_share": 0.5, "used_by": ["ppo"], "held_bytes": 2**30, "peak_rss_bytes": None}
+    table = "\n".join(cost_markdown([row], price_per_gpu_hour=2.5))
+    assert "$ at 2.50/GPU-h" in table and "| 7200 | 5.00 | 50% |" in table  # 2 GPU-hours at 2.50
+    assert "$ at" not in "\n".join(cost_markdown([{**row, "gpus": 0, "gpu_s": 0.0}]))
