@@ -410,8 +410,13 @@ def build_parser() -> Parser:
                    "environment; prints the job id.")
     _add_config(sub, "e.g. llama-7b-ppo-vllm")
     _add_address(sub)
-    sub.add_argument("--wait", action="store_true", help="follow the job until it ends; exit non-zero unless it "
-                     "succeeded (the log tail is printed on failure)")
+    sub.add_argument("--wait", action="store_true", help="stream the job's output until it ends (reconnecting "
+                     "after a dropped connection) and exit with its driver's exit status")
+    sub.add_argument("--submission-id", default=None, help="the job's id; submitting again with an id that exists "
+                     "starts nothing new (safe to retry)")
+    sub.add_argument("--entrypoint-num-cpus", type=float, default=None, help="CPUs the job's driver reserves")
+    sub.add_argument("--entrypoint-num-gpus", type=float, default=None, help="GPUs the job's driver reserves")
+    sub.add_argument("--entrypoint-memory", type=int, default=None, help="bytes of memory the job's driver reserves")
     sub.add_argument("--no-package", action="store_true", help="do not ship the rlhf_ray package (the cluster "
                      "has it installed)")
     sub.add_argument("--out", default=None, help="for a pipeline file: the folder of its jobs' run directories "

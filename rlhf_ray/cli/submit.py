@@ -129,10 +129,67 @@ class Cluster:
                                "shows its jobs") from err
             raise SubmitError(f"{what} at {self.url}: {one_line(str(err))}") from err
 
-    def submit(self, entrypoint: str, runtime_env: dict, metadata: dict | None = None) -> str:
-        """Start `entrypoint` as a job; returns its submission id."""
+    def submit(self, entrypoint: str, runtime_env: dict, metadata: dict | None = None, *,
+               submission_id: str | None = None, resources: dict | None = None) -> str:
+        """Start `entrypoint` as a job; returns its submission id.
+
+        With `submission_id`, submitting again is harmless: when a job of that id exists, its id is returned
+        and nothing new starts (a retried CI step or a resubmission after a dropped connection).
+        `resources`: what the entrypoint itself reserves (`entrypoint_num_cpus`, `entrypoint_num_gpus`,
+        `entrypoint_memory`)."""
+        if submission_id:
+            try:
+                self.client.get_job_info(submission_id)
+                print(f"{PROG}: note: job {submission_id} exists on the cluster; not submitted again",
+                      file=sys.stderr)
+                return submission_id
+            except Exception:  # none of that id: submit it
+                pass
+        extra = {k: v for k, v in (resources or {}).items() if v is not None}
         return self._call("submitting the job", self.client.submit_job, entrypoint=entrypoint,
-                          runtime_env=runtime_env, metadata=metadata or {})
+                          runtime_env=runtime_env, metadata=metadata or {}, submission_id=submission_id, **extra)
+
+    def exit_code(self, job_id: str) -> int | None:
+        """The entrypoint's exit status, once the job has ended (None where the cluster does not say)."""
+        code = getattr(self.info(job_id), "driver_exit_code", None)
+        return int(code) if code is not None else None
+
+    def follow_until_done(self, job_id: str, write: Callable[[str], Any], *, retry_s: float = 600.0) -> str:
+        """Stream the job's own output to `write` until it ends, and return its final status.
+
+        A dropped connection (a dashboard restart, a network blip) is retried with backoff for up to
+        `retry_s` seconds in a row; output already written is not written again."""
+        written = 0
+        delay, failing_since = 1.0, None
+
+        async def tail() -> None:
+            nonlocal written
+            seen = 0
+            async for chunk in self.client.tail_job_logs(job_id):
+                fresh = chunk[max(0, written - seen):]
+                seen += len(chunk)
+                if fresh:
+                    write(fresh)
+                    written += len(fresh)
+
+        self.info(job_id)  # an unknown id fails here, readably
+        while True:
+            try:
+                asyncio.run(tail())
+                status = self.status(job_id)
+                if status in TERMINAL_STATUSES:
+                    return status
+                failing_since = None  # the stream ended early: the job runs on, follow it again
+            except (OSError, RuntimeError, SubmitError) as err:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since > retry_s:
+                    raise SubmitError(f"lost the cluster at {self.url} for {retry_s:g} s while following job {job_id} "
+                                      f"({one_line(str(err))}); the job may still run: `{PROG} status {job_id} "
+                                      f"--address {self.url}`") from err
+                _stderr(f"{PROG}: connection to {self.url} lost ({one_line(str(err))[:120]}); retrying in {delay:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
     def info(self, job_id: str):
         """The job's `JobDetails` (status, message, entrypoint, times)."""
@@ -198,22 +255,36 @@ def config_file_name(config: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
-def submit_config(cluster: Cluster, config: str, cfg, overrides: Sequence[str], *, package: bool = True) -> str:
+def _relative_paths(cfg) -> list[str]:
+    """The config's local file paths that are relative (run directory, data, models), as `key=value`."""
+    keys = {"run.output_dir": cfg.run.output_dir, "data.train": cfg.data.train, "data.eval": cfg.data.eval,
+            "data.ptx": cfg.data.ptx}
+    for role in ("policy", "reference", "reward", "critic"):
+        keys[f"{role}.model.name_or_path"] = getattr(cfg, role).model.name_or_path
+    return [f"{key}={value}" for key, value in keys.items()
+            if value and not Path(value).is_absolute() and ("/" in value or Path(value).exists())
+            and not value.startswith(("synthetic:", "hf:"))]
+
+
+def submit_config(cluster: Cluster, config: str, cfg, overrides: Sequence[str], *, package: bool = True,
+                  submission_id: str | None = None, resources: dict | None = None) -> str:
     """Ship the resolved `cfg` (loaded from `config` with `overrides`), and the package
     unless `package=False`, and start `train` on the cluster; returns the job id."""
     from rlhf_ray.config import dump_yaml
 
-    if not Path(cfg.run.output_dir).is_absolute():
-        print(f"{PROG}: note: run.output_dir {cfg.run.output_dir!r} is relative, so on the cluster it lands in "
-              "the job's temporary working directory; give an absolute path on storage the nodes share",
-              file=sys.stderr)
+    relative = _relative_paths(cfg)
+    if relative:
+        print(f"{PROG}: note: {', '.join(relative)} {'is' if len(relative) == 1 else 'are'} relative, so on the "
+              "cluster they resolve in the job's temporary working directory; give absolute paths on storage the "
+              "nodes share", file=sys.stderr)
     name = config_file_name(config)
     with tempfile.TemporaryDirectory(prefix="rlhf-ray-submit-") as folder:
         Path(folder, name).write_text(dump_yaml(cfg))
         return cluster.submit(train_entrypoint(name, overrides, package=package),
                               job_runtime_env(folder, package=package),
                               metadata={"rlhf_ray_config": config, "rlhf_ray_job": cfg.name,
-                                        "rlhf_ray_output_dir": cfg.run.output_dir})
+                                        "rlhf_ray_output_dir": cfg.run.output_dir},
+                              submission_id=submission_id, resources=resources)
 
 
 def check_cluster_address(address: str) -> None:
@@ -264,7 +335,8 @@ def is_pipeline_file(path: str) -> bool:
     return isinstance(data, dict) and "jobs" in data
 
 
-def submit_pipeline(cluster: Cluster, path: str, out: str | None, *, package: bool = True) -> str:
+def submit_pipeline(cluster: Cluster, path: str, out: str | None, *, package: bool = True,
+                    submission_id: str | None = None, resources: dict | None = None) -> str:
     """Ship a pipeline file with every job's config resolved to a YAML of its own, and start `run` on the
     cluster; returns the job id. The pipeline is checked here first, so a bad job fails before any call."""
     import yaml
@@ -288,34 +360,54 @@ def submit_pipeline(cluster: Cluster, path: str, out: str | None, *, package: bo
         command = ["python", "-m", "rlhf_ray.cli.main"] if package else [PROG]
         return cluster.submit(shlex.join([*command, "run", "pipeline.yaml", "--out", out_dir]),
                               job_runtime_env(folder, package=package),
-                              metadata={"rlhf_ray_pipeline": str(path), "rlhf_ray_output_dir": out_dir})
+                              metadata={"rlhf_ray_pipeline": str(path), "rlhf_ray_output_dir": out_dir},
+                              submission_id=submission_id, resources=resources)
 
 
 def cmd_submit(args) -> int:
     from rlhf_ray.config import load_config
 
-    cluster = None
+    options = {"submission_id": getattr(args, "submission_id", None),
+               "resources": {"entrypoint_num_cpus": getattr(args, "entrypoint_num_cpus", None),
+                             "entrypoint_num_gpus": getattr(args, "entrypoint_num_gpus", None),
+                             "entrypoint_memory": getattr(args, "entrypoint_memory", None)}}
     if is_pipeline_file(args.config):
         if args.overrides:
             raise SubmitError(f"{args.config} is a pipeline: give each job's overrides in the file, not on the "
                               "command line")
         cluster = Cluster(args.address)
-        job_id = submit_pipeline(cluster, args.config, getattr(args, "out", None), package=not args.no_package)
+        job_id = submit_pipeline(cluster, args.config, getattr(args, "out", None), package=not args.no_package,
+                                 **options)
     else:
         cfg = load_config(args.config, args.overrides)  # a bad config fails here, before any cluster call
         cluster = Cluster(args.address)
-        job_id = submit_config(cluster, args.config, cfg, args.overrides, package=not args.no_package)
+        job_id = submit_config(cluster, args.config, cfg, args.overrides, package=not args.no_package, **options)
     print(job_id, flush=True)
     if not args.wait:
         _stderr(f"follow it with: {PROG} logs {job_id} --follow --address {cluster.url}")
         return 0
-    status = cluster.wait(job_id, on_change=lambda s: _stderr(f"job {job_id}: {s}"))
-    if status != "SUCCEEDED":
-        _stderr(f"--- last {LOG_TAIL_LINES} log lines of job {job_id} ---\n{_log_tail(cluster, job_id)}\n---")
-        message = short_message(cluster.info(job_id).message)
-        raise SubmitError(f"job {job_id} ended {status}{': ' + message if message else ''}; full logs: "
-                       f"{PROG} logs {job_id} --address {cluster.url}")
-    return 0
+    # The job's own output, as `ray job submit` shows it; the exit status is the training driver's.
+    status = cluster.follow_until_done(job_id, lambda chunk: print(chunk, end="", flush=True))
+    if status == "SUCCEEDED":
+        return 0
+    message, code = failure(cluster, job_id, status)
+    _stderr(f"{PROG}: {message}")
+    return code
+
+
+def failure(cluster: Cluster, job_id: str, status: str) -> tuple[str, int]:
+    """What to tell the user about a job that did not succeed, and the exit status to pass on (its
+    driver's, or 1)."""
+    missing = re.search(r"ModuleNotFoundError: No module named '([^']+)'", _log_tail(cluster, job_id))
+    code = cluster.exit_code(job_id)
+    code = code if code not in (None, 0) else 1
+    if missing:
+        return (f"job {job_id} ended {status}: the cluster's Python has no module {missing.group(1)!r}; the Ray "
+                "head runs jobs with the Python it was started from: start `ray start` from the environment that "
+                "has rlhf-ray's dependencies (its bin/ first on PATH), or install them there", code)
+    message = short_message(cluster.info(job_id).message)
+    return (f"job {job_id} ended {status}{': ' + message if message else ''}; full logs: {PROG} logs {job_id} "
+            f"--address {cluster.url}", code)
 
 
 def cmd_status(args) -> int:

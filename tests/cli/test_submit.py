@@ -25,6 +25,7 @@ from rlhf_ray.cli.submit import (
     SubmitError,
     check_cluster_address,
     config_file_name,
+    failure,
     dashboard_url,
     job_runtime_env,
     short_message,
@@ -165,6 +166,25 @@ def test_jobs_api_round_trip(ray_head, tmp_path, capsys, monkeypatch):
     rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:]}
     assert rows[shipped] == "SUCCEEDED" and rows[sleeper] == "STOPPED"
 
+    # --wait's pieces: the job's own output streamed, its driver's exit status, a retry-safe id, and one
+    # line saying what to do when the cluster's Python lacks a module
+    streamed = []
+    failing = cluster.submit('python -c "print(\'step 1\'); print(\'step 2\'); import sys; sys.exit(3)"',
+                             job_runtime_env(tmp_path, package=False), submission_id="rlhf-ray-test-exit-3",
+                             resources={"entrypoint_num_cpus": 0.5})
+    assert failing == "rlhf-ray-test-exit-3"
+    assert cluster.follow_until_done(failing, streamed.append) == "FAILED"
+    assert "step 1\nstep 2" in "".join(streamed) and cluster.exit_code(failing) == 3
+    assert failure(cluster, failing, "FAILED")[1] == 3
+    again = cluster.submit("python -c 'print(1)'", job_runtime_env(tmp_path, package=False),
+                           submission_id="rlhf-ray-test-exit-3")
+    assert again == failing and "not submitted again" in capsys.readouterr().err
+    lacking = cluster.submit('python -c "import no_such_module_here"', job_runtime_env(tmp_path, package=False))
+    assert cluster.follow_until_done(lacking, lambda chunk: None) == "FAILED"
+    message, _ = failure(cluster, lacking, "FAILED")
+    assert "the cluster's Python has no module 'no_such_module_here'" in message and "ray start" in message
+    capsys.readouterr()  # the Jobs SDK's own log lines
+
     for command in ("status", "logs", "stop"):
         code, _, err = run([command, "raysubmit_nosuchjob", "--address", url], capsys)
         expected = (f"rlhf-ray: error: no job raysubmit_nosuchjob on the cluster at {url}; "
@@ -195,9 +215,9 @@ def test_submit_tiny_sft_end_to_end(ray_head, tmp_path, capsys):
     code, out, err = run(["submit", "tiny-sft", *TINY_SFT, f"data.train={tmp_path}/missing.jsonl",
                           f"run.output_dir={tmp_path}/failed", "--address", url, "--wait"], capsys)
     failed_job = out.splitlines()[0]
-    assert code == 1 and cluster.status(failed_job) == "FAILED"
-    assert "rlhf-ray: error:" in err and "missing.jsonl" in err  # the cluster-side line, in the log tail
-    assert err.strip().splitlines()[-1].startswith(f"rlhf-ray: error: job {failed_job} ended FAILED")
+    assert code == 1 and cluster.status(failed_job) == "FAILED"  # the driver's exit status, passed on
+    assert "rlhf-ray: error:" in out and "missing.jsonl" in out  # the job's own output, streamed
+    assert err.strip().splitlines()[-1].startswith(f"rlhf-ray: job {failed_job} ended FAILED")
 
     # the tiny SFT job succeeds and leaves metrics and a checkpoint in its run directory
     run_dir = tmp_path / "run"
@@ -224,7 +244,7 @@ def test_a_pipeline_is_submitted_as_one_run_job_with_each_config_shipped(tmp_pat
     assert is_pipeline_file(str(pipeline)) and not is_pipeline_file("tiny-sft")
 
     class Recorder:  # stands in for the Jobs API client: records what would be submitted
-        def submit(self, entrypoint, runtime_env, metadata):
+        def submit(self, entrypoint, runtime_env, metadata, **options):
             folder = Path(runtime_env["working_dir"])
             self.files = {p.name: p.read_text() for p in folder.iterdir()}
             self.entrypoint, self.metadata = entrypoint, metadata
