@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from rlhf_ray.config import load_config
 
-# Keys whose values depend on wall time or process memory, not on the computation.
-VOLATILE = ("time/", "perf/", "memory/", "sync/seconds", "sync/bandwidth")
+# Keys whose values depend on wall time, process memory or recoveries from dead actors, not on the computation.
+VOLATILE = ("time/", "perf/", "memory/", "sync/seconds", "sync/bandwidth", "run/restarts")
 
 
 def tiny_config(preset: str, out: Path, *overrides: str, **kw):

@@ -21,6 +21,7 @@ PROG = "rlhf-ray"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_STOPPED = 75  # stopped on a signal after writing a checkpoint: run the same command again to continue
 
 
 class CLIError(Exception):
@@ -39,10 +40,11 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from rlhf_ray.config.schema import ConfigError
     from rlhf_ray.data.formats import DataError
     from rlhf_ray.cli.submit import SubmitError
+    from rlhf_ray.jobs.common import NonFiniteError, RecoveryError
     from rlhf_ray.runtime.placement import PlacementError
 
-    return (CLIError, SubmitError, ConfigError, DataError, UnknownAlgorithmError, PlacementError, ValueError,
-            FileNotFoundError, ConnectionError, OSError, ImportError)
+    return (CLIError, SubmitError, ConfigError, DataError, UnknownAlgorithmError, PlacementError, NonFiniteError,
+            RecoveryError, ValueError, FileNotFoundError, ConnectionError, OSError, ImportError)
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -77,6 +79,11 @@ def report(err: BaseException, *, debug: bool) -> int:
     if isinstance(err, KeyboardInterrupt):
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    from rlhf_ray.jobs import StopRequested
+
+    if isinstance(err, StopRequested):
+        print(f"{PROG}: stopped: {err}", file=sys.stderr)
+        return EXIT_STOPPED
     if debug:
         traceback.print_exception(err)
     print(f"{PROG}: error: {describe(err)}", file=sys.stderr)

@@ -271,6 +271,12 @@ class RunConfig:
     batch_size: int = _help("Global batch per step: prompts (online) or examples/pairs (offline).", default=16)
     save_every: int = _help("Checkpoint every N steps (0: only at the end).", default=0)
     keep_last: int = _help("Checkpoints kept on disk.", default=2)
+    max_failures: int = _help("Actor deaths (killed, out of memory, node lost) the job recovers from by recreating "
+                              "its role groups and resuming from the latest checkpoint; one more ends the job.",
+                              default=3)
+    max_bad_steps: int = _help("Optimizer steps in a row whose loss or gradient norm is not finite (each is skipped "
+                               "and counted in train/skipped_steps) before the job stops, its last good checkpoint "
+                               "kept.", default=3)
     eval_every: int = _help("Evaluate every N steps (0: only at the end).", default=0)
     eval_size: int = _help("Held-out examples per evaluation (0: all).", default=0)
     resume: str = _help("auto (latest checkpoint in output_dir, if any), never, or a checkpoint path.", default="auto")
@@ -282,6 +288,8 @@ class RunConfig:
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.save_every >= 0 and self.eval_every >= 0, "save_every/eval_every", "must be >= 0")
         _check(self.keep_last >= 1, "keep_last", "must be >= 1")
+        _check(self.max_failures >= 0, "max_failures", "must be >= 0")
+        _check(self.max_bad_steps >= 1, "max_bad_steps", "must be >= 1")
         for sink in self.sinks:
             _check(sink in METRIC_SINKS, "sinks", f"unknown sink {sink!r}; expected {', '.join(METRIC_SINKS)}")
 

@@ -1,4 +1,4 @@
-"""What every driver shares: the run directory and its resolved config.
+"""What every driver shares: the run directory and its resolved config, and recovery from a dead actor.
 
 A run directory (docs/ARCHITECTURE.md) holds `config.yaml` (resolved), `metrics.jsonl`,
 `checkpoints/step_<N>/` and `summary.json`; the Ray side of a job (its role
@@ -7,11 +7,48 @@ groups, their checkpoints) lives in `runtime/`.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from pathlib import Path
+from typing import Callable
 
 from rlhf_ray.config.loader import dump_yaml
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.runtime.actor_group import ActorGroupError, actor_death
+from rlhf_ray.runtime.checkpoint import find_resume_checkpoint, latest_sound_checkpoint
+from rlhf_ray.telemetry.metrics import utc_now
+
+
+class NonFiniteError(RuntimeError):
+    """`run.max_bad_steps` optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class BadSteps:
+    """Counts skipped (non-finite) optimizer steps: the total for `train/skipped_steps`, and the streak that
+    stops the job at `run.max_bad_steps`."""
+
+    def __init__(self, limit: int, total: int = 0):
+        self.limit, self.total, self.streak = limit, total, 0
+
+    def update(self, step: int, metrics: dict, skipped_keys: tuple[str, ...], counter_key: str) -> str | None:
+        """Count this step; adds `counter_key` to `metrics`; returns why the job must stop, or None."""
+        bad = any(metrics.get(key, 0.0) > 0 for key in skipped_keys)
+        self.total += bad
+        self.streak = self.streak + 1 if bad else 0
+        metrics[counter_key] = float(self.total)
+        if self.streak < self.limit:
+            return None
+        losses = ", ".join(f"{k}={v}" for k, v in metrics.items()
+                           if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)) or \
+            "the gradient norm"
+        return (f"{self.streak} optimizer steps in a row ending at step {step} were skipped because they were not "
+                f"finite ({losses}); the last good checkpoint is kept: lower the learning rate, clip gradients "
+                "(optim.grad_clip) or check the data")
+
+
+class RecoveryError(RuntimeError):
+    """An actor died once more than `run.max_failures` allows; the message names the role and the cause."""
 
 
 def prepare_run_dir(cfg: JobConfig) -> Path:
@@ -22,3 +59,32 @@ def prepare_run_dir(cfg: JobConfig) -> Path:
     tmp.write_text(dump_yaml(cfg))
     os.replace(tmp, run_dir / "config.yaml")
     return run_dir
+
+
+def with_recovery(cfg: JobConfig, run_dir: Path, attempt: Callable[[Path | None, list[dict]], dict]) -> dict:
+    """`attempt(resume_from, failures)` (one pass of a driver's loop, creating and tearing down its role
+    groups), again from the latest sound checkpoint each time one of its actors dies (killed, out of
+    memory, node lost), at most `run.max_failures` times. Errors an actor raised are not retried.
+
+    `failures` holds one entry per recovery (`time`, `role`, `cause`, `resumed_from_step`) for the
+    summary; the rows after the checkpoint are recomputed, so `metrics.jsonl` ends with every step once."""
+    failures: list[dict] = []
+    resume_from = find_resume_checkpoint(cfg, run_dir)
+    while True:
+        try:
+            return attempt(resume_from, failures)
+        except ActorGroupError as err:
+            cause = actor_death(err)
+            if cause is None:
+                raise
+            where = err.where or "an actor"
+            if len(failures) >= cfg.run.max_failures:
+                raise RecoveryError(f"{cfg.name}: {where} died ({cause}) after {len(failures)} recoveries "
+                                    f"(run.max_failures={cfg.run.max_failures}); the job stops with its latest "
+                                    "checkpoint kept: run the same command again to continue") from err
+            resume_from, _ = latest_sound_checkpoint(run_dir)
+            step = int(resume_from.name.split("_")[1]) if resume_from is not None else 0
+            failures.append({"time": utc_now(), "role": where, "cause": cause, "resumed_from_step": step})
+            print(f"rlhf-ray: {cfg.name}: {where} died ({cause}); recreating the job's role groups and resuming "
+                  f"from step {step} (recovery {len(failures)} of run.max_failures={cfg.run.max_failures})",
+                  file=sys.stderr, flush=True)

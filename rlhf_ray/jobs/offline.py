@@ -16,6 +16,7 @@ reference generate the rejected responses to the SFT prompts.
 from __future__ import annotations
 
 import threading
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +28,12 @@ from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
-from rlhf_ray.jobs import StopRequested
-from rlhf_ray.jobs.common import prepare_run_dir
+from rlhf_ray.jobs import StopRequested, stop_on_signals
+from rlhf_ray.jobs.common import BadSteps, NonFiniteError, prepare_run_dir, with_recovery
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import objective_params, validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
-from rlhf_ray.runtime.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_ray.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray, node_addresses
 from rlhf_ray.telemetry.metrics import MetricsWriter, utc_now, write_summary
 from rlhf_ray.telemetry.progress import Progress
@@ -181,11 +182,17 @@ class OfflineJob:
 
     # the loop --------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> dict:
-        cfg = self.cfg
+        """The loop, recovering from dead actors (`with_recovery`); returns the summary."""
         started_at = utc_now()
-        resume_from = find_resume_checkpoint(cfg, self.run_dir)
+        return with_recovery(self.cfg, self.run_dir, lambda resume_from, failures: self._attempt(
+            stop, resume_from, failures, started_at))
+
+    def _attempt(self, stop: threading.Event | None, resume_from: Path | None, failures: list[dict],
+                 started_at: str) -> dict:
+        cfg = self.cfg
+        self.reference_cache = None
         stages = plan_stages(cfg, len(self.train))
-        with RoleGroups(cfg, self._specs()) as roles:
+        with RoleGroups(cfg, self._specs()) as roles, ExitStack() as closing:
             state = {"step": 0, "stage": 0, "sampler": None}
             if resume_from is not None:
                 state_peek = _peek_state(resume_from)
@@ -194,7 +201,9 @@ class OfflineJob:
             else:
                 self._setup(roles, None, 0)
             writer = MetricsWriter(self.run_dir, sinks=cfg.run.sinks, config=cfg, resume_step=state["step"])
+            closing.callback(writer.close)  # also when an actor dies mid-run
             self.timeline = Timeline(self.run_dir, cfg.name)
+            closing.callback(self.timeline.close)
             trainer = self.trainer_name
             reference = [r for r in ("reference",) if r in roles.groups]
             busy = {"reference": reference, "precompute_reference": reference, "update": [trainer]}
@@ -205,6 +214,8 @@ class OfflineJob:
                                 desc=f"{cfg.algorithm.name}")
             data = self.train
             sampler = None
+            saved = state["step"]
+            bad_steps = BadSteps(cfg.run.max_bad_steps, state.get("skipped_steps", 0))
             for stage in stages:
                 if stage.last_step <= state["step"]:
                     continue
@@ -221,7 +232,11 @@ class OfflineJob:
                     sampler.load_state_dict(state["sampler"])
                 for step in range(max(stage.first_step, state["step"] + 1), stage.last_step + 1):
                     if stop is not None and stop.is_set():
-                        raise StopRequested(f"{cfg.name}: stopped before step {step}")
+                        if state["step"] > saved:
+                            self._save(roles, state)
+                        where = latest_checkpoint(self.run_dir) or "none yet"
+                        raise StopRequested(f"{cfg.name} after step {state['step']} of {cfg.run.total_steps}; "
+                                            f"checkpoint {where}; run the same command again to continue")
                     self._step = step
                     timer.start_step()
                     indices = next(sampler)
@@ -230,6 +245,7 @@ class OfflineJob:
                         batch.update(self._reference_logps(roles, batch, indices))
                     with timer.phase("update"):
                         metrics = self._train_step(roles, batch)
+                    stop_why = bad_steps.update(step, metrics, ("train/skipped",), "train/skipped_steps")
                     metrics.update(timer.finish_step())
                     metrics.update(roles.compute_times())
                     metrics.update({"stage": stage.index, "perf/tokens_per_s": _tokens(batch) / metrics["time/step_s"],
@@ -242,18 +258,24 @@ class OfflineJob:
                         roles.compute_times()  # evaluation's compute is not the next step's
                     if step == min(state["step"] + 2, cfg.run.total_steps):  # gradients and optimizer state seen
                         metrics.update(roles.memory())
+                    if failures:
+                        metrics["run/restarts"] = len(failures)
                     writer.write(step, metrics)
                     progress.update(step, metrics)
-                    state = {"step": step, "stage": stage.index, "sampler": sampler.state_dict()}
+                    if stop_why:
+                        raise NonFiniteError(f"{cfg.name}: {stop_why}")
+                    state = {"step": step, "stage": stage.index, "sampler": sampler.state_dict(),
+                             "skipped_steps": bad_steps.total}
                     if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.total_steps:
                         self._save(roles, state)
+                        saved = step
             progress.close()
             self.timeline.close()
             self._export_final(roles)
             summary = write_summary(self.run_dir, writer, extra={
                 "algorithm": cfg.algorithm.name, "roles": sorted(roles.groups), "shared_roles": roles.borrowed_from(),
                 "layout": roles.layout(), "nodes": node_addresses(), "skipped_rows": self.train.skipped,
-                "started_at": started_at, "finished_at": utc_now()})
+                "failures": failures, "started_at": started_at, "finished_at": utc_now()})
             writer.close()
         return summary
 
@@ -283,7 +305,7 @@ class OfflineJob:
     def _advance_reference(self, roles: RoleGroups) -> None:
         """The reference becomes the latest policy (SPIN iterate / sDPO stage)."""
         targets = list(roles["reference"].actors)
-        roles["policy"].call(lambda a: a.send_weights.remote(targets, self.cfg.rollout.sync_bucket_bytes))
+        roles["policy"].call(lambda a: a.send_weights.remote(targets, self.cfg.rollout.sync_bucket_bytes, "reference"))
 
     def _precompute_reference(self, roles: RoleGroups, data: JobData) -> None:
         """Score the whole training set with the reference once, then free the reference group."""
@@ -362,7 +384,8 @@ def run_offline(cfg: JobConfig, address: str | None = None, stop: threading.Even
     `stop`: see `jobs.run_job`."""
     job = OfflineJob(cfg)
     init_ray(address)
-    return job.run(stop)
+    with stop_on_signals(stop) as stop:
+        return job.run(stop)
 
 
 __all__ = ["OfflineJob", "run_offline", "objective_params", "plan_stages"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 
@@ -25,13 +27,13 @@ from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
-from rlhf_ray.jobs import StopRequested
-from rlhf_ray.jobs.common import prepare_run_dir
+from rlhf_ray.jobs import StopRequested, stop_on_signals
+from rlhf_ray.jobs.common import BadSteps, NonFiniteError, prepare_run_dir, with_recovery
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
-from rlhf_ray.runtime.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_ray.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray, node_addresses
 from rlhf_ray.telemetry.hardware import measure_memory_bandwidth
 from rlhf_ray.telemetry.metrics import MetricsWriter, utc_now, write_summary
@@ -162,32 +164,54 @@ class OnlineJob:
 
     # the loop --------------------------------------------------------------
     def run(self, stop: threading.Event | None = None) -> dict:
-        cfg = self.cfg
+        """The loop, recovering from dead actors (`with_recovery`); returns the summary."""
         started_at = utc_now()
-        resume_from = find_resume_checkpoint(cfg, self.run_dir)
-        with RoleGroups(cfg, self._specs()) as roles:
+        return with_recovery(self.cfg, self.run_dir, lambda resume_from, failures: self._attempt(
+            stop, resume_from, failures, started_at))
+
+    def _attempt(self, stop: threading.Event | None, resume_from: Path | None, failures: list[dict],
+                 started_at: str) -> dict:
+        cfg = self.cfg
+        a = cfg.algorithm
+        self.kl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl \
+            else FixedKLController(a.kl_coef)
+        self.reward_std = RunningStd()
+        with RoleGroups(cfg, self._specs()) as roles, ExitStack() as closing:
             self._setup(roles)
             sampler = EpochSampler(len(self.prompts), cfg.run.batch_size, seed=cfg.run.seed)
             start = 0
+            bad_steps = BadSteps(cfg.run.max_bad_steps)
             if resume_from is not None:
                 state = load_checkpoint(resume_from, self.trainables(roles))
                 start = state["step"]
+                bad_steps.total = state.get("skipped_steps", 0)
                 sampler.load_state_dict(state["sampler"])
                 self.kl.load_state_dict(state["kl"])
                 self.reward_std = RunningStd(state["reward_std"])
                 self.sync_weights(roles)
             writer = MetricsWriter(self.run_dir, sinks=cfg.run.sinks, config=cfg, resume_step=start)
+            closing.callback(writer.close)  # also when an actor dies mid-run
             progress = Progress(total=cfg.run.total_steps, initial=start, enabled=cfg.run.progress,
                                 desc=cfg.algorithm.name)
             self.timeline = Timeline(self.run_dir, cfg.name)
+            closing.callback(self.timeline.close)
             busy = {"generate": ["rollout"], "score": [r for r in ("policy", "reward", "reference", "critic")
                                                        if r in roles.groups], "sync": ["policy", "rollout"]}
             timer = PhaseTimer(on_phase=lambda name, t0, t1: self.timeline.record(
                 name, busy.get(name, ()), t0, t1, self._step))
+            def checkpoint(step: int) -> Path:
+                state = {"sampler": sampler.state_dict(), "kl": self.kl.state_dict(),
+                         "reward_std": self.reward_std.state_dict(), "skipped_steps": bad_steps.total}
+                return save_checkpoint(self.run_dir, step, self.trainables(roles), state, cfg.run.keep_last,
+                                       export={"policy": roles["policy"]})
+
+            saved = start
             for step in range(start + 1, cfg.run.total_steps + 1):
                 self._step = step
                 if stop is not None and stop.is_set():
-                    raise StopRequested(f"{cfg.name}: stopped before step {step}")
+                    where = checkpoint(step - 1) if step - 1 > saved else latest_checkpoint(self.run_dir) or "none yet"
+                    raise StopRequested(f"{cfg.name} after step {step - 1} of {cfg.run.total_steps}; checkpoint "
+                                        f"{where}; run the same command again to continue")
                 timer.start_step()
                 prompts = self.prompts.batch(next(sampler))
                 with timer.phase("generate"):
@@ -196,6 +220,8 @@ class OnlineJob:
                 with timer.phase("advantages"):
                     batch, metrics = self.compute_advantages(rollout, scores)
                 metrics.update(self.update(roles, batch, step, timer))
+                stop_why = bad_steps.update(step, metrics, ("policy/skipped", "critic/skipped"),
+                                            "train/skipped_steps")
                 with timer.phase("sync"):
                     metrics.update(self.sync_weights(roles))
                 metrics.update(timer.finish_step())
@@ -209,19 +235,21 @@ class OnlineJob:
                                                          if r in roles.groups], step):
                         metrics.update(self.evaluate(roles, step))
                     roles.compute_times()  # evaluation's compute is not the next step's
+                if failures:
+                    metrics["run/restarts"] = len(failures)
                 writer.write(step, metrics)
                 progress.update(step, metrics)
+                if stop_why:
+                    raise NonFiniteError(f"{cfg.name}: {stop_why}")
                 if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.total_steps:
-                    state = {"sampler": sampler.state_dict(), "kl": self.kl.state_dict(),
-                             "reward_std": self.reward_std.state_dict()}
-                    save_checkpoint(self.run_dir, step, self.trainables(roles), state, cfg.run.keep_last,
-                                    export={"policy": roles["policy"]})
+                    checkpoint(step)
+                    saved = step
             progress.close()
             self.timeline.close()
             roles["policy"].call(lambda a, d=str(self.run_dir / "final"): a.export.remote(d))
             summary = write_summary(self.run_dir, writer, extra={
                 "algorithm": cfg.algorithm.name, "roles": sorted(roles.groups), "shared_roles": roles.borrowed_from(),
-                "layout": roles.layout(), "nodes": node_addresses(), "started_at": started_at,
+                "layout": roles.layout(), "nodes": node_addresses(), "failures": failures, "started_at": started_at,
                 "finished_at": utc_now()})
             writer.close()
         return summary
@@ -391,7 +419,8 @@ def run_online(cfg: JobConfig, address: str | None = None, stop: threading.Event
     `stop`: see `jobs.run_job`."""
     job = OnlineJob(cfg)
     init_ray(address)
-    return job.run(stop)
+    with stop_on_signals(stop) as stop:
+        return job.run(stop)
 
 
 __all__ = ["OnlineJob", "run_online", "RunningStd"]

@@ -34,7 +34,48 @@ Batch = dict[str, Any]
 
 
 class ActorGroupError(RuntimeError):
-    """A rank of a group failed to start or raised in a call; the message names the role and rank."""
+    """A rank of a group failed to start or raised in a call; the message names the role and rank.
+
+    `where` is the failed call's description ("role 'critic' rank 0 of 1"); `died` says why, when the
+    failure is an actor's death (killed, out of memory, its node lost) rather than an error it raised
+    (`actor_death`)."""
+
+    def __init__(self, message: str, where: str = "", died: str | None = None):
+        super().__init__(message)
+        self.where = where
+        self.died = died
+
+    def __reduce__(self):  # keep `where` and `died` when Ray ships the error from an actor to the driver
+        return type(self), (str(self), self.where, self.died)
+
+
+# Ray's errors for an actor that is gone (as opposed to one whose method raised).
+_DEATH_ERRORS = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "WorkerCrashedError",
+                 "OutOfMemoryError", "ObjectLostError", "OwnerDiedError")
+
+
+def actor_death(err: BaseException) -> str | None:
+    """A one-line cause when `err` (or what it wraps) is an actor's death, else None.
+
+    Walks the exception chain and Ray's `cause`; a death reported inside another actor's call (the
+    policy waiting on an engine that died) is recognised by the error's name in the message."""
+    seen: set[int] = set()
+    stack = [err]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, ActorGroupError) and e.died:
+            return e.died
+        name = type(e).__name__
+        text = str(e)
+        for death in _DEATH_ERRORS:
+            if death in name or f"{death}:" in text or (death == "ActorDiedError" and "actor died" in text):
+                first = next((line.strip() for line in text.splitlines() if line.strip()), name)
+                return f"{death}: {first[:300]}"
+        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
+    return None
 
 
 def split_batch(batch: Batch, num_shards: int, role: str = "the group") -> list[Batch]:
@@ -155,7 +196,11 @@ def wait_all(refs: Sequence[Any], describe: Callable[[int], str] = lambda index:
         try:
             value = ray.get(ready[0])
         except RayError as err:
-            raise ActorGroupError(f"{describe(positions[ready[0]][0])} failed:\n{err}") from err
+            where = describe(positions[ready[0]][0])
+            inner = getattr(err, "cause", None)
+            if isinstance(inner, ActorGroupError) and inner.where:  # the call failed waiting on another actor
+                where = f"{inner.where} (waited on by {where})"
+            raise ActorGroupError(f"{where} failed:\n{err}", where=where, died=actor_death(err)) from err
         for index in positions[ready[0]]:
             results[index] = value
     return results

@@ -9,11 +9,20 @@ holds. The roles in `workers/` are thin shells around it.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import math
+import os
+
+from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
-import deepspeed
 import torch
+
+if not torch.cuda.is_available():
+    # DeepSpeed otherwise probes for an accelerator and prints a warning on stdout, into the output of
+    # every command that imports it.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import deepspeed  # noqa: E402 (after the accelerator is named)
 
 from rlhf_ray.config.schema import RoleConfig
 from rlhf_ray.runtime.deepspeed_config import build_deepspeed_config
@@ -144,9 +153,12 @@ class TrainEngine:
         if len(micro) != self.grad_accum_steps:
             raise ValueError(f"expected {self.grad_accum_steps} micro-batches per step, got {len(micro)}")
         per_micro = []
+        finite = True
+        skipped_before = self.engine.skipped_steps
         for index, mb in enumerate(micro):
             mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
             loss, metrics = loss_fn(self.engine, mb)
+            finite = finite and bool(torch.isfinite(loss.detach()).all())
             self.engine.backward(loss)
             last = index == len(micro) - 1
             if last and self._snapshots_left:
@@ -154,9 +166,17 @@ class TrainEngine:
                 self._record_peak()
             if last and self.zero_stage == 0:
                 own_norm = self._unpartitioned_grad_norm()
+                # ZeRO 1-3 optimizers skip a step whose gradient norm is not finite; at ZeRO-0 the step is
+                # the plain optimizer's, so a non-finite loss or norm (on any rank) is skipped here.
+                if not self._all_ranks(finite and math.isfinite(own_norm)):
+                    with self._step_skipped():
+                        self.engine.step()
+                    per_micro.append({"loss": loss.detach(), **metrics})
+                    continue
             self.engine.step()
             per_micro.append({"loss": loss.detach(), **metrics})
         out = mean_metrics(per_micro)
+        out["skipped"] = float(self.engine.skipped_steps > skipped_before)
         # The global norm over every rank's gradients, before clipping (the same number whatever the ZeRO
         # stage and rank count), and whether clipping fired on this optimizer step. ZeRO 1-3 optimizers
         # report it; at ZeRO-0 DeepSpeed clips without keeping the norm, so it is taken from the
@@ -170,6 +190,34 @@ class TrainEngine:
             out["grad_clipped"] = float(clip > 0 and float(grad_norm) > clip)
         out["lr"] = float(self.engine.get_lr()[0])
         return out
+
+    def _all_ranks(self, ok: bool) -> bool:
+        """`ok` on every rank of the group (one all-reduce; this rank's value alone without a group)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return ok
+        flag = torch.tensor([0.0 if ok else 1.0])
+        dist.all_reduce(flag)
+        return float(flag) == 0.0
+
+    @contextmanager
+    def _step_skipped(self):
+        """DeepSpeed's boundary `step()` with neither the optimizer nor the LR schedule moving: the
+        gradients are dropped, the parameters and optimizer state stay as they were, and the engine
+        counts the step as skipped (as its ZeRO optimizers do on a non-finite gradient norm)."""
+        optimizer, scheduler = self.engine.optimizer, self.engine.lr_scheduler
+        saved = optimizer.step, getattr(scheduler, "step", None)
+        optimizer.step = lambda *args, **kwargs: None
+        if scheduler is not None:
+            scheduler.step = lambda *args, **kwargs: None
+        try:
+            yield
+        finally:
+            optimizer.step = saved[0]
+            if scheduler is not None:
+                scheduler.step = saved[1]
+        self.engine.skipped_steps += 1
 
     @torch.no_grad()
     def _unpartitioned_grad_norm(self) -> float:

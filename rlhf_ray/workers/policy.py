@@ -68,8 +68,6 @@ def _kto_loss(objective, params, engine=None):
 OFFLINE_LOSS_BUILDERS = {"preference": _preference_loss, "sft": _sft_loss, "kto": _kto_loss}
 
 
-def _target(index: int) -> str:
-    return f"weight sync to target {index}"
 
 
 class PolicyWorker(ExportMixin, TrainableWorker):
@@ -188,12 +186,15 @@ class PolicyWorker(ExportMixin, TrainableWorker):
             engines, rank=self.rank, module=self.engine.module, tensor_parallel_size=tensor_parallel_size,
             bucket_bytes=bucket_bytes, gathered=self.engine.gathered)
 
-    def send_weights(self, targets: list, bucket_bytes: int) -> dict:
+    def send_weights(self, targets: list, bucket_bytes: int, role: str = "rollout") -> dict:
         """Stream the full weights in buckets to each target actor's `load_weights` (rank 0 sends).
 
         Every rank iterates so ZeRO-3 gathers line up; the driver never holds
         the weights. Returns bytes sent."""
         from rlhf_ray.runtime.actor_group import wait_all
+
+        def _target(index: int) -> str:
+            return f"role {role!r} rank {index} of {len(targets)} (a weight-sync target)"
 
         if getattr(self, "_vllm_sender", None) is not None:
             return self._vllm_sender.send()

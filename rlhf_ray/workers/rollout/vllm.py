@@ -550,7 +550,8 @@ class EngineActorsClient:
     def _all(self, call: Callable) -> None:
         from rlhf_ray.runtime.actor_group import wait_all
 
-        wait_all([call(engine, i) for i, engine in enumerate(self.engines)], lambda i: f"vLLM engine {i}")
+        wait_all([call(engine, i) for i, engine in enumerate(self.engines)],
+                 lambda i: f"role 'rollout' rank {i} of {len(self.engines)}")
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
         self._all(lambda e, i: e.init_weight_transfer.remote({**init_info, "rank_offset": self.offsets[i]}))
