@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -53,6 +54,69 @@ def test_launcher_config_passes_rays_own_schema():
     ray_dir = Path(importlib.util.find_spec("ray").submodule_search_locations[0])
     schema = json.loads((ray_dir / "autoscaler" / "ray-schema.json").read_text())
     jsonschema.validate(launcher(), schema)
+
+
+def prepared_launcher() -> dict:
+    """The config as `ray up` sees it: merged with Ray's AWS defaults and validated by Ray (no AWS call)."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(launcher())
+    validate_config(prepared)
+    return prepared
+
+
+def test_head_setup_installs_boto3_for_the_autoscaler():
+    # Ray's AWS default installs boto3 on the head; an explicit empty
+    # head_setup_commands would replace it and leave the autoscaler unable to
+    # start a single worker.
+    head_setup = " ".join(prepared_launcher()["head_setup_commands"])
+    assert "boto3" in head_setup, f"{LAUNCHER.name}: the head's setup commands {head_setup!r} do not install boto3"
+    # The container runs as uid 1000 and the image's /opt/venv belongs to root,
+    # so the default `pip install boto3` only succeeds when the image has it.
+    dockerfile = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    assert re.search(r"^ARG BOTO3_VERSION=\d", dockerfile, re.MULTILINE), "docker/Dockerfile.gpu pins no boto3"
+    assert re.search(r'pip install [^\n]*"boto3==\$\{BOTO3_VERSION\}"', dockerfile), "Dockerfile.gpu lacks boto3"
+
+
+def test_every_node_runs_one_ami_that_needs_no_ssm_permission():
+    config = launcher()
+    images = {name: t["node_config"].get("ImageId", "") for name, t in config["available_node_types"].items()}
+    for name, image in images.items():
+        # The head launches workers with the autoscaler's IAM role, which has
+        # EC2 and S3 access but not ssm:GetParameters.
+        assert not image.startswith("resolve:ssm:"), f"{LAUNCHER.name}: {name} resolves its AMI through SSM"
+        assert re.fullmatch(r"ami-([0-9a-f]{8}|[0-9a-f]{17}|REPLACE-WITH-DLAMI-ID)", image), f"{name}: {image}"
+    assert len(set(images.values())) == 1, f"{LAUNCHER.name}: the node types run different AMIs: {images}"
+    lookup = "aws ssm get-parameter --region us-west-2"
+    assert lookup in LAUNCHER.read_text(), f"{LAUNCHER.name} does not say how to look the AMI id up"
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    assert lookup in readme and "ami-REPLACE-WITH-DLAMI-ID" in readme, "deploy/README.md lacks the AMI step"
+
+
+def docker_run_command(as_head: bool) -> str:
+    """The `docker run` line the launcher starts a node's container with (Ray's own builder; run_options
+    then the head's or the workers' options, as its command runner joins them)."""
+    from ray.autoscaler._private.docker import docker_start_cmds
+
+    docker = prepared_launcher()["docker"]
+    options = docker.get("run_options", []) + docker.get(f"{'head' if as_head else 'worker'}_run_options", [])
+    return docker_start_cmds("ubuntu", docker["image"], {}, docker["container_name"], options,
+                             launcher()["cluster_name"], "/home/ray", "docker")
+
+
+def test_worker_containers_get_the_gpus_and_every_container_the_nccl_defaults():
+    head, worker = docker_run_command(as_head=True), docker_run_command(as_head=False)
+    for command in (head, worker):
+        subprocess.run(["bash", "-n", "-c", command], check=True)
+    worker_words, head_words = shlex.split(worker), shlex.split(head)
+    assert "--gpus" in worker_words and worker_words[worker_words.index("--gpus") + 1] == "all", worker
+    # The head is a CPU instance: `--gpus all` would keep its container from starting.
+    assert "--gpus" not in head_words, head
+    for words, command in ((head_words, head), (worker_words, worker)):
+        env = {words[i + 1].split("=", 1)[0]: words[i + 1].split("=", 1)[1] for i, w in enumerate(words) if w == "-e"}
+        assert env.get("NCCL_DEBUG") == "WARN", command
+        excluded = env.get("NCCL_SOCKET_IFNAME", "")
+        assert excluded.startswith("^") and {"lo", "docker"} <= set(excluded[1:].split(",")), command
 
 
 def test_launcher_config_has_a_head_and_gpu_workers_for_both_presets():
