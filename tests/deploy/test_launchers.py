@@ -202,7 +202,8 @@ echo "{name} $*" >> "$CALLS"
 """
 STAND_INS = {
     "scontrol": 'printf "node-1\\nnode-2\\nnode-3\\n"',
-    "srun": 'case "$*" in *"hostname --ip-address"*) echo "127.0.0.1 ::1";; esac',
+    # Records the NCCL environment each `ray start` step gets.
+    "srun": 'case "$*" in *"ray start"*) echo "$(env | grep ^NCCL_ | sort | tr "\\n" " ")" >> "$CALLS.env";; esac',
     "rlhf-ray": 'exit "${SUBMIT_STATUS:-0}"',
     # The node-counting step: returns once the head and both workers were started.
     "python": ('cat > /dev/null\n'
@@ -211,12 +212,20 @@ STAND_INS = {
                '  sleep 0.1\n'
                'done\n'
                'exit 1'),
+    # The head's own name and interfaces, as the address look-up sees them.
+    "getent": 'printf "%s\\n" ${FAKE_GETENT:-}',
+    "hostname": 'echo "${FAKE_HOSTNAME_I:-}"',
+    # `apptainer exec [--nv] [--bind X] IMAGE CMD...` runs CMD, as the real one runs it in the image.
+    "apptainer": ('shift\n'
+                  'while [[ $1 == --* ]]; do [[ $1 == --bind ]] && shift; shift; done\n'
+                  'shift\n'
+                  'exec "$@"'),
 }
 
 
 @pytest.fixture
 def fake_slurm(tmp_path):
-    """Run the sbatch script on a pretend 3-node allocation; returns (run, calls)."""
+    """Run the sbatch script on a pretend 3-node allocation; returns (run, calls, port)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name, body in STAND_INS.items():
@@ -229,18 +238,25 @@ def fake_slurm(tmp_path):
     gcs = socket.socket()
     gcs.bind(("127.0.0.1", 0))
     gcs.listen()
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
-           "SLURM_JOB_NODELIST": "node-[1-3]", "SLURMD_NODENAME": "node-1", "SLURM_CPUS_PER_TASK": "4",
-           "SLURM_GPUS_ON_NODE": "8", "RAY_PORT": str(gcs.getsockname()[1]), "RAY_WAIT_S": "60",
-           "RLHF_RAY_PYTHON": str(bin_dir / "python")}
-    env.pop("RAY_HEAD_IP", None)
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("NCCL_", "SLURM_", "RLHF_RAY_", "RAY_"))}
+    # A loopback head address, given explicitly, keeps the script's TCP probe on this machine.
+    env.update({"PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), "RAY_HEAD_IP": "127.0.0.1",
+                "SLURM_JOB_NODELIST": "node-[1-3]", "SLURMD_NODENAME": "node-1", "SLURM_CPUS_PER_TASK": "4",
+                "SLURM_GPUS_ON_NODE": "8", "RAY_PORT": str(gcs.getsockname()[1]), "RAY_WAIT_S": "60",
+                "RLHF_RAY_PYTHON": str(bin_dir / "python")})
 
     def run(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(SBATCH), *args], env={**env, **extra_env}, capture_output=True,
-                              text=True, timeout=600)
+        full = {**env, **extra_env}
+        return subprocess.run(["bash", str(SBATCH), *args], env={k: v for k, v in full.items() if v is not None},
+                              capture_output=True, text=True, timeout=600)
 
     yield run, calls, gcs.getsockname()[1]
     gcs.close()
+
+
+def ray_starts(calls: Path) -> list[str]:
+    return [line for line in calls.read_text().splitlines() if line.startswith("srun ") and "ray start" in line]
 
 
 def test_sbatch_starts_head_then_workers_submits_and_stops_ray(fake_slurm):
@@ -248,16 +264,16 @@ def test_sbatch_starts_head_then_workers_submits_and_stops_ray(fake_slurm):
     result = run("llama-7b-ppo-vllm", "run.output_dir=/shared/runs/ppo")
     assert result.returncode == 0, result.stdout + result.stderr
     lines = calls.read_text().splitlines()
-    head = f"srun --nodes=1 --ntasks=1 -w node-1 ray start --head --node-ip-address=127.0.0.1 --port={port}"
+    head = (f"srun --nodes=1 --ntasks=1 --cpus-per-task=4 -w node-1 ray start --head --node-ip-address=127.0.0.1 "
+            f"--port={port}")
     assert any(line.startswith(head) and "--dashboard-host=127.0.0.1" in line and "--num-gpus=8" in line
-               and line.endswith("--block") for line in lines), lines
+               and "--num-cpus=4" in line and line.endswith("--block") for line in lines), lines
     for worker in ("node-2", "node-3"):
-        start = f"srun --nodes=1 --ntasks=1 -w {worker} ray start --address=127.0.0.1:{port}"
+        start = f"srun --nodes=1 --ntasks=1 --cpus-per-task=4 -w {worker} ray start --address=127.0.0.1:{port}"
         assert any(line.startswith(start) for line in lines), f"no Ray worker started on {worker}: {lines}"
     foreground = [line for line in lines if "ray start" not in line]
     assert foreground == [
         "scontrol show hostnames node-[1-3]",
-        "srun --nodes=1 --ntasks=1 -w node-1 hostname --ip-address",
         f"python - 127.0.0.1:{port} 3 60",
         "rlhf-ray submit llama-7b-ppo-vllm run.output_dir=/shared/runs/ppo --address http://127.0.0.1:8265 --wait",
         "srun --overlap --nodes=3 --ntasks-per-node=1 ray stop --force",
@@ -279,6 +295,155 @@ def test_sbatch_without_a_config_or_outside_slurm_says_how_to_run_it(fake_slurm)
     result = run("llama-7b-ppo-vllm", SLURM_JOB_NODELIST="")
     assert result.returncode == 2 and "submit this script with sbatch" in result.stderr
     assert calls.read_text() == ""
+
+
+def sbatch_directives() -> list[str]:
+    return re.findall(r"^#SBATCH (\S+)$", SBATCH.read_text(), re.MULTILINE)
+
+
+def test_sbatch_asks_for_whole_nodes_with_all_their_memory_and_cpus():
+    directives = sbatch_directives()
+    assert "--exclusive" in directives and "--mem=0" in directives, directives
+    assert any(re.fullmatch(r"--cpus-per-task=\d+", d) for d in directives), directives
+    assert any(re.fullmatch(r"--gpus-per-node=\d+", d) for d in directives), directives
+
+
+def test_every_ray_start_step_gets_the_jobs_cpus(fake_slurm):
+    # Slurm >= 22.05 does not hand the job's --cpus-per-task to srun steps: without the option each
+    # `ray start` (and every Ray worker process it forks) runs in a one-CPU cgroup.
+    run, calls, _ = fake_slurm
+    assert run("llama-7b-ppo-vllm", SLURM_CPUS_PER_TASK="48").returncode == 0
+    starts = ray_starts(calls)
+    assert len(starts) == 3
+    for line in starts:
+        assert "--cpus-per-task=48 " in line and "--num-cpus=48 " in line, line
+
+
+def test_gpu_count_comes_from_slurm_or_must_be_asked_for(fake_slurm):
+    run, calls, _ = fake_slurm
+    result = run("llama-7b-ppo-vllm", SLURM_GPUS_ON_NODE=None)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "cannot tell how many GPUs each node has" in result.stderr and "RLHF_RAY_NUM_GPUS=0" in result.stderr
+    assert not ray_starts(calls)
+    assert run("llama-7b-ppo-vllm", SLURM_GPUS_ON_NODE=None, SLURM_GPUS_PER_NODE="a100:4").returncode == 0
+    assert all("--num-gpus=4 " in line for line in ray_starts(calls))
+    calls.write_text("")
+    # A run without GPUs, asked for by name.
+    assert run("tiny-ppo", SLURM_GPUS_ON_NODE=None, RLHF_RAY_NUM_GPUS="0").returncode == 0
+    assert len(ray_starts(calls)) == 3 and all("--num-gpus=0 " in line for line in ray_starts(calls))
+    result = run("tiny-ppo", RLHF_RAY_NUM_GPUS="all")
+    assert result.returncode == 2 and "RLHF_RAY_NUM_GPUS=all is not a number of GPUs" in result.stderr
+
+
+def head_ipv4_function() -> str:
+    text = SBATCH.read_text()
+    start = text.index("head_ipv4() {")
+    return text[start:text.index("\n}\n", start) + 3]
+
+
+@pytest.mark.parametrize("resolved, interfaces, expected", [
+    ("127.0.1.1", "2001:db8::7 10.1.2.3 172.17.0.1", "10.1.2.3"),     # Debian's /etc/hosts line for itself
+    ("10.0.0.7 10.0.0.7", "192.168.5.5", "10.0.0.7"),                 # what other nodes resolve comes first
+    ("", "fe80::1 169.254.1.1 192.168.5.5", "192.168.5.5"),           # no name service entry
+    ("127.0.0.1", "::1 fe80::1 169.254.3.3", None),                   # nothing but loopback and link-local
+], ids=["loopback-name", "resolved", "interfaces-only", "none"])
+def test_head_address_is_an_ipv4_address_other_nodes_can_reach(tmp_path, resolved, interfaces, expected):
+    """The script's own look-up, with the head's name service and interfaces stood in for (no address is
+    contacted)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("getent", "hostname"):
+        (bin_dir / name).write_text(RECORDER.format(name=name, body=STAND_INS[name]))
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls.log"),
+           "FAKE_GETENT": resolved, "FAKE_HOSTNAME_I": interfaces}
+    result = subprocess.run(["bash", "-c", head_ipv4_function() + 'head_ipv4 node-1'], env=env,
+                            capture_output=True, text=True, timeout=60)
+    if expected is None:
+        assert result.returncode == 1 and result.stdout == "", result.stdout
+    else:
+        assert result.returncode == 0 and result.stdout.strip() == expected, result.stdout + result.stderr
+    assert "getent ahostsv4 node-1" in (tmp_path / "calls.log").read_text()
+
+
+def test_sbatch_stops_when_the_head_has_only_a_loopback_address(fake_slurm):
+    run, calls, _ = fake_slurm
+    result = run("llama-7b-ppo-vllm", RAY_HEAD_IP=None, FAKE_GETENT="127.0.1.1", FAKE_HOSTNAME_I="::1")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "found no IPv4 address of node-1 other than loopback" in result.stderr
+    assert "set RAY_HEAD_IP" in result.stderr
+    assert not ray_starts(calls)
+
+
+def test_pyxis_container_runs_ray_the_node_check_and_submit_in_the_image(fake_slurm):
+    run, calls, port = fake_slurm
+    result = run("llama-7b-ppo-vllm", RLHF_RAY_CONTAINER_IMAGE="ghcr.io#rlhf-ray/rlhf-ray:0.1.0-gpu",
+                 RLHF_RAY_CONTAINER_MOUNTS="/shared:/shared")
+    assert result.returncode == 0, result.stdout + result.stderr
+    container = ("--container-image=ghcr.io#rlhf-ray/rlhf-ray:0.1.0-gpu --container-name=rlhf-ray "
+                 "--container-mounts=/shared:/shared")
+    lines = calls.read_text().splitlines()
+    starts = ray_starts(calls)
+    assert len(starts) == 3 and all(f"{container} ray start " in line for line in starts), starts
+    on_head = f"srun --overlap --nodes=1 --ntasks=1 -w node-1 {container} "
+    python = calls.parent / "bin" / "python"  # RLHF_RAY_PYTHON
+    assert f"{on_head}{python} - 127.0.0.1:{port} 3 60" in lines, lines
+    assert any(line.startswith(f"{on_head}rlhf-ray submit llama-7b-ppo-vllm") for line in lines), lines
+    assert lines[-1] == f"srun --overlap --nodes=3 --ntasks-per-node=1 {container} ray stop --force"
+
+
+def test_apptainer_container_runs_ray_the_node_check_and_submit_in_the_image(fake_slurm):
+    run, calls, port = fake_slurm
+    result = run("llama-7b-remax-vllm", RLHF_RAY_CONTAINER_RUNTIME="apptainer",
+                 RLHF_RAY_CONTAINER_IMAGE="/shared/rlhf-ray-gpu.sif", RLHF_RAY_CONTAINER_MOUNTS="/shared",
+                 SUBMIT_STATUS="4")
+    assert result.returncode == 4, result.stdout + result.stderr
+    prefix = "apptainer exec --nv --bind /shared /shared/rlhf-ray-gpu.sif"
+    lines = calls.read_text().splitlines()
+    starts = ray_starts(calls)
+    assert len(starts) == 3 and all("-w node-" in line and f" {prefix} ray start " in line for line in starts)
+    # On the head node itself: the batch step runs the container directly, which runs the command.
+    python = calls.parent / "bin" / "python"  # RLHF_RAY_PYTHON
+    assert f"{prefix} {python} - 127.0.0.1:{port} 3 60" in lines
+    assert f"python - 127.0.0.1:{port} 3 60" in lines  # and the stand-in ran it
+    assert f"{prefix} rlhf-ray submit llama-7b-remax-vllm --address http://127.0.0.1:8265 --wait" in lines
+    assert lines[-1] == f"srun --overlap --nodes=3 --ntasks-per-node=1 {prefix} ray stop --force"
+
+
+def test_an_unknown_container_runtime_or_a_runtime_without_an_image_is_refused(fake_slurm):
+    run, calls, _ = fake_slurm
+    result = run("tiny-ppo", RLHF_RAY_CONTAINER_IMAGE="x.sif", RLHF_RAY_CONTAINER_RUNTIME="docker")
+    assert result.returncode == 2 and "use pyxis, apptainer or singularity" in result.stderr
+    result = run("tiny-ppo", RLHF_RAY_CONTAINER_RUNTIME="apptainer")
+    assert result.returncode == 2 and "RLHF_RAY_CONTAINER_IMAGE is not" in result.stderr
+    result = run("tiny-ppo", RLHF_RAY_CONTAINER_IMAGE="x.sif", RLHF_RAY_VENV="/shared/venv")
+    assert result.returncode == 2 and "pick one" in result.stderr
+    assert not ray_starts(calls)
+
+
+def nccl_env_of_ray_steps(calls: Path) -> list[dict[str, str]]:
+    lines = Path(f"{calls}.env").read_text().splitlines()
+    return [dict(item.split("=", 1) for item in line.split()) for line in lines]
+
+
+def test_ray_steps_get_the_nccl_defaults_and_the_users_nccl_settings(fake_slurm):
+    run, calls, _ = fake_slurm
+    assert run("llama-7b-ppo-vllm").returncode == 0
+    envs = nccl_env_of_ray_steps(calls)
+    assert len(envs) == 3
+    for env in envs:
+        assert env["NCCL_DEBUG"] == "WARN" and env["NCCL_SOCKET_IFNAME"] == "^lo,docker,virbr", env
+        assert "NCCL_IB_DISABLE" not in env, "NCCL picks InfiniBand or sockets itself unless told"
+    Path(f"{calls}.env").write_text("")
+    result = run("llama-7b-ppo-vllm", NCCL_IB_DISABLE="1", NCCL_SOCKET_IFNAME="ib0", NCCL_DEBUG="INFO",
+                 NCCL_IB_HCA="mlx5_0")
+    assert result.returncode == 0
+    assert "NCCL: NCCL_DEBUG=INFO NCCL_IB_DISABLE=1 NCCL_IB_HCA=mlx5_0 NCCL_SOCKET_IFNAME=ib0" in result.stdout
+    for env in nccl_env_of_ray_steps(calls):
+        assert env == {"NCCL_DEBUG": "INFO", "NCCL_IB_DISABLE": "1", "NCCL_IB_HCA": "mlx5_0",
+                       "NCCL_SOCKET_IFNAME": "ib0"}, env
+    result = run("llama-7b-ppo-vllm", NCCL_IB_DISABLE="yes")
+    assert result.returncode == 2 and "NCCL_IB_DISABLE=yes" in result.stderr
 
 
 def node_wait_program() -> str:
