@@ -205,10 +205,12 @@ STAND_INS = {
     # Records the NCCL environment each `ray start` step gets.
     "srun": 'case "$*" in *"ray start"*) echo "$(env | grep ^NCCL_ | sort | tr "\\n" " ")" >> "$CALLS.env";; esac',
     "rlhf-ray": 'exit "${SUBMIT_STATUS:-0}"',
-    # The node-counting step: returns once the head and both workers were started.
+    # The node-counting step: returns once the head and both workers were started (and their srun
+    # stand-ins have recorded their environment).
     "python": ('cat > /dev/null\n'
                'for _ in $(seq 3000); do\n'
-               '  [[ $(grep -c "ray start" "$CALLS") -ge 3 ]] && exit 0\n'
+               '  [[ $(grep -c "ray start" "$CALLS") -ge 3 && -f "$CALLS.env" && $(wc -l < "$CALLS.env") -ge 3 ]]'
+               ' && exit 0\n'
                '  sleep 0.1\n'
                'done\n'
                'exit 1'),
