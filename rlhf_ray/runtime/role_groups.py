@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import ray
@@ -18,7 +19,13 @@ import ray
 from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
 from rlhf_ray.runtime.actor_group import ActorGroup
 from rlhf_ray.runtime.auth import use_auth_token
-from rlhf_ray.runtime.placement import RoleResources, check_fits, create_placement_group, plan_placement
+from rlhf_ray.runtime.placement import (
+    PlacementError,
+    RoleResources,
+    check_fits,
+    create_placement_group,
+    plan_placement,
+)
 
 
 def node_addresses() -> dict[str, str]:
@@ -148,7 +155,9 @@ class RoleGroups:
     is borrowed from the job named JOB running alongside (same driver process)
     instead of created."""
 
-    def __init__(self, cfg: JobConfig, specs: list[RoleSpec]):
+    def __init__(self, cfg: JobConfig, specs: list[RoleSpec], wait_for_resources_s: float = 0.0):
+        """`wait_for_resources_s`: how long to wait for the cluster to have room (after a failure, the
+        resources of the torn-down groups come back with a delay); 0 fails at once when it has none."""
         self.cfg = cfg
         self.specs = {s.name: s for s in specs}
         self.borrowed: dict[str, str] = {}
@@ -156,7 +165,15 @@ class RoleGroups:
         self.groups: dict[str, ActorGroup] = {}
         self.placement = None
         plan = plan_for(cfg, specs)
-        check_fits(plan, ray.available_resources())
+        deadline = time.monotonic() + wait_for_resources_s
+        while True:
+            try:
+                check_fits(plan, ray.available_resources())
+                break
+            except PlacementError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
         for spec in specs:
             if spec.name in SHAREABLE and getattr(cfg, spec.name).share_with:
                 self.borrowed[spec.name] = f"{getattr(cfg, spec.name).share_with}/{spec.name}"
