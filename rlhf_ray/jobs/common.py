@@ -88,3 +88,17 @@ def with_recovery(cfg: JobConfig, run_dir: Path, attempt: Callable[[Path | None,
             print(f"rlhf-ray: {cfg.name}: {where} died ({cause}); recreating the job's role groups and resuming "
                   f"from step {step} (recovery {len(failures)} of run.max_failures={cfg.run.max_failures})",
                   file=sys.stderr, flush=True)
+
+
+class RecoveringJob:
+    """A driver whose `run` is one `_attempt(stop, resume_from, failures, started_at)` after another under
+    `with_recovery`; subclasses set `cfg` and `run_dir`."""
+
+    cfg: JobConfig
+    run_dir: Path
+
+    def run(self, stop=None) -> dict:
+        """The loop, recovering from dead actors (`with_recovery`); returns the summary."""
+        started_at = utc_now()
+        return with_recovery(self.cfg, self.run_dir, lambda resume_from, failures: self._attempt(
+            stop, resume_from, failures, started_at))

@@ -29,7 +29,7 @@ from rlhf_ray.data.formats import PreferenceExample
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
 from rlhf_ray.jobs import StopRequested, stop_on_signals
-from rlhf_ray.jobs.common import BadSteps, NonFiniteError, prepare_run_dir, with_recovery
+from rlhf_ray.jobs.common import BadSteps, NonFiniteError, RecoveringJob, prepare_run_dir
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import objective_params, validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
@@ -107,7 +107,7 @@ def role_specs(cfg: JobConfig) -> list[RoleSpec]:
     return specs
 
 
-class OfflineJob:
+class OfflineJob(RecoveringJob):
     """One offline job from config to `summary.json`."""
 
     def __init__(self, cfg: JobConfig):
@@ -181,12 +181,6 @@ class OfflineJob:
         return "policy" if self.trains_policy else "reward"
 
     # the loop --------------------------------------------------------------
-    def run(self, stop: threading.Event | None = None) -> dict:
-        """The loop, recovering from dead actors (`with_recovery`); returns the summary."""
-        started_at = utc_now()
-        return with_recovery(self.cfg, self.run_dir, lambda resume_from, failures: self._attempt(
-            stop, resume_from, failures, started_at))
-
     def _attempt(self, stop: threading.Event | None, resume_from: Path | None, failures: list[dict],
                  started_at: str) -> dict:
         cfg = self.cfg
