@@ -79,6 +79,44 @@ class OptimConfig:
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
 
 
+LORA_SYNC = ("merged", "adapter")
+QUANTIZE = ("", "4bit")
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, through `peft`) on a trained role: only the adapters (and a critic's or
+    reward model's scalar head) carry gradients and optimizer state; the base weights stay frozen."""
+
+    rank: int = _help("Adapter rank r; 0 trains every weight (no LoRA).", default=0)
+    alpha: float = _help("LoRA alpha: the adapter's output is scaled by alpha / rank.", default=16.0)
+    dropout: float = _help("Dropout on the adapter's input during training (0: none, what RL wants: the "
+                           "old log-probs are computed without it).", default=0.0)
+    target_modules: tuple[str, ...] = _help("Module names (last name component) that get adapters; empty means "
+                                            "the architecture's default: GPT-2's c_attn, c_proj, c_fc; "
+                                            "Llama/Qwen2/Mistral's q/k/v/o and gate/up/down projections.",
+                                            default=())
+    sync: str = _help("Policy only, online jobs on vLLM: how trained weights reach the engines: merged (the "
+                      "base plus the adapter, every weight, as without LoRA) or adapter (only the adapter "
+                      "tensors; the engine serves them with its LoRA support, which needs a model vLLM has "
+                      "LoRA kernels for, e.g. Llama, not GPT-2).", default="merged")
+    quantize: str = _help("4bit holds the frozen base in 4-bit NF4 (QLoRA); needs CUDA and bitsandbytes. "
+                          "Empty keeps the base in the role's dtype.", default="")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def __post_init__(self):
+        _check(self.rank >= 0, "lora.rank", f"must be >= 0 (0 turns LoRA off), got {self.rank}")
+        _check(self.alpha > 0, "lora.alpha", f"must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, "lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.sync in LORA_SYNC, "lora.sync", f"got {self.sync!r}; expected merged or adapter")
+        _check(self.quantize in QUANTIZE, "lora.quantize", f"got {self.quantize!r}; expected 4bit or empty")
+        _check(not self.quantize or self.enabled, "lora.quantize", "quantizes the frozen base under adapters; "
+               "set lora.rank > 0 too")
+
+
 @dataclass(frozen=True)
 class RoleConfig:
     """Where a role runs and, for trainable roles, how DeepSpeed shards it."""
@@ -92,6 +130,8 @@ class RoleConfig:
     offload_optimizer: bool = _help("Keep optimizer states on CPU (ZeRO-Offload).", default=False)
     offload_params: bool = _help("Keep parameters on CPU (ZeRO-3 only).", default=False)
     micro_batch_size: int = _help("Sequences per rank per forward/backward pass; the rest is gradient accumulation.", default=8)
+    lora: LoraConfig = _help("Low-rank adapters instead of full fine-tuning (trained roles: policy, critic, "
+                             "reward when trained).", default_factory=LoraConfig)
 
     def __post_init__(self):
         _check(self.num_ranks >= 1, "num_ranks", f"must be >= 1, got {self.num_ranks}")
@@ -309,6 +349,15 @@ class PlacementConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """What the job writes to `final/` when it ends."""
+
+    merge: bool = _help("With a LoRA role: write the merged full model to final/ (loadable with from_pretrained, "
+                        "and the next stage of a pipeline starts from it) and the adapter to final/adapter/. "
+                        "false writes only the adapter (peft's format) to final/.", default=True)
+
+
+@dataclass(frozen=True)
 class JobConfig:
     """One job: an online algorithm or an offline objective, with every role it may use."""
 
@@ -321,5 +370,14 @@ class JobConfig:
     data: DataConfig = _help("Training and evaluation data.", default_factory=DataConfig)
     run: RunConfig = _help("Run directory, length, batch, seed.", default_factory=RunConfig)
     placement: PlacementConfig = _help("Colocation of roles.", default_factory=PlacementConfig)
+    export: ExportConfig = _help("What final/ holds.", default_factory=ExportConfig)
     name: str = _help("A label for this job (used when several run alongside each other).", default="job")
     judge: str = _help("Import path of `fn(text) -> bool` for alignment accuracy in evaluation; empty: none.", default="rlhf_ray.data.synthetic:mentions_target")
+
+    @property
+    def policy_is_reference(self) -> bool:
+        """A LoRA policy's base, with the adapter disabled, is the reference: no reference group is created
+        (the memory LoRA saves), unless the reference is configured to hold other weights
+        (`reference.model.name_or_path`) or must move to the latest policy between stages (SPIN, sDPO)."""
+        return (self.policy.lora.enabled and not self.reference.model.name_or_path
+                and not self.algorithm.spin_iterations and self.algorithm.sdpo_stages <= 1)

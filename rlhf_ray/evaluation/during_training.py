@@ -71,7 +71,7 @@ def offline_pair_metrics(job, roles) -> dict:
                 "eval/rm_score_mean": float(scores.mean())}
     if job.objective.needs_reference:
         vocab = job.objective.needs_sequence_kl
-        batch.update(roles["reference"].scatter_padded(
+        batch.update(roles.reference().scatter_padded(
             lambda a, shard: a.pair_logps.remote(shard, vocab), batch).merged())
     name, params = job.objective.name, job.params
     per_rank = roles["policy"].scatter_padded(
@@ -103,8 +103,9 @@ def online_eval(job, roles, prompts: dict, step: int) -> dict:
     both = {k: torch.cat([sampled[k], greedy[k]]) for k in keys}
     pending = {"reward": roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), both),
                "policy": roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), sampled)}
-    if "reference" in roles.groups:
-        pending["reference"] = roles["reference"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), sampled)
+    reference = roles.reference()
+    if reference is not None:
+        pending["reference"] = reference.scatter_padded(lambda a, s: a.ref_rollout_logprobs.remote(s), sampled)
     results = {name: p.merged() for name, p in pending.items()}
     rewards = results["reward"]["sequence_rewards"]
     size = sampled["input_ids"].shape[0]

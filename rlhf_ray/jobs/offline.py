@@ -85,7 +85,8 @@ def _fit_width(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([t, pad], dim=1)
 
 
-# The reference's log-probs for each data format (`ReferenceWorker`), over a batch of any size.
+# The reference's log-probs for each data format (`ReferenceScoring`: the reference group, or a LoRA
+# policy's base), over a batch of any size.
 REFERENCE_LOGPS = {
     "preference": lambda ref, batch, objective: ref.scatter_padded(
         lambda a, shard: a.pair_logps.remote(shard, objective.needs_sequence_kl), batch).merged(),
@@ -102,7 +103,7 @@ def role_specs(cfg: JobConfig) -> list[RoleSpec]:
     objective = get_offline_objective(cfg.algorithm.name)
     specs = [RoleSpec.of("policy", PolicyWorker, cfg.policy) if objective.trains == "policy"
              else RoleSpec.of("reward", RewardTrainerWorker, cfg.reward)]
-    if objective.needs_reference:
+    if objective.needs_reference and not (objective.trains == "policy" and cfg.policy_is_reference):
         specs.append(RoleSpec.of("reference", ReferenceWorker, cfg.reference))
     return specs
 
@@ -201,7 +202,8 @@ class OfflineJob(RecoveringJob):
             self.timeline = Timeline(self.run_dir, cfg.name)
             closing.callback(self.timeline.close)
             trainer = self.trainer_name
-            reference = [r for r in ("reference",) if r in roles.groups]
+            reference = [r for r in ("reference",) if r in roles.groups] or \
+                ([trainer] if roles.reference() is not None and self.objective.needs_reference else [])
             busy = {"reference": reference, "precompute_reference": reference, "update": [trainer]}
             self._step = state["step"]
             timer = PhaseTimer(on_phase=lambda name, t0, t1: self.timeline.record(
@@ -248,8 +250,7 @@ class OfflineJob(RecoveringJob):
                                     "perf/trained_tokens": _padded_tokens(batch)})
                     if step == 1 or (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
                             step == cfg.run.total_steps:
-                        with self.timeline.interval("eval", [r for r in (trainer, "reference") if r in roles.groups],
-                                                    step):
+                        with self.timeline.interval("eval", [trainer, *(r for r in reference if r != trainer)], step):
                             metrics.update(self._evaluate(roles, step))
                         roles.compute_times()  # evaluation's compute is not the next step's
                     if step == min(state["step"] + 2, cfg.run.total_steps):  # gradients and optimizer state seen
@@ -313,7 +314,8 @@ class OfflineJob(RecoveringJob):
         # Each chunk is padded to its own longest row; per-token entries are right-padded to one width
         # here (padding is zero and off every mask) and cut to each batch's width when read.
         self.reference_cache = {k: _cat_right_padded([p[k] for p in parts]) for k in parts[0]}
-        roles.release("reference")
+        if "reference" in roles.groups:  # a LoRA policy's own base stays: it is the policy
+            roles.release("reference")
 
     def _reference_logps(self, roles: RoleGroups, batch: dict, indices: list[int]) -> dict:
         if not self.objective.needs_reference:
@@ -324,7 +326,7 @@ class OfflineJob(RecoveringJob):
             width = ids.shape[1] - 1  # per-token log-probs score tokens 1 .. T-1
             return {k: v[rows] if v.dim() == 1 else _fit_width(v[rows], width)
                     for k, v in self.reference_cache.items()}
-        return REFERENCE_LOGPS[self.objective.data_format](roles["reference"], batch, self.objective)
+        return REFERENCE_LOGPS[self.objective.data_format](roles.reference(), batch, self.objective)
 
     def _train_step(self, roles: RoleGroups, batch: dict) -> dict:
         trainer = roles[self.trainer_name]

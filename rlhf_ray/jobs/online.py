@@ -80,7 +80,7 @@ def role_specs(cfg: JobConfig) -> list[RoleSpec]:
              RoleSpec("rollout", engine_worker_class(r.engine), r.num_engines, r.num_cpus_per_engine,
                       r.num_gpus_per_engine),
              RoleSpec.of("reward", RewardWorker, cfg.reward)]
-    if algorithm.needs_reference and cfg.algorithm.kl_coef > 0:
+    if algorithm.needs_reference and cfg.algorithm.kl_coef > 0 and not cfg.policy_is_reference:
         specs.append(RoleSpec.of("reference", ReferenceWorker, cfg.reference))
     if algorithm.needs_critic:
         specs.append(RoleSpec.of("critic", CriticWorker, cfg.critic))
@@ -275,8 +275,9 @@ class OnlineJob(RecoveringJob):
             "policy": roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), rows),
             "reward": roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), reward_rows),
         }
-        if "reference" in roles.groups:
-            pending["reference"] = roles["reference"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), rows)
+        if self.uses_reference:
+            pending["reference"] = roles.reference().scatter_padded(lambda a, s: a.ref_rollout_logprobs.remote(s),
+                                                                    rows)
         if "critic" in roles.groups:
             pending["critic"] = roles["critic"].scatter_padded(lambda a, s: a.values.remote(s), rows)
         out = {}

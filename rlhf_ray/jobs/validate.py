@@ -107,9 +107,10 @@ def samples_per_prompt(cfg: JobConfig) -> int:
     return cfg.algorithm.samples_per_prompt or algorithm.default_samples_per_prompt
 
 
-def validate_offline(cfg: JobConfig) -> None:
+def validate_offline(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
     objective = get_offline_objective(cfg.algorithm.name)
     check_fields_read(cfg)
+    check_lora(cfg, "offline", produced)
     objective_params(cfg)
     if objective.needs_reference and not cfg.reference.enabled:
         raise ConfigError(f"algorithm.name: {objective.name} needs a reference model, but reference.enabled is "
@@ -141,6 +142,7 @@ def validate_offline(cfg: JobConfig) -> None:
 def validate_online(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
     algorithm = get_online_algorithm(cfg.algorithm.name)
     check_fields_read(cfg)
+    check_lora(cfg, "online", produced)
     n = samples_per_prompt(cfg)
     if n < algorithm.min_samples_per_prompt:
         raise ConfigError(f"algorithm.samples_per_prompt: {algorithm.name} compares samples within a group and "
@@ -182,7 +184,7 @@ def check_vllm_available(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None
     r = cfg.rollout
     check_vllm_runtime(r)
     check_sampling(r)
-    if any(str(cfg.policy.model.name_or_path).startswith(folder.rstrip("/") + "/") for folder in produced):
+    if _made_by_earlier_job(cfg.policy.model.name_or_path, produced):
         return
     config = read_model_config(cfg.policy.model.name_or_path, trust_remote_code=cfg.policy.model.trust_remote_code)
     limit = max_positions(config) if config is not None else None
@@ -193,6 +195,88 @@ def check_vllm_available(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None
                           f"exceeds the {limit} positions of {cfg.policy.model.name_or_path}; shorten one of them")
 
 
+def _made_by_earlier_job(path: str, produced: tuple[str, ...]) -> bool:
+    return any(str(path).startswith(folder.rstrip("/") + "/") for folder in produced)
+
+
+def lora_roles(cfg: JobConfig, kind: str) -> dict[str, str]:
+    """{trained role with LoRA: the model it starts from} for this job (`kind`: online or offline)."""
+    trained: dict[str, str] = {}
+    if kind == "online":
+        trained["policy"] = cfg.policy.model.name_or_path
+        if get_online_algorithm(cfg.algorithm.name).needs_critic:
+            trained["critic"] = (cfg.reward.model.name_or_path if cfg.critic.init_from == "reward"
+                                 else cfg.policy.model.name_or_path)
+    elif get_offline_objective(cfg.algorithm.name).trains == "policy":
+        trained["policy"] = cfg.policy.model.name_or_path
+    else:
+        trained["reward"] = cfg.reward.model.name_or_path
+    return {role: model for role, model in trained.items() if getattr(cfg, role).lora.enabled}
+
+
+def check_lora(cfg: JobConfig, kind: str, produced: tuple[str, ...] = ()) -> None:
+    """LoRA settings that cannot work fail here, before any model loads, naming the key."""
+    import torch
+
+    if cfg.reference.lora.enabled:
+        raise ConfigError("reference.lora: the reference is frozen and trains nothing; remove it (a LoRA policy's "
+                          "reference is its own base with the adapter off)")
+    for role in ("policy", "critic", "reward"):
+        if getattr(cfg, role).lora.enabled and role not in lora_roles(cfg, kind):
+            trained = "is frozen in online jobs (LoRA trains a reward model with algorithm rm)" \
+                if role == "reward" else f"is not trained by {cfg.algorithm.name}"
+            raise ConfigError(f"{role}.lora: the {role} {trained}; remove {role}.lora")
+    roles = lora_roles(cfg, kind)
+    for role, model in roles.items():
+        settings = getattr(cfg, role)
+        if settings.lora.quantize:
+            problem = None
+            if not torch.cuda.is_available():
+                problem = "CUDA, absent on this machine"
+            else:
+                try:
+                    import bitsandbytes  # noqa: F401
+                except ImportError:
+                    problem = "the bitsandbytes package, not installed here"
+            if problem:
+                raise ConfigError(f"{role}.lora.quantize: a 4-bit base (QLoRA) needs {problem}; set "
+                                  f"{role}.lora.quantize= (empty) to train LoRA on the base in its own dtype")
+            raise ConfigError(f"{role}.lora.quantize: a 4-bit base under DeepSpeed ZeRO is not supported by this "
+                              f"release; set {role}.lora.quantize= (empty) and train LoRA on a bf16 base")
+        if model and not _made_by_earlier_job(model, produced):
+            from rlhf_ray.models.loading import read_model_config
+            from rlhf_ray.models.lora import check_target_modules
+
+            config = read_model_config(model, trust_remote_code=settings.model.trust_remote_code)
+            if config is not None:
+                check_target_modules(config, settings.lora, f"{role}.lora.target_modules",
+                                     settings.model.trust_remote_code)
+    if cfg.policy_is_reference and cfg.reference.share_with:
+        raise ConfigError(f"reference.share_with: a LoRA policy's reference is its own base with the adapter off, "
+                          f"not job {cfg.reference.share_with!r}'s reference group; remove reference.share_with, "
+                          "or set reference.model.name_or_path to give this job a reference group of its own")
+    lora = cfg.policy.lora
+    if kind == "online" and "policy" in roles and cfg.rollout.engine == "vllm" and \
+            cfg.rollout.num_gpus_per_engine > 0 and cfg.rollout.weight_transfer == "nccl":
+        raise ConfigError("rollout.weight_transfer: nccl broadcasts the policy's parameters as they are, and a LoRA "
+                          "policy's are adapters on a frozen base; set rollout.weight_transfer=ipc (the merged "
+                          "weights in buckets, or the adapter alone with policy.lora.sync=adapter)")
+    if kind == "online" and "policy" in roles and lora.sync == "adapter":
+        if cfg.rollout.engine != "vllm":
+            raise ConfigError("policy.lora.sync: adapter serves the adapter with vLLM's LoRA support; "
+                              f"rollout.engine is {cfg.rollout.engine}: set policy.lora.sync=merged")
+        model = cfg.policy.model.name_or_path
+        if not _made_by_earlier_job(model, produced):
+            from rlhf_ray.models.loading import read_model_config
+            from rlhf_ray.workers.rollout.vllm import vllm_supports_lora
+
+            config = read_model_config(model, trust_remote_code=cfg.policy.model.trust_remote_code)
+            if config is not None and not vllm_supports_lora(config):
+                raise ConfigError(f"policy.lora.sync: adapter needs vLLM LoRA kernels for "
+                                  f"{', '.join(config.architectures or [config.model_type])}, which vLLM lacks; set "
+                                  "policy.lora.sync=merged (the merged weights, as without LoRA)")
+
+
 def validate(cfg: JobConfig, produced: tuple[str, ...] = ()) -> str:
     """Run every cross-section check; returns the job kind. `produced`: folders that jobs before this one
     (in a pipeline) will write, whose models cannot be read yet; they are checked when the job starts."""
@@ -200,5 +284,5 @@ def validate(cfg: JobConfig, produced: tuple[str, ...] = ()) -> str:
     if kind == "online":
         validate_online(cfg, produced)
     else:
-        validate_offline(cfg)
+        validate_offline(cfg, produced)
     return kind

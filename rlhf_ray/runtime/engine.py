@@ -107,6 +107,9 @@ class TrainEngine:
             total_steps=max(total_optimizer_steps, 1), scheduler=optim.scheduler, train=True,
             model_numel=sum(p.numel() for p in model.parameters()),
             largest_param_numel=max(p.numel() for p in model.parameters()))
+        from rlhf_ray.models.lora import is_peft_model
+
+        self.lora = is_peft_model(model)
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, config=self.ds_config)
@@ -252,17 +255,33 @@ class TrainEngine:
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return nullcontext()
 
-    def iter_weight_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Yield the model's full weights as buckets of `(name, cpu_tensor)` of about `bucket_bytes`.
-
-        Every rank must iterate (ZeRO-3 gathers are collective); only rank 0's
-        buckets are meant to be sent. No more than one bucket of full weights
-        (plus the parameters being gathered) is held at a time."""
-        bucket: list[tuple[str, torch.Tensor]] = []
-        size = 0
+    def _gathered_named(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """`(name, full cpu copy)` of every parameter, one at a time (ZeRO-3 gathers each on every rank)."""
         for name, param in self.module.named_parameters():
             with self.gathered([param]):
                 tensor = param.detach().to("cpu", copy=True)
+            yield name, tensor
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights the model computes with, under the base model's names: with LoRA the base plus
+        the adapter, merged one module at a time (`models.lora.MergedWeights`)."""
+        if self.lora:
+            from rlhf_ray.models.lora import MergedWeights
+
+            yield from MergedWeights(self.module).stream(self._gathered_named())
+        else:
+            yield from self._gathered_named()
+
+    def iter_weight_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Yield the model's full weights (`named_weights`) as buckets of `(name, cpu_tensor)` of about
+        `bucket_bytes`.
+
+        Every rank must iterate (ZeRO-3 gathers are collective); only rank 0's
+        buckets are meant to be sent. No more than one bucket of full weights
+        (plus the module being merged or the parameter being gathered) is held at a time."""
+        bucket: list[tuple[str, torch.Tensor]] = []
+        size = 0
+        for name, tensor in self.named_weights():
             bucket.append((name, tensor))
             size += tensor.numel() * tensor.element_size()
             if size >= bucket_bytes:
@@ -271,16 +290,34 @@ class TrainEngine:
         if bucket:
             yield bucket
 
-    def export(self, directory: str, tokenizer, rank: int) -> None:
-        """`save_pretrained` of the full weights (every rank gathers for ZeRO-3; rank 0 writes)."""
-        save_pretrained(self.module, self.full_state_dict(), tokenizer, directory, rank == 0)
+    def adapter(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """A LoRA model's adapter tensors and `adapter_config.json` contents (every rank gathers)."""
+        from rlhf_ray.models.lora import adapter_state
+
+        return adapter_state(self.module, self._gathered_named())
+
+    def export(self, directory: str, tokenizer, rank: int, merge: bool = True) -> None:
+        """`save_pretrained` of the full weights (every rank gathers for ZeRO-3; rank 0 writes). A LoRA
+        model writes its merged weights there and its adapter to `adapter/` under it, or with
+        `merge=False` only its adapter (peft's format) to `directory`."""
+        if not self.lora:
+            save_pretrained(self.module, self.full_state_dict(), tokenizer, directory, rank == 0)
+            return
+        state = dict(self._gathered_named())
+        if rank != 0:
+            return
+        from rlhf_ray.models.lora import MergedWeights
+
+        adapter_dir = os.path.join(directory, "adapter") if merge else directory
+        self.module.save_pretrained(adapter_dir, state_dict=state)
+        tokenizer.save_pretrained(adapter_dir)
+        if merge:
+            merged = dict(MergedWeights(self.module).stream(state.items()))
+            save_pretrained(self.module.get_base_model(), merged, tokenizer, directory, True)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full CPU state dict (ZeRO-3 gathered); used to export with `save_pretrained`."""
-        state = {}
-        for bucket in self.iter_weight_buckets(bucket_bytes=64 * 2**20):
-            state.update(bucket)
-        return state
+        """Full CPU state dict (ZeRO-3 gathered, LoRA merged) under the base model's names."""
+        return dict(self.named_weights())
 
     def _record_peak(self) -> None:
         now = measure_memory(self.engine, self.optimizer)
@@ -334,8 +371,9 @@ class InferenceEngine:
             return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         return nullcontext()
 
-    def export(self, directory: str, tokenizer, rank: int) -> None:
-        """`save_pretrained` of the full weights (every rank gathers for ZeRO-3; rank 0 writes)."""
+    def export(self, directory: str, tokenizer, rank: int, merge: bool = True) -> None:
+        """`save_pretrained` of the full weights (every rank gathers for ZeRO-3; rank 0 writes; a frozen
+        model has no adapter, so `merge` changes nothing)."""
         save_pretrained(self.module, self.full_state_dict(), tokenizer, directory, rank == 0)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -237,6 +237,16 @@ class RoleGroups:
     def __getitem__(self, name: str) -> ActorGroup:
         return self.groups[name]
 
+    def reference(self) -> ActorGroup | None:
+        """The group that answers the reference's calls (`ReferenceScoring`): the job's reference group, or
+        a LoRA policy's own (its base with the adapter off, `JobConfig.policy_is_reference`); None when
+        the job has no reference."""
+        if "reference" in self.groups:
+            return self.groups["reference"]
+        if self.cfg.policy_is_reference and "policy" in self.groups:
+            return self.groups["policy"]
+        return None
+
     def __enter__(self) -> "RoleGroups":
         return self
 

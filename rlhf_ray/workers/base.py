@@ -40,11 +40,17 @@ class TrainableWorker(EngineWorker):
 
     engine: TrainEngine
 
-    def build_engine(self, model, settings: RoleConfig, *, batch_per_rank: int, total_optimizer_steps: int) -> dict:
+    def build_engine(self, model, settings: RoleConfig, *, batch_per_rank: int, total_optimizer_steps: int,
+                     heads: tuple[str, ...] = ()) -> dict:
         """Make `model` this rank's `TrainEngine` under the role's config (dropout off unless
-        `model.disable_dropout` is false); returns the rank's memory metrics."""
+        `model.disable_dropout` is false; with `lora.rank > 0`, LoRA adapters on the frozen base, the
+        `heads` modules fully trained); returns the rank's memory metrics."""
         if settings.model.disable_dropout:
-            disable_dropout(model)
+            disable_dropout(model)  # before the adapters, whose own dropout is `lora.dropout`
+        if settings.lora.enabled:
+            from rlhf_ray.models.lora import apply_lora
+
+            model = apply_lora(model, settings.lora, trainable_heads=heads, key=f"{self.ROLE}.lora")
         dtype = str(resolve_dtype(settings.model.dtype)).replace("torch.", "")
         self.engine = TrainEngine(model, settings, world_size=self.world_size, batch_per_rank=batch_per_rank,
                                   total_optimizer_steps=total_optimizer_steps, dtype=dtype)
@@ -62,4 +68,5 @@ class ExportMixin:
 
     def export(self, directory: str) -> None:
         """`save_pretrained` of the model and tokenizer (rank 0 writes; all ranks gather for ZeRO-3)."""
-        self.engine.export(directory, self.tokenizer, self.rank)
+        job = getattr(self, "job", None)
+        self.engine.export(directory, self.tokenizer, self.rank, merge=job.export.merge if job else True)

@@ -32,7 +32,7 @@ class CriticWorker(TrainableWorker):
                                        trust_remote_code=cfg.model.trust_remote_code, seed=job.run.seed,
                                        tokenizer=tokenizer)
         return self.build_engine(model, cfg, batch_per_rank=batch_per_rank,
-                                 total_optimizer_steps=total_optimizer_steps)
+                                 total_optimizer_steps=total_optimizer_steps, heads=("value_head",))
 
     def values(self, batch: dict) -> dict:
         """`values [B, R]` of rollout rows: V(s_t) before each response token."""

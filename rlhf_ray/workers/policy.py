@@ -3,7 +3,10 @@
 One Ray actor per data-parallel rank. It trains every offline objective whose
 registry entry says `trains == "policy"` and the online policy update, scores
 log-probs, generates (SPIN), exports with `save_pretrained`, checkpoints, and
-streams its weights to rollout engines and to the reference role.
+streams its weights to rollout engines and to the reference role. With LoRA
+(`policy.lora.rank > 0`) only the adapters train, the weights it streams are
+merged (or, `lora.sync: adapter`, only the adapters), and its base with the
+adapter disabled scores the reference's log-probs.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import ExportMixin, TrainableWorker
 from rlhf_ray.workers.forward import generate_tokens
+from rlhf_ray.workers.reference import ReferenceScoring
 
 
 def _preference_loss(objective, params, engine=None):
@@ -70,10 +74,19 @@ OFFLINE_LOSS_BUILDERS = {"preference": _preference_loss, "sft": _sft_loss, "kto"
 
 
 
-class PolicyWorker(ExportMixin, TrainableWorker):
-    """One rank of the policy group."""
+class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
+    """One rank of the policy group; with LoRA also the job's reference (`ReferenceScoring` on its base,
+    the adapter disabled)."""
 
     ROLE = "policy"
+
+    def reference_eval(self, batch: dict, fn) -> dict:
+        """`fn` over `batch` on the base weights: the adapter off for the forward passes, on again after."""
+        if not self.engine.lora:
+            raise RuntimeError("the policy answers the reference's calls only with policy.lora.rank > 0 (its base "
+                               "with the adapter off); this job needs a reference group")
+        with self.engine.module.disable_adapter():
+            return self.engine.forward_eval(batch, fn)
 
     def setup(self, job: JobConfig, *, init_from: str, batch_per_rank: int, total_optimizer_steps: int) -> dict:
         """Load the model from `init_from` (preset, path or hub name) and build the DeepSpeed engine."""
@@ -187,7 +200,9 @@ class PolicyWorker(ExportMixin, TrainableWorker):
             bucket_bytes=bucket_bytes, gathered=self.engine.gathered)
 
     def send_weights(self, targets: list, bucket_bytes: int, role: str = "rollout") -> dict:
-        """Stream the full weights in buckets to each target actor's `load_weights` (rank 0 sends).
+        """Stream the full weights in buckets to each target actor's `load_weights` (rank 0 sends); with
+        LoRA the merged weights, or with `policy.lora.sync: adapter` only the adapter, to the rollout
+        engines' `load_adapter`.
 
         Every rank iterates so ZeRO-3 gathers line up; the driver never holds
         the weights. Returns bytes sent."""
@@ -199,6 +214,12 @@ class PolicyWorker(ExportMixin, TrainableWorker):
         if getattr(self, "_vllm_sender", None) is not None:
             return self._vllm_sender.send()
         sender = self.rank == 0 and bool(targets)
+        if role == "rollout" and self.engine.lora and self.job.policy.lora.sync == "adapter":
+            tensors, config = self.engine.adapter()  # every rank gathers (ZeRO-3)
+            if sender:
+                wait_all([t.load_adapter.remote(tensors, config) for t in targets], _target)
+            sent = sum(t.numel() * t.element_size() for t in tensors.values()) * len(targets) if sender else 0
+            return {"sync/bytes": float(sent)}
         sent = 0
         if sender:
             wait_all([t.begin_weight_update.remote() for t in targets], _target)

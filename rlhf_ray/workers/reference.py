@@ -1,6 +1,8 @@
 """The reference role: a frozen copy of the policy that scores log-probs.
 
-It is the KL anchor of online jobs and the `pi_ref` of the DPO family. With
+It is the KL anchor of online jobs and the `pi_ref` of the DPO family. Its
+scoring methods (`ReferenceScoring`) are shared with a LoRA policy, whose
+base with the adapter disabled is the reference without a group of its own. With
 `reference.zero_stage: 3` its ranks hold ZeRO-3 partitions and gather on the
 fly. SPIN and sDPO move it to the latest policy through `load_weights`.
 """
@@ -15,7 +17,48 @@ from rlhf_ray.workers.base import EngineWorker, ExportMixin
 from rlhf_ray.workers.forward import generate_tokens
 
 
-class ReferenceWorker(ExportMixin, EngineWorker):
+class ReferenceScoring:
+    """The reference's scoring methods over `reference_eval(batch, fn)`: a `ReferenceWorker` runs them on
+    its frozen model, a LoRA policy on its base with the adapter disabled (then the job has no
+    reference group: the policy's actors answer the reference's calls)."""
+
+    job: JobConfig
+
+    def reference_eval(self, batch: dict, fn) -> dict:
+        raise NotImplementedError
+
+    def pair_logps(self, batch: dict, vocab: bool = False) -> dict:
+        """`ref_chosen_logps`, `ref_rejected_logps` `[B]` (and `ref_*_vocab_logps` for TDPO)."""
+        def fn(module, mb):
+            stats = fw.pair_logps(module, mb, vocab=vocab)
+            keep = ("chosen_logps", "rejected_logps") + (("chosen_vocab_logps", "rejected_vocab_logps") if vocab else ())
+            return {f"ref_{k}": stats[k] for k in keep}
+        return self.reference_eval(batch, fn)
+
+    def token_logps(self, batch: dict) -> dict:
+        """`ref_token_logps [B, T-1]` and `ref_logps [B]` of right-padded sequences (KL-SFT, KTO)."""
+        def fn(module, mb):
+            stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
+            return {"ref_token_logps": stats["token_logps"], "ref_logps": stats["logps"]}
+        return self.reference_eval(batch, fn)
+
+    def kto_logps(self, batch: dict) -> dict:
+        """Reference log-probs of KTO's examples and of their mismatched pairs (the KL reference point)."""
+        def fn(module, mb):
+            main = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
+            kl = fw.sequence_logps(module, mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_loss_mask"])
+            return {"ref_logps": main["logps"], "ref_kl_logps": kl["logps"]}
+        return self.reference_eval(batch, fn)
+
+    def ref_rollout_logprobs(self, batch: dict) -> dict:
+        """`ref_logprobs [B, R]` of rollout responses (the KL anchor of online jobs)."""
+        response_length = batch["response_mask"].shape[1]
+        temperature = self.job.rollout.temperature
+        return self.reference_eval(batch, lambda m, mb: {"ref_logprobs": fw.response_logprobs(
+            m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature)["logprobs"]})
+
+
+class ReferenceWorker(ReferenceScoring, ExportMixin, EngineWorker):
     """One rank of the reference group; `export` writes the current reference weights (SPIN/sDPO
     checkpoints need them)."""
 
@@ -34,35 +77,8 @@ class ReferenceWorker(ExportMixin, EngineWorker):
                                       dtype=str(dtype).replace("torch.", ""))
         return self.memory()
 
-    def pair_logps(self, batch: dict, vocab: bool = False) -> dict:
-        """`ref_chosen_logps`, `ref_rejected_logps` `[B]` (and `ref_*_vocab_logps` for TDPO)."""
-        def fn(module, mb):
-            stats = fw.pair_logps(module, mb, vocab=vocab)
-            keep = ("chosen_logps", "rejected_logps") + (("chosen_vocab_logps", "rejected_vocab_logps") if vocab else ())
-            return {f"ref_{k}": stats[k] for k in keep}
+    def reference_eval(self, batch: dict, fn) -> dict:
         return self.engine.forward_eval(batch, fn)
-
-    def token_logps(self, batch: dict) -> dict:
-        """`ref_token_logps [B, T-1]` and `ref_logps [B]` of right-padded sequences (KL-SFT, KTO)."""
-        def fn(module, mb):
-            stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
-            return {"ref_token_logps": stats["token_logps"], "ref_logps": stats["logps"]}
-        return self.engine.forward_eval(batch, fn)
-
-    def kto_logps(self, batch: dict) -> dict:
-        """Reference log-probs of KTO's examples and of their mismatched pairs (the KL reference point)."""
-        def fn(module, mb):
-            main = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
-            kl = fw.sequence_logps(module, mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_loss_mask"])
-            return {"ref_logps": main["logps"], "ref_kl_logps": kl["logps"]}
-        return self.engine.forward_eval(batch, fn)
-
-    def rollout_logprobs(self, batch: dict) -> dict:
-        """`ref_logprobs [B, R]` of rollout responses (the KL anchor of online jobs)."""
-        response_length = batch["response_mask"].shape[1]
-        temperature = self.job.rollout.temperature
-        return self.engine.forward_eval(batch, lambda m, mb: {"ref_logprobs": fw.response_logprobs(
-            m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature)["logprobs"]})
 
     def generate(self, prompt_batch: dict, max_new_tokens: int, seed: int, greedy: bool = False) -> list[list[int]]:
         """Responses of the reference to left-padded prompts: SPIN's generator is the previous iterate."""

@@ -49,7 +49,7 @@ class RewardTrainerWorker(ExportMixin, TrainableWorker):
                                        trust_remote_code=cfg.model.trust_remote_code, seed=job.run.seed,
                                        tokenizer=self.tokenizer)
         return self.build_engine(model, cfg, batch_per_rank=batch_per_rank,
-                                 total_optimizer_steps=total_optimizer_steps)
+                                 total_optimizer_steps=total_optimizer_steps, heads=("value_head",))
 
     def train_offline(self, batch: dict, objective_name: str, params: dict) -> dict:
         objective = get_offline_objective(objective_name)

@@ -274,6 +274,10 @@ def engine_kwargs(job: JobConfig, *, model_dir: str, device: str, weight_transfe
         # policy recomputes.
         "logprobs_mode": "processed_logprobs",
     }
+    lora = job.policy.lora
+    if lora.enabled and lora.sync == "adapter":
+        # The engine keeps the base weights and serves the policy's latest adapter (one at a time).
+        kwargs.update(enable_lora=True, max_lora_rank=max_lora_rank(lora.rank), max_loras=1)
     if device == "cpu":
         # Eager: compiling the CPU graphs costs about a minute at start for little gain on small models.
         kwargs.update(enforce_eager=True, kv_cache_memory_bytes=r.cpu_kv_cache_bytes)
@@ -284,6 +288,29 @@ def engine_kwargs(job: JobConfig, *, model_dir: str, device: str, weight_transfe
         # Worker processes on this actor's GPUs (Ray's executor would ask the cluster for more).
         kwargs["distributed_executor_backend"] = "mp"
     return kwargs
+
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM accepts as max_lora_rank
+
+
+def vllm_supports_lora(config) -> bool:
+    """Whether vLLM has LoRA kernels for the model of HF `config` (e.g. Llama yes, GPT-2 no)."""
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    for arch in config.architectures or []:
+        cls = ModelRegistry._try_load_model_cls(arch)
+        if cls is not None:
+            return bool(supports_lora(cls))
+    return False
+
+
+def max_lora_rank(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds an adapter of `rank`."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise ConfigError(f"policy.lora.rank {rank}: vLLM serves adapters of rank <= {VLLM_LORA_RANKS[-1]}")
 
 
 def engine_rank_offsets(num_engines: int, tensor_parallel_size: int) -> list[int]:
@@ -379,6 +406,7 @@ class VLLMRolloutWorker:
             self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info={"packed": False}))
         self._ipc_devices: list[tuple[int, str]] = []
         self.version = 0
+        self._lora = None  # the policy's adapter the engine serves (`lora.sync: adapter`), once sent
         return self.memory()
 
     def _model_dir(self, init_from: str) -> str:
@@ -407,7 +435,8 @@ class VLLMRolloutWorker:
         from vllm import SamplingParams
 
         requests = [{"prompt_token_ids": tokens} for tokens in token_lists]
-        return self.llm.generate(requests, [SamplingParams(**kw) for kw in kwargs_list], use_tqdm=False)
+        return self.llm.generate(requests, [SamplingParams(**kw) for kw in kwargs_list], use_tqdm=False,
+                                 lora_request=self._lora)
 
     def generate(self, prompts: dict, n: int, greedy: bool, seed: int, sample: bool = True) -> dict:
         """Samples (`n` per prompt) and, with `greedy`, one greedy response per prompt, in one
@@ -494,6 +523,32 @@ class VLLMRolloutWorker:
         if self.weight_transfer == "ipc":
             torch.cuda.ipc_collect()
 
+    def load_adapter(self, tensors: dict[str, torch.Tensor], config: dict) -> None:
+        """The policy's latest LoRA adapter (`policy.lora.sync: adapter`): written in peft's format to this
+        engine's own folder and served from the next `generate` on, in place of the one before."""
+        import json
+
+        from safetensors.torch import save_file
+        from vllm.lora.request import LoRARequest
+
+        folder = os.path.join(self._adapter_root(), f"v{self.version + 1}")
+        os.makedirs(folder, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
+        with open(os.path.join(folder, "adapter_config.json"), "w") as f:
+            json.dump(config, f)
+        previous = self._lora
+        self.version += 1
+        self._lora = LoRARequest(f"policy-v{self.version}", self.version, folder)
+        if previous is not None:
+            self.llm.llm_engine.remove_lora(previous.lora_int_id)
+            shutil.rmtree(previous.lora_path, ignore_errors=True)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old adapter
+
+    def _adapter_root(self) -> str:
+        if not getattr(self, "_adapter_dir", None):
+            self._adapter_dir = tempfile.mkdtemp(prefix=f"rlhf-ray-vllm-adapters{self.rank}-")
+        return self._adapter_dir
+
     def close_weight_transfer(self) -> None:
         """Leave the sender's transfer group (vLLM keeps serving)."""
         self.llm.shutdown_weight_transfer_engine()
@@ -534,6 +589,9 @@ class VLLMRolloutWorker:
         if self._materialised_dir:
             shutil.rmtree(self._materialised_dir, ignore_errors=True)
             self._materialised_dir = None
+        if getattr(self, "_adapter_dir", None):
+            shutil.rmtree(self._adapter_dir, ignore_errors=True)
+            self._adapter_dir = None
 
 
 # the policy side of the nccl backend --------------------------------------------
