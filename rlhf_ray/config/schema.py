@@ -79,6 +79,16 @@ class OptimConfig:
         _check(self.grad_clip >= 0, "grad_clip", "must be >= 0")
 
 
+# The usual LoRA targets per `model_type`: every projection of attention and the MLP (QLoRA, Dettmers et al.
+# 2023, found adapting all linear layers matches full fine-tuning; adapting only q/v does not).
+DEFAULT_LORA_TARGETS = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+}
+
 LORA_SYNC = ("merged", "adapter")
 QUANTIZE = ("", "4bit")
 

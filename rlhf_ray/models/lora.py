@@ -26,17 +26,8 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from rlhf_ray.config.schema import DEFAULT_LORA_TARGETS as DEFAULT_TARGETS
 from rlhf_ray.config.schema import ConfigError, LoraConfig
-
-# The usual LoRA targets per `model_type`: every projection of attention and the MLP (QLoRA, Dettmers et al.
-# 2023, found adapting all linear layers matches full fine-tuning; adapting only q/v does not).
-DEFAULT_TARGETS = {
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-}
 
 PEFT_PREFIX = "base_model.model."
 ADAPTER = "default"  # peft's name of the one adapter a role trains

@@ -34,7 +34,7 @@ import dataclasses
 import math
 
 from rlhf_ray.algorithms.registry import UnknownAlgorithmError, get_offline_objective, get_online_algorithm
-from rlhf_ray.config.schema import ConfigError, JobConfig
+from rlhf_ray.config.schema import DEFAULT_LORA_TARGETS, ConfigError, JobConfig
 from rlhf_ray.planner.layout import ROLES, LayoutPlan, plan_group
 from rlhf_ray.planner.memory import (
     GiB,
@@ -45,6 +45,7 @@ from rlhf_ray.planner.memory import (
     plan_frozen_role,
     plan_rollout,
     plan_trained_role,
+    trained_state_bytes,
 )
 from rlhf_ray.planner.shapes import ModelShape, load_shape, param_tensors
 from rlhf_ray.planner.zero import ZeroConfig, frozen_state_bytes, optimizer_groups, train_state_bytes
@@ -92,7 +93,9 @@ def _roles(cfg: JobConfig) -> _Roles:
     if online is not None:
         n = a.samples_per_prompt or online.default_samples_per_prompt
         trained = [("policy", "lm")] + ([("critic", "scalar")] if online.needs_critic else [])
-        frozen = [("reference", "lm")] if online.needs_reference and a.kl_coef > 0 else []
+        # A LoRA policy's base, adapter off, is its reference: no group of its own.
+        frozen = [("reference", "lm")] if online.needs_reference and a.kl_coef > 0 and not cfg.policy_is_reference \
+            else []
         if not cfg.reward.rule:
             frozen.append(("reward", "scalar"))
         sequences = batch * n + (batch if online.needs_greedy else 0)
@@ -103,7 +106,8 @@ def _roles(cfg: JobConfig) -> _Roles:
         raise ConfigError(f"algorithm.name: {name!r} is neither an online algorithm (ppo, remax, grpo, rloo, "
                           "reinforce_pp) nor an offline objective (sft, rm, dpo and its family)") from None
     trained = [("policy", "lm")] if objective.trains == "policy" else [("reward", "scalar")]
-    frozen = [("reference", "lm")] if objective.needs_reference else []
+    lora_reference = objective.trains == "policy" and cfg.policy_is_reference
+    frozen = [("reference", "lm")] if objective.needs_reference and not lora_reference else []
     return _Roles(tuple(trained), tuple(frozen), 0, batch, objective.data_format == "preference")
 
 
@@ -189,7 +193,8 @@ def planned_roles(cfg: JobConfig, *, model: str | None = None, gpus: int | None 
                 micro_batch_size=rows * micro, seq_len=seq_len,
                 gradient_checkpointing=section.model.gradient_checkpointing,
                 optimizer="adamw_fused" if gpu else "adamw_torch",
-                grad_accum_dtype="fp32" if dtype == "bf16" and section.zero_stage > 0 else None)
+                grad_accum_dtype="fp32" if dtype == "bf16" and section.zero_stage > 0 else None,
+                **_lora(section.lora, shape, role))
         else:
             stage = 3 if section.zero_stage == 3 else 0
             settings = InferenceSettings(
@@ -206,6 +211,18 @@ def planned_roles(cfg: JobConfig, *, model: str | None = None, gpus: int | None 
             prompt_len=cfg.data.max_prompt_length, response_len=r.max_new_tokens)
         specs.append(PlannedRole("rollout", "lm", shapes["policy"], settings, devices // tp, devices, 1))
     return tuple(specs)
+
+
+def _lora(lora, shape: ModelShape, role: str) -> dict:
+    """TrainSettings' LoRA fields for a role's `lora` section (the architecture's default targets when
+    none are named)."""
+    if not lora.enabled:
+        return {}
+    targets = tuple(lora.target_modules) or DEFAULT_LORA_TARGETS.get(shape.model_type)
+    if not targets:
+        raise ConfigError(f"{role}.lora.target_modules: no default LoRA targets for model type "
+                          f"{shape.model_type!r}; name the modules")
+    return {"lora_rank": lora.rank, "lora_targets": targets}
 
 
 def _with_algorithm(cfg: JobConfig, algorithm: str | None) -> JobConfig:
@@ -252,9 +269,7 @@ def held_bytes(cfg: JobConfig, *, algorithm: str | None = None, rank: int = 0) -
         numels = [t.numel for t in param_tensors(spec.shape, spec.head)]
         s = spec.settings
         if isinstance(s, TrainSettings):
-            state = train_state_bytes(optimizer_groups(param_tensors(spec.shape, spec.head), s.split_no_decay),
-                                      s.dtype, s.zero, spec.ranks, s.optimizer, rank=rank,
-                                      grad_accum_dtype=s.grad_accum_dtype)
+            state = trained_state_bytes(spec.shape, spec.head, s, spec.ranks, rank=rank)
         elif isinstance(s, InferenceSettings):
             state = frozen_state_bytes(numels, s.dtype, s.zero, spec.ranks)
         else:  # a rollout engine holds a whole copy of the weights

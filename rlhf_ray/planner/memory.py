@@ -30,8 +30,15 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf_ray.planner.shapes import ModelShape, param_tensors
-from rlhf_ray.planner.zero import ZeroConfig, dtype_bytes, frozen_state_bytes, optimizer_groups, train_state_bytes
+from rlhf_ray.planner.shapes import ModelShape, lora_tensors, param_tensors
+from rlhf_ray.planner.zero import (
+    StateBytes,
+    ZeroConfig,
+    dtype_bytes,
+    frozen_state_bytes,
+    optimizer_groups,
+    train_state_bytes,
+)
 
 GiB = 1024**3
 PHASES: tuple[str, ...] = ("generate", "score", "train")
@@ -69,6 +76,10 @@ class TrainSettings:
     grad_accum_dtype: str | None = None
     """DeepSpeed's data_types.grad_accum_dtype (None: the model dtype). rlhf-ray
     sets "fp32" for bf16 under ZeRO 1-3."""
+    lora_rank: int = 0
+    """LoRA adapters of this rank on `lora_targets` (0: every weight trains)."""
+    lora_targets: tuple[str, ...] = ()
+    """Module names (last name component) that carry adapters."""
 
     def __post_init__(self) -> None:
         _check_batch("TrainSettings", self.dtype, self.micro_batch_size, self.seq_len)
@@ -266,14 +277,38 @@ def _gathered_params(shape: ModelShape, head: str, dtype: str, zero: ZeroConfig)
     return _e(dtype) * min(big, _largest_module_numel(shape) + zero.prefetch_bucket_size)
 
 
+def trained_tensors(shape: ModelShape, head: str, settings: TrainSettings) -> tuple[list, list]:
+    """(trained, frozen) parameter tensors of a trained role: everything and nothing, or with LoRA the
+    adapters plus a scalar head's trained copy, and the whole base (peft keeps the head's original)."""
+    tensors = param_tensors(shape, head)
+    if not settings.lora_rank:
+        return tensors, []
+    adapters = lora_tensors(shape, settings.lora_rank, settings.lora_targets, head)
+    heads = [t for t in tensors if t.name.startswith("score.")]
+    return adapters + heads, tensors
+
+
+def trained_state_bytes(shape: ModelShape, head: str, settings: TrainSettings, num_gpus: int,
+                        rank: int | None = None) -> StateBytes:
+    """What one rank of a trained role holds: the trained tensors' weights, gradients and optimizer state
+    (`train_state_bytes`) and, with LoRA, the frozen base's weights (`frozen_state_bytes`)."""
+    trained, frozen = trained_tensors(shape, head, settings)
+    state = train_state_bytes(optimizer_groups(trained, settings.split_no_decay), settings.dtype, settings.zero,
+                              num_gpus, settings.optimizer, rank=rank, grad_accum_dtype=settings.grad_accum_dtype)
+    if not frozen:
+        return state
+    base = frozen_state_bytes([t.numel for t in frozen], settings.dtype, settings.zero, num_gpus)
+    for place in ("device", "host"):
+        for key, nbytes in getattr(base, place).items():
+            getattr(state, place)[key] = getattr(state, place).get(key, 0) + nbytes
+    return state
+
+
 def plan_trained_role(role: str, shape: ModelShape, head: str, settings: TrainSettings, num_gpus: int) -> RolePlan:
     """The policy (head="lm") or critic (head="scalar") trained with DeepSpeed on
-    `num_gpus` data-parallel GPUs."""
+    `num_gpus` data-parallel GPUs (with LoRA: adapters on a frozen base)."""
     tensors = param_tensors(shape, head)
-    groups = optimizer_groups(tensors, settings.split_no_decay)
-    state = train_state_bytes(
-        groups, settings.dtype, settings.zero, num_gpus, settings.optimizer, grad_accum_dtype=settings.grad_accum_dtype
-    )
+    state = trained_state_bytes(shape, head, settings, num_gpus)
     b, s, dtype = settings.micro_batch_size, settings.seq_len, settings.dtype
     gpu = {**state.device, **state.transient}
     gpu["gathered_params"] = _gathered_params(shape, head, dtype, settings.zero)
@@ -289,6 +324,10 @@ def plan_trained_role(role: str, shape: ModelShape, head: str, settings: TrainSe
     score = forward + gpu["logits"] + gpu["gathered_params"]
     train = gpu["activations"] + gpu["logits"] + gpu["gathered_params"] + sum(state.transient.values())
     notes = [f"ZeRO-{settings.zero.stage} over {num_gpus} GPU(s), {dtype}, micro-batch {b} x {s} tokens"]
+    if settings.lora_rank:
+        trained = sum(t.numel for t in trained_tensors(shape, head, settings)[0])
+        notes.append(f"LoRA rank {settings.lora_rank} on {', '.join(settings.lora_targets)}: {trained:,} trained "
+                     f"parameters ({100 * trained / sum(t.numel for t in tensors):.2f}%), the base frozen")
     if settings.zero.offload_optimizer:
         notes.append("optimizer offloaded: fp32 master, Adam states and fp32 grads in host memory")
     return RolePlan(

@@ -281,6 +281,21 @@ def param_tensors(shape: ModelShape, head: Head = "lm") -> list[ParamTensor]:
     return tensors
 
 
+def lora_tensors(shape: ModelShape, rank: int, targets: tuple[str, ...], head: Head = "lm") -> list[ParamTensor]:
+    """The adapter tensors LoRA of `rank` adds to the `targets` modules (last name components), in
+    `named_parameters()` order after each target's weight: `lora_A` [rank, in] and `lora_B` [out, rank]
+    (GPT-2's Conv1D weights are stored [in, out])."""
+    out = []
+    for t in param_tensors(shape, head):
+        module, leaf = t.name.rsplit(".", 1)
+        if leaf != "weight" or module.rsplit(".", 1)[-1] not in targets or len(t.shape) != 2:
+            continue
+        fan_in, fan_out = (t.shape[0], t.shape[1]) if shape.model_type == "gpt2" else (t.shape[1], t.shape[0])
+        out.append(ParamTensor(f"{module}.lora_A.weight", (rank, fan_in)))
+        out.append(ParamTensor(f"{module}.lora_B.weight", (fan_out, rank)))
+    return out
+
+
 def param_count(shape: ModelShape) -> int:
     """Parameters of the causal LM, exactly as `sum(p.numel() for p in model.parameters())`."""
     return sum(t.numel for t in param_tensors(shape, "lm"))
