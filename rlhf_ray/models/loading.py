@@ -247,7 +247,8 @@ def load_tokenizer_for(
 ) -> Any:
     """The tokenizer that goes with model ``name_or_path``.
 
-    A preset gets its shipped tokenizer (the tiny one for ``tiny-*``); a
+    A preset gets its shipped tokenizer (the tiny one for ``tiny-*`` and
+    ``small-llama``); a
     shape-only preset (``gpt2``, ``llama-7b``, ...) ships none, and asking for
     it raises ``ValueError``. A checkpoint directory or Hub name loads through
     :func:`rlhf_ray.models.tokenizer.load_tokenizer` (pad token set, EOS as

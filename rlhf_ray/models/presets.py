@@ -5,8 +5,14 @@ config (``"model_type": "gpt2"`` or ``"llama"`` and that family's fields)
 with two additions that never reach the built config:
 
 - ``"tokenizer"``: the shipped tokenizer the preset is sized for (``"tiny"``
-  for ``tiny-gpt2`` and ``tiny-llama``); absent for shape-only presets such as
-  ``gpt2`` or ``llama-7b``, which exist for the memory planner.
+  for ``tiny-gpt2``, ``tiny-llama`` and ``small-llama``); absent for
+  shape-only presets such as ``gpt2`` or ``llama-7b``, which exist for the
+  memory planner.
+
+``tiny-*`` (about 0.6M parameters) make every job overhead-bound, which is
+what the fast tests want; ``small-llama`` (26.2M parameters, the Llama/Qwen2
+block: RMSNorm, rotary positions, SwiGLU, grouped-query attention) is large
+enough for compute to show in step times and still trains on a laptop CPU.
 - ``"auto"`` as the value of ``vocab_size``, ``pad_token_id``,
   ``bos_token_id`` or ``eos_token_id``: read from that tokenizer when the
   config is built (``len(tokenizer)`` and its special-token ids), so a

@@ -22,7 +22,8 @@ from rlhf_ray.data.synthetic import SPLITS, SyntheticConfig, build_synthetic
 from cli_helpers import run
 
 REQUIRED_PRESETS = ("tiny-ppo", "tiny-remax", "tiny-grpo", "tiny-rloo", "tiny-reinforce-pp", "tiny-sft", "tiny-rm",
-                    "tiny-dpo", "llama-7b-ppo-vllm", "llama-7b-remax-vllm")
+                    "tiny-dpo", "small-sft", "small-dpo", "small-ppo", "small-remax", "small-grpo",
+                    "llama-7b-ppo-vllm", "llama-7b-remax-vllm")
 
 
 
@@ -145,6 +146,7 @@ def test_presets_lists_every_shipped_job_with_its_description(capsys):
     for name in REQUIRED_PRESETS:
         assert name in rows and rows[name].strip()
     assert "vLLM" in rows["llama-7b-ppo-vllm"] and "SFT" in rows["tiny-sft"]
+    assert all("small-llama" in rows[f"small-{algo}"] for algo in ("sft", "dpo", "ppo", "remax", "grpo"))
 
 
 def test_config_show_applies_overrides(tmp_path, capsys):

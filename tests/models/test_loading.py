@@ -58,6 +58,22 @@ def test_tiny_presets_match_the_shipped_tokenizer(name, tiny_tokenizer):
     assert getattr(text, "max_position_embeddings", None) == 256 or getattr(text, "n_positions", None) == 256
 
 
+def test_small_llama_is_a_llama_block_of_20_to_30m_parameters_on_the_shipped_tokenizer(tiny_tokenizer):
+    # The preset performance runs use: big enough that compute, not per-step overhead, shows in step times.
+    config = preset_config("small-llama")
+    assert config.model_type == "llama" and config.hidden_act == "silu"  # RMSNorm, rotary, SwiGLU
+    assert config.vocab_size == len(tiny_tokenizer) and config.eos_token_id == tiny_tokenizer.eos_token_id
+    assert config.num_attention_heads % config.num_key_value_heads == 0
+    assert config.num_key_value_heads < config.num_attention_heads  # grouped-query attention
+    assert config.max_position_embeddings >= 256  # the synthetic task's prompts and responses fit
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 26_223_104
+    from rlhf_ray.planner.shapes import load_shape, param_count
+
+    assert param_count(load_shape("small-llama")) == 26_223_104
+
+
 def test_unknown_preset_error_lists_the_known_ones():
     with pytest.raises(ValueError) as err:
         preset_config("tiny-gpt3")
