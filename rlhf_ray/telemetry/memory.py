@@ -146,7 +146,7 @@ class _Ledger:
 
     def __init__(self) -> None:
         self.bytes = dict.fromkeys(CATEGORIES, 0)
-        self._seen: set[tuple[str, int]] = set()
+        self.seen: set[tuple[str, int]] = set()
 
     def add(self, category: str, tensors: Iterable[torch.Tensor]) -> None:
         for tensor in tensors:
@@ -157,9 +157,9 @@ class _Ledger:
                 key, nbytes = (str(tensor.device), storage.data_ptr()), storage.nbytes()
             except (RuntimeError, NotImplementedError, TypeError):  # sparse or other storage-less tensors
                 key, nbytes = (str(tensor.device), id(tensor)), tensor.numel() * tensor.element_size()
-            if nbytes == 0 or key in self._seen:
+            if nbytes == 0 or key in self.seen:
                 continue
-            self._seen.add(key)
+            self.seen.add(key)
             self.bytes[category] += nbytes
 
 
@@ -199,20 +199,8 @@ def _unwrap(module: Any, optimizer: Any) -> tuple[torch.nn.Module, Any]:
     return module, optimizer
 
 
-def measure_memory(module: Any, optimizer: Any = None) -> MemoryReport:
-    """Bytes of parameters, gradients and optimizer state this rank holds now.
-
-    Args:
-        module: a `torch.nn.Module`, or a DeepSpeed engine (its `.module` and
-            `.optimizer` are used; any ZeRO stage, with or without offload).
-        optimizer: a torch optimizer or a DeepSpeed optimizer wrapper; defaults
-            to the engine's own. `None` for a frozen model.
-
-    Storages are counted whole and once each (see the module docstring for the
-    classes and their order), so ZeRO's alignment padding in flat buffers is
-    included: it is allocated.
-    """
-    module, optimizer = _unwrap(module, optimizer)
+def _held_ledger(module: torch.nn.Module, optimizer: Any) -> tuple[_Ledger, list[torch.Tensor]]:
+    """The ledger of every held storage by class (see the module docstring), and the parameters."""
     chain = _optimizer_chain(optimizer)
     ledger = _Ledger()
     params = list(module.parameters())
@@ -243,6 +231,31 @@ def measure_memory(module: Any, optimizer: Any = None) -> MemoryReport:
         if isinstance(state, dict):
             ledger.add("optimizer", _tensors_in(list(state.values())))
 
+    return ledger, params
+
+
+def held_storage_keys(module: Any, optimizer: Any = None) -> set[tuple[str, int]]:
+    """(device, data pointer) of every storage `measure_memory` counts now: parameters, gradients
+    and optimizer state. `telemetry.activations` leaves these out of a micro-step's activations."""
+    module, optimizer = _unwrap(module, optimizer)
+    return set(_held_ledger(module, optimizer)[0].seen)
+
+
+def measure_memory(module: Any, optimizer: Any = None) -> MemoryReport:
+    """Bytes of parameters, gradients and optimizer state this rank holds now.
+
+    Args:
+        module: a `torch.nn.Module`, or a DeepSpeed engine (its `.module` and
+            `.optimizer` are used; any ZeRO stage, with or without offload).
+        optimizer: a torch optimizer or a DeepSpeed optimizer wrapper; defaults
+            to the engine's own. `None` for a frozen model.
+
+    Storages are counted whole and once each (see the module docstring for the
+    classes and their order), so ZeRO's alignment padding in flat buffers is
+    included: it is allocated.
+    """
+    module, optimizer = _unwrap(module, optimizer)
+    ledger, params = _held_ledger(module, optimizer)
     device = _device_of(params)
     return MemoryReport(
         params_bytes=ledger.bytes["params"],
