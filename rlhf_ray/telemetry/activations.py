@@ -45,8 +45,10 @@ storages, so `TrainEngine` runs it on the first micro-step only.
 Two figures come out: `peak_bytes` (the figure above) and
 `after_forward_bytes`, the live bytes when `mark_backward()` was called
 (forward and loss done, backward not started): what is stored for backward,
-the quantity Korthikanti et al. count and the planner estimates as
-activations + logits.
+the quantity Korthikanti et al. count. `end_with_autograd(loss)` ends the
+peak when autograd's backward finishes, so a trainer's gradient
+communication after it (DeepSpeed at ZeRO-0 flattens every gradient into one
+buffer to all-reduce it, even on one rank) is not taken for activations.
 """
 
 from __future__ import annotations
@@ -122,6 +124,7 @@ class ActivationTracker(TorchDispatchMode):
         self._intervals: list[_Interval] = []
         self._op = 0
         self._backward_op: int | None = None
+        self._end_op: int | None = None
         self._closed = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -167,6 +170,20 @@ class ActivationTracker(TorchDispatchMode):
         self._close_expired()
         self._backward_op = self._op
 
+    def end_with_autograd(self, loss: torch.Tensor) -> None:
+        """Stop the peak where autograd's backward of `loss` finishes (call before backward): what a
+        trainer does after it, such as DeepSpeed flattening the gradients to all-reduce them, is
+        gradient communication (the planner's comm buffers), not activations."""
+        if loss.requires_grad:
+            loss.register_hook(self._queue_end)
+
+    def _queue_end(self, grad: torch.Tensor) -> None:
+        torch.autograd.Variable._execution_engine.queue_callback(self._mark_end)
+
+    def _mark_end(self) -> None:
+        self._close_expired()
+        self._end_op = self._op
+
     def report(self, exclude: Iterable[StorageKey] = (), *, rows: int = 0, seq_len: int = 0) -> ActivationReport:
         """Peak and after-forward live bytes, leaving out storages alive at the end whose key is
         in `exclude` (the held state: gradients created in this micro-step)."""
@@ -184,6 +201,8 @@ class ActivationTracker(TorchDispatchMode):
                 freed[interval.end] = freed.get(interval.end, 0) + interval.nbytes
         live = peak = 0
         for op in sorted(set(allocated) | set(freed)):
+            if self._end_op is not None and op >= self._end_op:
+                break
             live += allocated.get(op, 0) - freed.get(op, 0)
             peak = max(peak, live)
         at_backward = 0

@@ -34,7 +34,9 @@ What is held depends on when you look: DeepSpeed frees gradients inside
 `engine.step()` and torch optimizers create their state at the first step. A
 snapshot taken after `backward()` of the second or a later step shows all three
 classes at once; `MemoryReport.max` combines snapshots. Module buffers (rotary
-tables, masks) and activations are not counted: the peak figures cover them.
+tables, masks) and activations are not counted here: `telemetry.activations`
+measures a micro-step's activations beyond these held bytes, and trained
+roles report them beside (`MemoryReport.activations`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
+from rlhf_ray.telemetry.activations import ActivationReport
 
 CATEGORIES = ("params", "grads", "optimizer")
 
@@ -103,6 +107,8 @@ class MemoryReport:
     peak_rss_bytes: int
     cuda_max_allocated_bytes: int | None
     device: str
+    activations: ActivationReport | None = None
+    """A trained role's activation peak of one micro-step (`telemetry.activations`); None elsewhere."""
 
     @property
     def held_bytes(self) -> int:
@@ -124,14 +130,17 @@ class MemoryReport:
             peak_rss_bytes=max(self.peak_rss_bytes, other.peak_rss_bytes),
             cuda_max_allocated_bytes=max(cuda) if cuda else None,
             device=self.device,
+            activations=self.activations.max(other.activations) if self.activations else other.activations,
         )
 
     def to_metrics(self, role: str) -> dict[str, int]:
-        """`memory/<role>/{params,grads,optimizer,held,peak,peak_rss}_bytes` for a metrics row."""
+        """`memory/<role>/{params,grads,optimizer,held,peak,peak_rss}_bytes` for a metrics row, and for a
+        trained role `activations_bytes`, `activations_forward_bytes` and the micro-batch they were
+        measured on (`activations_rows`, `activations_seq_len`)."""
         if not role or "/" in role:
             raise ValueError(f"role name {role!r} cannot name a metric: use a non-empty name without '/'")
         prefix = f"memory/{role}/"
-        return {
+        out = {
             prefix + "params_bytes": self.params_bytes,
             prefix + "grads_bytes": self.grads_bytes,
             prefix + "optimizer_bytes": self.optimizer_bytes,
@@ -139,6 +148,12 @@ class MemoryReport:
             prefix + "peak_bytes": self.peak_bytes,
             prefix + "peak_rss_bytes": self.peak_rss_bytes,
         }
+        if self.activations is not None:
+            a = self.activations
+            out.update({prefix + "activations_bytes": a.peak_bytes,
+                        prefix + "activations_forward_bytes": a.after_forward_bytes,
+                        prefix + "activations_rows": a.rows, prefix + "activations_seq_len": a.seq_len})
+        return out
 
 
 class _Ledger:
