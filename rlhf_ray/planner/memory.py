@@ -9,15 +9,24 @@ exact allocations; this module adds the estimates:
 
 - Activations, after Korthikanti et al. 2022 ("Reducing Activation
   Recomputation in Large Transformer Models", sec. 4.1): a GPT layer stores
-  s*b*h*(34 + 5*a*s/h) bytes with 16-bit activations and 1-byte dropout masks
-  (s sequence, b micro-batch, h hidden, a heads). Spelled out per stored
-  tensor so it scales to fp32, to no dropout, to grouped-query attention, to
-  an inner MLP width I (GeLU: h + 2I, SwiGLU: h + 4I elements per token) and
-  to FlashAttention (no s^2 terms, a fp32 log-sum-exp per head and token).
+  s*b*h*(34 + 5*a*s/h) bytes with 16-bit activations, a fused GeLU and 1-byte
+  dropout masks (s sequence, b micro-batch, h hidden, a heads). Spelled out
+  per stored tensor of the Hugging Face implementations rlhf-ray trains, so it
+  scales to fp32, to no dropout, to grouped-query attention, to an inner MLP
+  width I and to FlashAttention (no s^2 terms, a fp32 log-sum-exp per head
+  and token), and counts what HF really keeps: GPT-2's default gelu_new is a
+  Python formula storing 5 I-wide tensors, not 2; Llama's RMSNorm keeps its
+  input in fp32 and the normalised tensor; Llama's eager softmax is fp32.
   Gradient checkpointing of every layer keeps each layer's input (s*b*h) and
-  one layer's activations while it is recomputed.
-- Logits: the LM head's output in the compute dtype plus its fp32 log-softmax
-  for the token log-probs, b*s*V*(bytes + 4).
+  one layer's activations while it is recomputed. A training micro-step peaks
+  either at the head (everything stored, plus the fp32 logits the loss keeps
+  and their fp32 gradient) or at a layer's backward (the layer's activations
+  and its gradients); `train_activation_bytes` takes the larger. Checked
+  against the bytes `telemetry.activations` measures on the tiny presets
+  (`tests/planner/test_activations_measured.py`).
+- Logits: in a forward pass the LM head's output in the compute dtype plus
+  its fp32 copy for the token log-probs, b*s*V*(bytes + 4); in training the
+  fp32 copy and its gradient, b*s*V*8.
 - Rollout: vLLM holds weights / tensor-parallel size plus a KV cache of
   2 * layers * kv_heads * head_dim * bytes per token, and pre-allocates
   `gpu_memory_utilization` of the whole GPU for weights, activations and KV
@@ -187,28 +196,75 @@ def _e(dtype: str) -> int:
     return dtype_bytes(dtype)
 
 
+# HF activations whose module is one fused op saving only its input (GeLU, SiLU in torch). The
+# others in HF's ACT2FN are Python formulas: every intermediate autograd needs is a stored tensor.
+_FUSED_ACTS = ("gelu", "gelu_pytorch_tanh", "relu", "silu", "swish")
+# I-wide tensors HF's `NewGELUActivation` (GPT-2's default gelu_new, 0.5*x*(1+tanh(c*(x+0.044715x^3))))
+# stores beside its input: tanh's output, 0.5*x and 1+tanh for the final product.
+_GELU_NEW_EXTRA = 3
+
+
+def mlp_stored_widths(shape: ModelShape) -> int:
+    """Elements per token one MLP stores for backward in the HF implementation, its input apart.
+
+    GPT-2: the up-projection output I, the activation's output I (the down-projection's input),
+    and for the default gelu_new 3 more I-wide intermediates of its formula. Llama (SwiGLU):
+    gate and up outputs, SiLU(gate) and the product, 4I.
+    """
+    inner = shape.intermediate_size
+    act = shape.hidden_act or ("gelu_new" if shape.model_type == "gpt2" else "silu")
+    if shape.model_type == "llama":
+        return 4 * inner
+    return (2 + (0 if act in _FUSED_ACTS else _GELU_NEW_EXTRA)) * inner
+
+
+def norm_stored_bytes(shape: ModelShape, dtype: str) -> int:
+    """Bytes per token one norm stores, its output apart (that is the next matmul's input).
+
+    GPT-2's LayerNorm (one fused op): its input in the compute dtype. HF Llama's RMSNorm upcasts:
+    it stores its input in fp32 (the input itself in fp32) and the normalised tensor in the
+    compute dtype, which the weight multiplies: 4h + e*h.
+    """
+    h = shape.hidden_size
+    return (4 + _e(dtype)) * h if shape.model_type == "llama" else _e(dtype) * h
+
+
 def layer_activation_bytes(
     shape: ModelShape, micro_batch: int, seq_len: int, dtype: str, *, flash_attention: bool = True, dropout: bool = False
 ) -> int:
-    """Bytes one transformer layer stores for backward (Korthikanti et al. 2022).
+    """Bytes one transformer layer stores for backward (Korthikanti et al. 2022, per HF tensor).
 
-    Per token, in the compute dtype: the QKV input (h), Q and K (q + kv), V
-    (kv), the output-projection input (q), the MLP tensors (GeLU: h + 2I;
-    SwiGLU: h + 4I) and the two norm inputs (2h); with dropout a 1-byte mask
-    after attention and after the MLP. Without FlashAttention, per head and
-    query position, the softmax output over s keys (plus its mask and the
-    dropout output when dropout is on); with it, an fp32 log-sum-exp.
-    For GPT with bf16 and dropout this is s*b*h*(34 + 5*a*s/h).
+    Per token, in the compute dtype: the QKV input (h), Q and K (q + kv; Llama's after rotary),
+    V (kv), the output-projection input (q), the MLP's input (h) and its intermediates
+    (`mlp_stored_widths`), and the two norms' inputs (`norm_stored_bytes`); with dropout a 1-byte
+    mask after attention and after the MLP. Without FlashAttention, per head and query position,
+    the softmax output over s keys in the compute dtype (Llama's eager attention computes it in
+    fp32 and keeps a compute-dtype copy for the matmul: 4 + e, or 4 in fp32), plus its mask and
+    dropout output when dropout is on; with it (FlashAttention, or SDPA's flash kernels, also
+    the CPU one), an fp32 log-sum-exp. For GPT with a fused GeLU, bf16 and dropout this is
+    s*b*h*(34 + 5*a*s/h).
     """
     e, h, sb = _e(dtype), shape.hidden_size, seq_len * micro_batch
     mask = 1 if dropout else 0
-    mlp = h + (4 if shape.model_type == "llama" else 2) * shape.intermediate_size
-    per_token = e * (h + shape.q_dim + 2 * shape.kv_dim + shape.q_dim) + e * mlp + 2 * e * h + 2 * mask * h
+    attention = e * (h + shape.q_dim + 2 * shape.kv_dim + shape.q_dim)
+    per_token = attention + e * (h + mlp_stored_widths(shape)) + 2 * norm_stored_bytes(shape, dtype) + 2 * mask * h
     if flash_attention:
         scores = 4 * shape.num_heads * sb
     else:
-        scores = shape.num_heads * seq_len * sb * (e + (mask + e if dropout else 0))
+        probs = (4 + (e if e != 4 else 0)) if shape.model_type == "llama" else e
+        scores = shape.num_heads * seq_len * sb * (probs + (mask + e if dropout else 0))
     return sb * per_token + scores
+
+
+def _model_stored_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str) -> int:
+    """What the model stores outside its layers, per micro-batch: the final norm's input and the
+    head's input (its output), and Llama's rotary cos and sin tables (one per token, shared by
+    every layer)."""
+    e, sb = _e(dtype), seq_len * micro_batch
+    stored = sb * (norm_stored_bytes(shape, dtype) + e * shape.hidden_size)
+    if shape.model_type == "llama":
+        stored += 2 * e * sb * shape.head_dim
+    return stored
 
 
 def activation_bytes(
@@ -225,12 +281,52 @@ def activation_bytes(
 
     Without checkpointing: L layers' activations. With it: every layer's
     input (e*s*b*h each) plus one layer's activations during its recompute.
-    Both add the final norm's and the head's inputs (2*e*s*b*h).
+    Both add what the model stores outside its layers (`_model_stored_bytes`:
+    the final norm's and the head's inputs; rotary tables for Llama).
     """
     e, sbh = _e(dtype), seq_len * micro_batch * shape.hidden_size
     layer = layer_activation_bytes(shape, micro_batch, seq_len, dtype, flash_attention=flash_attention, dropout=dropout)
     stored = shape.num_layers * e * sbh + layer if gradient_checkpointing else shape.num_layers * layer
-    return stored + 2 * e * sbh
+    return stored + _model_stored_bytes(shape, micro_batch, seq_len, dtype)
+
+
+def layer_backward_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str) -> int:
+    """Gradients alive while one layer's backward runs, besides its stored tensors: the gradient
+    of the residual stream (h) and, inside the MLP, the incoming gradient of an I-wide tensor and
+    the one computed from it (2I), per token in the compute dtype."""
+    return _e(dtype) * seq_len * micro_batch * (shape.hidden_size + 2 * shape.intermediate_size)
+
+
+def train_activation_bytes(
+    shape: ModelShape,
+    micro_batch: int,
+    seq_len: int,
+    dtype: str,
+    head: str = "lm",
+    *,
+    gradient_checkpointing: bool,
+    flash_attention: bool = True,
+    dropout: bool = False,
+) -> int:
+    """The most activation bytes (logits included) live at once in one training micro-step.
+
+    Two moments compete. At the head, when backward starts: everything stored
+    (`activation_bytes`, but with checkpointing no layer is being recomputed yet) plus the logits the loss keeps and their gradient
+    (`logits_bytes(..., train=True)`). At the last layer's backward (the first one
+    checkpointing recomputes): the head's tensors are freed by then; the layer inputs,
+    or without checkpointing every layer's activations, stay, with the layer's own
+    (recomputed) activations and its backward gradients (`layer_backward_bytes`).
+    """
+    e, sbh = _e(dtype), seq_len * micro_batch * shape.hidden_size
+    layer = layer_activation_bytes(shape, micro_batch, seq_len, dtype, flash_attention=flash_attention, dropout=dropout)
+    # Checkpointed, no layer is being recomputed yet at the head: only the layer inputs are stored.
+    layers = shape.num_layers * e * sbh if gradient_checkpointing else shape.num_layers * layer
+    at_head = (layers + _model_stored_bytes(shape, micro_batch, seq_len, dtype)
+               + logits_bytes(shape, micro_batch, seq_len, dtype, head, train=True))
+    kept = shape.num_layers * e * sbh if gradient_checkpointing else (shape.num_layers - 1) * layer
+    rotary = 2 * e * seq_len * micro_batch * shape.head_dim if shape.model_type == "llama" else 0
+    at_layer = kept + rotary + layer + layer_backward_bytes(shape, micro_batch, seq_len, dtype)
+    return max(at_head, at_layer)
 
 
 def forward_activation_bytes(
@@ -242,13 +338,16 @@ def forward_activation_bytes(
     return layer_activation_bytes(shape, micro_batch, seq_len, dtype, flash_attention=flash_attention) + 2 * e * sbh
 
 
-def logits_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str, head: str = "lm") -> int:
-    """LM head: logits in the compute dtype plus their fp32 log-softmax,
-    b*s*V*(bytes + 4). Scalar head: one value per token, b*s*bytes."""
+def logits_bytes(shape: ModelShape, micro_batch: int, seq_len: int, dtype: str, head: str = "lm",
+                 *, train: bool = False) -> int:
+    """LM head in a forward pass: logits in the compute dtype plus their fp32 copy for the
+    log-probs, b*s*V*(bytes + 4). In training the loss keeps the fp32 copy for backward (the
+    compute-dtype logits are freed) and backward adds its fp32 gradient: b*s*V*(4 + 4).
+    Scalar head: one value per token, b*s*bytes."""
     tokens = micro_batch * seq_len
     if head == "scalar":
         return tokens * _e(dtype)
-    return tokens * shape.vocab_size * (_e(dtype) + 4)
+    return tokens * shape.vocab_size * ((4 if train else _e(dtype)) + 4)
 
 
 def kv_heads_per_gpu(shape: ModelShape, tensor_parallel_size: int) -> int:
@@ -312,16 +411,18 @@ def plan_trained_role(role: str, shape: ModelShape, head: str, settings: TrainSe
     b, s, dtype = settings.micro_batch_size, settings.seq_len, settings.dtype
     gpu = {**state.device, **state.transient}
     gpu["gathered_params"] = _gathered_params(shape, head, dtype, settings.zero)
-    gpu["activations"] = activation_bytes(
-        shape, b, s, dtype,
+    # The train phase holds the activation peak of one micro-step; listed as its logits part and the rest.
+    peak = train_activation_bytes(
+        shape, b, s, dtype, head,
         gradient_checkpointing=settings.gradient_checkpointing,
         flash_attention=settings.flash_attention,
         dropout=settings.dropout,
     )
-    gpu["logits"] = logits_bytes(shape, b, s, dtype, head)
+    gpu["logits"] = logits_bytes(shape, b, s, dtype, head, train=True)
+    gpu["activations"] = peak - gpu["logits"]
     resident = sum(state.device.values())
     forward = forward_activation_bytes(shape, b, s, dtype, flash_attention=settings.flash_attention)
-    score = forward + gpu["logits"] + gpu["gathered_params"]
+    score = forward + logits_bytes(shape, b, s, dtype, head) + gpu["gathered_params"]
     train = gpu["activations"] + gpu["logits"] + gpu["gathered_params"] + sum(state.transient.values())
     notes = [f"ZeRO-{settings.zero.stage} over {num_gpus} GPU(s), {dtype}, micro-batch {b} x {s} tokens"]
     if settings.lora_rank:

@@ -49,6 +49,10 @@ class ModelShape:
     """Llama only: biases on q/k/v/o projections (GPT-2 always has them)."""
     mlp_bias: bool = False
     """Llama only: biases on gate/up/down projections (GPT-2 always has them)."""
+    hidden_act: str = ""
+    """The MLP's activation as the HF config names it (GPT-2 `activation_function`,
+    Llama `hidden_act`); "" is the model type's default (gelu_new, silu). It
+    decides what the MLP stores for backward (`planner.memory`)."""
     name: str = ""
     """Where the shape came from: a preset name or a config path."""
 
@@ -95,7 +99,8 @@ def shape_from_config(config: Mapping[str, Any], name: str = "", vocab_size: int
     vocab_size, hidden_size, num_hidden_layers, num_attention_heads,
     num_key_value_heads (None means no GQA), head_dim (None means
     hidden_size / heads), intermediate_size, tie_word_embeddings (default
-    False), max_position_embeddings, attention_bias, mlp_bias.
+    False), max_position_embeddings, attention_bias, mlp_bias. Both: the
+    activation (`activation_function` / `hidden_act`).
     """
     source = name or "config"
     if vocab_size is not None:
@@ -121,6 +126,7 @@ def shape_from_config(config: Mapping[str, Any], name: str = "", vocab_size: int
             intermediate_size=int(inner) if inner is not None else 4 * hidden,
             tie_word_embeddings=bool(config.get("tie_word_embeddings", True)),
             max_positions=int(_require(config, "n_positions", source)),
+            hidden_act=str(config.get("activation_function", "gelu_new")),
             name=name,
         )
     if model_type == "llama":
@@ -141,6 +147,7 @@ def shape_from_config(config: Mapping[str, Any], name: str = "", vocab_size: int
             max_positions=int(config.get("max_position_embeddings", 2048)),
             attention_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
+            hidden_act=str(config.get("hidden_act", "silu")),
             name=name,
         )
     raise ValueError(

@@ -276,17 +276,43 @@ def settings_of(cfg: JobConfig) -> dict:
 
 
 MEMORY_FIELDS = ("params", "grads", "optimizer", "held", "peak", "peak_rss")
+ACTIVATION_FIELDS = ("activations_bytes", "activations_forward_bytes", "activations_rows", "activations_seq_len")
+"""What a trained role reports of its first micro-step (`telemetry.activations`), keys as in its metrics."""
 
 
 def role_memory(summary: dict) -> dict[str, dict[str, float]]:
-    """`{role: {params, grads, optimizer, held, peak, peak_rss}}` bytes from a summary's `max` memory keys."""
+    """`{role: {params, grads, optimizer, held, peak, peak_rss}}` bytes from a summary's `max` memory keys,
+    and for trained roles the `ACTIVATION_FIELDS` as they are named in the metrics."""
     out: dict[str, dict[str, float]] = {}
     for key, value in (summary.get("max") or {}).items():
         parts = key.split("/")
-        if len(parts) == 3 and parts[0] == "memory" and parts[2].endswith("_bytes"):
-            field = parts[2][:-len("_bytes")]
-            if field in MEMORY_FIELDS:
-                out.setdefault(parts[1], dict.fromkeys(MEMORY_FIELDS, 0.0))[field] = value
+        if len(parts) != 3 or parts[0] != "memory":
+            continue
+        if parts[2] in ACTIVATION_FIELDS:
+            out.setdefault(parts[1], dict.fromkeys(MEMORY_FIELDS, 0.0))[parts[2]] = value
+        elif parts[2].endswith("_bytes") and parts[2][:-len("_bytes")] in MEMORY_FIELDS:
+            out.setdefault(parts[1], dict.fromkeys(MEMORY_FIELDS, 0.0))[parts[2][:-len("_bytes")]] = value
+    return out
+
+
+def planned_activations(cfg: JobConfig, roles: dict[str, dict[str, float]]) -> dict[str, int]:
+    """The planner's training activation peak (`planner.memory.train_activation_bytes`) of each trained
+    role, for the shape, dtype and checkpointing `cfg` runs it with, at the micro-batch the role measured
+    (rows and longest sequence; the config's micro-batch and sequence length where it measured none)."""
+    from rlhf_ray.planner.from_config import planned_roles
+    from rlhf_ray.planner.memory import TrainSettings, train_activation_bytes
+
+    out = {}
+    for spec in planned_roles(cfg):
+        s = spec.settings
+        if not isinstance(s, TrainSettings):
+            continue
+        measured = roles.get(spec.role, {})
+        rows = int(measured.get("activations_rows") or s.micro_batch_size)
+        seq_len = int(measured.get("activations_seq_len") or s.seq_len)
+        out[spec.role] = train_activation_bytes(spec.shape, rows, seq_len, s.dtype, spec.head,
+                                                gradient_checkpointing=s.gradient_checkpointing,
+                                                flash_attention=s.flash_attention, dropout=s.dropout)
     return out
 
 
@@ -294,8 +320,11 @@ def run_memory(cfg: JobConfig, algorithms: list[str], out_dir: str | os.PathLike
                address: str | None = None) -> dict:
     """Two steps of each online algorithm on `cfg`'s sizes and batch (memory is reported after the
     second update, when gradients and optimizer state have both existed); every role's measured
-    bytes, the planner's prediction of params/grads/optimizer for the same settings, totals, and
-    each algorithm's saving over the first."""
+    bytes, the planner's prediction of params/grads/optimizer for the same settings, each trained
+    role's measured activation peak of one micro-step (`activations_bytes`) beside the planner's
+    (`planned_activations_bytes`), totals, and each algorithm's saving over the first without
+    activations (`held`) and with them (`held_with_activations` = held + every trained role's
+    activations)."""
     from rlhf_ray.planner.from_config import held_bytes
 
     if len(algorithms) < 1:
@@ -306,12 +335,18 @@ def run_memory(cfg: JobConfig, algorithms: list[str], out_dir: str | os.PathLike
         _, summary = run_measured(variant, Path(out_dir) / "runs" / f"memory-{name}", warmup=0, steps=2,
                                   address=address)
         roles = role_memory(summary)
+        planned_act = planned_activations(variant, roles)
+        for role, planned in planned_act.items():
+            roles.setdefault(role, dict.fromkeys(MEMORY_FIELDS, 0.0))["planned_activations_bytes"] = planned
         totals = {field: sum(r[field] for r in roles.values()) for field in MEMORY_FIELDS}
+        totals["activations"] = sum(r.get("activations_bytes", 0.0) for r in roles.values())
+        totals["held_with_activations"] = totals["held"] + totals["activations"]
+        totals["planned_activations"] = sum(planned_act.values())
         runs[name] = {"roles": roles, "totals": totals, "planned": held_bytes(variant)}
     base = runs[algorithms[0]]["totals"]
     for name, run in runs.items():
         run["saving_percent"] = {field: 100.0 * (base[field] - run["totals"][field]) / base[field]
-                                 for field in ("held", "peak", "peak_rss") if base[field]}
+                                 for field in ("held", "held_with_activations", "peak", "peak_rss") if base[field]}
     return {"kind": "memory", "baseline": algorithms[0], "algorithms": list(algorithms), "settings": settings_of(cfg),
             "hardware": hardware_info(), "runs": runs}
 

@@ -102,11 +102,25 @@ def memory_markdown(result: dict, chart: str | None = None) -> str:
         t = run["totals"]
         lines.append(f"| **{name}** | **total** | {_mib(t['params'])} | {_mib(t['grads'])} | {_mib(t['optimizer'])} | "
                      f"**{_mib(t['held'])}** | | **{_mib(t['peak'])}** | **{_mib(t['peak_rss'])}** |")
-    lines += ["", f"Saving over {result['baseline']}:", "", "| algorithm | held | peak | peak RSS |",
-              "|---|---|---|---|"]
+    lines += ["", "Activations of the trained roles: the peak of live tensor bytes beyond the held state during "
+              "one training micro-step (forward, loss, backward; `telemetry.activations`), measured on the first "
+              "micro-step, beside the planner's estimate for the same shape, micro-batch, dtype and checkpointing "
+              "(MiB).", "", "| algorithm | role | micro-batch (rows x tokens) | activations | planned | "
+              "planned / measured |", "|---|---|---|---|---|---|"]
+    for name, run in result["runs"].items():
+        for role, m in run["roles"].items():
+            if "activations_bytes" not in m and "planned_activations_bytes" not in m:
+                continue
+            measured, planned = m.get("activations_bytes"), m.get("planned_activations_bytes")
+            ratio = f"{planned / measured:.2f}" if measured and planned else "-"
+            lines.append(f"| {name} | {role} | {int(m.get('activations_rows', 0))} x "
+                         f"{int(m.get('activations_seq_len', 0))} | {_mib(measured)} | {_mib(planned)} | {ratio} |")
+    lines += ["", f"Saving over {result['baseline']}:", "",
+              "| algorithm | held | held + activations | peak | peak RSS |", "|---|---|---|---|---|"]
     for name, run in result["runs"].items():
         s = run["saving_percent"]
-        lines.append(f"| {name} | {s.get('held', 0):.1f}% | {s.get('peak', 0):.1f}% | {s.get('peak_rss', 0):.1f}% |")
+        lines.append(f"| {name} | {s.get('held', 0):.1f}% | {s.get('held_with_activations', 0):.1f}% | "
+                     f"{s.get('peak', 0):.1f}% | {s.get('peak_rss', 0):.1f}% |")
     if chart:
         lines += ["", f"![memory by role]({chart})"]
     return "\n".join(lines) + "\n"

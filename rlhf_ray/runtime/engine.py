@@ -9,6 +9,7 @@ holds. The roles in `workers/` are thin shells around it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -26,7 +27,8 @@ import deepspeed  # noqa: E402 (after the accelerator is named)
 
 from rlhf_ray.config.schema import RoleConfig
 from rlhf_ray.runtime.deepspeed_config import build_deepspeed_config
-from rlhf_ray.telemetry.memory import MemoryReport, measure_memory
+from rlhf_ray.telemetry.activations import ActivationReport, ActivationTracker, batch_shape
+from rlhf_ray.telemetry.memory import MemoryReport, held_storage_keys, measure_memory
 from rlhf_ray.telemetry.timers import ComputeClock
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
@@ -86,11 +88,13 @@ class TrainEngine:
     `batch_per_rank` is the number of sequences this rank sees per optimizer
     step; it must be a multiple of `role.micro_batch_size`, and the quotient is
     DeepSpeed's gradient-accumulation count. `clock` counts the seconds spent in
-    `train_batch` ("train") and `forward_eval` ("forward").
+    `train_batch` ("train") and `forward_eval` ("forward"). With
+    `measure_activations` the first training micro-step runs under an
+    `ActivationTracker`, and `memory()` reports its activation peak.
     """
 
     def __init__(self, model: torch.nn.Module, role: RoleConfig, *, world_size: int, batch_per_rank: int,
-                 total_optimizer_steps: int, dtype: str):
+                 total_optimizer_steps: int, dtype: str, measure_activations: bool = True):
         self.micro_batch_size = min(role.micro_batch_size, batch_per_rank)
         if batch_per_rank % self.micro_batch_size:
             raise ValueError(f"each rank gets {batch_per_rank} sequences per optimizer step, which is not a multiple "
@@ -118,6 +122,10 @@ class TrainEngine:
         # snapshot before the second step holds both (the layout is fixed after).
         self._snapshots_left = 2
         self._peak: MemoryReport | None = None
+        # Activations are measured on the first training micro-step (the tracker costs a Python call
+        # per op): forward, loss and backward, beyond the held state (`telemetry.activations`).
+        self._activations_left = 1 if measure_activations else 0
+        self._activations: ActivationReport | None = None
         self.clock = ComputeClock()
 
     @property
@@ -160,9 +168,12 @@ class TrainEngine:
         skipped_before = self.engine.skipped_steps
         for index, mb in enumerate(micro):
             mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
-            loss, metrics = loss_fn(self.engine, mb)
+            if self._activations_left:
+                loss, metrics = self._measured_micro_step(mb, loss_fn)
+            else:
+                loss, metrics = loss_fn(self.engine, mb)
+                self.engine.backward(loss)
             finite = finite and bool(torch.isfinite(loss.detach()).all())
-            self.engine.backward(loss)
             last = index == len(micro) - 1
             if last and self._snapshots_left:
                 self._snapshots_left -= 1
@@ -193,6 +204,20 @@ class TrainEngine:
             out["grad_clipped"] = float(clip > 0 and float(grad_norm) > clip)
         out["lr"] = float(self.engine.get_lr()[0])
         return out
+
+    def _measured_micro_step(self, mb: dict, loss_fn: LossFn) -> tuple[torch.Tensor, dict]:
+        """Forward, loss and backward of one micro-batch under an `ActivationTracker`; the gradients
+        and buffers they leave held (the state `measure_memory` counts) are not activations."""
+        self._activations_left -= 1
+        with ActivationTracker() as tracker:
+            loss, metrics = loss_fn(self.engine, mb)
+            tracker.mark_backward()
+            tracker.end_with_autograd(loss)
+            self.engine.backward(loss)
+        rows, seq_len = batch_shape(mb)
+        report = tracker.report(held_storage_keys(self.engine, self.optimizer), rows=rows, seq_len=seq_len)
+        self._activations = report.max(self._activations)
+        return loss, metrics
 
     def _all_ranks(self, ok: bool) -> bool:
         """`ok` on every rank of the group (one all-reduce; this rank's value alone without a group)."""
@@ -324,9 +349,11 @@ class TrainEngine:
         self._peak = now if self._peak is None else self._peak.max(now)
 
     def memory(self) -> MemoryReport:
-        """What this rank holds now, field-wise maxed with the snapshots taken inside the first steps."""
+        """What this rank holds now, field-wise maxed with the snapshots taken inside the first steps,
+        with the activations measured on the first micro-step (None before it)."""
         now = measure_memory(self.engine, self.optimizer)
-        return now if self._peak is None else self._peak.max(now)
+        report = now if self._peak is None else self._peak.max(now)
+        return dataclasses.replace(report, activations=self._activations)
 
 
 class InferenceEngine:

@@ -34,7 +34,9 @@ What is held depends on when you look: DeepSpeed frees gradients inside
 `engine.step()` and torch optimizers create their state at the first step. A
 snapshot taken after `backward()` of the second or a later step shows all three
 classes at once; `MemoryReport.max` combines snapshots. Module buffers (rotary
-tables, masks) and activations are not counted: the peak figures cover them.
+tables, masks) and activations are not counted here: `telemetry.activations`
+measures a micro-step's activations beyond these held bytes, and trained
+roles report them beside (`MemoryReport.activations`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
+from rlhf_ray.telemetry.activations import ActivationReport
 
 CATEGORIES = ("params", "grads", "optimizer")
 
@@ -103,6 +107,8 @@ class MemoryReport:
     peak_rss_bytes: int
     cuda_max_allocated_bytes: int | None
     device: str
+    activations: ActivationReport | None = None
+    """A trained role's activation peak of one micro-step (`telemetry.activations`); None elsewhere."""
 
     @property
     def held_bytes(self) -> int:
@@ -124,14 +130,17 @@ class MemoryReport:
             peak_rss_bytes=max(self.peak_rss_bytes, other.peak_rss_bytes),
             cuda_max_allocated_bytes=max(cuda) if cuda else None,
             device=self.device,
+            activations=self.activations.max(other.activations) if self.activations else other.activations,
         )
 
     def to_metrics(self, role: str) -> dict[str, int]:
-        """`memory/<role>/{params,grads,optimizer,held,peak,peak_rss}_bytes` for a metrics row."""
+        """`memory/<role>/{params,grads,optimizer,held,peak,peak_rss}_bytes` for a metrics row, and for a
+        trained role `activations_bytes`, `activations_forward_bytes` and the micro-batch they were
+        measured on (`activations_rows`, `activations_seq_len`)."""
         if not role or "/" in role:
             raise ValueError(f"role name {role!r} cannot name a metric: use a non-empty name without '/'")
         prefix = f"memory/{role}/"
-        return {
+        out = {
             prefix + "params_bytes": self.params_bytes,
             prefix + "grads_bytes": self.grads_bytes,
             prefix + "optimizer_bytes": self.optimizer_bytes,
@@ -139,6 +148,12 @@ class MemoryReport:
             prefix + "peak_bytes": self.peak_bytes,
             prefix + "peak_rss_bytes": self.peak_rss_bytes,
         }
+        if self.activations is not None:
+            a = self.activations
+            out.update({prefix + "activations_bytes": a.peak_bytes,
+                        prefix + "activations_forward_bytes": a.after_forward_bytes,
+                        prefix + "activations_rows": a.rows, prefix + "activations_seq_len": a.seq_len})
+        return out
 
 
 class _Ledger:
@@ -146,7 +161,7 @@ class _Ledger:
 
     def __init__(self) -> None:
         self.bytes = dict.fromkeys(CATEGORIES, 0)
-        self._seen: set[tuple[str, int]] = set()
+        self.seen: set[tuple[str, int]] = set()
 
     def add(self, category: str, tensors: Iterable[torch.Tensor]) -> None:
         for tensor in tensors:
@@ -157,9 +172,9 @@ class _Ledger:
                 key, nbytes = (str(tensor.device), storage.data_ptr()), storage.nbytes()
             except (RuntimeError, NotImplementedError, TypeError):  # sparse or other storage-less tensors
                 key, nbytes = (str(tensor.device), id(tensor)), tensor.numel() * tensor.element_size()
-            if nbytes == 0 or key in self._seen:
+            if nbytes == 0 or key in self.seen:
                 continue
-            self._seen.add(key)
+            self.seen.add(key)
             self.bytes[category] += nbytes
 
 
@@ -199,20 +214,8 @@ def _unwrap(module: Any, optimizer: Any) -> tuple[torch.nn.Module, Any]:
     return module, optimizer
 
 
-def measure_memory(module: Any, optimizer: Any = None) -> MemoryReport:
-    """Bytes of parameters, gradients and optimizer state this rank holds now.
-
-    Args:
-        module: a `torch.nn.Module`, or a DeepSpeed engine (its `.module` and
-            `.optimizer` are used; any ZeRO stage, with or without offload).
-        optimizer: a torch optimizer or a DeepSpeed optimizer wrapper; defaults
-            to the engine's own. `None` for a frozen model.
-
-    Storages are counted whole and once each (see the module docstring for the
-    classes and their order), so ZeRO's alignment padding in flat buffers is
-    included: it is allocated.
-    """
-    module, optimizer = _unwrap(module, optimizer)
+def _held_ledger(module: torch.nn.Module, optimizer: Any) -> tuple[_Ledger, list[torch.Tensor]]:
+    """The ledger of every held storage by class (see the module docstring), and the parameters."""
     chain = _optimizer_chain(optimizer)
     ledger = _Ledger()
     params = list(module.parameters())
@@ -243,6 +246,31 @@ def measure_memory(module: Any, optimizer: Any = None) -> MemoryReport:
         if isinstance(state, dict):
             ledger.add("optimizer", _tensors_in(list(state.values())))
 
+    return ledger, params
+
+
+def held_storage_keys(module: Any, optimizer: Any = None) -> set[tuple[str, int]]:
+    """(device, data pointer) of every storage `measure_memory` counts now: parameters, gradients
+    and optimizer state. `telemetry.activations` leaves these out of a micro-step's activations."""
+    module, optimizer = _unwrap(module, optimizer)
+    return set(_held_ledger(module, optimizer)[0].seen)
+
+
+def measure_memory(module: Any, optimizer: Any = None) -> MemoryReport:
+    """Bytes of parameters, gradients and optimizer state this rank holds now.
+
+    Args:
+        module: a `torch.nn.Module`, or a DeepSpeed engine (its `.module` and
+            `.optimizer` are used; any ZeRO stage, with or without offload).
+        optimizer: a torch optimizer or a DeepSpeed optimizer wrapper; defaults
+            to the engine's own. `None` for a frozen model.
+
+    Storages are counted whole and once each (see the module docstring for the
+    classes and their order), so ZeRO's alignment padding in flat buffers is
+    included: it is allocated.
+    """
+    module, optimizer = _unwrap(module, optimizer)
+    ledger, params = _held_ledger(module, optimizer)
     device = _device_of(params)
     return MemoryReport(
         params_bytes=ledger.bytes["params"],

@@ -52,8 +52,18 @@ def test_zero0_one_rank_ppo_and_remax_match_the_plan_exactly(ray_cluster, tmp_pa
     assert remax["totals"]["held"] == ppo["totals"]["held"] - ppo["roles"]["critic"]["held"]
     saving = 100 * ppo["roles"]["critic"]["held"] / ppo["totals"]["held"]
     assert remax["saving_percent"]["held"] == pytest.approx(saving)
+    # Trained roles: measured activations of their first micro-step beside the planner's, and the
+    # saving with them; frozen roles report none.
+    for role in ("policy", "critic"):
+        m = ppo["roles"][role]
+        assert m["activations_bytes"] > 0 and m["planned_activations_bytes"] > 0
+        assert m["activations_rows"] >= 1 and m["activations_seq_len"] >= 1
+    assert "activations_bytes" not in ppo["roles"]["reference"]
+    assert ppo["totals"]["held_with_activations"] == ppo["totals"]["held"] + ppo["totals"]["activations"]
+    assert "held_with_activations" in remax["saving_percent"]
     paths = write_result(result, tmp_path / "results", "memory")
-    assert paths["png"].stat().st_size > 0 and "planned held" in paths["md"].read_text()
+    text = paths["md"].read_text()
+    assert paths["png"].stat().st_size > 0 and "planned held" in text and "held + activations" in text
 
 
 def test_zero2_and_zero3_on_two_ranks_match_the_plan_exactly(ray_cluster, tmp_path):
