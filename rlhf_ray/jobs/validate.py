@@ -221,11 +221,9 @@ def check_lora(cfg: JobConfig, kind: str, produced: tuple[str, ...] = ()) -> Non
     if cfg.reference.lora.enabled:
         raise ConfigError("reference.lora: the reference is frozen and trains nothing; remove it (a LoRA policy's "
                           "reference is its own base with the adapter off)")
-    for role in ("policy", "critic", "reward"):
-        if getattr(cfg, role).lora.enabled and role not in lora_roles(cfg, kind):
-            trained = "is frozen in online jobs (LoRA trains a reward model with algorithm rm)" \
-                if role == "reward" else f"is not trained by {cfg.algorithm.name}"
-            raise ConfigError(f"{role}.lora: the {role} {trained}; remove {role}.lora")
+    if kind == "online" and cfg.reward.lora.enabled:
+        raise ConfigError("reward.lora: the reward model is frozen in online jobs (LoRA trains a reward model with "
+                          "algorithm rm); remove reward.lora")
     roles = lora_roles(cfg, kind)
     for role, model in roles.items():
         settings = getattr(cfg, role)

@@ -35,6 +35,7 @@ exact allocations; this module adds the estimates:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -396,7 +397,11 @@ def trained_state_bytes(shape: ModelShape, head: str, settings: TrainSettings, n
                               num_gpus, settings.optimizer, rank=rank, grad_accum_dtype=settings.grad_accum_dtype)
     if not frozen:
         return state
-    base = frozen_state_bytes([t.numel for t in frozen], settings.dtype, settings.zero, num_gpus)
+    # The training engine at ZeRO-3 keeps only its partitions of the frozen base (measured with DeepSpeed
+    # 0.19.8: no whole copies of the small tensors, unlike an inference engine's persistent ones).
+    zero = dataclasses.replace(settings.zero, param_persistence_threshold=0) if settings.zero.stage == 3 \
+        else settings.zero
+    base = frozen_state_bytes([t.numel for t in frozen], settings.dtype, zero, num_gpus)
     for place in ("device", "host"):
         for key, nbytes in getattr(base, place).items():
             getattr(state, place)[key] = getattr(state, place).get(key, 0) + nbytes

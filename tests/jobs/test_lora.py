@@ -135,7 +135,7 @@ def test_lora_remax_serves_the_adapter_on_the_vllm_engine(ray_cluster, tmp_path)
     ("tiny-dpo", ["policy.lora.rank=8", "reference.share_with=other"], "reference.share_with: a LoRA policy's reference"),
     ("tiny-dpo", ["policy.lora.rank=8", "policy.lora.quantize=4bit"], "policy.lora.quantize: a 4-bit base (QLoRA) needs"),
     ("tiny-dpo", ["reference.lora.rank=8"], "reference.lora: the reference is frozen"),
-    ("tiny-ppo", ["reward.lora.rank=8"], "reward.lora: the reward is frozen in online jobs"),
+    ("tiny-ppo", ["reward.lora.rank=8"], "reward.lora: the reward model is frozen in online jobs"),
     ("tiny-ppo", ["policy.lora.rank=8", "policy.lora.sync=adapter"], "policy.lora.sync: adapter needs vLLM LoRA kernels"),
     ("tiny-dpo", ["policy.lora.rank=-1"], "lora.rank: must be >= 0"),
 ])
