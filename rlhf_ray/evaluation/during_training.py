@@ -101,12 +101,12 @@ def online_eval(job, roles, prompts: dict, step: int) -> dict:
     sampled = {k: rollout[k] for k in keys}
     greedy = {k: rollout[f"greedy_{k}"] for k in keys}
     both = {k: torch.cat([sampled[k], greedy[k]]) for k in keys}
-    pending = {"reward": roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), both),
-               "policy": roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), sampled)}
+    launch = {"reward": lambda: roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), both),
+              "policy": lambda: roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), sampled)}
     reference = roles.reference()
     if reference is not None:
-        pending["reference"] = reference.scatter_padded(lambda a, s: a.ref_rollout_logprobs.remote(s), sampled)
-    results = {name: p.merged() for name, p in pending.items()}
+        launch["reference"] = lambda: reference.scatter_padded(lambda a, s: a.ref_rollout_logprobs.remote(s), sampled)
+    results = roles.in_turns(launch, lambda name, calls: calls.merged())
     rewards = results["reward"]["sequence_rewards"]
     size = sampled["input_ids"].shape[0]
     out = {"eval/reward_mean": float(rewards[:size].mean()), "eval/greedy_reward_mean": float(rewards[size:].mean()),

@@ -271,19 +271,19 @@ class OnlineJob(RecoveringJob):
             reward_rows = {k: torch.cat([rows[k], greedy[k]]) for k in ROLLOUT_KEYS}
         else:
             reward_rows = rows
-        pending = {
-            "policy": roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), rows),
-            "reward": roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), reward_rows),
+        launch = {
+            "policy": lambda: roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), rows),
+            "reward": lambda: roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), reward_rows),
         }
         if self.uses_reference:
-            pending["reference"] = roles.reference().scatter_padded(lambda a, s: a.ref_rollout_logprobs.remote(s),
-                                                                    rows)
+            launch["reference"] = lambda: roles.reference().scatter_padded(
+                lambda a, s: a.ref_rollout_logprobs.remote(s), rows)
         if "critic" in roles.groups:
-            pending["critic"] = roles["critic"].scatter_padded(lambda a, s: a.values.remote(s), rows)
+            launch["critic"] = lambda: roles["critic"].scatter_padded(lambda a, s: a.values.remote(s), rows)
         out = {}
         with timer.phase("score"):
-            for calls in pending.values():
-                out.update(calls.merged())
+            for merged in roles.in_turns(launch, lambda name, calls: calls.merged()).values():
+                out.update(merged)
         rewards = out.pop("sequence_rewards")
         size = rows["input_ids"].shape[0]
         out["sequence_rewards"] = rewards[:size]
@@ -321,7 +321,8 @@ class OnlineJob(RecoveringJob):
         return batch, metrics
 
     def update(self, roles: RoleGroups, batch: dict, step: int, timer: PhaseTimer) -> dict:
-        """PPO epochs over shuffled minibatches; policy and critic update concurrently."""
+        """PPO epochs over shuffled minibatches; policy and critic update concurrently (in turns where they
+        share CPU-only bundles, `RoleGroups.turns`)."""
         a = self.cfg.algorithm
         rows = batch["input_ids"].shape[0]
         size = rows // a.num_minibatches
@@ -344,18 +345,22 @@ class OnlineJob(RecoveringJob):
                     mb.update({f"ptx_{k}": v for k, v in self.ptx.batch(ptx_rows).items()})
                     mb_params["ptx_denominator"] = float(
                         aggregation_weights(mb["ptx_loss_mask"][:, 1:], a.loss_aggregation).sum())
-                refs = {"policy": (roles["policy"], roles["policy"].scatter(
-                    lambda w, s, p=mb_params: w.train_online.remote(s, name, p), mb))}
+                launch = {"policy": lambda p=mb_params, mb=mb: roles["policy"].scatter(
+                    lambda w, s: w.train_online.remote(s, name, p), mb)}
                 if "critic" in roles.groups:
                     clip, agg = a.value_clip_eps, a.loss_aggregation
-                    refs["critic"] = (roles["critic"], roles["critic"].scatter(
-                        lambda w, s, d=denominator: w.train_values.remote(s, clip, agg, d), mb))
-                merged = {}
+                    launch["critic"] = lambda d=denominator, mb=mb: roles["critic"].scatter(
+                        lambda w, s: w.train_values.remote(s, clip, agg, d), mb)
                 launched = time.time()
-                for role, (group, pending) in refs.items():
+
+                def finish(role, pending):
                     with timer.phase(f"update_{role}"):
-                        results = group.gather(pending)
+                        results = roles[role].gather(pending)
                     self.timeline.record("update", [role], launched, time.time(), step)
+                    return results
+
+                merged = {}
+                for role, results in roles.in_turns(launch, finish).items():
                     # Each role's own keys (loss, grad_norm, lr, ...) under its own prefix.
                     merged.update({k if "/" in k else f"{role}/{k}": sum(r[k] for r in results) / len(results)
                                    for k in results[0]})

@@ -237,6 +237,43 @@ class RoleGroups:
     def __getitem__(self, name: str) -> ActorGroup:
         return self.groups[name]
 
+    def turns(self, names) -> list[list[str]]:
+        """`names` in sets whose calls run at the same time: roles that share CPU-only bundles (colocated,
+        no GPUs) are one set and take turns, each then with every core of the bundle. At once, their
+        torch thread pools would fight over those cores (two 2-thread forwards on 2 cores each took 3-4x
+        as long as alone); on GPUs colocated roles run at the same time. Order within a set follows
+        `names`."""
+        plan = self.placement.plan if self.placement is not None else None
+        units = plan.units if plan is not None else ()
+        sets: list[list[str]] = []
+        unit_of: dict[str, int] = {}
+        for name in names:
+            unit = next((u for u in units if name in u), None)
+            cpu_only = unit is not None and name not in self.borrowed and all(
+                self.specs[r].num_gpus_per_rank == 0 for r in unit if r in self.specs)
+            if cpu_only and len(unit) > 1:
+                key = units.index(unit)
+                if key in unit_of:
+                    sets[unit_of[key]].append(name)
+                    continue
+                unit_of[key] = len(sets)
+            sets.append([name])
+        return sets
+
+    def in_turns(self, launch: dict, finish) -> dict:
+        """`finish(name, launch[name]())` for every role named in `launch`, the roles of one `turns` set
+        one after another (the next launched when the one before has finished), the sets at the same
+        time; returns {name: what finish returned}."""
+        sets = self.turns(list(launch))
+        started = {names[0]: launch[names[0]]() for names in sets}
+        out = {}
+        for names in sets:
+            for name in names:
+                if name not in started:
+                    started[name] = launch[name]()
+                out[name] = finish(name, started[name])
+        return {name: out[name] for name in launch}
+
     def reference(self) -> ActorGroup | None:
         """The group that answers the reference's calls (`ReferenceScoring`): the job's reference group, or
         a LoRA policy's own (its base with the adapter off, `JobConfig.policy_is_reference`); None when

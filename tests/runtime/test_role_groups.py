@@ -1,0 +1,72 @@
+"""RoleGroups.in_turns: roles sharing CPU-only bundles take turns, other roles run at the same time.
+
+The toy workers record when their call ran; a call that must overlap another waits for that other
+call to start (a file it writes), so the test needs no timing margin: run in turns, it would wait in
+vain and fail."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.config import load_config
+from rlhf_ray.runtime.distributed import DistributedWorker
+from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec
+
+
+class ClockWorker(DistributedWorker):
+    """Records the wall-clock interval of its call; can wait for another call to have started."""
+
+    def work(self, folder: str, name: str, wait_for: str = "") -> tuple[float, float]:
+        start = time.time()
+        (Path(folder) / f"{name}.started").touch()
+        if wait_for:
+            deadline = time.time() + 60
+            while not (Path(folder) / f"{wait_for}.started").exists():
+                if time.time() > deadline:
+                    raise TimeoutError(f"{name} waited 60 s for {wait_for} to start: they did not run at once")
+                time.sleep(0.01)
+        time.sleep(0.2)
+        return start, time.time()
+
+
+@pytest.fixture(scope="module")
+def ship_test_classes():
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
+def _groups(colocate: str, names: tuple[str, ...]):
+    cfg = load_config("tiny-dpo", [f"placement.colocate={colocate}", "policy.num_cpus_per_rank=1",
+                                   "reference.num_cpus_per_rank=1"])
+    # An earlier test's groups give their CPUs back with a delay: wait for them.
+    return RoleGroups(cfg, [RoleSpec(name, ClockWorker, 1, 1.0) for name in names], wait_for_resources_s=60)
+
+
+def test_colocated_cpu_roles_take_turns_and_the_others_run_at_once(ray_cluster, ship_test_classes, tmp_path):
+    with _groups("[[policy, reference]]", ("policy", "reference", "reward")) as roles:
+        assert roles.turns(["policy", "reference", "reward"]) == [["policy", "reference"], ["reward"]]
+        launch = {
+            "policy": lambda: roles["policy"].map(lambda a: a.work.remote(str(tmp_path), "policy", "reward")),
+            "reference": lambda: roles["reference"].map(lambda a: a.work.remote(str(tmp_path), "reference")),
+            "reward": lambda: roles["reward"].map(lambda a: a.work.remote(str(tmp_path), "reward", "policy")),
+        }
+        spans = roles.in_turns(launch, lambda name, refs: roles[name].gather(refs)[0])
+    assert list(spans) == ["policy", "reference", "reward"]
+    # The reference began only after the policy, which shares its bundle, had finished ...
+    assert spans["reference"][0] >= spans["policy"][1]
+    # ... while the reward (its own bundle) ran beside the policy: each waited for the other to start.
+
+
+def test_roles_in_bundles_of_their_own_run_at_once(ray_cluster, ship_test_classes, tmp_path):
+    with _groups("[]", ("policy", "reference")) as roles:
+        assert roles.turns(["policy", "reference"]) == [["policy"], ["reference"]]
+        launch = {"policy": lambda: roles["policy"].map(lambda a: a.work.remote(str(tmp_path), "p", "r")),
+                  "reference": lambda: roles["reference"].map(lambda a: a.work.remote(str(tmp_path), "r", "p"))}
+        roles.in_turns(launch, lambda name, refs: roles[name].gather(refs))
