@@ -35,6 +35,7 @@ from rlhf_ray.models.loading import (
     check_model_source,
     checkpoint_model_type,
     enable_gradient_checkpointing,
+    fuse_activations,
     load_causal_lm,
     resolve_dtype,
 )
@@ -257,6 +258,7 @@ def load_scalar_head_model(
     source = check_model_source(name)
     if source == "directory" and is_scalar_head_checkpoint(name):
         model = ScalarHeadModel.from_pretrained(name, dtype=resolve_dtype(dtype, device))
+        fuse_activations(model)  # the backbone's GELU as one kernel (load_causal_lm does it for the rest)
         if gradient_checkpointing:
             enable_gradient_checkpointing(model)
         if device is not None:

@@ -155,6 +155,23 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return changed
 
 
+def fuse_activations(model: torch.nn.Module) -> int:
+    """Swap Hugging Face's Python-level tanh-approximate GELU (`NewGELUActivation`, GPT-2's `gelu_new`:
+    seven elementwise ops, each a pass over the MLP's widest tensor, forward and backward) for torch's
+    fused kernel of the same function (`gelu(approximate="tanh")`, what `gelu_pytorch_tanh` configs
+    use). The logits move by about 5e-7; a small model's forward pass gets about a fifth faster on a
+    CPU. Returns how many modules were swapped."""
+    from transformers.activations import NewGELUActivation, PytorchGELUTanh
+
+    swapped = 0
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(module, name, PytorchGELUTanh())
+                swapped += 1
+    return swapped
+
+
 def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
     """Recompute activations in the backward pass (non-reentrant torch
     checkpointing), and turn off the KV cache, which training never uses."""
@@ -226,6 +243,7 @@ def load_causal_lm(
             raise OSError(f"Cannot load the causal LM checkpoint in directory {name}: {err}") from err
         if tokenizer is not None:
             _fit_embeddings_to_tokenizer(model, tokenizer)
+    fuse_activations(model)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if device is not None:

@@ -141,10 +141,26 @@ def test_tiny_preset_saves_and_reloads_with_identical_logits(name, tmp_path):
     with torch.no_grad():
         before = model(input_ids=input_ids, attention_mask=mask).logits
     model.save_pretrained(tmp_path)
-    for reloaded in (load_causal_lm(tmp_path), AutoModelForCausalLM.from_pretrained(tmp_path)):
-        with torch.no_grad():
-            after = reloaded(input_ids=input_ids, attention_mask=mask).logits
-        assert torch.equal(before, after)
+    with torch.no_grad():
+        assert torch.equal(before, load_causal_lm(tmp_path)(input_ids=input_ids, attention_mask=mask).logits)
+        # Plain transformers computes GPT-2's GELU as a Python formula, where load_causal_lm uses torch's
+        # fused kernel of the same function (`fuse_activations`): equal to float rounding.
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path)(input_ids=input_ids, attention_mask=mask).logits
+    torch.testing.assert_close(plain, before, rtol=0, atol=1e-5)
+
+
+def test_fused_gelu_is_the_same_function_as_transformers_gelu_new():
+    from transformers.activations import NewGELUActivation
+
+    from rlhf_ray.models.loading import fuse_activations
+
+    model = load_causal_lm("tiny-gpt2")
+    assert not any(type(m) is NewGELUActivation for m in model.modules())  # swapped at load
+    x = torch.linspace(-6, 6, 2001, dtype=torch.float64)
+    plain = NewGELUActivation()(x)
+    holder = torch.nn.Sequential(NewGELUActivation())
+    assert fuse_activations(holder) == 1
+    torch.testing.assert_close(holder(x), plain, rtol=0, atol=1e-12)
 
 
 def test_preset_init_is_seeded_and_leaves_the_global_rng_alone():
