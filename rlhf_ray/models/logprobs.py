@@ -2,10 +2,12 @@
 
 Shapes: ``B`` batch, ``T`` sequence positions, ``V`` vocabulary. A ``[B, T, V]``
 log-softmax copy of the logits is the largest tensor in an RLHF step after
-the logits themselves (V = 32k-150k), so these helpers work one batch row at a
-time: the temporaries are ``[T, V]``, never ``[B, T, V]``. Rows in bf16/fp16
-are upcast to float32 one at a time; results are float32. Logits of ``-inf``
-(masked tokens) are allowed.
+the logits themselves (V = 32k-150k), so these helpers work on chunks of batch
+rows whose float32 temporaries stay under ``CHUNK_BYTES`` (one ``[T, V]`` row at
+a time for a large vocabulary, the whole batch at once for a small model, where
+a Python loop over rows would cost more than the arithmetic). Rows in bf16/fp16
+are upcast to float32 a chunk at a time; results are float32. Logits of
+``-inf`` (masked tokens) are allowed.
 
 Log-probabilities at position ``t`` score token ``t + 1`` (next-token
 prediction): :func:`shift_for_next_token` lines the labels and the loss mask
@@ -18,6 +20,10 @@ import torch
 from torch import Tensor
 
 
+CHUNK_BYTES = 64 * 2**20
+"""Most bytes of float32 temporaries one chunk of rows may take (at least one row is always taken)."""
+
+
 def _rows(logits: Tensor) -> Tensor:
     # [B, T, V] stays as is; [N, V] is one row of N positions.
     if logits.dim() == 2:
@@ -25,6 +31,14 @@ def _rows(logits: Tensor) -> Tensor:
     if logits.dim() != 3:
         raise ValueError(f"logits must be [B, T, V] or [N, V], got shape {tuple(logits.shape)}")
     return logits
+
+
+def _chunks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
+    """The tensors (`[B, ...]` each, the first `[B, T, V]` logits) cut along dim 0 into chunks of rows
+    whose float32 copy of the logits stays under `CHUNK_BYTES`."""
+    row_bytes = 4 * tensors[0][0].numel() if len(tensors[0]) else 1
+    size = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    return list(zip(*(t.split(size) for t in tensors)))
 
 
 def _finite_float(row: Tensor) -> Tensor:
@@ -52,11 +66,11 @@ def gather_logprobs(logits: Tensor, labels: Tensor) -> Tensor:
     if row_labels.shape != rows.shape[:-1]:
         raise ValueError(f"labels shape {tuple(labels.shape)} does not match logits shape {tuple(logits.shape)}")
     out = []
-    for row, row_label in zip(rows, row_labels):
-        row = row.float()
-        picked = row.gather(-1, row_label.unsqueeze(-1)).squeeze(-1)
-        out.append(picked - torch.logsumexp(row, dim=-1))
-    result = torch.stack(out)
+    for chunk, chunk_labels in _chunks(rows, row_labels):
+        chunk = chunk.float()
+        picked = chunk.gather(-1, chunk_labels.unsqueeze(-1)).squeeze(-1)
+        out.append(picked - torch.logsumexp(chunk, dim=-1))
+    result = torch.cat(out)
     return result.squeeze(0) if squeeze else result
 
 
@@ -73,11 +87,11 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     """
     squeeze = logits.dim() == 2
     out = []
-    for row in _rows(logits):
-        row = _finite_float(row)
-        probs = torch.softmax(row, dim=-1)
-        out.append(torch.logsumexp(row, dim=-1) - (probs * row).sum(-1))
-    result = torch.stack(out)
+    for (chunk,) in _chunks(_rows(logits)):
+        chunk = _finite_float(chunk)
+        probs = torch.softmax(chunk, dim=-1)
+        out.append(torch.logsumexp(chunk, dim=-1) - (probs * chunk).sum(-1))
+    result = torch.cat(out)
     return result.squeeze(0) if squeeze else result
 
 
@@ -101,11 +115,11 @@ def token_kl(policy_logits: Tensor, ref_logits: Tensor) -> Tensor:
         )
     squeeze = policy_logits.dim() == 2
     out = []
-    for policy_row, ref_row in zip(_rows(policy_logits), _rows(ref_logits)):
-        ref_logp = torch.log_softmax(_finite_float(ref_row), dim=-1)
-        policy_logp = torch.log_softmax(_finite_float(policy_row), dim=-1)
+    for policy_chunk, ref_chunk in _chunks(_rows(policy_logits), _rows(ref_logits)):
+        ref_logp = torch.log_softmax(_finite_float(ref_chunk), dim=-1)
+        policy_logp = torch.log_softmax(_finite_float(policy_chunk), dim=-1)
         out.append((ref_logp.exp() * (ref_logp - policy_logp)).sum(-1))
-    result = torch.stack(out)
+    result = torch.cat(out)
     return result.squeeze(0) if squeeze else result
 
 

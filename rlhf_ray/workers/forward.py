@@ -16,16 +16,42 @@ the same positions as in generation.
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from rlhf_ray.models.logprobs import entropy_from_logits, gather_logprobs, position_ids_from_mask
 
 
-def lm_logits(module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits `[B, T, V]` in fp32 of a causal LM."""
+def _unwrapped(module):
+    """The Hugging Face model under a DeepSpeed engine and a peft wrapper."""
+    module = getattr(module, "module", module)  # DeepSpeedEngine
+    if hasattr(module, "get_base_model"):  # PeftModel
+        module = module.get_base_model()
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _takes_logits_to_keep(model_class) -> bool:
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
+
+
+def lm_logits(module, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: int = 0) -> torch.Tensor:
+    """Logits in fp32 of a causal LM: `[B, T, V]`, or with `keep > 0` those of the last `keep` positions
+    only, `[B, keep, V]`. The LM head then runs on those positions alone (models that accept
+    `logits_to_keep`; others compute every position and the rest is cut off): the prompt's positions
+    of a rollout are never scored, and the head and its `[B, T, V]` logits are a large share of a small
+    model's forward pass and of a large vocabulary's memory."""
+    kwargs = {}
+    if keep and _takes_logits_to_keep(type(_unwrapped(module))):
+        kwargs["logits_to_keep"] = keep
     out = module(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False)
-    return out.logits.float()
+                 position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
+    logits = out.logits
+    if keep and logits.shape[1] != keep:
+        logits = logits[:, -keep:]
+    return logits.float()
 
 
 def sequence_logps(module, input_ids, attention_mask, loss_mask, *, vocab: bool = False) -> dict[str, torch.Tensor]:
@@ -35,10 +61,16 @@ def sequence_logps(module, input_ids, attention_mask, loss_mask, *, vocab: bool 
     `mask [B, T-1]`, `logps [B]` (their sum), `lengths [B]`, and with
     `vocab=True` also `vocab_logps [B, T-1, V]` (TDPO's full distributions).
     """
-    logits = lm_logits(module, input_ids, attention_mask)[:, :-1]
     labels = input_ids[:, 1:]
-    mask = loss_mask[:, 1:].to(logits.dtype)
-    token_logps = gather_logprobs(logits, labels) * mask
+    mask = loss_mask[:, 1:].float()
+    # Logits only from the first position that scores a marked token on (the shortest prompt's end),
+    # unless TDPO wants every position's distribution.
+    marked = mask.any(0).nonzero()
+    first = int(marked[0]) if len(marked) and not vocab else 0
+    logits = lm_logits(module, input_ids, attention_mask, keep=input_ids.shape[1] - first)[:, :-1]
+    token_logps = gather_logprobs(logits, labels[:, first:]) * mask[:, first:]
+    if first:
+        token_logps = torch.cat([token_logps.new_zeros(token_logps.shape[0], first), token_logps], dim=1)
     out = {"token_logps": token_logps, "mask": mask, "logps": token_logps.sum(-1), "lengths": mask.sum(-1)}
     if vocab:
         out["vocab_logps"] = torch.log_softmax(logits, dim=-1)
@@ -71,8 +103,7 @@ def response_logprobs(module, input_ids, attention_mask, response_length: int, *
     sampling temperature makes these the log-probs of the distribution the
     engine sampled from.
     """
-    logits = lm_logits(module, input_ids, attention_mask)
-    logits = logits[:, -response_length - 1:-1] / temperature
+    logits = lm_logits(module, input_ids, attention_mask, keep=response_length + 1)[:, :-1] / temperature
     out = {"logprobs": gather_logprobs(logits, input_ids[:, -response_length:])}
     if with_entropy:
         out["entropy"] = entropy_from_logits(logits)
