@@ -66,8 +66,14 @@ class JobData:
         return len(self.examples)
 
     def _encode(self, prompt, response):
-        return encode_prompt_response(self.tokenizer, prompt, response, max_length=self.config.max_length,
-                                      max_prompt_length=self.config.max_prompt_length)
+        """Token ids of a prompt and response, encoded once per pair of texts (every epoch after the first,
+        and evaluation's repeated batches, reuse them)."""
+        key = (repr(prompt), repr(response))
+        cache = self.__dict__.setdefault("_encoded", {})
+        if key not in cache:
+            cache[key] = encode_prompt_response(self.tokenizer, prompt, response, max_length=self.config.max_length,
+                                                max_prompt_length=self.config.max_prompt_length)
+        return cache[key]
 
     def _collate(self, sequences, prefix: str = "") -> dict[str, torch.Tensor]:
         batch = collate_sequences(sequences, self.tokenizer.pad_token_id)
