@@ -127,3 +127,35 @@ def collate_ranked(
 def _check_rows(rows: Sequence, what: str) -> None:
     if len(rows) == 0:
         raise ValueError(f"cannot collate an empty batch of {what}")
+
+
+# Right-padded sequence families of a training batch (offline layouts and PPO-ptx rows): chosen and
+# rejected run through one forward pass stacked, so they share a width.
+SEQUENCE_FAMILIES = (("",), ("chosen_", "rejected_"), ("kl_",), ("ptx_",))
+# Per-token tensors aligned with a family's positions 1 .. T-1 (the reference's log-probs).
+ALIGNED = {"": ("ref_token_logps",), "chosen_": ("ref_chosen_vocab_logps",),
+           "rejected_": ("ref_rejected_vocab_logps",)}
+
+
+def trim_right_padding(batch: dict) -> dict:
+    """`batch` with the columns that are padding in every row cut off the right of each right-padded
+    family (`{p}input_ids`, `{p}attention_mask`, `{p}loss_mask` and the per-token reference tensors
+    aligned with them), so a micro-batch is as long as its own longest row rather than its whole
+    batch's. Families without a `loss_mask` (rollout rows: left-padded prompts) are left as they are."""
+    out = dict(batch)
+    for family in SEQUENCE_FAMILIES:
+        masks = [batch.get(f"{p}attention_mask") for p in family]
+        if any(m is None for m in masks) or any(f"{p}loss_mask" not in batch for p in family):
+            continue
+        used = torch.stack([m.any(0) for m in masks]).any(0).nonzero()
+        width = int(used[-1]) + 1 if len(used) else 1
+        width = max(width, 2)  # a next-token log-prob needs two positions
+        if width >= masks[0].shape[1]:
+            continue
+        for p in family:
+            for key in ("input_ids", "attention_mask", "loss_mask"):
+                out[f"{p}{key}"] = batch[f"{p}{key}"][:, :width]
+            for key in ALIGNED.get(p, ()):
+                if key in batch:
+                    out[key] = batch[key][:, :width - 1]
+    return out

@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402 (after the accelerator is named)
 
 from rlhf_ray.config.schema import RoleConfig
+from rlhf_ray.data.collate import trim_right_padding
 from rlhf_ray.runtime.deepspeed_config import build_deepspeed_config
 from rlhf_ray.telemetry.activations import ActivationReport, ActivationTracker, batch_shape
 from rlhf_ray.telemetry.memory import MemoryReport, held_storage_keys, measure_memory
@@ -117,6 +118,10 @@ class TrainEngine:
         params = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=params, config=self.ds_config)
+        if world_size == 1 and self.zero_stage == 0:
+            # One rank has nothing to all-reduce, but DeepSpeed's ZeRO-0 backward still flattens every
+            # gradient into one buffer and back (about a seventh of a tiny model's optimizer step).
+            self.engine.enable_backward_allreduce = False
         # Peak held memory: gradients exist between the last backward and the
         # optimizer step, optimizer state only after the first step, so the
         # snapshot before the second step holds both (the layout is fixed after).
@@ -167,6 +172,7 @@ class TrainEngine:
         finite = True
         skipped_before = self.engine.skipped_steps
         for index, mb in enumerate(micro):
+            mb = trim_right_padding(mb)  # each micro-batch as long as its own longest row
             mb = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in mb.items()}
             if self._activations_left:
                 loss, metrics = self._measured_micro_step(mb, loss_fn)
