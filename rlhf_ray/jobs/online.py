@@ -118,6 +118,10 @@ class OnlineJob(RecoveringJob):
             else FixedKLController(a.kl_coef)
         self.reward_std = RunningStd()
         self.uses_reference = self.algorithm.needs_reference and a.kl_coef > 0
+        # One pass over one minibatch: the update starts from the weights that sampled, so the engine's own
+        # log-probs serve as the old log-probs and the policy's scoring forward pass is skipped; the
+        # policy's recomputation of them (`rollout/logprob_diff`) comes from its training forward instead.
+        self.engine_old_logprobs = a.ppo_epochs == 1 and a.num_minibatches == 1
         # Bytes/s a plain copy moves on this machine (half the read + write bandwidth), beside each sync.
         self.memcpy_rate = measure_memory_bandwidth(nbytes=64 * 2**20, iters=3) / 2
 
@@ -271,10 +275,9 @@ class OnlineJob(RecoveringJob):
             reward_rows = {k: torch.cat([rows[k], greedy[k]]) for k in ROLLOUT_KEYS}
         else:
             reward_rows = rows
-        launch = {
-            "policy": lambda: roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), rows),
-            "reward": lambda: roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), reward_rows),
-        }
+        launch = {"reward": lambda: roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), reward_rows)}
+        if not self.engine_old_logprobs:
+            launch["policy"] = lambda: roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), rows)
         if self.uses_reference:
             launch["reference"] = lambda: roles.reference().scatter_padded(
                 lambda a, s: a.ref_rollout_logprobs.remote(s), rows)
@@ -284,6 +287,8 @@ class OnlineJob(RecoveringJob):
         with timer.phase("score"):
             for merged in roles.in_turns(launch, lambda name, calls: calls.merged()).values():
                 out.update(merged)
+        if self.engine_old_logprobs:
+            out["logprobs"] = rollout["engine_logprobs"]
         rewards = out.pop("sequence_rewards")
         size = rows["input_ids"].shape[0]
         out["sequence_rewards"] = rewards[:size]
@@ -327,7 +332,7 @@ class OnlineJob(RecoveringJob):
         rows = batch["input_ids"].shape[0]
         size = rows // a.num_minibatches
         params = {"clip_eps": a.clip_eps, "dual_clip": a.dual_clip or None, "kl_coef": self.kl.value,
-                  "ptx_coef": a.ptx_coef}
+                  "ptx_coef": a.ptx_coef, "check_old_logprobs": self.engine_old_logprobs}
         name = self.algorithm.name
         generator = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
         per_step = []
@@ -385,9 +390,10 @@ class OnlineJob(RecoveringJob):
         mask = rollout["response_mask"].float()
         out = {"rollout/reward_mean": float(scores["sequence_rewards"].mean()),
                "rollout/response_length": float(mask.sum(-1).mean()),
-               "rollout/finished_frac": float(rollout["finished"].float().mean()),
-               "rollout/logprob_diff": float(((rollout["engine_logprobs"] - scores["logprobs"]).abs() * mask).sum()
-                                             / mask.sum().clamp(min=1))}
+               "rollout/finished_frac": float(rollout["finished"].float().mean())}
+        if not self.engine_old_logprobs:  # else the policy's training forward measured it (`update`)
+            out["rollout/logprob_diff"] = float(((rollout["engine_logprobs"] - scores["logprobs"]).abs() * mask).sum()
+                                                / mask.sum().clamp(min=1))
         if "greedy_rewards" in scores:
             out["rollout/greedy_reward_mean"] = float(scores["greedy_rewards"].mean())
         tokens = float(rollout["attention_mask"].sum())

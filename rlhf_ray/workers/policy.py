@@ -151,7 +151,10 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         when PPO-ptx is on). `params["loss_denominator"]` (and
         `"ptx_denominator"`) is the minibatch's aggregation weight over all
         ranks (`aggregation_weights(...).sum()`): the loss is the minibatch's
-        mean whatever the micro-batch size and rank count."""
+        mean whatever the micro-batch size and rank count. With
+        `params["check_old_logprobs"]` (the old log-probs are the rollout
+        engine's) the metrics include `rollout/logprob_diff`: the mean absolute
+        difference between them and this forward's log-probs of those tokens."""
         algorithm = get_online_algorithm(algorithm_name)
         temperature = self.job.rollout.temperature
         mode = params.get("loss_aggregation", "token-mean")
@@ -178,6 +181,9 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
                 metrics["policy/ptx_loss"] = ptx_loss.detach()
             denom = mask.sum().clamp(min=1)
             metrics["policy/entropy"] = (out["entropy"] * mask).sum().detach() / denom
+            if params.get("check_old_logprobs"):  # the old log-probs are the engine's: how far from ours
+                metrics["rollout/logprob_diff"] = ((out["logprobs"].detach() - mb["old_logprobs"]).abs()
+                                                   * mask).sum() / denom
             return loss, metrics
 
         return self.engine.train_batch(batch, loss_fn)
@@ -223,10 +229,17 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         sent = 0
         if sender:
             wait_all([t.begin_weight_update.remote() for t in targets], _target)
+        # Two buckets in flight: the next is gathered, copied and serialised while the targets load the
+        # one before (a target runs its calls in the order sent); at most two buckets are held at once.
+        in_flight: list[list] = []
         for bucket in self.engine.iter_weight_buckets(bucket_bytes):
             if sender:
-                wait_all([t.load_weights.remote(bucket) for t in targets], _target)
+                if len(in_flight) == 2:
+                    wait_all(in_flight.pop(0), _target)
+                in_flight.append([t.load_weights.remote(bucket) for t in targets])
                 sent += sum(w.numel() * w.element_size() for _, w in bucket) * len(targets)
         if sender:
+            for refs in in_flight:
+                wait_all(refs, _target)
             wait_all([t.finish_weight_update.remote() for t in targets], _target)
         return {"sync/bytes": float(sent)}
