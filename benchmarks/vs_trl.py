@@ -1,6 +1,7 @@
-"""rlhf-ray against TRL on the same CPU work: DPO steps per second and online RLOO samples per second.
+"""rlhf-ray against TRL on the same CPU work: DPO steps per second, online RLOO and GRPO samples per second.
 
-    python benchmarks/vs_trl.py [--out benchmarks/results] [--trl-venv /tmp/trl-venv] [--warmup 2] [--steps 5]
+    python benchmarks/vs_trl.py [--model tiny-gpt2|small-llama] [--out benchmarks/results]
+                                [--trl-venv /tmp/trl-venv] [--warmup 2] [--steps 5] [--repeats 2]
 
 TRL is never a dependency of rlhf-ray: this script creates its own virtual
 environment (`--trl-venv`, default /tmp/trl-venv) when it lacks TRL, with the
@@ -8,13 +9,15 @@ pinned CPU torch first (`torch==2.13.0`, as our `.venv`) and then `trl` from
 PyPI, and runs TRL's half (`vs_trl_worker.py`) there. Both sides get, in one
 run on one machine:
 
-- the same model: the shipped tiny-gpt2 (seeded initialisation) and the tiny
+- the same model: a shipped preset (`--model`: tiny-gpt2, 0.6M parameters,
+  or small-llama, 26M in the Llama shape; seeded initialisation) and the tiny
   tokenizer, saved to one folder that both load;
 - the same data: the synthetic task's preference pairs (DPO) and prompts
   (RLOO), written to JSON Lines that both read;
 - the same shapes: DPO 16 pairs per step in micro-batches of 8, max_length 96,
-  beta 0.1; RLOO 8 prompts x 4 samples per step, 32 new tokens, KL 0.05, one
-  optimizer step per batch, the synthetic task's rule reward;
+  beta 0.1; RLOO and GRPO 8 prompts x 4 samples per step, 32 new tokens, KL
+  0.05 to the reference (TRL's GRPO default of no KL would skip the reference
+  model), one optimizer step per batch, the synthetic task's rule reward;
 - the same optimizer: AdamW, lr 2e-4 constant, betas (0.9, 0.95), clip 1.0.
 
 Each side runs `--repeats` times, alternating which goes first, so that a
@@ -67,13 +70,13 @@ def ensure_trl_venv(venv: Path) -> Path:
     return python
 
 
-def prepare(work: Path) -> dict[str, Path]:
+def prepare(work: Path, preset: str) -> dict[str, Path]:
     """The shared model folder and data files."""
     from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
 
-    tokenizer = load_tokenizer_for("tiny-gpt2")
-    model = load_causal_lm("tiny-gpt2", dtype="float32", seed=0, tokenizer=tokenizer)
-    model_dir = work / "tiny-gpt2"
+    tokenizer = load_tokenizer_for(preset)
+    model = load_causal_lm(preset, dtype="float32", seed=0, tokenizer=tokenizer)
+    model_dir = work / preset
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     splits = write_synthetic(work / "data", SyntheticConfig(seed=0))
@@ -110,13 +113,13 @@ def run_ours(mode: str, paths: dict, work: Path, warmup: int, steps: int, limits
                                      f"policy.micro_batch_size={DPO['micro_batch_size']}",
                                      f"data.max_length={DPO['max_length']}", f"algorithm.params.beta={DPO['beta']}"]
         cfg = load_config("tiny-dpo", overrides)
-    else:
+    else:  # rloo, grpo
         overrides = model + OPTIM + [f"data.train={paths['prompts']}", f"run.batch_size={RLOO['batch_size']}",
                                      f"algorithm.samples_per_prompt={RLOO['samples_per_prompt']}",
                                      f"rollout.max_new_tokens={RLOO['max_new_tokens']}",
                                      f"algorithm.kl_coef={RLOO['kl_coef']}", "algorithm.ppo_epochs=1",
                                      "algorithm.num_minibatches=1", "policy.micro_batch_size=32"]
-        cfg = load_config("tiny-rloo", overrides)
+        cfg = load_config(f"tiny-{mode}", overrides)
     result = run_throughput(cfg, work, warmup=warmup, steps=steps, limits=limits, label=label)
     return {"step_median_s": result["step_median_s"], "step_seconds": result["step_seconds"],
             "phases_median_s": result["phases_median_s"],
@@ -126,7 +129,7 @@ def run_ours(mode: str, paths: dict, work: Path, warmup: int, steps: int, limits
 
 def markdown(result: dict) -> str:
     hw = result["hardware"]
-    lines = ["# rlhf-ray vs TRL on the same CPU work", "",
+    lines = [f"# rlhf-ray vs TRL on the same CPU work: {result['model']}", "",
              f"- CPU: {hw['cpu_model']} ({hw['cpus_available']} CPUs available); torch threads per process: {THREADS}",
              "- rlhf-ray side: " + ", ".join(f"{k} {v}" for k, v in hw["versions"].items() if v),
              "- TRL side: " + ", ".join(f"{k} {v}" for k, v in result["trl_versions"].items()),
@@ -141,13 +144,17 @@ def markdown(result: dict) -> str:
     if loads:
         lines += ["", f"Load average (1 min) before each run: {min(x[0] for x in loads):.1f} to "
                       f"{max(x[0] for x in loads):.1f} on {hw['cpus_available']} CPUs."]
-    lines += ["", "Ratios above 1 mean rlhf-ray is faster. Shapes: " + json.dumps({"dpo": DPO, "rloo": RLOO}), ""]
+    lines += ["", "Ratios above 1 mean rlhf-ray is faster. Shapes (RLOO's are GRPO's too): "
+              + json.dumps({"dpo": DPO, "rloo": RLOO}), ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results", help="folder for vs_trl.json and vs_trl.md")
+    parser.add_argument("--model", default="tiny-gpt2", help="the model preset both sides train (tiny-gpt2, "
+                        "small-llama)")
+    parser.add_argument("--modes", default="dpo,rloo,grpo", help="which work to compare")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for vs_trl-<model>.json and .md")
     parser.add_argument("--trl-venv", default="/tmp/trl-venv", help="TRL's own virtual environment")
     parser.add_argument("--work", default=None, help="folder for the model, data and runs (default: temporary)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per run")
@@ -157,11 +164,14 @@ def main() -> None:
     args = parser.parse_args()
     python = ensure_trl_venv(Path(args.trl_venv))
     work = Path(args.work or tempfile.mkdtemp(prefix="rlhf-ray-vs-trl-"))
-    paths = prepare(work)
+    paths = prepare(work, args.model)
     limits = measure_limits(threads=THREADS)
     rows, trl_versions, details = [], {}, {}
     rloo_samples = RLOO["batch_size"] * RLOO["samples_per_prompt"]
-    for mode, shape, unit, per_step in (("dpo", DPO, "steps / s", 1), ("rloo", RLOO, "samples / s", rloo_samples)):
+    modes = {"dpo": (DPO, "steps / s", 1, "DPOTrainer"), "rloo": (RLOO, "samples / s", rloo_samples, "RLOOTrainer"),
+             "grpo": (RLOO, "samples / s", rloo_samples, "GRPOTrainer")}
+    for mode in args.modes.split(","):
+        shape, unit, per_step, trainer = modes[mode]
         trl_runs, our_runs = [], []
         for repeat in range(args.repeats):
             sides = [lambda: trl_runs.append(run_trl(python, mode, shape, paths, work, args.warmup, args.steps,
@@ -174,18 +184,20 @@ def main() -> None:
         trl = {"step_median_s": statistics.median(s for r in trl_runs for s in r["step_seconds"]), "runs": trl_runs}
         ours = {"step_median_s": statistics.median(s for r in our_runs for s in r["step_seconds"]), "runs": our_runs}
         trl_rate, our_rate = per_step / trl["step_median_s"], per_step / ours["step_median_s"]
-        rows.append({"work": f"{mode.upper()} ({'DPOTrainer' if mode == 'dpo' else 'RLOOTrainer'} vs ours)",
+        rows.append({"work": f"{mode.upper()} ({trainer} vs ours)",
                      "unit": unit, "trl": trl_rate, "ours": our_rate, "ratio": our_rate / trl_rate})
         details[mode] = {"trl": trl, "ours": ours}
         print(f"{mode}: TRL {trl_rate:.3g} {unit}, rlhf-ray {our_rate:.3g} {unit} ({our_rate / trl_rate:.2f}x)")
-    result = {"hardware": hardware_info(), "trl_versions": trl_versions, "warmup": args.warmup, "steps": args.steps,
+    result = {"model": args.model, "hardware": hardware_info(), "trl_versions": trl_versions, "warmup": args.warmup,
+              "steps": args.steps,
               "repeats": args.repeats,
               "rows": rows, "details": details, "shapes": {"dpo": DPO, "rloo": RLOO}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vs_trl.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
-    (out / "vs_trl.md").write_text(markdown(result))
-    print(f"wrote {out / 'vs_trl.json'} and {out / 'vs_trl.md'}")
+    stem = f"vs_trl-{args.model}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    (out / f"{stem}.md").write_text(markdown(result))
+    print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
     /tmp/trl-venv/bin/python benchmarks/vs_trl_worker.py SPEC.json OUT.json
 
-SPEC.json names the mode ("dpo" or "rloo"), the saved tiny model folder (its
-tokenizer beside it), the data file, the batch shape, the step counts, the
-torch threads and, for RLOO, the path of `rlhf_ray/data/synthetic.py` (loaded
-on its own: it needs only the standard library) for the same rule reward as
-ours. OUT.json gets the wall time of every optimizer step (from the end of one
+SPEC.json names the mode ("dpo", "rloo" or "grpo"), the saved model folder
+(its tokenizer beside it), the data file, the batch shape, the step counts,
+the torch threads and, for RLOO and GRPO, the path of
+`rlhf_ray/data/synthetic.py` (loaded on its own: it needs only the standard
+library) for the same rule reward as ours. OUT.json gets the wall time of every optimizer step (from the end of one
 to the end of the next, data loading and generation included) and TRL's own
 versions.
 """
@@ -67,14 +67,21 @@ def main() -> None:
         trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                              callbacks=[StepClock()])
     else:
-        from trl import RLOOConfig, RLOOTrainer
+        if spec["mode"] == "rloo":
+            from trl import RLOOConfig as Config
+            from trl import RLOOTrainer as Trainer
+        else:
+            from trl import GRPOConfig as Config
+            from trl import GRPOTrainer as Trainer
 
         rows = spec["batch_size"] * spec["samples_per_prompt"]
-        args = RLOOConfig(per_device_train_batch_size=rows, gradient_accumulation_steps=1,
-                          num_generations=spec["samples_per_prompt"], max_completion_length=spec["max_new_tokens"],
-                          temperature=1.0, top_p=1.0, top_k=0, beta=spec["kl_coef"], num_iterations=1, **common)
-        trainer = RLOOTrainer(model=model, reward_funcs=load_reward(spec["reward_module"]), args=args,
-                              train_dataset=data, processing_class=tokenizer, callbacks=[StepClock()])
+        # One optimizer step per batch of prompts x samples, the KL to the reference on (TRL's GRPO
+        # default is beta 0, no reference model: equal work needs ours).
+        args = Config(per_device_train_batch_size=rows, gradient_accumulation_steps=1,
+                      num_generations=spec["samples_per_prompt"], max_completion_length=spec["max_new_tokens"],
+                      temperature=1.0, top_p=1.0, top_k=0, beta=spec["kl_coef"], num_iterations=1, **common)
+        trainer = Trainer(model=model, reward_funcs=load_reward(spec["reward_module"]), args=args,
+                          train_dataset=data, processing_class=tokenizer, callbacks=[StepClock()])
     trainer.train()
     steps = [b - a for a, b in zip(ends, ends[1:])]
     versions = {name: importlib.metadata.version(name) for name in ("trl", "transformers", "torch", "accelerate")}

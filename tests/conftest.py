@@ -77,3 +77,30 @@ def forget_deepspeed_process_group() -> None:
                 setattr(groups, name, {} if isinstance(value, dict) else None)
         groups.mpu = None
         groups.mesh_device = None
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """torch.distributed in this process, a gloo world of one rank (as DeepSpeed needs), for one test
+    module; torn down after it, environment and DeepSpeed's cached groups as they were."""
+    pytest.importorskip("deepspeed")
+    import torch.distributed as dist
+
+    from rlhf_ray.runtime.distributed import find_free_port
+
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            pytest.skip("torch.distributed already initialised with several ranks in this process")
+        yield
+        return
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(find_free_port()), "RANK": "0", "WORLD_SIZE": "1",
+           "LOCAL_RANK": "0"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+            forget_deepspeed_process_group()

@@ -20,6 +20,17 @@ def tiny_config(preset: str, out: Path, *overrides: str, **kw):
     return load_config(preset, base + list(overrides))
 
 
+def stopped_before(full: Path, step: int, to: Path) -> Path:
+    """`full`'s run directory as it was before step `step` was checkpointed (a copy without that
+    checkpoint and without final/): what a run stopped there leaves for its resume."""
+    import shutil
+
+    shutil.copytree(full, to)
+    shutil.rmtree(to / "checkpoints" / f"step_{step}")
+    shutil.rmtree(to / "final")
+    return to
+
+
 def metric_rows(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in row.items() if not k.startswith(VOLATILE)} for row in rows]

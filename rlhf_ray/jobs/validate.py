@@ -216,6 +216,8 @@ def lora_roles(cfg: JobConfig, kind: str) -> dict[str, str]:
 
 def check_lora(cfg: JobConfig, kind: str, produced: tuple[str, ...] = ()) -> None:
     """LoRA settings that cannot work fail here, before any model loads, naming the key."""
+    import importlib.util
+
     import torch
 
     if cfg.reference.lora.enabled:
@@ -231,11 +233,8 @@ def check_lora(cfg: JobConfig, kind: str, produced: tuple[str, ...] = ()) -> Non
             problem = None
             if not torch.cuda.is_available():
                 problem = "CUDA, absent on this machine"
-            else:
-                try:
-                    import bitsandbytes  # noqa: F401
-                except ImportError:
-                    problem = "the bitsandbytes package, not installed here"
+            elif importlib.util.find_spec("bitsandbytes") is None:
+                problem = "the bitsandbytes package, not installed here"
             if problem:
                 raise ConfigError(f"{role}.lora.quantize: a 4-bit base (QLoRA) needs {problem}; set "
                                   f"{role}.lora.quantize= (empty) to train LoRA on the base in its own dtype")

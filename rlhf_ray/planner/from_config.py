@@ -48,7 +48,7 @@ from rlhf_ray.planner.memory import (
     trained_state_bytes,
 )
 from rlhf_ray.planner.shapes import ModelShape, load_shape, param_tensors
-from rlhf_ray.planner.zero import ZeroConfig, frozen_state_bytes, optimizer_groups, train_state_bytes
+from rlhf_ray.planner.zero import ZeroConfig, frozen_state_bytes
 from rlhf_ray.sizing import zero_buckets
 
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}

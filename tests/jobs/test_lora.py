@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from rlhf_ray.config import ConfigError
 from rlhf_ray.jobs import run_job
 from rlhf_ray.telemetry.metrics import read_metrics
 
-from job_helpers import assert_same_run, final_weights, metric_rows, tiny_config
+from job_helpers import assert_same_run, final_weights, metric_rows, stopped_before, tiny_config
 
 LORA = ["policy.lora.rank=8", "policy.lora.alpha=16"]
 OFFLINE = ["run.batch_size=8", "policy.micro_batch_size=4", "policy.optim.warmup_steps=0",
@@ -74,10 +73,7 @@ def test_lora_merged_export_loads_and_generates_what_the_adapted_policy_does(ray
 def test_lora_resume_is_exact_and_zero3_over_two_ranks_matches_one_rank(ray_cluster, tmp_path):
     full = tmp_path / "full"
     run_job(tiny_config("tiny-dpo", full, "run.total_steps=4", "run.save_every=2", *OFFLINE, *LORA))
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_4")
-    shutil.rmtree(resumed / "final")
+    resumed = stopped_before(full, 4, tmp_path / "resumed")
     run_job(tiny_config("tiny-dpo", resumed, "run.total_steps=4", "run.save_every=2", *OFFLINE, *LORA))
     assert metric_rows(resumed) == metric_rows(full)
     a, b = final_weights(full), final_weights(resumed)
@@ -106,10 +102,7 @@ def test_lora_ppo_on_vllm_syncs_merged_weights_and_resumes_exactly(ray_cluster, 
     memory = summary["max"]
     assert memory["memory/critic/optimizer_bytes"] < 0.15 * memory["memory/critic/params_bytes"]
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_3")
-    shutil.rmtree(resumed / "final")
+    resumed = stopped_before(full, 3, tmp_path / "resumed")
     run_job(tiny_config("tiny-ppo", resumed, *args))
     assert_same_run(resumed, full)
 

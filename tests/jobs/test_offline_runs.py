@@ -4,7 +4,6 @@ exact resume, the SPIN/sDPO schedules and reward-model training."""
 from __future__ import annotations
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ import torch
 from rlhf_ray.jobs import run_job
 from rlhf_ray.telemetry.metrics import read_metrics
 
-from job_helpers import final_weights, metric_rows, tiny_config
+from job_helpers import final_weights, metric_rows, stopped_before, tiny_config
 
 # One rank or two, each with one CPU; the reference gets its own bundle.
 SMALL = ["run.batch_size=8", "policy.micro_batch_size=4", "reference.micro_batch_size=8",
@@ -48,10 +47,7 @@ def test_resumed_run_ends_like_the_uninterrupted_one(ray_cluster, tmp_path):
     run_job(tiny_config("tiny-dpo", full, "run.total_steps=4", "run.save_every=2", *SMALL))
     assert (full / "checkpoints" / "step_2" / "CHECKPOINT_COMPLETE").exists()
     # The same run stopped after step 2: its directory as it was then.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_4")
-    shutil.rmtree(resumed / "final")
+    resumed = stopped_before(full, 4, tmp_path / "resumed")
     run_job(tiny_config("tiny-dpo", resumed, "run.total_steps=4", "run.save_every=2", *SMALL))
     assert metric_rows(resumed) == metric_rows(full)
     a, b = final_weights(full), final_weights(resumed)

@@ -3,7 +3,6 @@ what they hold, exact resume, weight sync, and an online and an offline job side
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import pytest
@@ -13,7 +12,7 @@ from rlhf_ray.config import ConfigError
 from rlhf_ray.jobs import run_job
 from rlhf_ray.telemetry.metrics import read_metrics
 
-from job_helpers import assert_same_run, tiny_config
+from job_helpers import assert_same_run, stopped_before, tiny_config
 
 SMALL = ["run.batch_size=4", "rollout.max_new_tokens=8", "algorithm.num_minibatches=1"]
 REWARD_MODEL = ["reward.rule=", "reward.model.name_or_path=tiny-gpt2"]  # a (fresh) scalar-head reward model
@@ -32,10 +31,7 @@ def test_ppo_has_four_model_roles_and_resumes_exactly(ray_cluster, tmp_path):
     assert rows[-1]["sync/bytes"] > 0 and "critic/value_loss" in rows[-1]
     assert rows[-1]["rollout/logprob_diff"] < 1e-4  # engine and policy agree on the sampled tokens' log-probs
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_3")
-    shutil.rmtree(resumed / "final")
+    resumed = stopped_before(full, 3, tmp_path / "resumed")
     run_job(tiny_config("tiny-ppo", resumed, "run.total_steps=3", "run.save_every=2", *SMALL, *REWARD_MODEL))
     assert_same_run(resumed, full)
 
@@ -50,10 +46,7 @@ def test_remax_creates_no_critic_uses_a_greedy_baseline_and_resumes_exactly(ray_
     assert "rollout/greedy_reward_mean" in rows[-1]
     assert all(row["rollout/logprob_diff"] < 1e-4 for row in rows)  # the vLLM engine, synced every step
 
-    resumed = tmp_path / "resumed"
-    shutil.copytree(full, resumed)
-    shutil.rmtree(resumed / "checkpoints" / "step_3")
-    shutil.rmtree(resumed / "final")
+    resumed = stopped_before(full, 3, tmp_path / "resumed")
     run_job(tiny_config("tiny-remax", resumed, *args))
     assert_same_run(resumed, full)
 

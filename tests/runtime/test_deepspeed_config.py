@@ -4,14 +4,11 @@ schedule it asks DeepSpeed for, and proof that DeepSpeed runs it on this CPU."""
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
-from conftest import forget_deepspeed_process_group
 import torch
 
 from rlhf_ray.runtime.deepspeed_config import DeepSpeedConfigError, build_deepspeed_config, scheduled_lr
-from rlhf_ray.runtime.distributed import find_free_port
 
 COMMON = dict(micro_batch_size_per_rank=2, grad_accum_steps=3, world_size=4, lr=1e-3, weight_decay=0.01,
               betas=(0.9, 0.95), eps=1e-8, grad_clip=1.0, warmup_steps=0, total_steps=10, scheduler="constant")
@@ -113,28 +110,6 @@ def test_scheduled_lr_by_hand():
 
 # DeepSpeed in this process -----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def single_process_group():
-    """A world of one (gloo), as DeepSpeed needs; torn down after this module."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(find_free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-    forget_deepspeed_process_group()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def _tiny_model() -> torch.nn.Module:
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
@@ -162,7 +137,7 @@ def _train(config: dict, steps: int) -> tuple[torch.Tensor, list[float], object]
     return probe, lrs, engine
 
 
-def test_deepspeed_runs_stages_0_2_3_on_cpu_and_they_agree(single_process_group):
+def test_deepspeed_runs_stages_0_2_3_on_cpu_and_they_agree(world_of_one):
     torch.set_num_threads(1)
     settings = dict(micro_batch_size_per_rank=2, grad_accum_steps=2, world_size=1, lr=0.05, grad_clip=1.0,
                     on_cuda=False)
@@ -179,7 +154,7 @@ def test_deepspeed_runs_stages_0_2_3_on_cpu_and_they_agree(single_process_group)
     assert not torch.allclose(probes[(0, False)], before, atol=1e-3)  # and training moved them
 
 
-def test_deepspeed_follows_the_documented_schedule(single_process_group):
+def test_deepspeed_follows_the_documented_schedule(world_of_one):
     torch.set_num_threads(1)
     config = build_deepspeed_config(zero_stage=2, micro_batch_size_per_rank=2, grad_accum_steps=2, world_size=1,
                                     lr=0.1, scheduler="linear", warmup_steps=2, total_steps=5, on_cuda=False)
@@ -188,7 +163,7 @@ def test_deepspeed_follows_the_documented_schedule(single_process_group):
                                  for k in range(5)])
 
 
-def test_zero3_inference_matches_the_plain_module(single_process_group):
+def test_zero3_inference_matches_the_plain_module(world_of_one):
     import deepspeed
 
     torch.set_num_threads(1)

@@ -3,12 +3,9 @@ and a DeepSpeed ZeRO-0 TrainEngine reporting `memory/<role>/activations_bytes`."
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
-from conftest import forget_deepspeed_process_group
 
 from rlhf_ray.telemetry.activations import ActivationTracker, batch_shape
 from rlhf_ray.telemetry.memory import held_storage_keys
@@ -77,35 +74,8 @@ def test_gradient_checkpointing_stores_less_than_keeping_every_layer():
     assert on.peak_bytes > on.after_forward_bytes  # the recomputed layer comes on top in backward
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def gloo_world_of_one():
-    pytest.importorskip("deepspeed")
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0"}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-            forget_deepspeed_process_group()
-
-
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_train_engine_at_zero0_reports_the_activations_of_its_first_micro_step(gloo_world_of_one, checkpointing):
+def test_train_engine_at_zero0_reports_the_activations_of_its_first_micro_step(world_of_one, checkpointing):
     from rlhf_ray.config.schema import RoleConfig
     from rlhf_ray.runtime.engine import TrainEngine
     from rlhf_ray.workers import forward as fw

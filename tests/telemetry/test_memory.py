@@ -7,13 +7,12 @@ checked against the same figures.
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
-from conftest import forget_deepspeed_process_group
 import torch
 
+from rlhf_ray.runtime.distributed import find_free_port
 from rlhf_ray.telemetry.memory import MemoryReport, measure_memory, peak_rss_bytes, reset_peaks
 
 
@@ -151,12 +150,6 @@ CASES = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def train_and_measure(stage: int, dtype: str, persistence_threshold: int) -> tuple[tuple, tuple]:
     """One DeepSpeed step, then the backward of a second; (params, grads, optimizer) after each."""
     import deepspeed
@@ -183,31 +176,12 @@ def train_and_measure(stage: int, dtype: str, persistence_threshold: int) -> tup
 
 
 @pytest.fixture(scope="module")
-def gloo_world_of_one():
-    """torch.distributed on this process, world size 1 (left as found afterwards)."""
-    pytest.importorskip("deepspeed")
-    import deepspeed
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        if dist.get_world_size() != 1:
-            pytest.skip("torch.distributed already initialised with several ranks in this process")
-        yield
-        return
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_RANK": "0"}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        deepspeed.init_distributed("gloo", verbose=False)
-        try:
-            yield
-        finally:
-            dist.destroy_process_group()
-            forget_deepspeed_process_group()
-            torch.set_num_threads(threads)
+def gloo_world_of_one(world_of_one):
+    """A world of one with one torch thread (the byte counts do not depend on it; the time does)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -233,7 +207,7 @@ def test_deepspeed_layout_two_ranks_partitions_per_rank(tmp_path):
     pytest.importorskip("deepspeed")
     import torch.multiprocessing as mp
 
-    mp.spawn(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_rank_main, args=(2, find_free_port(), str(tmp_path)), nprocs=2, join=True)
     expected = {name: per_ws[2] for name, (_, per_ws) in CASES.items() if 2 in per_ws}
     for rank in range(2):
         measured = json.loads(Path(tmp_path, f"rank{rank}.json").read_text())
