@@ -14,9 +14,10 @@ exact allocations; this module adds the estimates:
   per stored tensor of the Hugging Face implementations rlhf-ray trains, so it
   scales to fp32, to no dropout, to grouped-query attention, to an inner MLP
   width I and to FlashAttention (no s^2 terms, a fp32 log-sum-exp per head
-  and token), and counts what HF really keeps: GPT-2's default gelu_new is a
-  Python formula storing 5 I-wide tensors, not 2; Llama's RMSNorm keeps its
-  input in fp32 and the normalised tensor; Llama's eager softmax is fp32.
+  and token), and counts what is really kept: GPT-2's default gelu_new, a Python formula
+  in HF storing 5 I-wide tensors, runs as torch's fused kernel in rlhf-ray
+  (2, as Korthikanti's count); Llama's RMSNorm keeps its input in fp32 and
+  the normalised tensor; Llama's eager softmax is fp32.
   Gradient checkpointing of every layer keeps each layer's input (s*b*h) and
   one layer's activations while it is recomputed. A training micro-step peaks
   either at the head (everything stored, plus the fp32 logits the loss keeps
@@ -197,26 +198,28 @@ def _e(dtype: str) -> int:
     return dtype_bytes(dtype)
 
 
-# HF activations whose module is one fused op saving only its input (GeLU, SiLU in torch). The
-# others in HF's ACT2FN are Python formulas: every intermediate autograd needs is a stored tensor.
-_FUSED_ACTS = ("gelu", "gelu_pytorch_tanh", "relu", "silu", "swish")
-# I-wide tensors HF's `NewGELUActivation` (GPT-2's default gelu_new, 0.5*x*(1+tanh(c*(x+0.044715x^3))))
+# HF activations whose module is one fused op saving only its input (GeLU, SiLU in torch). GPT-2's
+# default gelu_new is a Python formula in HF (`NewGELUActivation`), but rlhf-ray loads it as torch's
+# fused tanh-GELU (`models.loading.fuse_activations`), so it stores its input only; the others in HF's
+# ACT2FN are Python formulas: every intermediate autograd needs is a stored tensor.
+_FUSED_ACTS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
+# I-wide tensors a Python GELU formula (HF's NewGELUActivation, 0.5*x*(1+tanh(c*(x+0.044715x^3))))
 # stores beside its input: tanh's output, 0.5*x and 1+tanh for the final product.
-_GELU_NEW_EXTRA = 3
+_GELU_FORMULA_EXTRA = 3
 
 
 def mlp_stored_widths(shape: ModelShape) -> int:
     """Elements per token one MLP stores for backward in the HF implementation, its input apart.
 
-    GPT-2: the up-projection output I, the activation's output I (the down-projection's input),
-    and for the default gelu_new 3 more I-wide intermediates of its formula. Llama (SwiGLU):
-    gate and up outputs, SiLU(gate) and the product, 4I.
+    GPT-2: the up-projection output I and the activation's output I (the down-projection's input),
+    and for an activation HF computes as a Python formula 3 more I-wide intermediates of it (gelu_new
+    is fused at load). Llama (SwiGLU): gate and up outputs, SiLU(gate) and the product, 4I.
     """
     inner = shape.intermediate_size
     act = shape.hidden_act or ("gelu_new" if shape.model_type == "gpt2" else "silu")
     if shape.model_type == "llama":
         return 4 * inner
-    return (2 + (0 if act in _FUSED_ACTS else _GELU_NEW_EXTRA)) * inner
+    return (2 + (0 if act in _FUSED_ACTS else _GELU_FORMULA_EXTRA)) * inner
 
 
 def norm_stored_bytes(shape: ModelShape, dtype: str) -> int:
