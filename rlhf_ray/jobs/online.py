@@ -6,7 +6,7 @@ policy loss); the loop below never branches on its name:
 
     prompts  = data.batch(sampler.next())
     rollout  = generate(prompts)                       # engines, n samples (+ greedy)
-    scores   = score(rollout)                          # policy, reference, reward, critic: concurrently
+    scores   = score(rollout)                          # policy, reference, reward, critic: at once or in turns
     batch    = compute_advantages(rollout, scores)     # KL-shaped rewards, advantages, returns
     metrics  = update(batch)                           # epochs x minibatches, policy and critic
     sync_weights()                                     # policy -> engines, in buckets
