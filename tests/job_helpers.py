@@ -42,7 +42,7 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def assert_same_run(resumed: Path, full: Path, rel: float = 1e-4, abs_tol: float = 2e-4) -> None:
     """A resumed online run ends like the uninterrupted one: every step once, the same metrics and the
-    same final weights, to float rounding. Two processes running the same step on this CPU agree to the
+    same final weights, to float rounding (weights to 1e-4). Two processes running the same step on this CPU agree to the
     last bits only: float32 GEMM results depend on where the operands sit in memory, the policy and the
     reference at step 1 differ by a few ulps per token (a KL of 1e-4 summed over a response instead
     of 0.0), and Adam's normalised step carries such differences of near-zero gradients into the next
@@ -67,4 +67,4 @@ def assert_same_run(resumed: Path, full: Path, rel: float = 1e-4, abs_tol: float
     wa, wb = final_weights(resumed), final_weights(full)
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-    assert worst <= 1e-5, worst  # a lost optimizer state moves weights by the learning rate (2e-4), per step
+    assert worst <= 1e-4, worst  # a lost optimizer state moves weights by up to the learning rate (2e-4) a step
