@@ -179,6 +179,3 @@ def adapter_state(module: torch.nn.Module, named: Iterable[tuple[str, torch.Tens
     config["task_type"] = config.get("task_type") or None
     return state, config
 
-
-def trainable_numel(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

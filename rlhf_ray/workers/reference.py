@@ -9,6 +9,8 @@ fly. SPIN and sDPO move it to the latest policy through `load_weights`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.engine import InferenceEngine
@@ -23,9 +25,8 @@ class ReferenceScoring:
     reference group: the policy's actors answer the reference's calls)."""
 
     job: JobConfig
-
-    def reference_eval(self, batch: dict, fn) -> dict:
-        raise NotImplementedError
+    reference_eval: Callable[[dict, Callable], dict]
+    """`fn(module, micro_batch)` over `batch` on the reference weights; each class using the mixin defines it."""
 
     def pair_logps(self, batch: dict, vocab: bool = False) -> dict:
         """`ref_chosen_logps`, `ref_rejected_logps` `[B]` (and `ref_*_vocab_logps` for TDPO)."""

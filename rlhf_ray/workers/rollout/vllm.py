@@ -365,6 +365,7 @@ class VLLMRolloutWorker:
         self.clock = ComputeClock()
         self.llm = None
         self._materialised_dir: str | None = None
+        self._adapter_dir: str | None = None  # the adapters sent by the policy (`lora.sync: adapter`)
 
     def setup(self, job: JobConfig, *, init_from: str) -> dict:
         """Start vLLM on `init_from` (checkpoint directory, hub name or preset), on the CPU or on this
@@ -531,7 +532,9 @@ class VLLMRolloutWorker:
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
-        folder = os.path.join(self._adapter_root(), f"v{self.version + 1}")
+        if self._adapter_dir is None:
+            self._adapter_dir = tempfile.mkdtemp(prefix=f"rlhf-ray-vllm-adapters{self.rank}-")
+        folder = os.path.join(self._adapter_dir, f"v{self.version + 1}")
         os.makedirs(folder, exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "adapter_model.safetensors"))
         with open(os.path.join(folder, "adapter_config.json"), "w") as f:
@@ -543,11 +546,6 @@ class VLLMRolloutWorker:
             self.llm.llm_engine.remove_lora(previous.lora_int_id)
             shutil.rmtree(previous.lora_path, ignore_errors=True)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old adapter
-
-    def _adapter_root(self) -> str:
-        if not getattr(self, "_adapter_dir", None):
-            self._adapter_dir = tempfile.mkdtemp(prefix=f"rlhf-ray-vllm-adapters{self.rank}-")
-        return self._adapter_dir
 
     def close_weight_transfer(self) -> None:
         """Leave the sender's transfer group (vLLM keeps serving)."""
@@ -589,7 +587,7 @@ class VLLMRolloutWorker:
         if self._materialised_dir:
             shutil.rmtree(self._materialised_dir, ignore_errors=True)
             self._materialised_dir = None
-        if getattr(self, "_adapter_dir", None):
+        if self._adapter_dir:
             shutil.rmtree(self._adapter_dir, ignore_errors=True)
             self._adapter_dir = None
 
