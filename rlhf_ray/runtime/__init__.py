@@ -10,6 +10,8 @@
   AdamW, LR schedule).
 - `checkpoint`: atomic checkpoint directories, `latest_checkpoint`,
   `prune_checkpoints`, RNG capture and restore.
+- `wire`: `pack_bucket` / `unpack_bucket`, weight buckets as raw bytes
+  between actors (weight sync).
 
 Import the submodules directly; this package imports nothing so that loading
 one piece does not pull in Ray or DeepSpeed.

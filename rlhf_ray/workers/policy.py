@@ -212,7 +212,10 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
 
         Every rank iterates so ZeRO-3 gathers line up; the driver never holds
         the weights. Returns bytes sent."""
+        import ray
+
         from rlhf_ray.runtime.actor_group import wait_all
+        from rlhf_ray.runtime.wire import pack_bucket
 
         def _target(index: int) -> str:
             return f"role {role!r} rank {index} of {len(targets)} (a weight-sync target)"
@@ -231,12 +234,14 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
             wait_all([t.begin_weight_update.remote() for t in targets], _target)
         # Two buckets in flight: the next is gathered, copied and serialised while the targets load the
         # one before (a target runs its calls in the order sent); at most two buckets are held at once.
+        # Buckets travel as raw bytes (`runtime.wire`), put in the object store once for every target.
         in_flight: list[list] = []
         for bucket in self.engine.iter_weight_buckets(bucket_bytes):
             if sender:
                 if len(in_flight) == 2:
                     wait_all(in_flight.pop(0), _target)
-                in_flight.append([t.load_weights.remote(bucket) for t in targets])
+                packed = ray.put(pack_bucket(bucket))
+                in_flight.append([t.load_weights.remote(packed) for t in targets])
                 sent += sum(w.numel() * w.element_size() for _, w in bucket) * len(targets)
         if sender:
             for refs in in_flight:

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.engine import InferenceEngine
+from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import EngineWorker, ExportMixin
 from rlhf_ray.workers.forward import generate_tokens
@@ -92,7 +93,7 @@ class ReferenceWorker(ReferenceScoring, ExportMixin, EngineWorker):
         return None
 
     def load_weights(self, bucket) -> None:
-        self.engine.load_weights(bucket)
+        self.engine.load_weights(unpack_bucket(bucket))
 
     def finish_weight_update(self) -> None:
         return None

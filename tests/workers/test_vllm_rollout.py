@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from rlhf_ray.config.schema import ConfigError, DataConfig, JobConfig, ModelConfig, RoleConfig, RolloutConfig
+from rlhf_ray.runtime.wire import pack_bucket
 from rlhf_ray.workers.rollout import engine_worker_class
 from rlhf_ray.workers.rollout.base import request_seed
 from rlhf_ray.workers.rollout.vllm import (
@@ -215,6 +216,7 @@ def test_engine_kwargs_on_gpus_and_on_the_cpu():
     assert "distributed_executor_backend" not in single and single["weight_transfer_config"] == {"backend": "ipc"}
     cpu = engine_kwargs(_job(cpu_kv_cache_bytes=2**20), model_dir="/ckpt/sft", device="cpu", weight_transfer="ipc")
     assert cpu["dtype"] == "float32" and cpu["enforce_eager"] and cpu["kv_cache_memory_bytes"] == 2**20
+    assert cpu["block_size"] == 32  # prompts shorter than a block would not be shared by their n samples
     assert "weight_transfer_config" not in cpu and "tensor_parallel_size" not in cpu
     with pytest.raises(ConfigError, match="weight_transfer 'shm': expected one of ipc, nccl"):
         engine_kwargs(_job(), model_dir="/ckpt/sft", device="cuda", weight_transfer="shm")
@@ -456,10 +458,10 @@ def test_after_a_weight_update_vllm_matches_the_hf_model_with_those_weights(tmp_
             bucket.append((name, param.detach().clone()))
             size += param.numel() * param.element_size()
             if size >= 64 * 2**10:
-                get(engine.load_weights.remote(bucket))
+                get(engine.load_weights.remote(pack_bucket(bucket)))  # as the policy sends them
                 bucket, size = [], 0
         if bucket:
-            get(engine.load_weights.remote(bucket))
+            get(engine.load_weights.remote(pack_bucket(bucket)))
         get(engine.finish_weight_update.remote())
 
         for i in range(3):

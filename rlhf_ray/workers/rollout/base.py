@@ -48,8 +48,9 @@ class RolloutEngine(Protocol):
     def begin_weight_update(self) -> None:
         """A weight update starts; buckets follow."""
 
-    def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        """One bucket of `(parameter name, full CPU tensor)`, names as `named_parameters()` gives them."""
+    def load_weights(self, bucket: list) -> None:
+        """One bucket of `(parameter name, full CPU tensor)`, names as `named_parameters()` gives them, as
+        `runtime.wire.pack_bucket` packs it (`unpack_bucket` gives the pairs back)."""
 
     def finish_weight_update(self) -> None:
         """Every bucket arrived: generation uses the new weights from now on."""

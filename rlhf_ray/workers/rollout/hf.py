@@ -13,6 +13,7 @@ import torch
 
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
+from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.telemetry.memory import measure_memory
 from rlhf_ray.telemetry.timers import ComputeClock
 from rlhf_ray.workers.forward import plain_generation_config, strip_response
@@ -96,7 +97,7 @@ class HFRolloutWorker:
 
     @torch.no_grad()
     def load_weights(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        for name, tensor in bucket:
+        for name, tensor in unpack_bucket(bucket):
             if name not in self._tensors:
                 raise KeyError(f"rollout engine: the policy sent weights for {name!r}, which this model lacks; "
                                "the engine and policy must load the same architecture")
