@@ -43,7 +43,7 @@ from pathlib import Path
 import rlhf_ray.data.synthetic as synthetic_task
 from rlhf_ray.config import load_config
 from rlhf_ray.data.synthetic import SyntheticConfig, write_synthetic
-from rlhf_ray.reports.bench import load_average, measure_limits, run_throughput
+from rlhf_ray.reports.bench import load_average, measure_limits, run_throughput, trained_matmul_params
 from rlhf_ray.telemetry.hardware import hardware_info
 
 HERE = Path(__file__).resolve().parent
@@ -122,9 +122,22 @@ def run_ours(mode: str, paths: dict, work: Path, warmup: int, steps: int, limits
         cfg = load_config(f"tiny-{mode}", overrides)
     result = run_throughput(cfg, work, warmup=warmup, steps=steps, limits=limits, label=label)
     return {"step_median_s": result["step_median_s"], "step_seconds": result["step_seconds"],
+            "work_floor_s": work_floor_s(cfg, result, limits),
             "phases_median_s": result["phases_median_s"],
             "outside_compute_share": result["breakdown_median"]["outside_compute_share"],
             "load_average_before": result["load_average"]["before"]}
+
+
+def work_floor_s(cfg, result: dict, limits: dict) -> float | None:
+    """Seconds a step's work takes at the GEMM rate measured in the run, by any implementation: 8 N FLOPs
+    a token (the training forward and backward, 6 N, and the reference's forward, 2 N) over the batch's
+    real prompt and response tokens, plus 2 N a decoded token (prefill left out). A lower bound on any
+    side's step, so TRL's step over it is the highest ratio to TRL that the work allows on this CPU."""
+    n = trained_matmul_params(cfg, "policy")
+    if not n or not result.get("tokens_per_step"):
+        return None
+    flops = 8 * n * result["tokens_per_step"] + 2 * n * result.get("generated_tokens_per_step", 0.0)
+    return flops / limits["matmul_flops_per_s"]
 
 
 def markdown(result: dict) -> str:
@@ -135,15 +148,23 @@ def markdown(result: dict) -> str:
              "- TRL side: " + ", ".join(f"{k} {v}" for k, v in result["trl_versions"].items()),
              f"- {result['repeats']} runs of each side, alternating which goes first; {result['warmup']} warm-up and "
              f"{result['steps']} measured steps per run; the median over every measured step.", "",
-             "| work | unit | TRL | rlhf-ray | rlhf-ray / TRL |", "|---|---|---|---|---|"]
+             "| work | unit | TRL | rlhf-ray | rlhf-ray / TRL | work floor (s / step) | highest ratio the work "
+             "allows |", "|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
+        floor = row.get("work_floor_s")
+        bound = "-" if floor is None else f"{floor:.3g} | {row['trl_step_s'] / floor:.2f}x"
         lines.append(f"| {row['work']} | {row['unit']} | {row['trl']:.3g} | {row['ours']:.3g} | "
-                     f"{row['ratio']:.2f}x |")
+                     f"{row['ratio']:.2f}x | {bound} |")
     loads = [run.get("load_average_before") for d in result["details"].values() for side in d.values()
              for run in side["runs"] if run.get("load_average_before")]
     if loads:
         lines += ["", f"Load average (1 min) before each run: {min(x[0] for x in loads):.1f} to "
                       f"{max(x[0] for x in loads):.1f} on {hw['cpus_available']} CPUs."]
+    lines += ["", "Work floor: the FLOPs both sides must do each step (8 N a prompt or response token: training "
+              "forward and backward plus the reference's forward; 2 N a decoded token) at the GEMM rate measured "
+              f"in this run ({result['limits']['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, fp32), N = the model's "
+              "matmul parameters. No implementation's step is shorter, so TRL's step over it is the highest "
+              "ratio to TRL this work allows on this CPU; where it is near 1, both sides are compute-bound."]
     lines += ["", "Ratios above 1 mean rlhf-ray is faster. Shapes (RLOO's are GRPO's too): "
               + json.dumps({"dpo": DPO, "rloo": RLOO}), ""]
     return "\n".join(lines)
@@ -184,11 +205,16 @@ def main() -> None:
         trl = {"step_median_s": statistics.median(s for r in trl_runs for s in r["step_seconds"]), "runs": trl_runs}
         ours = {"step_median_s": statistics.median(s for r in our_runs for s in r["step_seconds"]), "runs": our_runs}
         trl_rate, our_rate = per_step / trl["step_median_s"], per_step / ours["step_median_s"]
+        floors = [r["work_floor_s"] for r in our_runs if r.get("work_floor_s")]
         rows.append({"work": f"{mode.upper()} ({trainer} vs ours)",
-                     "unit": unit, "trl": trl_rate, "ours": our_rate, "ratio": our_rate / trl_rate})
+                     "unit": unit, "trl": trl_rate, "ours": our_rate, "ratio": our_rate / trl_rate,
+                     "trl_step_s": trl["step_median_s"],
+                     "work_floor_s": statistics.median(floors) if floors else None})
         details[mode] = {"trl": trl, "ours": ours}
-        print(f"{mode}: TRL {trl_rate:.3g} {unit}, rlhf-ray {our_rate:.3g} {unit} ({our_rate / trl_rate:.2f}x)")
-    result = {"model": args.model, "hardware": hardware_info(), "trl_versions": trl_versions, "warmup": args.warmup,
+        print(f"{mode}: TRL {trl_rate:.3g} {unit}, rlhf-ray {our_rate:.3g} {unit} ({our_rate / trl_rate:.2f}x); "
+              f"work floor {rows[-1]['work_floor_s']} s / step")
+    result = {"model": args.model, "hardware": hardware_info(), "limits": limits, "trl_versions": trl_versions,
+              "warmup": args.warmup,
               "steps": args.steps,
               "repeats": args.repeats,
               "rows": rows, "details": details, "shapes": {"dpo": DPO, "rloo": RLOO}}

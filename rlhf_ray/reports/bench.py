@@ -24,7 +24,11 @@ GEMM rate (Kaplan et al. 2020; PaLM appendix B), N the matmul parameters of
 every trained model (`planner.shapes.matmul_param_count`). Decoding reads every
 weight once per step of a batch, so generation cannot beat
 decode_steps * weight_bytes / bandwidth seconds (decode_steps: the longest
-response of each generate call, summed over calls).
+response of each generate call, summed over calls); each decoded token also
+costs 2 * N FLOPs of the policy, so it cannot beat 2 * N * generated tokens /
+GEMM rate either. The higher of the two is the roofline bound: at batch 64 on
+a CPU the compute bound is the higher (decoding does 2 * 64 / 4 = 32 FLOPs
+per fp32 weight byte, more than a CPU's GEMM rate over its bandwidth).
 """
 
 from __future__ import annotations
@@ -157,8 +161,9 @@ def _total(rows: list[dict], key: str) -> float:
     return float(sum(r.get(key, 0.0) or 0.0 for r in rows))
 
 
-def trained_matmul_params(cfg: JobConfig) -> int | None:
-    """N of the 6N rule: matmul parameters of every model the job trains; None when a shape is unknown."""
+def trained_matmul_params(cfg: JobConfig, role: str | None = None) -> int | None:
+    """N of the 6N rule: matmul parameters of every model the job trains (or of the trained `role`
+    only); None when a shape is unknown."""
     from rlhf_ray.planner.from_config import planned_roles
     from rlhf_ray.planner.memory import TrainSettings
     from rlhf_ray.planner.shapes import matmul_param_count
@@ -167,7 +172,8 @@ def trained_matmul_params(cfg: JobConfig) -> int | None:
         specs = planned_roles(cfg)
     except (ConfigError, FileNotFoundError, ValueError):
         return None
-    return sum(matmul_param_count(s.shape, s.head) for s in specs if isinstance(s.settings, TrainSettings))
+    return sum(matmul_param_count(s.shape, s.head) for s in specs
+               if isinstance(s.settings, TrainSettings) and role in (None, s.role))
 
 
 def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_bytes: float | None) -> dict:
@@ -181,6 +187,8 @@ def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_by
     generate_wall = _total(rows, "time/generate_s")
     trained_tokens = _total(rows, "perf/trained_tokens")
     generated = _total(rows, "perf/generated_tokens")
+    step_tokens = [r["perf/tokens_per_s"] * r["time/step_s"] for r in rows
+                   if r.get("perf/tokens_per_s") and r.get("time/step_s")]
     out = {
         "measured_steps": len(rows),
         "phases_median_s": {p: _median(rows, f"time/{p}_s") for p in phases},
@@ -193,6 +201,9 @@ def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_by
         "samples_per_s": samples_per_step(cfg) * len(rows) / step_total,
         "train_tokens_per_s": trained_tokens / train_wall if train_wall > 0 else None,
         "generate_tokens_per_s": generated / generate_wall if generate_wall > 0 else None,
+        # The real (unpadded) prompt + response tokens of a step's batch, and the tokens it decoded.
+        "tokens_per_step": statistics.median(step_tokens) if step_tokens else None,
+        "generated_tokens_per_step": generated / len(rows),
     }
     # Per model, for the planner's cost (`rlhf-ray plan --throughput`): the trained models (policy,
     # critic) share the update's wall time, and every scoring role reads each sampled row once.
@@ -216,6 +227,16 @@ def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_by
                            "bandwidth_bound_s_per_step": bound_s / len(rows),
                            "bandwidth_bound_tokens_per_s": generated / bound_s,
                            "bandwidth_utilisation": bound_s / generate_wall}
+        policy_n = trained_matmul_params(cfg, "policy")
+        if policy_n:
+            # Each decoded token also costs 2 N FLOPs (prompts' prefill left out, so still a lower bound);
+            # whichever bound is higher is the one the engine can approach.
+            compute_s = 2.0 * policy_n * generated / limits["matmul_flops_per_s"]
+            roofline_s = max(bound_s, compute_s)
+            out["generate"].update(compute_bound_s_per_step=compute_s / len(rows),
+                                   compute_bound_tokens_per_s=generated / compute_s,
+                                   roofline_bound_tokens_per_s=generated / roofline_s,
+                                   roofline_utilisation=roofline_s / generate_wall)
     return out
 
 

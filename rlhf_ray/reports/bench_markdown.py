@@ -75,6 +75,10 @@ def throughput_markdown(result: dict, title: str | None = None) -> str:
         g = result["generate"]
         lines.append(f"| generation bound by bandwidth (tokens / s) | {_num(g['bandwidth_bound_tokens_per_s'])} |")
         lines.append(f"| generation vs the bandwidth bound | {100 * g['bandwidth_utilisation']:.2f}% |")
+        if "compute_bound_tokens_per_s" in g:
+            lines.append(f"| generation bound by compute (tokens / s, 2 N FLOPs a token) | "
+                         f"{_num(g['compute_bound_tokens_per_s'])} |")
+            lines.append(f"| generation vs the roofline (the higher bound) | {100 * g['roofline_utilisation']:.2f}% |")
     lines += [""] + limits_lines(result["limits"])
     load = result.get("load_average") or {}
     if load.get("before"):

@@ -18,6 +18,7 @@ from rlhf_ray.reports.bench import (
     role_memory,
     run_throughput,
     step_breakdown,
+    trained_matmul_params,
     with_algorithm,
 )
 from rlhf_ray.reports.bench_markdown import write_result
@@ -111,12 +112,18 @@ def test_online_throughput_reports_every_phase_compute_and_the_limits(ray_cluste
     assert result["model_train_tokens_per_s"] == pytest.approx(2 * result["train_tokens_per_s"])  # policy, critic
     assert result["model_forward_tokens_per_s"] > 0 and len(result["step_seconds"]) == 1
     assert result["train"]["matmul_params"] > 0 and result["train"]["mfu"] > 0
-    assert result["generate"]["weight_bytes"] == 2242560  # tiny-gpt2: 560,640 fp32 parameters
+    g = result["generate"]
+    assert g["weight_bytes"] == 2242560  # tiny-gpt2: 560,640 fp32 parameters
+    # The roofline is the higher of the two lower bounds: policy only (the critic trains, never decodes).
+    assert result["train"]["matmul_params"] > trained_matmul_params(cfg, "policy") > 0
+    assert g["roofline_bound_tokens_per_s"] == pytest.approx(min(g["bandwidth_bound_tokens_per_s"],
+                                                                 g["compute_bound_tokens_per_s"]))
+    assert g["roofline_utilisation"] >= g["bandwidth_utilisation"]
     assert result["hardware"]["cpu_model"] and result["hardware"]["versions"]["torch"]
     paths = write_result(result, tmp_path / "results", "throughput-ppo")
     assert json.loads(paths["json"].read_text())["label"] == "ppo"
     text = paths["md"].read_text()
-    assert "| update_critic |" in text and "MFU" in text and "Versions: python" in text
+    assert "| update_critic |" in text and "MFU" in text and "Versions: python" in text and "roofline" in text
 
 
 def test_offline_throughput_counts_the_reference_and_the_update(ray_cluster, tmp_path):
