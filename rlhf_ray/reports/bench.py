@@ -12,9 +12,10 @@ forward, train; `telemetry.timers.ComputeClock`). Phases map to kinds:
     update_policy, update_critic, update -> train
     advantages -> computed on the driver        sync -> weight transfer
 
-For each kind, compute = the slowest role's worker seconds of that kind (roles
-of a phase run concurrently, ranks in parallel), never more than the phase's
-wall time. Per step: outside compute = step - compute, of which weight sync is
+For each kind, compute = the roles' worker seconds of that kind as they ran
+(`time/compute_of_kind/<kind>_s`: added up over roles that take turns on
+shared CPUs, the longest of roles that run at the same time; ranks run in
+parallel), never more than the phase's wall time. Per step: outside compute = step - compute, of which weight sync is
 the transfer of the policy's weights, and the rest ("overhead") is what Ray
 scheduling, serialising batches, waiting and the driver's bookkeeping cost.
 
@@ -140,6 +141,10 @@ def step_breakdown(row: dict) -> dict[str, float]:
         if match:
             kind = match.group(2)
             worker[kind] = max(worker.get(kind, 0.0), float(seconds))
+    # Roles that took turns (`RoleGroups.turns`) add up; rows written before that was logged keep the
+    # slowest role alone.
+    worker.update({kind: float(row[f"time/compute_of_kind/{kind}_s"]) for kind in WORKER_KINDS
+                   if f"time/compute_of_kind/{kind}_s" in row})
     compute = {kind: min(worker.get(kind, 0.0), wall.get(kind, 0.0)) for kind in WORKER_KINDS}
     compute["driver"] = wall.get("driver", 0.0)
     step = float(row["time/step_s"])

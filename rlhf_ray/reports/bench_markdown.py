@@ -55,7 +55,8 @@ def throughput_markdown(result: dict, title: str | None = None) -> str:
         lines.append(f"| {phase} | {_num(seconds)} | {100 * seconds / step:.1f}% |")
     lines += [f"| **step** | **{_num(step)}** | 100% |", ""]
     b = result["breakdown_median"]
-    lines += ["Where the step goes (medians of per-step figures; compute = the slowest worker of each kind, "
+    lines += ["Where the step goes (medians of per-step figures; compute = each kind's worker seconds, "
+              "added up over roles that take turns on shared CPUs, the longest of roles running at once, "
               "inside its phase):", "", "| | seconds |", "|---|---|"]
     for key in ("compute/generate_s", "compute/forward_s", "compute/train_s", "compute/driver_s", "compute_s",
                 "sync_s", "overhead_s"):

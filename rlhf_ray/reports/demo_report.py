@@ -146,7 +146,7 @@ def _layout_section(runs: dict[str, list[dict]]) -> list[str]:
 def _time_section(runs: dict[str, list[dict]]) -> list[str]:
     phases = sorted({k for rows in runs.values() for row in rows for k in row
                      if k.startswith("time/") and k != "time/step_s"
-                     and not k.startswith("time/compute/")})
+                     and not k.startswith(("time/compute/", "time/compute_of_kind/"))})
     lines = ["## Where the time goes", "", "Median seconds per step, by phase:", "",
              "| stage | step | " + " | ".join(p[5:-2] for p in phases) + " |",
              "|---|---|" + "---|" * len(phases)]

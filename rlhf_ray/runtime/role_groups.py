@@ -319,15 +319,23 @@ class RoleGroups:
     def compute_times(self) -> dict[str, float]:
         """Each role's compute seconds since the last call: `time/compute/<role>/<kind>_s` for each kind
         (generate, forward, train) it ran, from its slowest rank (ranks run in parallel), and
-        `time/compute/<role>_s`, their sum. Every rank's counters start again from zero. A group
-        borrowed from another job is left out: its counters are the lending job's to read."""
+        `time/compute/<role>_s`, their sum. Per kind, `time/compute_of_kind/<kind>_s`: the roles' seconds
+        as they ran, added up within a set of roles that take turns (`turns`), the longest of the sets
+        that run at the same time. Every rank's counters start again from zero. A group borrowed from
+        another job is left out: its counters are the lending job's to read."""
         pending = {name: (group, group.map(lambda actor: actor.compute_time.remote()))
                    for name, group in self.groups.items() if name not in self.borrowed}
         out: dict[str, float] = {}
+        by_kind: dict[str, dict[str, float]] = {}
         for name, (group, refs) in pending.items():
             per_rank = group.gather(refs)
             kinds = sorted({kind for seconds in per_rank for kind in seconds})
             slowest = {kind: max(seconds.get(kind, 0.0) for seconds in per_rank) for kind in kinds}
             out.update({f"time/compute/{name}/{kind}_s": value for kind, value in slowest.items()})
             out[f"time/compute/{name}_s"] = sum(slowest.values())
+            for kind, value in slowest.items():
+                by_kind.setdefault(kind, {})[name] = value
+        for kind, seconds in by_kind.items():
+            out[f"time/compute_of_kind/{kind}_s"] = max(sum(seconds[name] for name in names)
+                                                         for names in self.turns(list(seconds)))
         return out

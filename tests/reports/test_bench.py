@@ -51,6 +51,17 @@ def test_step_breakdown_splits_a_step_into_compute_sync_and_overhead():
     assert b["outside_compute_share"] == pytest.approx(2.2 / 12)
 
 
+def test_step_breakdown_adds_up_roles_that_took_turns():
+    row = {"step": 1, "time/score_s": 3.0, "time/update_policy_s": 2.0, "time/update_critic_s": 1.5,
+           "time/step_s": 7.0, "time/compute/policy/train_s": 1.9, "time/compute/critic/train_s": 1.4,
+           "time/compute/reference/forward_s": 1.0, "time/compute/critic/forward_s": 1.2,
+           # policy and critic trained in turns, the two forwards too (`RoleGroups.compute_times`)
+           "time/compute_of_kind/train_s": 3.3, "time/compute_of_kind/forward_s": 2.2}
+    b = step_breakdown(row)
+    assert b["compute/train_s"] == pytest.approx(3.3) and b["compute/forward_s"] == pytest.approx(2.2)
+    assert b["overhead_s"] == pytest.approx(7.0 - 5.5)
+
+
 def test_step_breakdown_of_an_offline_step_and_a_row_without_a_step_time():
     row = {"time/reference_s": 1.0, "time/update_s": 3.0, "time/step_s": 4.5,
            "time/compute/reference/forward_s": 0.75, "time/compute/policy/train_s": 2.5}

@@ -32,6 +32,12 @@ class ClockWorker(DistributedWorker):
         time.sleep(0.2)
         return start, time.time()
 
+    def set_compute(self, seconds: dict[str, float]) -> None:
+        self.seconds = seconds
+
+    def compute_time(self) -> dict[str, float]:
+        return getattr(self, "seconds", {})
+
 
 @pytest.fixture(scope="module")
 def ship_test_classes():
@@ -62,6 +68,18 @@ def test_colocated_cpu_roles_take_turns_and_the_others_run_at_once(ray_cluster, 
     # The reference began only after the policy, which shares its bundle, had finished ...
     assert spans["reference"][0] >= spans["policy"][1]
     # ... while the reward (its own bundle) ran beside the policy: each waited for the other to start.
+
+
+def test_compute_of_roles_that_take_turns_adds_up(ray_cluster, ship_test_classes):
+    with _groups("[[policy, reference]]", ("policy", "reference", "reward")) as roles:
+        for name, seconds in {"policy": {"forward": 0.3, "train": 2.0}, "reference": {"forward": 0.5},
+                              "reward": {"forward": 0.7}}.items():
+            roles[name].call(lambda a, s=seconds: a.set_compute.remote(s))
+        out = roles.compute_times()
+    assert out["time/compute/reference/forward_s"] == 0.5 and out["time/compute/policy_s"] == 2.3
+    # policy then reference (0.3 + 0.5 in turns), beside the reward (0.7): 0.8.
+    assert out["time/compute_of_kind/forward_s"] == pytest.approx(0.8)
+    assert out["time/compute_of_kind/train_s"] == 2.0
 
 
 def test_roles_in_bundles_of_their_own_run_at_once(ray_cluster, ship_test_classes, tmp_path):
