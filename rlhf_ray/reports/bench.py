@@ -225,6 +225,11 @@ def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_by
         achieved = 6.0 * n * trained_tokens / train_wall
         out["train"] = {"matmul_params": n, "model_flops_per_s": achieved,
                         "mfu": achieved / limits["matmul_flops_per_s"]}
+    if any("sync/bytes" in r for r in rows):
+        out["sync"] = {"bytes": _median(rows, "sync/bytes"), "seconds": _median(rows, "sync/seconds"),
+                       "bandwidth_bytes_per_s": _median(rows, "sync/bandwidth_bytes_per_s"),
+                       "memcpy_bytes_per_s": _median(rows, "sync/bandwidth_memcpy_bytes_per_s"),
+                       "share_of_memcpy": _median(rows, "sync/bandwidth_share_of_memcpy")}
     decode_steps = _total(rows, "perf/decode_steps")
     if weight_bytes and decode_steps and generate_wall > 0:
         bound_s = decode_steps * weight_bytes / limits["memory_bandwidth_bytes_per_s"]

@@ -80,6 +80,11 @@ def throughput_markdown(result: dict, title: str | None = None) -> str:
             lines.append(f"| generation bound by compute (tokens / s, 2 N FLOPs a token) | "
                          f"{_num(g['compute_bound_tokens_per_s'])} |")
             lines.append(f"| generation vs the roofline (the higher bound) | {100 * g['roofline_utilisation']:.2f}% |")
+    if result.get("sync", {}).get("share_of_memcpy") is not None:
+        y = result["sync"]
+        lines.append(f"| weight sync ({y['bytes'] / 1e6:,.1f} MB in {_num(y['seconds'])} s) | "
+                     f"{y['bandwidth_bytes_per_s'] / 1e9:.3f} GB/s, {100 * y['share_of_memcpy']:.2f}% of memcpy "
+                     f"({y['memcpy_bytes_per_s'] / 1e9:.2f} GB/s) |")
     lines += [""] + limits_lines(result["limits"])
     load = result.get("load_average") or {}
     if load.get("before"):

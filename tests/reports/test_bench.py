@@ -130,11 +130,13 @@ def test_online_throughput_reports_every_phase_compute_and_the_limits(ray_cluste
     assert g["roofline_bound_tokens_per_s"] == pytest.approx(min(g["bandwidth_bound_tokens_per_s"],
                                                                  g["compute_bound_tokens_per_s"]))
     assert g["roofline_utilisation"] >= g["bandwidth_utilisation"]
+    assert result["sync"]["bytes"] == 2242560 and 0 < result["sync"]["share_of_memcpy"] < 1
     assert result["hardware"]["cpu_model"] and result["hardware"]["versions"]["torch"]
     paths = write_result(result, tmp_path / "results", "throughput-ppo")
     assert json.loads(paths["json"].read_text())["label"] == "ppo"
     text = paths["md"].read_text()
     assert "| update_critic |" in text and "MFU" in text and "Versions: python" in text and "roofline" in text
+    assert "of memcpy" in text
 
 
 def test_offline_throughput_counts_the_reference_and_the_update(ray_cluster, tmp_path):
