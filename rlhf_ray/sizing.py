@@ -1,9 +1,15 @@
-"""ZeRO bucket sizes for a model: the one rule both the DeepSpeed config
-(`runtime/deepspeed_config.py`) and the memory planner (`planner/from_config.py`)
-follow, so what is planned is what runs. Plain Python, no imports.
+"""Sizes the runtime uses and the memory planner plans with, so what is planned
+is what runs: ZeRO bucket sizes for a model (the DeepSpeed config in
+`runtime/deepspeed_config.py`, the planner in `planner/from_config.py`) and
+the log-prob helpers' chunk of rows (`models/logprobs.py`,
+`planner/memory.py`). Plain Python, no imports.
 """
 
 from __future__ import annotations
+
+LOGPROB_CHUNK_BYTES = 64 * 2**20
+"""Most bytes of float32 temporaries one chunk of rows of the log-prob helpers may take (at least one
+row is always taken): a small model's batch in one chunk, a large vocabulary's one row at a time."""
 
 DEFAULT_BUCKET = 500_000_000
 """DeepSpeed's default reduce / all-gather / prefetch bucket, in elements."""

@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from rlhf_ray.sizing import LOGPROB_CHUNK_BYTES
 
-CHUNK_BYTES = 64 * 2**20
+
+CHUNK_BYTES = LOGPROB_CHUNK_BYTES
 """Most bytes of float32 temporaries one chunk of rows may take (at least one row is always taken)."""
 
 

@@ -343,7 +343,8 @@ def planned_activations(cfg: JobConfig, roles: dict[str, dict[str, float]]) -> d
         seq_len = int(measured.get("activations_seq_len") or s.seq_len)
         out[spec.role] = train_activation_bytes(spec.shape, rows, seq_len, s.dtype, spec.head,
                                                 gradient_checkpointing=s.gradient_checkpointing,
-                                                flash_attention=s.flash_attention, dropout=s.dropout)
+                                                flash_attention=s.flash_attention, dropout=s.dropout,
+                                                logits_len=s.logits_len)
     return out
 
 

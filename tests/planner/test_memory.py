@@ -18,6 +18,7 @@ from rlhf_ray.planner.memory import (
     kv_cache_bytes,
     layer_activation_bytes,
     logits_bytes,
+    loss_backward_bytes,
     plan_rollout,
     plan_trained_role,
     train_activation_bytes,
@@ -83,12 +84,25 @@ def test_logits_by_hand():
 
 
 def test_training_peak_is_the_head_or_a_layer_backward():
-    # Not checkpointed: at the head, stored 1104 + training logits 480 = 1584; at the layer's
-    # backward, that layer 864 + rotary 48 + gradients 2 * 6 * (h + 2I = 16) = 192 -> 1104.
-    assert train_activation_bytes(TINY, 2, 3, "bf16", gradient_checkpointing=False) == 1584
-    # Checkpointed: at the head, layer input 48 + outside the layers 240 + logits 480 = 768; at the
-    # recomputed layer, 48 + 48 + 864 + 192 = 1152.
-    assert train_activation_bytes(TINY, 2, 3, "bf16", gradient_checkpointing=True) == 1152
+    # The loss's backward temporaries: the gather's and the logsumexp's fp32 gradients of both rows
+    # (one chunk), 2 * 4 * 2 rows * 3 * vocab 10 = 480.
+    assert loss_backward_bytes(TINY, 2, 3) == 480 and loss_backward_bytes(TINY, 2, 3, "scalar") == 0
+    # Not checkpointed: at the head, stored 1104 + training logits 480 + loss temporaries 480 = 2064;
+    # at the layer's backward, that layer 864 + rotary 48 + gradients 2 * 6 * (h + 2I = 16) = 192 -> 1104.
+    assert train_activation_bytes(TINY, 2, 3, "bf16", gradient_checkpointing=False) == 2064
+    # Checkpointed: at the head, layer input 48 + outside the layers 240 + logits 480 + 480 = 1248; at
+    # the recomputed layer, 48 + 48 + 864 + 192 = 1152.
+    assert train_activation_bytes(TINY, 2, 3, "bf16", gradient_checkpointing=True) == 1248
+    # An LM head run on 1 of the 3 positions (an online policy scores its response only): logits and
+    # temporaries a third each, 1104 + 160 + 160.
+    assert train_activation_bytes(TINY, 2, 3, "bf16", gradient_checkpointing=False, logits_len=1) == 1424
+
+
+def test_loss_temporaries_are_one_chunk_of_rows():
+    # Llama-2-7B: a [T, V] fp32 row at 1024 tokens is 131 MB, over the 64 MiB chunk: one row at a time.
+    llama7 = load_shape("llama-7b")
+    row = 4 * 1024 * llama7.vocab_size
+    assert loss_backward_bytes(llama7, 8, 1024) == 2 * row
 
 
 def test_kv_cache_by_hand():
@@ -141,11 +155,11 @@ def test_trained_role_is_zero_state_plus_activations():
         assert plan.gpu[key] == value
     assert plan.resident == sum(state.device.values())
     assert set(state.device) == {"params", "grads", "master_params", "optimizer_states"}
-    # Train phase: the checkpointed training peak 1152 (test above) + reduce bucket 200; listed as
+    # Train phase: the checkpointed training peak 1248 (test above) + reduce bucket 200; listed as
     # training logits 480 and the rest.
-    assert plan.phases["train"] == 1152 + 200
-    assert (plan.gpu["logits"], plan.gpu["activations"]) == (480, 1152 - 480)
-    assert plan.peak_bytes == plan.resident + 1352
+    assert plan.phases["train"] == 1248 + 200
+    assert (plan.gpu["logits"], plan.gpu["activations"]) == (480, 1248 - 480)
+    assert plan.peak_bytes == plan.resident + 1248 + 200
 
 
 def _role(name: str, resident: int, reserved: int = 0, **phases: int) -> RolePlan:

@@ -139,3 +139,13 @@ def test_ranks_sharing_a_gpu_add_up_on_it():
     assert plan.role("reference").resident == 2 * one_rank.resident
     group = next(g for g in plan.groups if "reference" in g.roles)
     assert group.roles == ("reference", "reward") and group.num_gpus == 2
+
+
+def test_an_online_policy_is_planned_with_its_lm_head_on_the_response_only():
+    from rlhf_ray.config import load_config
+    from rlhf_ray.planner.from_config import planned_roles
+
+    online = {s.role: s.settings for s in planned_roles(load_config("tiny-ppo", ["rollout.max_new_tokens=20"]))}
+    assert online["policy"].logits_len == 21 and online["critic"].logits_len is None  # a value head scores all
+    offline = {s.role: s.settings for s in planned_roles(load_config("tiny-dpo", []))}
+    assert offline["policy"].logits_len is None
