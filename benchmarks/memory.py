@@ -4,7 +4,8 @@
 
 Writes, into --out:
 - memory-ppo-vs-remax.{json,md,png}: two steps of PPO and of ReMax on the
-  tiny default with a reward model (a separate frozen role), every role's
+  tiny default with a reward model (a separate frozen role), micro-batches of
+  8 rows for every trained role, every role's
   measured bytes beside the planner's, totals, the saving, and a stacked bar
   chart (`rlhf-ray bench memory --algos ppo,remax`);
 - memory-ppo-vs-remax-rule-reward.{json,md,png}: the same on the tiny default
@@ -30,6 +31,9 @@ from rlhf_ray.reports.bench_markdown import write_result
 from rlhf_ray.planner.job_plan import job_plan_markdown, plan_job, strip_markdown
 
 REWARD_MODEL = ["reward.rule=", "reward.model.name_or_path=tiny-gpt2"]
+# One micro-batch shape for every trained role: PPO's minibatch of 8 would otherwise give its policy
+# micro-batches half the rows of ReMax's, and the activations would differ by that alone.
+EQUAL_MICRO_BATCH = ["policy.micro_batch_size=8", "critic.micro_batch_size=8"]
 PLANS = {
     # vLLM shares its GPUs with the trainers: it may claim 30% of each.
     "plan-llama-7b-ppo-vs-remax": (8, ["rollout.gpu_memory_utilization=0.3"]),
@@ -46,7 +50,8 @@ def main() -> None:
     parser.add_argument("--only-plan", action="store_true", help="only the planned 7B comparison (no runs)")
     args = parser.parse_args()
     runs = Path(args.runs or tempfile.mkdtemp(prefix="rlhf-ray-bench-"))
-    for name, overrides in (("memory-ppo-vs-remax", REWARD_MODEL), ("memory-ppo-vs-remax-rule-reward", [])):
+    for name, overrides in (("memory-ppo-vs-remax", REWARD_MODEL + EQUAL_MICRO_BATCH),
+                            ("memory-ppo-vs-remax-rule-reward", EQUAL_MICRO_BATCH)):
         if args.only_plan:
             break
         result = run_memory(load_config("tiny-ppo", overrides), ["ppo", "remax"], runs / name)
