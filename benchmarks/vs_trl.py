@@ -214,10 +214,8 @@ def main() -> None:
         print(f"{mode}: TRL {trl_rate:.3g} {unit}, rlhf-ray {our_rate:.3g} {unit} ({our_rate / trl_rate:.2f}x); "
               f"work floor {rows[-1]['work_floor_s']} s / step")
     result = {"model": args.model, "hardware": hardware_info(), "limits": limits, "trl_versions": trl_versions,
-              "warmup": args.warmup,
-              "steps": args.steps,
-              "repeats": args.repeats,
-              "rows": rows, "details": details, "shapes": {"dpo": DPO, "rloo": RLOO}}
+              "warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "rows": rows, "details": details,
+              "shapes": {"dpo": DPO, "rloo": RLOO}}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"vs_trl-{args.model}"

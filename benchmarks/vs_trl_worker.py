@@ -6,9 +6,9 @@ SPEC.json names the mode ("dpo", "rloo" or "grpo"), the saved model folder
 (its tokenizer beside it), the data file, the batch shape, the step counts,
 the torch threads and, for RLOO and GRPO, the path of
 `rlhf_ray/data/synthetic.py` (loaded on its own: it needs only the standard
-library) for the same rule reward as ours. OUT.json gets the wall time of every optimizer step (from the end of one
-to the end of the next, data loading and generation included) and TRL's own
-versions.
+library) for the same rule reward as ours. OUT.json gets the wall time of
+every optimizer step (from the end of one to the end of the next, data
+loading and generation included) and TRL's own versions.
 """
 
 from __future__ import annotations

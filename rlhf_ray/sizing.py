@@ -11,6 +11,12 @@ LOGPROB_CHUNK_BYTES = 64 * 2**20
 """Most bytes of float32 temporaries one chunk of rows of the log-prob helpers may take (at least one
 row is always taken): a small model's batch in one chunk, a large vocabulary's one row at a time."""
 
+
+def logprob_chunk_rows(row_bytes: int) -> int:
+    """Rows of `row_bytes` float32 bytes each (one row's `[T, V]` logits) the log-prob helpers take per
+    chunk: as many as fit in `LOGPROB_CHUNK_BYTES`, at least one."""
+    return max(1, LOGPROB_CHUNK_BYTES // max(row_bytes, 1))
+
 DEFAULT_BUCKET = 500_000_000
 """DeepSpeed's default reduce / all-gather / prefetch bucket, in elements."""
 DEFAULT_PERSISTENCE = 100_000

@@ -3,9 +3,10 @@
 Shapes: ``B`` batch, ``T`` sequence positions, ``V`` vocabulary. A ``[B, T, V]``
 log-softmax copy of the logits is the largest tensor in an RLHF step after
 the logits themselves (V = 32k-150k), so these helpers work on chunks of batch
-rows whose float32 temporaries stay under ``CHUNK_BYTES`` (one ``[T, V]`` row at
-a time for a large vocabulary, the whole batch at once for a small model, where
-a Python loop over rows would cost more than the arithmetic). Rows in bf16/fp16
+rows whose float32 temporaries stay under ``sizing.LOGPROB_CHUNK_BYTES`` (one
+``[T, V]`` row at a time for a large vocabulary, the whole batch at once for a
+small model, where a Python loop over rows would cost more than the
+arithmetic). Rows in bf16/fp16
 are upcast to float32 a chunk at a time; results are float32. Logits of
 ``-inf`` (masked tokens) are allowed.
 
@@ -19,11 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rlhf_ray.sizing import LOGPROB_CHUNK_BYTES
-
-
-CHUNK_BYTES = LOGPROB_CHUNK_BYTES
-"""Most bytes of float32 temporaries one chunk of rows may take (at least one row is always taken)."""
+from rlhf_ray.sizing import logprob_chunk_rows
 
 
 def _rows(logits: Tensor) -> Tensor:
@@ -37,9 +34,8 @@ def _rows(logits: Tensor) -> Tensor:
 
 def _chunks(*tensors: Tensor) -> list[tuple[Tensor, ...]]:
     """The tensors (`[B, ...]` each, the first `[B, T, V]` logits) cut along dim 0 into chunks of rows
-    whose float32 copy of the logits stays under `CHUNK_BYTES`."""
-    row_bytes = 4 * tensors[0][0].numel() if len(tensors[0]) else 1
-    size = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    whose float32 copy of the logits stays under the chunk size (`sizing.logprob_chunk_rows`)."""
+    size = logprob_chunk_rows(4 * tensors[0][0].numel() if len(tensors[0]) else 1)
     return list(zip(*(t.split(size) for t in tensors)))
 
 

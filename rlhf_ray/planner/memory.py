@@ -50,7 +50,7 @@ from rlhf_ray.planner.zero import (
     optimizer_groups,
     train_state_bytes,
 )
-from rlhf_ray.sizing import LOGPROB_CHUNK_BYTES
+from rlhf_ray.sizing import logprob_chunk_rows
 
 GiB = 1024**3
 PHASES: tuple[str, ...] = ("generate", "score", "train")
@@ -321,14 +321,16 @@ def train_activation_bytes(
     head runs on `logits_len` of the `seq_len` positions (None: all).
 
     Two moments compete. At the head, when backward starts: everything stored
-    (`activation_bytes`, but with checkpointing no layer is being recomputed yet) plus the logits the loss keeps and their gradient
-    (`logits_bytes(..., train=True)`) and the loss's own backward temporaries (`loss_backward_bytes`). At the last layer's backward (the first one
+    (`activation_bytes`, but with checkpointing no layer is being recomputed
+    yet) plus the logits the loss keeps and their gradient (`logits_bytes(...,
+    train=True)`) and the loss's own backward temporaries
+    (`loss_backward_bytes`). At the last layer's backward (the first one
     checkpointing recomputes): the head's tensors are freed by then; the layer inputs,
     or without checkpointing every layer's activations, stay, with the layer's own
     (recomputed) activations and its backward gradients (`layer_backward_bytes`).
     """
     e, sbh = _e(dtype), seq_len * micro_batch * shape.hidden_size
-    scored = seq_len if logits_len is None else min(seq_len, logits_len)
+    scored = scored_positions(seq_len, logits_len)
     layer = layer_activation_bytes(shape, micro_batch, seq_len, dtype, flash_attention=flash_attention, dropout=dropout)
     # Checkpointed, no layer is being recomputed yet at the head: only the layer inputs are stored.
     layers = shape.num_layers * e * sbh if gradient_checkpointing else shape.num_layers * layer
@@ -341,15 +343,20 @@ def train_activation_bytes(
     return max(at_head, at_layer)
 
 
+def scored_positions(seq_len: int, logits_len: int | None) -> int:
+    """Positions the LM head runs on: `logits_len` of the `seq_len` (None: all of them)."""
+    return seq_len if logits_len is None else min(seq_len, logits_len)
+
+
 def loss_backward_bytes(shape: ModelShape, micro_batch: int, seq_len: int, head: str = "lm") -> int:
     """The log-prob loss's backward temporaries (`models/logprobs.py`): for one chunk of rows, the
     gradients of the label gather and of the logsumexp, two fp32 `[rows, T, V]` tensors, before they
-    are added into the logits' gradient. A chunk holds as many rows as fit in `LOGPROB_CHUNK_BYTES`
-    (at least one): a small vocabulary's whole micro-batch, a large one's single row."""
+    are added into the logits' gradient. A chunk holds the rows `sizing.logprob_chunk_rows` gives: a
+    small vocabulary's whole micro-batch, a large one's single row."""
     if head == "scalar":
         return 0
     row = 4 * seq_len * shape.vocab_size
-    return 2 * row * min(micro_batch, max(1, LOGPROB_CHUNK_BYTES // row))
+    return 2 * row * min(micro_batch, logprob_chunk_rows(row))
 
 
 def forward_activation_bytes(
@@ -446,8 +453,7 @@ def plan_trained_role(role: str, shape: ModelShape, head: str, settings: TrainSe
         dropout=settings.dropout,
         logits_len=settings.logits_len,
     )
-    gpu["logits"] = logits_bytes(shape, b, s if settings.logits_len is None else min(s, settings.logits_len), dtype,
-                                 head, train=True)
+    gpu["logits"] = logits_bytes(shape, b, scored_positions(s, settings.logits_len), dtype, head, train=True)
     gpu["activations"] = peak - gpu["logits"]
     resident = sum(state.device.values())
     forward = forward_activation_bytes(shape, b, s, dtype, flash_attention=settings.flash_attention)

@@ -15,9 +15,10 @@ forward, train; `telemetry.timers.ComputeClock`). Phases map to kinds:
 For each kind, compute = the roles' worker seconds of that kind as they ran
 (`time/compute_of_kind/<kind>_s`: added up over roles that take turns on
 shared CPUs, the longest of roles that run at the same time; ranks run in
-parallel), never more than the phase's wall time. Per step: outside compute = step - compute, of which weight sync is
-the transfer of the policy's weights, and the rest ("overhead") is what Ray
-scheduling, serialising batches, waiting and the driver's bookkeeping cost.
+parallel), never more than the phase's wall time. Per step: outside compute =
+step - compute, of which weight sync is the transfer of the policy's weights,
+and the rest ("overhead") is what Ray scheduling, serialising batches, waiting
+and the driver's bookkeeping cost.
 
 Physical limits, measured in the same run (`telemetry.hardware`): the GEMM rate
 and the copy bandwidth. Training MFU = 6 * N * trained tokens / update time /

@@ -36,16 +36,15 @@ def unpack_bucket(payload: WireBucket | list[tuple[str, torch.Tensor]]) -> list[
     """The `(name, tensor)` pairs of a packed bucket (read-only views of the received bytes); an unpacked
     bucket passes through unchanged."""
     out = []
-    for item in payload:
-        if len(item) == 2:
-            out.append(item)
-            continue
-        name, raw, dtype, shape = item
-        with warnings.catch_warnings():
-            # The object store's arrays are read-only; these tensors are only read (copied from).
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            flat = torch.from_numpy(raw)
-        out.append((name, flat.view(getattr(torch, dtype)).reshape(shape)))
+    with warnings.catch_warnings():
+        # The object store's arrays are read-only; these tensors are only read (copied from).
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for item in payload:
+            if len(item) == 2:
+                out.append(item)
+                continue
+            name, raw, dtype, shape = item
+            out.append((name, torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)))
     return out
 
 

@@ -20,8 +20,9 @@ Generation is the same code on both:
 Only weight sync differs:
 
 * CPU (`reload`): the policy streams buckets through Ray as raw bytes
-  (`load_weights(bucket)`, `runtime.wire`, as for the HF engine), and each bucket is loaded in place on vLLM's worker
-  through its layerwise reload (`vllm_reload.py`, called with `collective_rpc`).
+  (`load_weights(bucket)`, `runtime.wire`, as for the HF engine), and each
+  bucket is loaded in place on vLLM's worker through its layerwise reload
+  (`vllm_reload.py`, called with `collective_rpc`).
 * GPU, vLLM's weight-transfer API (`vllm.distributed.weight_transfer`), backend
   `rollout.weight_transfer`:
   - `ipc` (default): buckets through Ray as on the CPU; this actor copies each
