@@ -292,7 +292,21 @@ def _device_of(params: list[torch.Tensor]) -> str:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident set size in bytes (`getrusage` ru_maxrss: kB on Linux, bytes on macOS)."""
+    """This process's peak resident set size in bytes.
+
+    On Linux the high-water mark of the process's own memory (`VmHWM` in
+    /proc/self/status), which `reset_peaks` lowers. Not `getrusage`: Linux's
+    ru_maxrss also keeps the largest RSS of any of its threads that has
+    exited, and the parent's when the parent started it through vfork (as
+    Python's `subprocess` does), and no reset lowers it. Elsewhere ru_maxrss
+    (bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(maxrss) if sys.platform == "darwin" else int(maxrss) * 1024
 

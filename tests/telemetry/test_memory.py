@@ -6,6 +6,7 @@ checked against the same figures.
 """
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -99,39 +100,47 @@ def test_plain_module_on_gpu_reports_the_allocator_peak():
     assert report.peak_bytes == report.cuda_max_allocated_bytes >= 184 + 184 + 368
 
 
-# Run in a fresh process, with a block well above anything before it: after hundreds of tests the
-# allocator may hand out pages that are already resident, and a thread that exited while the process was
-# at a peak pins that peak (the kernel keeps the largest RSS an exited thread saw; clear_refs leaves it).
-_PEAK_RSS_PROBE = """
-import json, mmap, os
-from pathlib import Path
-from rlhf_ray.telemetry.memory import peak_rss_bytes, reset_peaks
-
-def rss():
+def _rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
-size, page = 256 * 2**20, os.sysconf("SC_PAGE_SIZE")
-reset_peaks()
-out = {"rss_before": rss()}
-block = mmap.mmap(-1, size)  # anonymous pages, outside any allocator's cache
-for offset in range(0, size, page):
-    block[offset] = 1
-out.update(rss_with_block=rss(), peak_with_block=peak_rss_bytes())
-block.close()
-out.update(reset=reset_peaks(), peak_after_reset=peak_rss_bytes())
-print(json.dumps(out))
-"""
+
+def _touched_block(size: int) -> mmap.mmap:
+    """Anonymous pages, every one written: outside any allocator's cache of resident free pages (after
+    hundreds of tests a tensor may be handed pages that are already resident)."""
+    block = mmap.mmap(-1, size)
+    for offset in range(0, size, os.sysconf("SC_PAGE_SIZE")):
+        block[offset] = 1
+    return block
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads RSS from /proc")
+SIZE, SLACK = 256 * 2**20, 16 * 2**20  # the kernel's RSS counters are per-CPU and lag by a few MiB
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
 def test_peak_rss_covers_touched_memory_and_reset_lowers_it():
-    run = subprocess.run([sys.executable, "-c", _PEAK_RSS_PROBE], capture_output=True, text=True, check=True)
-    got = json.loads(run.stdout.strip().splitlines()[-1])
-    size, slack = 256 * 2**20, 16 * 2**20  # the kernel's RSS counters are per-CPU and lag by a few MiB
-    assert got["rss_with_block"] >= got["rss_before"] + size - slack
-    assert got["peak_with_block"] >= got["rss_with_block"] - slack
-    if got["reset"]:
-        assert got["peak_after_reset"] <= got["peak_with_block"] - size // 2
+    reset_peaks()
+    rss_before = _rss_bytes()
+    block = _touched_block(SIZE)
+    rss_with_block = _rss_bytes()
+    assert rss_with_block >= rss_before + SIZE - SLACK
+    peak_with_block = peak_rss_bytes()
+    assert peak_with_block >= rss_with_block - SLACK
+    block.close()  # unmapped: the pages go straight back to the system
+    if reset_peaks():
+        assert peak_rss_bytes() <= peak_with_block - SIZE // 2
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_peak_rss_is_the_processs_own_not_its_parents():
+    # Python starts children through vfork, and getrusage's ru_maxrss would hand this process's peak
+    # (held block included) to the child; VmHWM is the child's own.
+    block = _touched_block(SIZE)
+    parent_rss = _rss_bytes()
+    probe = "from rlhf_ray.telemetry.memory import peak_rss_bytes; print(peak_rss_bytes())"
+    child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    block.close()
+    child_peak = int(child.stdout.split()[-1])
+    assert 0 < child_peak < parent_rss - SIZE // 2, (child_peak, parent_rss)
 
 
 # ----------------------------------------------------------------------------- DeepSpeed
