@@ -351,7 +351,8 @@ class PlacementConfig:
     colocate: tuple[tuple[str, ...], ...] = _help("Sets of roles sharing the same bundles, e.g. [[policy, reference]].", default=())
     strategy: str = _help("Ray's placement strategy: PACK (fill nodes), SPREAD, STRICT_PACK (one node) or "
                           "STRICT_SPREAD (one node per bundle).", default="PACK")
-    timeout_s: float = _help("How long to wait for the placement group before failing.", default=60.0)
+    timeout_s: float = _help("How long to wait for the cluster to have room, and then for the placement group, "
+                             "before failing.", default=60.0)
 
     def __post_init__(self):
         _check(self.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "strategy",

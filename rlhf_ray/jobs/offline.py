@@ -187,9 +187,7 @@ class OfflineJob(RecoveringJob):
         cfg = self.cfg
         self.reference_cache = None
         stages = plan_stages(cfg, len(self.train))
-        # After a failure the torn-down groups' resources come back with a delay: wait for them.
-        wait = cfg.placement.timeout_s if failures else 0.0
-        with RoleGroups(cfg, self._specs(), wait_for_resources_s=wait) as roles, ExitStack() as closing:
+        with RoleGroups(cfg, self._specs()) as roles, ExitStack() as closing:
             state = {"step": 0, "stage": 0, "sampler": None}
             if resume_from is not None:
                 state_peek = _peek_state(resume_from)

@@ -174,9 +174,7 @@ class OnlineJob(RecoveringJob):
         self.kl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl \
             else FixedKLController(a.kl_coef)
         self.reward_std = RunningStd()
-        # After a failure the torn-down groups' resources come back with a delay: wait for them.
-        wait = cfg.placement.timeout_s if failures else 0.0
-        with RoleGroups(cfg, self._specs(), wait_for_resources_s=wait) as roles, ExitStack() as closing:
+        with RoleGroups(cfg, self._specs()) as roles, ExitStack() as closing:
             self._setup(roles)
             sampler = EpochSampler(len(self.prompts), cfg.run.batch_size, seed=cfg.run.seed)
             start = 0

@@ -21,6 +21,7 @@ CPUs as threads.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -167,9 +168,10 @@ def _unit_label(unit: tuple[str, ...]) -> str:
     return f"roles {', '.join(map(repr, unit))} (colocated) need"
 
 
-def check_fits(plan: PlacementPlan, available: Mapping[str, float] | None = None) -> None:
+def check_fits(plan: PlacementPlan, available: Mapping[str, float] | None = None, what: str = "free") -> None:
     """Raise `PlacementError` if the plan's bundles need more CPUs or GPUs than `available`
-    (default: `ray.available_resources()`), naming the first role that does not fit.
+    (default: `ray.available_resources()`), naming the first role that does not fit; `what` says
+    which amounts those are in the message ("free", or "" for the cluster's whole resources).
 
     Call it before any model loads. It checks totals; whether each bundle fits
     on one node is Ray's to decide when the group is created."""
@@ -183,15 +185,15 @@ def check_fits(plan: PlacementPlan, available: Mapping[str, float] | None = None
             ranks = len(plan.slots[unit[0]])
             taken = sum(amount for _, amount in used)
             if taken + per_rank * ranks > have + 1e-9:
-                raise PlacementError(_shortage_message(plan, unit, resource, per_rank, ranks, have, used))
+                raise PlacementError(_shortage_message(plan, unit, resource, per_rank, ranks, have, used, what))
             used.append((unit, per_rank * ranks))
 
 
 def _shortage_message(plan: PlacementPlan, unit: tuple[str, ...], resource: str, per_rank: float, ranks: int,
-                      have: float, used: list[tuple[tuple[str, ...], float]]) -> str:
+                      have: float, used: list[tuple[tuple[str, ...], float]], what: str = "free") -> str:
     name = unit[0]
     message = (f"{_unit_label(unit)} {_amount(per_rank, resource)} per rank x {ranks} rank{'s' * (ranks != 1)}; "
-               f"the cluster has {_amount(have, resource)} free in total")
+               f"the cluster has {_amount(have, resource)}{' ' + what if what else ''} in total")
     before = [(u, amount) for u, amount in used if amount > 0]
     if before:
         taken = ", ".join(f"{'+'.join(u)}: {compact(amount)}" for u, amount in before)
@@ -207,6 +209,23 @@ def _shortage_message(plan: PlacementPlan, unit: tuple[str, ...], resource: str,
     share = (f"colocate {it} with {' or '.join(map(repr, partners))} (placement.colocate)" if partners
              else f"colocate {it} with another {ranks}-rank role (placement.colocate)")
     return f"{message}: {knobs}, {share}, or add {resource}s"
+
+
+def wait_until_fits(plan: PlacementPlan, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Wait up to `timeout_s` for the cluster to have the plan's CPUs and GPUs free (other jobs finish,
+    a removed group's bundles come back a moment after its removal), then raise the shortage as
+    `PlacementError`. A plan larger than the whole cluster fails at once, naming the role."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check_fits(plan, ray.available_resources())
+            return
+        except PlacementError as short:
+            check_fits(plan, ray.cluster_resources(), what="")
+            if time.monotonic() >= deadline:
+                raise PlacementError(f"{short} (waited {timeout_s:g} s for other jobs to free them: "
+                                     "placement.timeout_s)") from None
+            time.sleep(poll_s)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 
 import ray
@@ -20,11 +19,10 @@ from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
 from rlhf_ray.runtime.actor_group import ActorGroup
 from rlhf_ray.runtime.auth import use_auth_token
 from rlhf_ray.runtime.placement import (
-    PlacementError,
     RoleResources,
-    check_fits,
     create_placement_group,
     plan_placement,
+    wait_until_fits,
 )
 
 
@@ -155,9 +153,10 @@ class RoleGroups:
     is borrowed from the job named JOB running alongside (same driver process)
     instead of created."""
 
-    def __init__(self, cfg: JobConfig, specs: list[RoleSpec], wait_for_resources_s: float = 0.0):
-        """`wait_for_resources_s`: how long to wait for the cluster to have room (after a failure, the
-        resources of the torn-down groups come back with a delay); 0 fails at once when it has none."""
+    def __init__(self, cfg: JobConfig, specs: list[RoleSpec], wait_for_resources_s: float | None = None):
+        """`wait_for_resources_s` (default `placement.timeout_s`): how long to wait for the cluster to
+        have room (other jobs finish; a torn-down group's resources come back a moment after it is
+        removed); a layout larger than the whole cluster fails at once."""
         self.cfg = cfg
         self.specs = {s.name: s for s in specs}
         self.borrowed: dict[str, str] = {}
@@ -165,15 +164,7 @@ class RoleGroups:
         self.groups: dict[str, ActorGroup] = {}
         self.placement = None
         plan = plan_for(cfg, specs)
-        deadline = time.monotonic() + wait_for_resources_s
-        while True:
-            try:
-                check_fits(plan, ray.available_resources())
-                break
-            except PlacementError:
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.5)
+        wait_until_fits(plan, cfg.placement.timeout_s if wait_for_resources_s is None else wait_for_resources_s)
         for spec in specs:
             if spec.name in SHAREABLE and getattr(cfg, spec.name).share_with:
                 self.borrowed[spec.name] = f"{getattr(cfg, spec.name).share_with}/{spec.name}"

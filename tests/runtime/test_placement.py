@@ -14,6 +14,7 @@ from rlhf_ray.runtime.placement import (
     check_fits,
     create_placement_group,
     plan_placement,
+    wait_until_fits,
 )
 
 
@@ -129,3 +130,25 @@ def test_a_bundle_no_node_can_hold_fails_with_the_layout(ray_cluster):
         create_placement_group(plan, timeout_s=1)
     with pytest.raises(PlacementError, match="strategy 'RANDOM' is not one of PACK, SPREAD"):
         create_placement_group(plan, strategy="RANDOM")
+
+
+def test_a_layout_waits_for_room_and_one_larger_than_the_cluster_fails_at_once(ray_cluster):
+    import threading
+    import time
+
+    held = create_placement_group(plan_placement([RoleResources("other_job", 1, 3)]), timeout_s=120)
+    try:
+        plan = plan_placement([RoleResources("policy", 2, 1)])  # 2 CPUs; 1 of the cluster's 4 is free
+        with pytest.raises(PlacementError, match=r"role 'policy' needs 1 CPU per rank x 2 ranks; the cluster has "
+                                                 r"1 CPU free in total.* \(waited 1 s for other jobs to free them"):
+            wait_until_fits(plan, timeout_s=1)
+        started = time.monotonic()
+        with pytest.raises(PlacementError, match=r"needs 64 CPUs per rank x 1 rank; the cluster has 4 CPUs in total"):
+            wait_until_fits(plan_placement([RoleResources("policy", 1, 64)]), timeout_s=600)
+        assert time.monotonic() - started < 60  # it never waited for the 600 s
+        # The other job ends while this one waits: it goes on.
+        threading.Timer(1.0, held.remove).start()
+        wait_until_fits(plan, timeout_s=120)
+        assert ray_cluster.available_resources().get("CPU", 0) >= 2
+    finally:
+        held.remove()
