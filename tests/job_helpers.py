@@ -41,16 +41,16 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_run(resumed: Path, full: Path, rel: float = 1e-4, abs_tol: float = 2e-4) -> None:
-    """A resumed online run ends like the uninterrupted one: every step once, the same metrics and the
-    same final weights, to float rounding (weights to 1e-4). Two processes running the same step on this CPU agree to the
-    last bits only: float32 GEMM results depend on where the operands sit in memory, the policy and the
-    reference at step 1 differ by a few ulps per token (a KL of 1e-4 summed over a response instead
+    """A resumed run ends like the uninterrupted one: every step once, the same metrics and the same final
+    weights, to float rounding (weights to 1e-4). Two processes running the same step on a CPU agree to
+    the last bits only: float32 GEMM results depend on where the operands sit in memory, the policy and
+    the reference at step 1 differ by a few ulps per token (a KL of 1e-4 summed over a response instead
     of 0.0), and Adam's normalised step carries such differences of near-zero gradients into the next
     steps' metrics at about 1e-5 relative. Floats are therefore compared to `rel` or to `abs_tol`,
-    whichever is looser; a real resume fault (a repeated or skipped step, a lost RNG state, another
-    data position) samples other tokens or draws other prompts and moves them by far more, and a lost
-    optimizer state shows in the final weights, compared separately. Differences are listed by step
-    and key."""
+    whichever is looser; a real resume fault (a repeated or skipped step, a lost RNG state, another data
+    position) samples other tokens or draws other prompts and moves them by far more, and a lost
+    optimizer state shows in the final weights, compared separately. Differences are listed by step and
+    key."""
     import math
 
     a, b = metric_rows(resumed), metric_rows(full)

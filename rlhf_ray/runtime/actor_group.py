@@ -50,7 +50,7 @@ class ActorGroupError(RuntimeError):
 
 
 # Ray's errors for an actor that is gone (as opposed to one whose method raised).
-_DEATH_ERRORS = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "WorkerCrashedError",
+DEATH_ERRORS = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "WorkerCrashedError",
                  "OutOfMemoryError", "ObjectLostError", "OwnerDiedError")
 
 
@@ -70,7 +70,7 @@ def actor_death(err: BaseException) -> str | None:
             return e.died
         name = type(e).__name__
         text = str(e)
-        for death in _DEATH_ERRORS:
+        for death in DEATH_ERRORS:
             if death in name or f"{death}:" in text or (death == "ActorDiedError" and "actor died" in text):
                 first = next((line.strip() for line in text.splitlines() if line.strip()), name)
                 return f"{death}: {first[:300]}"

@@ -11,7 +11,7 @@ import torch
 from rlhf_ray.jobs import run_job
 from rlhf_ray.telemetry.metrics import read_metrics
 
-from job_helpers import final_weights, metric_rows, stopped_before, tiny_config
+from job_helpers import assert_same_run, final_weights, stopped_before, tiny_config
 
 # One rank or two, each with one CPU; the reference gets its own bundle.
 SMALL = ["run.batch_size=8", "policy.micro_batch_size=4", "reference.micro_batch_size=8",
@@ -49,10 +49,7 @@ def test_resumed_run_ends_like_the_uninterrupted_one(ray_cluster, tmp_path):
     # The same run stopped after step 2: its directory as it was then.
     resumed = stopped_before(full, 4, tmp_path / "resumed")
     run_job(tiny_config("tiny-dpo", resumed, "run.total_steps=4", "run.save_every=2", *SMALL))
-    assert metric_rows(resumed) == metric_rows(full)
-    a, b = final_weights(full), final_weights(resumed)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_run(resumed, full)
 
 
 def test_spin_and_sdpo_move_the_reference_between_stages(ray_cluster, tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.jobs import run_job
+from rlhf_ray.runtime.actor_group import DEATH_ERRORS
 from rlhf_ray.telemetry.metrics import read_metrics
 
 from job_helpers import assert_same_run, tiny_config
@@ -67,7 +68,8 @@ def test_kill_9_of_a_role_is_survived_with_every_step_once(uninterrupted, tmp_pa
     failures = result["summary"]["failures"]
     # the dead role is named, also when another actor noticed first (the policy syncing to a dead engine)
     assert len(failures) == 1 and failures[0]["role"].startswith(f"role '{role}'")
-    assert failures[0]["resumed_from_step"] in (2, 4) and "ActorDiedError" in failures[0]["cause"]
+    assert failures[0]["resumed_from_step"] in (2, 4, 6)
+    assert any(death in failures[0]["cause"] for death in DEATH_ERRORS), failures[0]["cause"]
     rows = read_metrics(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # recomputed after the checkpoint, never repeated
     assert_same_run(out, uninterrupted)  # metrics to float rounding, and the final weights
