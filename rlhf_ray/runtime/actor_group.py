@@ -51,7 +51,7 @@ class ActorGroupError(RuntimeError):
 
 # Ray's errors for an actor that is gone (as opposed to one whose method raised).
 DEATH_ERRORS = ("ActorDiedError", "ActorUnavailableError", "NodeDiedError", "WorkerCrashedError",
-                 "OutOfMemoryError", "ObjectLostError", "OwnerDiedError")
+                "OutOfMemoryError", "ObjectLostError", "OwnerDiedError")
 
 
 def actor_death(err: BaseException) -> str | None:
