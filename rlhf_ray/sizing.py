@@ -17,6 +17,7 @@ def logprob_chunk_rows(row_bytes: int) -> int:
     chunk: as many as fit in `LOGPROB_CHUNK_BYTES`, at least one."""
     return max(1, LOGPROB_CHUNK_BYTES // max(row_bytes, 1))
 
+
 DEFAULT_BUCKET = 500_000_000
 """DeepSpeed's default reduce / all-gather / prefetch bucket, in elements."""
 DEFAULT_PERSISTENCE = 100_000

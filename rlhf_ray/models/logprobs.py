@@ -6,9 +6,8 @@ the logits themselves (V = 32k-150k), so these helpers work on chunks of batch
 rows whose float32 temporaries stay under ``sizing.LOGPROB_CHUNK_BYTES`` (one
 ``[T, V]`` row at a time for a large vocabulary, the whole batch at once for a
 small model, where a Python loop over rows would cost more than the
-arithmetic). Rows in bf16/fp16
-are upcast to float32 a chunk at a time; results are float32. Logits of
-``-inf`` (masked tokens) are allowed.
+arithmetic). Rows in bf16/fp16 are upcast to float32 a chunk at a time;
+results are float32. Logits of ``-inf`` (masked tokens) are allowed.
 
 Log-probabilities at position ``t`` score token ``t + 1`` (next-token
 prediction): :func:`shift_for_next_token` lines the labels and the loss mask

@@ -153,10 +153,10 @@ class RoleGroups:
     is borrowed from the job named JOB running alongside (same driver process)
     instead of created."""
 
-    def __init__(self, cfg: JobConfig, specs: list[RoleSpec], wait_for_resources_s: float | None = None):
-        """`wait_for_resources_s` (default `placement.timeout_s`): how long to wait for the cluster to
-        have room (other jobs finish; a torn-down group's resources come back a moment after it is
-        removed); a layout larger than the whole cluster fails at once."""
+    def __init__(self, cfg: JobConfig, specs: list[RoleSpec]):
+        """Waits up to `placement.timeout_s` for the cluster to have room (other jobs finish; a torn-down
+        group's resources come back a moment after it is removed); a layout larger than the whole
+        cluster fails at once."""
         self.cfg = cfg
         self.specs = {s.name: s for s in specs}
         self.borrowed: dict[str, str] = {}
@@ -164,7 +164,7 @@ class RoleGroups:
         self.groups: dict[str, ActorGroup] = {}
         self.placement = None
         plan = plan_for(cfg, specs)
-        wait_until_fits(plan, cfg.placement.timeout_s if wait_for_resources_s is None else wait_for_resources_s)
+        wait_until_fits(plan, cfg.placement.timeout_s)
         for spec in specs:
             if spec.name in SHAREABLE and getattr(cfg, spec.name).share_with:
                 self.borrowed[spec.name] = f"{getattr(cfg, spec.name).share_with}/{spec.name}"

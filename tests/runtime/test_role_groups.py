@@ -51,8 +51,8 @@ def ship_test_classes():
 def _groups(colocate: str, names: tuple[str, ...]):
     cfg = load_config("tiny-dpo", [f"placement.colocate={colocate}", "policy.num_cpus_per_rank=1",
                                    "reference.num_cpus_per_rank=1"])
-    # An earlier test's groups give their CPUs back with a delay: wait for them.
-    return RoleGroups(cfg, [RoleSpec(name, ClockWorker, 1, 1.0) for name in names], wait_for_resources_s=60)
+    # An earlier test's groups give their CPUs back with a delay: RoleGroups waits for them.
+    return RoleGroups(cfg, [RoleSpec(name, ClockWorker, 1, 1.0) for name in names])
 
 
 def test_colocated_cpu_roles_take_turns_and_the_others_run_at_once(ray_cluster, ship_test_classes, tmp_path):
