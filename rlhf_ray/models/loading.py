@@ -3,6 +3,8 @@
 ``name_or_path`` is resolved in this order:
 
 1. an existing local directory: a checkpoint written by ``save_pretrained``;
+   a ``.gguf`` file or a named source (``smollm2-135m``) stands for the folder
+   it is converted into once (:mod:`rlhf_ray.models.sources`);
 2. a preset name (:func:`rlhf_ray.models.presets.list_presets`): the model is
    built from the shipped config with a seeded random initialisation, nothing
    is downloaded (``gpt2`` here is the *shape* of GPT-2; the pretrained
@@ -24,6 +26,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from rlhf_ray.models.presets import is_preset, list_presets, preset_config, preset_tokenizer_name
+from rlhf_ray.models.sources import NAMED_SOURCES, local_model_path
 
 SCALAR_HEAD_MODEL_TYPE = "rlhf_ray_scalar_head"
 """``model_type`` of :class:`rlhf_ray.models.heads.ScalarHeadModel` checkpoints."""
@@ -79,18 +82,20 @@ def _looks_like_local_path(name: str) -> bool:
 
 def _not_found_message(name: str, reason: str) -> str:
     return (
-        f"Cannot load model {name!r}: it is neither a model preset (known: {', '.join(list_presets())}) "
-        f"nor an existing checkpoint directory{reason}. Check the path in the config, or use a preset name."
+        f"Cannot load model {name!r}: it is neither a model preset (known: {', '.join(list_presets())}), "
+        f"a shipped model ({', '.join(NAMED_SOURCES)}), a .gguf file nor an existing checkpoint "
+        f"directory{reason}. Check the path in the config, or use a preset name."
     )
 
 
 def check_model_source(name_or_path: str | os.PathLike) -> str:
-    """Classify ``name_or_path`` as ``"directory"``, ``"preset"`` or ``"hub"``.
+    """Classify ``name_or_path`` as ``"directory"``, ``"preset"`` or ``"hub"`` (a GGUF file or named
+    source is the ``"directory"`` it converts into).
 
     Raises ``FileNotFoundError`` for something meant as a local path that does
     not exist (or is a file, not a checkpoint directory).
     """
-    name = os.fspath(name_or_path)
+    name = local_model_path(name_or_path)
     if os.path.isdir(name):
         return "directory"
     if is_preset(name):
@@ -105,7 +110,7 @@ def check_model_source(name_or_path: str | os.PathLike) -> str:
 def read_model_config(name_or_path: str | os.PathLike, *, trust_remote_code: bool = False):
     """The ``transformers`` config of a preset or a checkpoint directory, without loading weights;
     ``None`` for a hub name (reading it could download)."""
-    name = os.fspath(name_or_path)
+    name = local_model_path(name_or_path)
     source = check_model_source(name)
     if source == "preset":
         return preset_config(name)
@@ -215,7 +220,7 @@ def load_causal_lm(
     Returns the model in eval mode, as ``from_pretrained`` leaves it, for a
     preset too; trainers call ``model.train()`` themselves.
     """
-    name = os.fspath(name_or_path)
+    name = local_model_path(name_or_path)
     torch_dtype = resolve_dtype(dtype, device)
     source = check_model_source(name)
     if source == "preset":
@@ -275,7 +280,7 @@ def load_tokenizer_for(
     """
     from rlhf_ray.models.tokenizer import load_tokenizer
 
-    name = os.fspath(name_or_path)
+    name = local_model_path(name_or_path)
     if check_model_source(name) == "preset":
         shipped = preset_tokenizer_name(name)
         if shipped is None:

@@ -63,8 +63,10 @@ def planner_dtype(dtype: str, on_gpu: bool) -> str:
 
 def role_shape(key: str, name_or_path: str, model: str | None) -> ModelShape:
     """The shape of the model at `name_or_path` (`model` replaces it when given)."""
+    from rlhf_ray.models.sources import local_model_path  # a .gguf file or shipped model: its converted folder
+
     try:
-        return load_shape(model or name_or_path)
+        return load_shape(local_model_path(model or name_or_path))
     except FileNotFoundError:
         if model:
             raise

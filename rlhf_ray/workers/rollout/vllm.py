@@ -52,6 +52,7 @@ import torch
 
 from rlhf_ray.config.schema import ConfigError, JobConfig, RolloutConfig
 from rlhf_ray.models.loading import check_model_source, load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.models.sources import local_model_path
 from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.telemetry.memory import MemoryReport, peak_rss_bytes
 from rlhf_ray.telemetry.timers import ComputeClock
@@ -419,6 +420,7 @@ class VLLMRolloutWorker:
     def _model_dir(self, init_from: str) -> str:
         """A checkpoint vLLM can load: `init_from` itself, or, for a preset (built in memory from a seeded
         config) or a checkpoint whose vocabulary the tokenizer outgrows, the model the policy builds, saved."""
+        init_from = local_model_path(init_from)  # a .gguf file or shipped model: its converted folder
         source = check_model_source(init_from)
         if source != "preset":
             from transformers import AutoConfig
