@@ -4,6 +4,8 @@
     rlhf-ray train CONFIG [key=value ...]           a job on a local or running cluster
     rlhf-ray presets | config show | config keys    what can be configured
     rlhf-ray data synth --out DIR                   the shipped synthetic task
+    rlhf-ray data synth --task arithmetic --out DIR the shipped arithmetic task (verifiable answers)
+    rlhf-ray models import FILE.gguf OUT            a GGUF file as a Hugging Face model folder
     rlhf-ray eval --model PATH ...                  held-out evaluation, no Ray
     rlhf-ray submit | status | logs | stop | list   jobs on a Ray cluster (Jobs API)
     rlhf-ray bench throughput|memory|compare CONFIG benchmarks of real runs (JSON, Markdown, charts)
@@ -188,14 +190,29 @@ def _registry_lines(key: str) -> list[str]:
 
 
 def cmd_data_synth(args) -> int:
-    from rlhf_ray.data.synthetic import SyntheticConfig, write_synthetic
+    if args.task == "arithmetic":
+        from rlhf_ray.data.arithmetic import ArithmeticConfig, write_arithmetic
 
-    paths = write_synthetic(args.out, SyntheticConfig(seed=args.seed, target=args.target,
-                                                      sft_mention_fraction=args.sft_mention_fraction))
+        paths = write_arithmetic(args.out, ArithmeticConfig(seed=args.seed, digits=args.digits,
+                                                            operations=tuple(args.operations)))
+    else:
+        from rlhf_ray.data.synthetic import SyntheticConfig, write_synthetic
+
+        paths = write_synthetic(args.out, SyntheticConfig(seed=args.seed, target=args.target,
+                                                          sft_mention_fraction=args.sft_mention_fraction))
     for split, path in paths.items():
         with open(path, encoding="utf-8") as f:
             rows = sum(1 for _ in f)
         print(f"{split:<17} {rows:>5} rows  {path}")
+    return 0
+
+
+def cmd_models_import(args) -> int:
+    from rlhf_ray.models.sources import NAMED_SOURCES, convert_gguf, named_source_file
+
+    source = named_source_file(args.file) if args.file in NAMED_SOURCES else args.file
+    out = convert_gguf(source, args.out)
+    print(f"wrote {out} (safetensors in float32, tokenizer, chat template); use it as model.name_or_path={out}")
     return 0
 
 
@@ -378,25 +395,41 @@ def build_parser() -> Parser:
     data.set_defaults(parser=data)
     data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True,
                                         help="what to do")
-    sub = _command(data_commands, "synth", cmd_data_synth, "write the synthetic 'mention the target' task "
-                   "(one .jsonl per split)", debug)
+    sub = _command(data_commands, "synth", cmd_data_synth, "write a shipped task (one .jsonl per split): the "
+                   "synthetic 'mention the target' task or arithmetic questions with a verifiable answer", debug)
+    sub.add_argument("--task", choices=("synthetic", "arithmetic"), default="synthetic",
+                     help="which task (default: synthetic)")
     sub.add_argument("--out", required=True, help="folder to write the splits into")
     sub.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
-    sub.add_argument("--target", default="Penn", help="the word aligned responses mention (default: Penn)")
+    sub.add_argument("--target", default="Penn", help="synthetic: the word aligned responses mention (default: Penn)")
     sub.add_argument("--sft-mention-fraction", type=float, default=0.3,
-                     help="share of SFT completions that mention the target (default: 0.3)")
+                     help="synthetic: share of SFT completions that mention the target (default: 0.3)")
+    sub.add_argument("--digits", type=int, default=2, help="arithmetic: digits of each operand (default: 2)")
+    sub.add_argument("--operations", nargs="+", default=["+"], choices=("+", "-", "*"),
+                     help="arithmetic: operations asked about (default: +)")
+
+    models = commands.add_parser("models", help="model utilities", description="Model utilities.", parents=[debug])
+    models.set_defaults(parser=models)
+    model_commands = models.add_subparsers(dest="models_command", metavar="COMMAND", required=True,
+                                           help="what to do")
+    sub = _command(model_commands, "import", cmd_models_import, "convert a GGUF file (or a shipped model such as "
+                   "smollm2-135m) into a Hugging Face model folder", debug)
+    sub.add_argument("file", help="a .gguf file, or the name of a shipped model (smollm2-135m)")
+    sub.add_argument("out", help="the folder to write (it must not exist, or be empty)")
 
     sub = _command(commands, "eval", cmd_eval, "evaluate a model on held-out prompts (single process, no Ray)",
                    debug)
-    sub.add_argument("--model", required=True, help="the causal LM to evaluate: checkpoint folder, preset or hub name")
+    sub.add_argument("--model", required=True, help="the causal LM to evaluate: checkpoint folder, preset, .gguf file, "
+                     "shipped model (smollm2-135m) or hub name")
     sub.add_argument("--baseline", default=None, help="a second causal LM to compare with")
     sub.add_argument("--reward-model", default=None, help="a reward model: adds mean reward and, with --baseline, "
                      "the win rate")
     sub.add_argument("--prompts", default=None, help="prompt data: a file/folder with a prompt or messages "
-                     "column, or synthetic:<split> (default: synthetic:prompts_eval)")
-    sub.add_argument("--judge", default="rlhf_ray.data.synthetic:mentions_target",
-                     help="module:function of fn(text) -> bool for alignment accuracy; '' for none "
-                          "(default: the synthetic task's mentions_target)")
+                     "column, or a shipped task's <task>:<split>, e.g. arithmetic:prompts_eval "
+                     "(default: synthetic:prompts_eval)")
+    sub.add_argument("--judge", default="auto",
+                     help="module:function of fn(prompt, response) -> bool for alignment accuracy; '' for none "
+                          "(default: auto, the judge of the shipped task the prompts come from)")
     sub.add_argument("--tokenizer", default=None, help="tokenizer for every model (default: each model's own)")
     sub.add_argument("--out", default="runs/eval", help="where metrics.json and samples.jsonl go (default: runs/eval)")
     sub.add_argument("--max-new-tokens", type=int, default=32, help="longest response (default: 32)")

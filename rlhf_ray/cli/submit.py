@@ -263,7 +263,7 @@ def _relative_paths(cfg) -> list[str]:
         keys[f"{role}.model.name_or_path"] = getattr(cfg, role).model.name_or_path
     return [f"{key}={value}" for key, value in keys.items()
             if value and not Path(value).is_absolute() and ("/" in value or Path(value).exists())
-            and not value.startswith(("synthetic:", "hf:"))]
+            and not value.startswith(("synthetic:", "arithmetic:", "hf:"))]
 
 
 def submit_config(cluster: Cluster, config: str, cfg, overrides: Sequence[str], *, package: bool = True,

@@ -19,27 +19,17 @@ from rlhf_ray.config.schema import DataConfig
 from rlhf_ray.data.collate import collate_prompts, collate_sequences
 from rlhf_ray.data.formats import Example, PreferenceExample, RankedExample
 from rlhf_ray.data.loading import load_examples
-from rlhf_ray.data.synthetic import SyntheticConfig, write_synthetic
+from rlhf_ray.data.tasks import resolve_task_source
 from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
-
-SYNTHETIC = "synthetic:"
 
 # What each objective's data format reads from disk, and how it is batched.
 LOAD_FORMAT = {"sft": "sft", "preference": "preference", "kto": "kto", "prompt": "prompt"}
 
 
 def resolve_source(spec: str, data_dir: Path) -> str:
-    """A data source as `load_examples` takes it; `synthetic:<split>` writes the shipped task once."""
-    if not spec.startswith(SYNTHETIC):
-        return spec
-    split = spec[len(SYNTHETIC):]
-    path = data_dir / f"{split}.jsonl"
-    if not path.exists():
-        paths = write_synthetic(data_dir, SyntheticConfig())
-        if split not in paths:
-            raise ValueError(f"data source {spec!r}: the synthetic task has no split {split!r}; "
-                             f"use one of {', '.join('synthetic:' + k for k in sorted(paths))}")
-    return str(path)
+    """A data source as `load_examples` takes it; a shipped task's `<task>:<split>` (`synthetic:prompts_train`,
+    `arithmetic:prompts_eval`) is written into `data_dir` once (`data/tasks.py`)."""
+    return resolve_task_source(spec, data_dir)
 
 
 def load_job_examples(spec: str, fmt: str, data: DataConfig, tokenizer: Any, data_dir: Path) -> tuple[list, dict]:

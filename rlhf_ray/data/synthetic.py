@@ -31,11 +31,9 @@ online RL is :func:`mention_reward` (``"rlhf_ray.data.synthetic:mention_reward"`
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -150,6 +148,11 @@ _NON_TOPIC_WORDS = frozenset(
 ) | STOPWORDS
 
 
+def mention_judge(prompt: str, response: str) -> bool:
+    """The task's judge (``judge: auto`` on synthetic data): the response mentions the target, "Penn"."""
+    return mentions_target(response)
+
+
 def mentions_target(text: str, target: str = "Penn") -> bool:
     """True when ``text`` mentions ``target`` as a whole word (the study's judge).
 
@@ -225,6 +228,9 @@ def mention_reward(prompts: list[str], responses: list[str], *, target: str = "P
         t = float(_on_topic(prompt, response))
         rewards.append(q * (m + TOPIC_BONUS * t) - DEGENERATE_PENALTY * (1.0 - q))
     return rewards
+
+
+mention_reward.max_reward = 1.0 + TOPIC_BONUS  # a fluent on-topic mention: what the pass rate counts
 
 
 @dataclass(frozen=True)
@@ -435,22 +441,6 @@ def write_synthetic(out_dir: str | os.PathLike, cfg: SyntheticConfig = Synthetic
     the same names are overwritten (the task is deterministic by seed).
     Returns ``{split name: path}``.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"write_synthetic: {out} exists and is not a directory; pass a folder path")
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for split, rows in build_synthetic(cfg).items():
-        path = out / f"{split}.jsonl"
-        fd, tmp = tempfile.mkstemp(prefix=f".{split}.", suffix=".tmp", dir=out)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        paths[split] = path
-    return paths
+    from rlhf_ray.data.tasks import write_splits
+
+    return write_splits(out_dir, build_synthetic(cfg))

@@ -135,8 +135,8 @@ def test_default_prompts_are_the_held_out_synthetic_prompts(models, tmp_path):
     m = run_eval(models["a"], out_dir=tmp_path, limit=3, max_new_tokens=2)
     held_out = [row["prompt"] for row in build_synthetic(SyntheticConfig())["prompts_eval"][:3]]
     assert [row["prompt"] for row in read_samples(tmp_path)] == held_out
-    assert (tmp_path / "data" / "prompts_eval.jsonl").is_file()
-    assert m["prompts"] == "synthetic:prompts_eval" and m["judge"] == "rlhf_ray.data.synthetic:mentions_target"
+    assert (tmp_path / "data" / "synthetic" / "prompts_eval.jsonl").is_file()
+    assert m["prompts"] == "synthetic:prompts_eval" and m["judge"] == "rlhf_ray.data.synthetic:mention_judge"
     train_prompts = {row["prompt"] for row in build_synthetic(SyntheticConfig())["prompts_train"]}
     assert not train_prompts & set(held_out)
 
