@@ -383,7 +383,10 @@ class JobConfig:
     placement: PlacementConfig = _help("Colocation of roles.", default_factory=PlacementConfig)
     export: ExportConfig = _help("What final/ holds.", default_factory=ExportConfig)
     name: str = _help("A label for this job (used when several run alongside each other).", default="job")
-    judge: str = _help("Import path of `fn(text) -> bool` for alignment accuracy in evaluation; empty: none.", default="rlhf_ray.data.synthetic:mentions_target")
+    judge: str = _help("What held-out evaluation reports as eval/alignment_accuracy: auto (the judge of the shipped "
+                       "task the data comes from: synthetic, the response mentions Penn; arithmetic, the answer is "
+                       "right; none for other data), an import path of `fn(prompt, response) -> bool` (a function "
+                       "of the response alone is accepted too), or empty for none.", default="auto")
 
     @property
     def policy_is_reference(self) -> bool:

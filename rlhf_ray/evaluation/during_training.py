@@ -1,9 +1,19 @@
-"""Evaluation: held-out preference metrics, alignment accuracy with a judge,
-reward-model accuracy and win rates, and sample outputs beside the metrics.
+"""Evaluation: held-out reward and pass rate, alignment accuracy with a judge,
+held-out preference metrics, reward-model accuracy, and sample outputs beside
+the metrics.
 
-The judge is the config's `judge` import path (`fn(text) -> bool`); for the
-shipped synthetic task it is `mentions_target`, which gives the DPO-vs-SFT
-study's alignment accuracy (share of held-out responses that mention Penn).
+Held-out rewards come from the job's own reward: its reward model or rule for
+an online job, its `reward.rule` (when set) for an offline one. A rule's pass
+rate is the share of responses whose reward reaches the rule's `max_reward`
+attribute (1.0 when it has none): for the arithmetic task's `answer_reward`,
+the share answered right.
+
+The judge is the config's `judge`: `auto` (the default) is the judge of the
+shipped task the data comes from (the synthetic task's: the response mentions
+Penn, the DPO-vs-SFT study's alignment accuracy; the arithmetic task's: the
+answer is right) and none for other data; or an import path of
+`fn(prompt, response) -> bool`. Samples carry a verdict only where a judge gave
+one.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import torch
 
 from rlhf_ray.config.imports import import_callable
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.data.tasks import as_judge, task_of
 from rlhf_ray.workers.reward_trainer import pairwise_accuracy
 
 
@@ -27,8 +38,39 @@ def generate_all(group, prompts: dict, *, max_new_tokens: int, seed: int, greedy
     return [row for shard in pending.results() for row in shard][:pending.size]
 
 
-def judge_from(cfg: JobConfig) -> Callable[[str], bool] | None:
-    return import_callable(cfg.judge, "judge") if cfg.judge else None
+def judge_path(cfg: JobConfig) -> str:
+    """The import path of the job's judge (`judge: auto` resolved), or "" for none."""
+    if cfg.judge != "auto":
+        return cfg.judge
+    task = task_of(cfg.data.eval or cfg.data.train)
+    return task.judge if task is not None else ""
+
+
+def judge_from(cfg: JobConfig) -> Callable[[str, str], bool] | None:
+    path = judge_path(cfg)
+    return as_judge(import_callable(path, "judge")) if path else None
+
+
+def rule_max_reward(rule: Callable) -> float:
+    """The reward a rule gives a response that passes (its `max_reward` attribute; 1.0 when it has none)."""
+    return float(getattr(rule, "max_reward", 1.0))
+
+
+def pass_rate(rewards, max_reward: float) -> float:
+    """Share of rewards at the rule's maximum (a small tolerance for float sums)."""
+    values = [float(r) for r in rewards]
+    return sum(v >= max_reward - 1e-6 for v in values) / max(len(values), 1)
+
+
+def _judged(judge, prompts: list[str], texts: list[str]) -> list[bool] | None:
+    return [bool(judge(p, t)) for p, t in zip(prompts, texts)] if judge else None
+
+
+def _sample_rows(prompts: list[str], texts: list[str], **columns) -> list[dict]:
+    """One row per response; a column given as None (a judge that was not set) is left out."""
+    given = {k: v for k, v in columns.items() if v is not None}
+    return [{"prompt": p, "response": t, **{k: v[i] for k, v in given.items()}}
+            for i, (p, t) in enumerate(zip(prompts, texts))]
 
 
 def write_samples(run_dir: Path, step: int, rows: list[dict]) -> Path:
@@ -43,19 +85,27 @@ def write_samples(run_dir: Path, step: int, rows: list[dict]) -> Path:
 
 
 def alignment(policy_group, eval_prompts, tokenizer, cfg: JobConfig, run_dir: Path, step: int) -> dict:
-    """Greedy responses to held-out prompts: alignment accuracy (judge), mean length, samples on disk."""
+    """Greedy responses to held-out prompts: alignment accuracy (judge), the rule's reward and pass rate
+    (`reward.rule`, when the job sets one), mean length, samples on disk."""
     n = len(eval_prompts) if not cfg.run.eval_size else min(cfg.run.eval_size, len(eval_prompts))
     prompts = eval_prompts.prompts(list(range(n)))
     tokens = generate_all(policy_group, prompts, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.run.seed,
                           greedy=True)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
-    judge = judge_from(cfg)
-    verdicts = [bool(judge(t)) for t in texts] if judge else [None] * n
-    write_samples(run_dir, step, [{"prompt": p, "response": r, "judge": v}
-                                  for p, r, v in zip(prompts["prompt_text"], texts, verdicts)])
+    prompt_texts = prompts["prompt_text"]
+    verdicts = _judged(judge_from(cfg), prompt_texts, texts)
     out = {"eval/response_length": sum(len(t) for t in tokens) / max(n, 1)}
-    if judge:
+    rewards = None
+    if cfg.reward.rule:
+        rule = import_callable(cfg.reward.rule, "reward.rule")
+        decoded = [tokenizer.decode(tokenizer(p, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+                   for p in prompt_texts]  # as the reward role decodes rollout rows
+        rewards = [float(r) for r in rule(decoded, texts)]
+        out["eval/greedy_reward_mean"] = sum(rewards) / max(n, 1)
+        out["eval/greedy_pass_rate"] = pass_rate(rewards, rule_max_reward(rule))
+    if verdicts is not None:
         out["eval/alignment_accuracy"] = sum(verdicts) / max(n, 1)
+    write_samples(run_dir, step, _sample_rows(prompt_texts, texts, judge=verdicts, reward=rewards))
     return out
 
 
@@ -115,13 +165,15 @@ def online_eval(job, roles, prompts: dict, step: int) -> dict:
     if "reference" in results:
         diff = (results["policy"]["logprobs"] - results["reference"]["ref_logprobs"]) * mask
         out["eval/kl_to_ref"] = float(diff.sum(-1).mean())
+    if cfg.reward.rule:
+        max_reward = rule_max_reward(import_callable(cfg.reward.rule, "reward.rule"))
+        out["eval/pass_rate"] = pass_rate(rewards[:size], max_reward)
+        out["eval/greedy_pass_rate"] = pass_rate(rewards[size:], max_reward)
     texts = [job.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
              for row, m in zip(greedy["input_ids"][:, -mask.shape[1]:], greedy["response_mask"])]
-    judge = judge_from(cfg)
-    verdicts = [bool(judge(t)) for t in texts] if judge else [None] * len(texts)
-    if judge:
+    verdicts = _judged(judge_from(cfg), prompts["prompt_text"], texts)
+    if verdicts is not None:
         out["eval/alignment_accuracy"] = sum(verdicts) / max(len(texts), 1)
-    write_samples(job.run_dir, step, [
-        {"prompt": p, "response": t, "judge": v, "reward": float(r)}
-        for p, t, v, r in zip(prompts["prompt_text"], texts, verdicts, rewards[size:].tolist())])
+    write_samples(job.run_dir, step, _sample_rows(prompts["prompt_text"], texts, judge=verdicts,
+                                                  reward=rewards[size:].tolist()))
     return out

@@ -36,19 +36,26 @@ from rlhf_ray.data.formats import Text
 from rlhf_ray.data.loading import load_examples
 from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
 from rlhf_ray.data.job_data import resolve_source
+from rlhf_ray.data.tasks import as_judge, task_of
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import default_device, load_causal_lm, load_tokenizer_for
 from rlhf_ray.workers.forward import generate_tokens
 
-DEFAULT_JUDGE = "rlhf_ray.data.synthetic:mentions_target"
+DEFAULT_JUDGE = "auto"
 DEFAULT_PROMPTS = "synthetic:prompts_eval"
 METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
 
 
-def load_judge(path: str):
-    """`"package.module:function"` -> the judge `fn(response_text) -> bool`."""
-    return import_callable(path, "judge")
+def load_judge(path: str, source: str = DEFAULT_PROMPTS):
+    """`"package.module:function"` -> the judge `fn(prompt, response) -> bool` (a function of the response alone is
+    called with the response); `"auto"`: the judge of the shipped task `source` names, `None` for other data."""
+    if path == "auto":
+        task = task_of(source)
+        if task is None:
+            return None, ""
+        path = task.judge
+    return as_judge(import_callable(path, "judge")), path
 
 
 def load_prompts(source: str, data_dir: Path, limit: int = 0) -> list[Text]:
@@ -150,7 +157,8 @@ def run_eval(model: str, *, baseline: str | None = None, reward_model: str | Non
             `baseline`, the win rate.
         prompts: a data source with prompts; default the synthetic task's
             held-out `prompts_eval`, written under `out_dir/data`.
-        judge: `module:function` of `fn(text) -> bool`; empty or None: no accuracy.
+        judge: `module:function` of `fn(prompt, response) -> bool`; `auto`: the shipped task's judge when
+            `prompts` is one of its splits; empty or None: no accuracy.
         tokenizer: one tokenizer for every model; default each model's own.
         limit: evaluate the first `limit` prompts only (0: all).
         device: `cpu`, `cuda`, ...; default CUDA when visible.
@@ -164,7 +172,7 @@ def run_eval(model: str, *, baseline: str | None = None, reward_model: str | Non
                          f"{max_new_tokens}, {max_prompt_length}, {batch_size} and {limit}")
     out = Path(out_dir)
     source = prompts or DEFAULT_PROMPTS
-    judge_fn = load_judge(judge) if judge else None
+    judge_fn, judge = load_judge(judge, source) if judge else (None, "")
     prompt_list = load_prompts(source, out / "data", limit)
     run_on = torch.device(device) if device else default_device()
     gen = {"max_new_tokens": max_new_tokens, "max_prompt_length": max_prompt_length, "batch_size": batch_size}
@@ -186,7 +194,7 @@ def run_eval(model: str, *, baseline: str | None = None, reward_model: str | Non
             row.update({"baseline_response": text, "baseline_response_tokens": n})
     if judge_fn is not None:
         for prefix, key, outputs in (("eval", "judge", texts), ("baseline", "baseline_judge", base_texts)):
-            verdicts = [bool(judge_fn(text)) for text in outputs]
+            verdicts = [bool(judge_fn(row["prompt"], text)) for row, text in zip(rows, outputs)]
             for row, verdict in zip(rows, verdicts):
                 row[key] = verdict
             if outputs:
