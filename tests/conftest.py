@@ -56,6 +56,7 @@ def ray_cluster():
             log_to_driver=False,
             configure_logging=False,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
+            _system_config={"worker_niceness": 0},  # as rlhf-ray's own clusters (runtime/role_groups.py)
         )
     yield ray
     ray.shutdown()
