@@ -268,23 +268,24 @@ def job_bundles(cfg: JobConfig) -> dict[str, float]:
     return {res: sum(b.get(res, 0.0) for b in plan.bundles) for res in ("CPU", "GPU")}
 
 
+def _overlapping_groups(pipeline: Pipeline) -> list[tuple[str, ...]]:
+    """Every set of jobs that may all run at the same time (each single job included); past 16 jobs, the
+    single jobs only (the check then looks at each job alone)."""
+    names = list(pipeline.jobs)
+    if len(names) > 16:
+        return [(n,) for n in names]
+    return [group for size in range(1, len(names) + 1) for group in itertools.combinations(names, size)
+            if all(pipeline.may_overlap(a, b) for a, b in itertools.combinations(group, 2))]
+
+
 def check_pipeline_fits(pipeline: Pipeline, available: dict[str, float]) -> None:
     """Refuse a pipeline whose jobs that may run at the same time do not fit the cluster together,
     naming those jobs, what each asks for, and what is missing."""
     need = {name: job_bundles(cfg) for name, cfg in pipeline.configs.items()}
-    names = list(pipeline.jobs)
+    groups = _overlapping_groups(pipeline)
     for resource in ("GPU", "CPU"):
         have = float(available.get(resource, 0.0))
-        worst: tuple[float, tuple[str, ...]] = (0.0, ())
-        if len(names) <= 16:
-            for size in range(1, len(names) + 1):
-                for group in itertools.combinations(names, size):
-                    if all(pipeline.may_overlap(a, b) for a, b in itertools.combinations(group, 2)):
-                        total = sum(need[n][resource] for n in group)
-                        worst = max(worst, (total, group))
-        else:
-            worst = max((need[n][resource], (n,)) for n in names)
-        total, group = worst
+        total, group = max((sum(need[n][resource] for n in g), g) for g in groups)
         if total > have + 1e-9:
             asks = ", ".join(f"{n}: {need[n][resource]:g}" for n in group)
             together = "runs" if len(group) == 1 else "may run at the same time and ask"
@@ -292,6 +293,36 @@ def check_pipeline_fits(pipeline: Pipeline, available: dict[str, float]) -> None
                               f"({asks}); the cluster has {have:g}, {total - have:g} short: lower those jobs' "
                               f"num_{resource.lower()}s_per_rank, let them share bundles (placement.colocate), "
                               "order them with `after`, or add resources")
+
+
+def scale_to_fit(pipeline: Pipeline, cpus: float) -> list[str]:
+    """On a cluster rlhf-ray started itself (one machine), shrink the CPU reservations of jobs that may run at
+    the same time and ask for more than its `cpus`, so that they fit together; returns one line per scaled
+    job. Roles on CPUs that share cores take turns anyway; a role's torch threads follow its reservation
+    (at least one). Each job is scaled by `cpus` over the largest demand of any set of jobs it may overlap
+    with, so every such set fits; GPUs are never scaled."""
+    need = {name: job_bundles(cfg)["CPU"] for name, cfg in pipeline.configs.items()}
+    groups = _overlapping_groups(pipeline)
+    lines = []
+    for name, cfg in pipeline.configs.items():
+        worst = max(sum(need[n] for n in g) for g in groups if name in g)
+        if worst <= cpus + 1e-9 or need[name] == 0:
+            continue
+        factor = cpus / worst
+        pipeline.configs[name] = scaled = scale_cpus(cfg, factor)
+        lines.append(f"{name} {need[name]:g} -> {job_bundles(scaled)['CPU']:g} CPUs")
+    return lines
+
+
+def scale_cpus(cfg: JobConfig, factor: float) -> JobConfig:
+    """`cfg` with every role's CPU reservation times `factor`, rounded down to a hundredth (at least 0.01)."""
+    def scaled(value: float) -> float:
+        return max(0.01, int(value * factor * 100) / 100)
+
+    roles = {role: dataclasses.replace(getattr(cfg, role), num_cpus_per_rank=scaled(getattr(cfg, role).num_cpus_per_rank))
+             for role in ("policy", "reference", "reward", "critic")}
+    rollout = dataclasses.replace(cfg.rollout, num_cpus_per_engine=scaled(cfg.rollout.num_cpus_per_engine))
+    return dataclasses.replace(cfg, rollout=rollout, **roles)
 
 
 # --- running ------------------------------------------------------------------------------------
@@ -317,6 +348,11 @@ def run_pipeline(pipeline: Pipeline, address: str | None = None,
     import ray
 
     init_ray(address)
+    if address is None:  # this machine alone: jobs that may overlap share its CPUs
+        scaled = scale_to_fit(pipeline, ray.available_resources().get("CPU", 0.0))
+        if scaled:
+            on_event(f"[pipeline] scaled to fit this machine's {ray.available_resources().get('CPU', 0):g} CPUs "
+                     f"(jobs that may overlap take turns on them): {'; '.join(scaled)}")
     check_pipeline_fits(pipeline, ray.available_resources())
     pipeline.out.mkdir(parents=True, exist_ok=True)
     outcomes = {name: JobOutcome(name) for name in pipeline.jobs}
@@ -408,4 +444,4 @@ def pipeline_table(outcomes: dict[str, JobOutcome]) -> str:
 
 
 __all__ = ["Pipeline", "PipelineJob", "JobOutcome", "parse_pipeline", "load_pipeline", "configure",
-           "share_frozen_roles", "check_pipeline_fits", "run_pipeline", "pipeline_table"]
+           "share_frozen_roles", "check_pipeline_fits", "scale_to_fit", "run_pipeline", "pipeline_table"]
