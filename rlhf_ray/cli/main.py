@@ -208,10 +208,9 @@ def cmd_data_synth(args) -> int:
 
 
 def cmd_models_import(args) -> int:
-    from rlhf_ray.models.sources import NAMED_SOURCES, convert_gguf, named_source_file
+    from rlhf_ray.models.sources import import_model
 
-    source = named_source_file(args.file) if args.file in NAMED_SOURCES else args.file
-    out = convert_gguf(source, args.out)
+    out = import_model(args.file, args.out)
     print(f"wrote {out} (safetensors in float32, tokenizer, chat template); use it as model.name_or_path={out}")
     return 0
 

@@ -17,10 +17,10 @@ import torch
 
 from rlhf_ray.config.schema import DataConfig
 from rlhf_ray.data.collate import collate_prompts, collate_sequences
-from rlhf_ray.data.formats import Example, PreferenceExample, RankedExample
+from rlhf_ray.data.formats import DataError, Example, PreferenceExample, RankedExample
 from rlhf_ray.data.loading import load_examples
 from rlhf_ray.data.tasks import resolve_task_source
-from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
+from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, has_chat_template, render_prompt
 
 # What each objective's data format reads from disk, and how it is batched.
 LOAD_FORMAT = {"sft": "sft", "preference": "preference", "kto": "kto", "prompt": "prompt"}
@@ -33,12 +33,28 @@ def resolve_source(spec: str, data_dir: Path) -> str:
 
 
 def load_job_examples(spec: str, fmt: str, data: DataConfig, tokenizer: Any, data_dir: Path) -> tuple[list, dict]:
-    """Checked examples of `spec` in format `fmt` and the count of skipped rows by reason."""
-    loaded = load_examples(resolve_source(spec, data_dir), fmt, column_map=data.column_map or None,
+    """Checked examples of `spec` in format `fmt` and the count of skipped rows by reason.
+
+    A prompt longer than `data.max_prompt_length` tokens (rendered by this tokenizer, its chat template
+    included) is a bad row, and chat-message rows need a tokenizer with a chat template: both fail here,
+    on the driver before any model loads, naming the file."""
+    source = resolve_source(spec, data_dir)
+    loaded = load_examples(source, fmt, column_map=data.column_map or None,
                            prompt_template=data.prompt_template or None, skip_bad_rows=data.skip_bad_rows,
-                           max_prompt_length=None, tokenizer=tokenizer)
+                           max_prompt_length=data.max_prompt_length, tokenizer=tokenizer)
     examples = loaded.examples[:data.max_examples] if data.max_examples else loaded.examples
+    if not has_chat_template(tokenizer) and any(_is_chat(example) for example in examples):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise DataError(f"{source} holds chat messages (lists of role/content turns), but the tokenizer {name} has "
+                        "no chat template to render them: use the tokenizer of a chat model (policy.model.tokenizer), "
+                        "or data with plain-string prompts and responses")
     return examples, loaded.skipped
+
+
+def _is_chat(example) -> bool:
+    texts = [getattr(example, key, None) for key in ("prompt", "completion", "chosen", "rejected")]
+    texts += list(getattr(example, "responses", ()))
+    return any(isinstance(text, list) for text in texts)
 
 
 @dataclass

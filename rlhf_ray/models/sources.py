@@ -20,7 +20,7 @@ dequantised weights exactly (every GGUF block type transformers reads
 dequantises to values a float32 represents); a role's ``dtype`` casts them
 when it loads. Exports of trained models stay plain Hugging Face folders.
 
-``rlhf-ray models import FILE.gguf OUT`` writes the same folder to ``OUT``.
+``rlhf-ray models import FILE.gguf OUT`` writes the same folder to ``OUT`` (a copy of the cached one).
 """
 
 from __future__ import annotations
@@ -141,6 +141,28 @@ def local_model_path(name_or_path: str | os.PathLike) -> str:
     return str(folder)
 
 
+def import_model(source: str, out_dir: str | os.PathLike) -> Path:
+    """`rlhf-ray models import`: the converted folder of a GGUF file or named source, written to `out_dir` (a
+    copy of the cached conversion, made first where the cache lacks it), whole or not at all."""
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ModelSourceError(f"{out} exists and is not an empty folder; give a new folder to write the model into")
+    folder = local_model_path(source)
+    if folder == os.fspath(source):
+        raise ModelSourceError(f"{source!r} is neither a .gguf file nor a shipped model ({', '.join(NAMED_SOURCES)})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.importing-{uuid.uuid4().hex[:8]}"
+    try:
+        shutil.copytree(folder, tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """Convert GGUF file ``path`` into a Hugging Face folder at ``out_dir`` (written whole or not at all).
 
@@ -186,7 +208,7 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
 
 
 def _conversion_failure(path: Path, err: Exception) -> str:
-    text = " ".join(str(err).split()) or type(err).__name__
+    text = " ".join(str(err).split()).rstrip(".") or type(err).__name__
     if "architecture" in text.lower() or "not supported" in text.lower():
         hint = ("transformers cannot read this GGUF file's architecture or quantisation type; convert it with "
                 "llama.cpp's tools to a Hugging Face folder, or use a file of a supported architecture (Llama, "

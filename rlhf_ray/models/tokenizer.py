@@ -18,6 +18,10 @@ PADDING_SIDES = ("left", "right")
 logger = logging.getLogger(__name__)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""Files one of which a folder written by `save_pretrained` holds when it has a tokenizer."""
+
+
 def _looks_like_path(name_or_path: str) -> bool:
     # Hub names are "name" or "org/name"; anything else that names the file
     # system (./x, ../x, /x, ~/x, C:\x, a/b/c) is meant as a local folder.
@@ -74,6 +78,11 @@ def load_tokenizer(
             raise FileNotFoundError(
                 f"load_tokenizer: tokenizer folder {folder} does not exist (or is not a folder); pass a folder "
                 "written by save_pretrained, a hub name, or 'tiny' for the shipped tokenizer"
+            )
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"load_tokenizer: model folder {folder} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}); "
+                "save the tokenizer into it (tokenizer.save_pretrained), or name one with model.tokenizer"
             )
         source = folder
     try:
