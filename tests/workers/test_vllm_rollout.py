@@ -537,3 +537,52 @@ def test_shutdown_frees_the_engine_so_another_starts_in_the_same_process(tmp_pat
         assert get(engine.greedy_text.remote(prompt)) == first
     finally:
         ray_cluster.kill(engine)
+
+
+def test_the_real_model_after_a_weight_update_matches_hf_tied_head_included(tmp_path, ray_cluster):
+    """SmolLM2-135M-Instruct ties its LM head to the input embedding, so the policy's named parameters name
+    the embedding only: the engine must load it into its LM head too, or its greedy answers and log-probs
+    would still come from the old head."""
+    from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
+    from rlhf_ray.workers.forward import generate_tokens, response_logprobs
+
+    smol = "smollm2-135m"
+    job = JobConfig(policy=RoleConfig(model=ModelConfig(name_or_path=smol, dtype="float32")),
+                    rollout=RolloutConfig(engine="vllm", cpu_kv_cache_bytes=64 * 2**20, max_new_tokens=8),
+                    data=DataConfig(max_prompt_length=64, max_length=72))
+    engine, _ = _start_engine(ray_cluster, job, smol, "cpu")
+    get = ray_cluster.get
+    try:
+        tokenizer = load_tokenizer_for(smol, padding_side="left")
+        policy = load_causal_lm(smol, dtype="float32").eval()
+        names = [name for name, _ in policy.named_parameters()]
+        assert "lm_head.weight" not in names and "model.embed_tokens.weight" in names
+        with torch.no_grad():  # the "trained" policy: a different embedding, hence a different head
+            generator = torch.Generator().manual_seed(0)
+            embed = policy.model.embed_tokens.weight
+            embed.add_(0.5 * embed.std() * torch.randn(embed.shape, generator=generator))
+        questions = ["What is 17 + 25? Reply with the number only.", "What is 60 + 31? Reply with the number only."]
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                               tokenize=False) for q in questions]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        prompts = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+        get(engine.begin_weight_update.remote())
+        bucket = [(name, param.detach().clone()) for name, param in policy.named_parameters()]
+        for start in range(0, len(bucket), 40):
+            get(engine.load_weights.remote(pack_bucket(bucket[start:start + 40])))
+        get(engine.finish_weight_update.remote())
+
+        expected = generate_tokens(policy, tokenizer, prompts, max_new_tokens=8, seed=0, greedy=True)
+        for i, row in enumerate(expected):
+            prompt = prompts["input_ids"][i][prompts["attention_mask"][i].bool()].tolist()
+            assert get(engine.greedy_text.remote(prompt)) == row
+        out = get(engine.generate.remote(prompts, n=2, greedy=False, seed=3))
+        with torch.no_grad():
+            recomputed = response_logprobs(policy, out["input_ids"], out["attention_mask"], 8,
+                                           temperature=job.rollout.temperature)["logprobs"]
+        mask = out["response_mask"].bool()
+        gap = float((out["engine_logprobs"][mask] - recomputed[mask]).abs().max())
+        assert gap < 1e-4, gap
+    finally:
+        ray_cluster.kill(engine)
