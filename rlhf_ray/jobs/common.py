@@ -23,6 +23,7 @@ from rlhf_ray.runtime.checkpoint import (
     latest_sound_checkpoint,
     read_json,
 )
+from rlhf_ray.runtime.role_groups import SHARED, RoleSpec, borrowed_keys
 from rlhf_ray.telemetry.metrics import utc_now
 
 
@@ -107,13 +108,19 @@ def with_recovery(cfg: JobConfig, run_dir: Path, attempt: Callable[[Path | None,
 
 class RecoveringJob:
     """A driver whose `run` is one `_attempt(stop, resume_from, failures, started_at)` after another under
-    `with_recovery`; subclasses set `cfg` and `run_dir`."""
+    `with_recovery`; subclasses set `cfg` and `run_dir` and say which role groups they need (`_specs`)."""
 
     cfg: JobConfig
     run_dir: Path
 
+    def _specs(self) -> list[RoleSpec]:
+        """The role groups each attempt creates or borrows."""
+        raise NotImplementedError
+
     def run(self, stop=None) -> dict:
-        """The loop, recovering from dead actors (`with_recovery`); returns the summary."""
+        """The loop, recovering from dead actors (`with_recovery`); returns the summary. The frozen groups
+        the job borrows stay reserved until it ends, so that their owner keeps them across a recovery."""
         started_at = utc_now()
-        return with_recovery(self.cfg, self.run_dir, lambda resume_from, failures: self._attempt(
-            stop, resume_from, failures, started_at))
+        with SHARED.holding(self.cfg.name, borrowed_keys(self.cfg, self._specs()).values()):
+            return with_recovery(self.cfg, self.run_dir, lambda resume_from, failures: self._attempt(
+                stop, resume_from, failures, started_at))

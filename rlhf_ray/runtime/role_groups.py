@@ -11,7 +11,9 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import ray
 
@@ -66,8 +68,11 @@ class SharedGroups:
 
     The owner publishes its group once it is set up; a borrower reserves it
     (before the owner may finish: a pipeline reserves for every borrower when
-    it starts), waits for it, uses it and gives it back; the owner tears it down
-    only after every borrower has given it back. A key is `<owner job>/<role>`."""
+    it starts, and a job holds its reservations for its whole run, `holding`),
+    waits for it, uses it and gives it back when the job ends; the owner tears
+    it down only after every borrower has given it back. A borrower that loses
+    an actor and recreates its groups therefore finds the group still there,
+    even when its owner has finished meanwhile. A key is `<owner job>/<role>`."""
 
     def __init__(self):
         self._cond = threading.Condition()
@@ -86,6 +91,19 @@ class SharedGroups:
         (reserving twice is one reservation)."""
         with self._cond:
             self._users.setdefault(key, set()).add(borrower)
+
+    @contextmanager
+    def holding(self, borrower: str, keys) -> Iterator[None]:
+        """`keys` reserved for `borrower` for the body (a job's whole run, every recovery included) and
+        given back after it, however it ends."""
+        keys = list(keys)
+        for key in keys:
+            self.reserve(key, borrower)
+        try:
+            yield
+        finally:
+            for key in keys:
+                self.give_back(key, borrower)
 
     def abandon(self, job: str) -> None:
         """Job `job` ended: its borrowers that are still waiting for a group it never offered fail."""
@@ -136,6 +154,12 @@ SHARED = SharedGroups()
 SHAREABLE = ("reference", "reward")
 
 
+def borrowed_keys(cfg: JobConfig, specs: list[RoleSpec]) -> dict[str, str]:
+    """{role: `<owner job>/<role>`} for the roles among `specs` that the job borrows (`<role>.share_with`)."""
+    return {s.name: f"{getattr(cfg, s.name).share_with}/{s.name}" for s in specs
+            if s.name in SHAREABLE and getattr(cfg, s.name).share_with}
+
+
 def plan_for(cfg: JobConfig, specs: list[RoleSpec]):
     """The placement plan of the groups a job creates itself: `specs` without the frozen roles it borrows
     (`<role>.share_with`), colocation sets cut to the roles that remain."""
@@ -151,7 +175,9 @@ class RoleGroups:
 
     With `reference.share_with: JOB` (or `reward.share_with`), that frozen group
     is borrowed from the job named JOB running alongside (same driver process)
-    instead of created."""
+    instead of created. The reservation is the job's, held across its recoveries
+    (`SharedGroups.holding`, in `jobs/common.py`); tearing these groups down
+    only lets go of the borrowed handle."""
 
     def __init__(self, cfg: JobConfig, specs: list[RoleSpec]):
         """Waits up to `placement.timeout_s` for the cluster to have room (other jobs finish; a torn-down
@@ -165,10 +191,7 @@ class RoleGroups:
         self.placement = None
         plan = plan_for(cfg, specs)
         wait_until_fits(plan, cfg.placement.timeout_s)
-        for spec in specs:
-            if spec.name in SHAREABLE and getattr(cfg, spec.name).share_with:
-                self.borrowed[spec.name] = f"{getattr(cfg, spec.name).share_with}/{spec.name}"
-                SHARED.reserve(self.borrowed[spec.name], cfg.name)
+        self.borrowed = borrowed_keys(cfg, specs)
         try:
             self.placement = create_placement_group(plan, timeout_s=cfg.placement.timeout_s,
                                                     strategy=cfg.placement.strategy)
@@ -284,8 +307,8 @@ class RoleGroups:
     def release(self, name: str) -> None:
         """Stop one role early (e.g. the reference after its log-probs are cached); its memory is freed."""
         group = self.groups.pop(name)
-        if name in self.borrowed:
-            SHARED.give_back(self.borrowed.pop(name), self.cfg.name)
+        if name in self.borrowed:  # the job gives its reservation back when it ends (`SharedGroups.holding`)
+            self.borrowed.pop(name)
             return
         if name in self.published:
             SHARED.withdraw(self.published.pop(name))
@@ -294,8 +317,7 @@ class RoleGroups:
     def shutdown(self) -> None:
         for name in list(self.groups):
             self.release(name)
-        for name in list(self.borrowed):  # reserved but never received
-            SHARED.give_back(self.borrowed.pop(name), self.cfg.name)
+        self.borrowed.clear()  # reserved but never received
         if self.placement is not None:
             self.placement.remove()
             self.placement = None
