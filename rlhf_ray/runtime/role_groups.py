@@ -77,12 +77,15 @@ class SharedGroups:
     def __init__(self):
         self._cond = threading.Condition()
         self._groups: dict[str, ActorGroup] = {}
+        self._identities: dict[str, dict] = {}
         self._users: dict[str, set[str]] = {}
         self._abandoned: set[str] = set()
 
-    def publish(self, key: str, group: ActorGroup) -> None:
+    def publish(self, key: str, group: ActorGroup, identity: dict | None = None) -> None:
+        """Offer `group` under `key`; `identity` (`frozen_identity` of the owner) is what a borrower must match."""
         with self._cond:
             self._groups[key] = group
+            self._identities[key] = identity or {}
             self._users.setdefault(key, set())
             self._cond.notify_all()
 
@@ -116,12 +119,15 @@ class SharedGroups:
         with self._cond:
             self._abandoned.discard(job)
 
-    def wait(self, key: str, timeout_s: float) -> ActorGroup:
-        """The reserved group, once its owner has offered it."""
+    def wait(self, key: str, timeout_s: float, identity: dict | None = None, borrower: str = "this job"
+             ) -> ActorGroup:
+        """The reserved group, once its owner has offered it; refused when the owner's `frozen_identity`
+        differs from the borrower's `identity` in any field both give."""
         job, role = key.split("/")
         with self._cond:
             self._cond.wait_for(lambda: key in self._groups or job in self._abandoned, timeout=timeout_s)
             if key in self._groups:
+                check_same_frozen(role, job, self._identities.get(key, {}), borrower, identity or {})
                 return self._groups[key]
             if job in self._abandoned:
                 raise ConfigError(f"{role}.share_with: job {job!r}, whose {role} this job borrows, ended without "
@@ -145,6 +151,7 @@ class SharedGroups:
         with self._cond:
             self._cond.wait_for(lambda: not self._users.get(key))
             self._groups.pop(key, None)
+            self._identities.pop(key, None)
             self._users.pop(key, None)
 
 
@@ -152,6 +159,30 @@ SHARED = SharedGroups()
 
 
 SHAREABLE = ("reference", "reward")
+
+
+def frozen_identity(cfg: JobConfig, role: str) -> dict:
+    """What a frozen `role` group (reference or reward) of this job holds and computes with: its weights,
+    dtype, tokenizer, the sampling temperature (the reference scores rollouts at it) and whether its code
+    is trusted. Jobs with equal identities can use one group; ranks, CPUs and micro-batch size are the
+    owner's (they change speed and memory, not the numbers)."""
+    m = getattr(cfg, role).model
+    policy = cfg.policy.model
+    weights = m.name_or_path or (policy.name_or_path if role == "reference" else "")
+    return {"weights": weights, "dtype": m.dtype, "tokenizer": m.tokenizer or policy.tokenizer or policy.name_or_path,
+            "temperature": cfg.rollout.temperature, "trust_remote_code": m.trust_remote_code}
+
+
+def check_same_frozen(role: str, owner: str, owner_identity: dict, borrower: str, borrower_identity: dict) -> None:
+    """Refuse `borrower`'s use of `owner`'s frozen `role` group when their `frozen_identity`s differ."""
+    differ = [f"{field} {owner_identity[field]!r} there, {borrower_identity[field]!r} here"
+              for field in owner_identity if field in borrower_identity
+              and owner_identity[field] != borrower_identity[field]]
+    if differ:
+        raise ConfigError(f"{role}.share_with: job {borrower!r} borrows job {owner!r}'s {role}, which is not the "
+                          f"{role} it would create itself ({'; '.join(differ)}); share only between jobs whose "
+                          f"{role} has the same weights, dtype, tokenizer and sampling temperature, or remove "
+                          f"{role}.share_with from {borrower!r}")
 
 
 def borrowed_keys(cfg: JobConfig, specs: list[RoleSpec]) -> dict[str, str]:
@@ -203,7 +234,8 @@ class RoleGroups:
                     num_cpus_per_rank=spec.num_cpus_per_rank, num_gpus_per_rank=spec.num_gpus_per_rank,
                     placement=self.placement.for_role(spec.name))
             for name, key in self.borrowed.items():
-                self.groups[name] = SHARED.wait(key, timeout_s=max(cfg.placement.timeout_s, 600.0))
+                self.groups[name] = SHARED.wait(key, timeout_s=max(cfg.placement.timeout_s, 600.0),
+                                                identity=frozen_identity(cfg, name), borrower=cfg.name)
         except BaseException:
             self.shutdown()
             raise
@@ -245,7 +277,7 @@ class RoleGroups:
         if name in self.borrowed or name not in self.groups:
             return
         key = f"{self.cfg.name}/{name}"
-        SHARED.publish(key, self.groups[name])
+        SHARED.publish(key, self.groups[name], frozen_identity(self.cfg, name))
         self.published[name] = key
 
     def __getitem__(self, name: str) -> ActorGroup:
