@@ -202,7 +202,8 @@ def configure(pipeline: Pipeline) -> None:
 
 def _frozen_key(cfg: JobConfig, role: str) -> tuple | None:
     """What a frozen role group of this job holds and computes with (`frozen_identity`), or None when it has
-    none of its own to share: it borrows one, or does not need one."""
+    none of its own to share: it borrows one, does not need one, or (a LoRA policy's reference, its own
+    base with the adapter off) answers the role's calls with its policy."""
     from rlhf_ray.jobs.validate import job_kind
     from rlhf_ray.runtime.role_groups import frozen_identity
 
@@ -211,6 +212,8 @@ def _frozen_key(cfg: JobConfig, role: str) -> tuple | None:
     if getattr(section, "share_with", ""):
         return None
     if role == "reference":
+        if cfg.policy_is_reference:
+            return None
         from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
 
         if kind == "online":
@@ -255,7 +258,8 @@ def check_shared_roles(pipeline: Pipeline) -> None:
 
 def share_frozen_roles(pipeline: Pipeline) -> dict[str, dict[str, str]]:
     """Let jobs that may run at the same time borrow one frozen group of equal weights: the first such job
-    in file order owns it, the others get `<role>.share_with: <owner>`. Returns {role: {borrower: owner}}."""
+    in file order owns it, the others get `<role>.share_with: <owner>`. Returns {role: {borrower: owner}}.
+    A LoRA job whose reference is its own base neither lends nor borrows a reference."""
     shared: dict[str, dict[str, str]] = {}
     for role in ("reference", "reward"):
         owners: list[tuple[str, tuple]] = []

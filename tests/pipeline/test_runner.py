@@ -88,6 +88,15 @@ def test_dependencies_resolve_to_run_directories_and_frozen_roles_are_shared(tmp
     assert off.configs["b"].reference.share_with == ""
 
 
+def test_a_lora_job_whose_reference_is_its_own_base_neither_lends_nor_borrows_one(tmp_path):
+    pipeline = parse_pipeline({"jobs": {"lora": job("tiny-dpo", "policy.lora.rank=8"),
+                                        "lora2": job("tiny-dpo", "policy.lora.rank=8"),
+                                        "full": job("tiny-dpo"), "full2": job("tiny-ipo")}}, "p.yaml", tmp_path)
+    configure(pipeline)
+    shares = {name: cfg.reference.share_with for name, cfg in pipeline.configs.items()}
+    assert shares == {"lora": "", "lora2": "", "full": "", "full2": "full"}
+
+
 @pytest.mark.parametrize("borrower, message", [
     (job("tiny-grpo", "policy.model.name_or_path=tiny-llama", "rollout.temperature=0.7", "reference.share_with=dpo"),
      r"p.yaml: reference.share_with: job 'grpo' borrows job 'dpo''s reference, which is not the reference it "
