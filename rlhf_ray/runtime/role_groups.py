@@ -18,7 +18,7 @@ from typing import Iterator
 import ray
 
 from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
-from rlhf_ray.runtime.actor_group import ActorGroup
+from rlhf_ray.runtime.actor_group import ActorGroup, actor_death
 from rlhf_ray.runtime.auth import use_auth_token
 from rlhf_ray.runtime.placement import (
     RoleResources,
@@ -78,7 +78,8 @@ class SharedGroups:
         self._cond = threading.Condition()
         self._groups: dict[str, ActorGroup] = {}
         self._identities: dict[str, dict] = {}
-        self._users: dict[str, set[str]] = {}
+        self._users: dict[str, set[str]] = {}  # reservations: jobs that will use the group, until they end
+        self._using: dict[str, set[str]] = {}  # jobs whose role groups hold it now
         self._abandoned: set[str] = set()
 
     def publish(self, key: str, group: ActorGroup, identity: dict | None = None) -> None:
@@ -128,6 +129,7 @@ class SharedGroups:
             self._cond.wait_for(lambda: key in self._groups or job in self._abandoned, timeout=timeout_s)
             if key in self._groups:
                 check_same_frozen(role, job, self._identities.get(key, {}), borrower, identity or {})
+                self._using.setdefault(key, set()).add(borrower)
                 return self._groups[key]
             if job in self._abandoned:
                 raise ConfigError(f"{role}.share_with: job {job!r}, whose {role} this job borrows, ended without "
@@ -135,24 +137,37 @@ class SharedGroups:
             raise ConfigError(f"{role}.share_with: no running job named {job!r} offered its {role} "
                               f"within {timeout_s:g} s; start that job (name: {job}) alongside this one")
 
+    def let_go(self, key: str, borrower: str) -> None:
+        """`borrower`'s role groups no longer hold the group (torn down, perhaps to be recreated); its
+        reservation stays."""
+        with self._cond:
+            self._using.get(key, set()).discard(borrower)
+            self._cond.notify_all()
+
     def give_back(self, key: str, borrower: str) -> None:
         with self._cond:
             self._users.get(key, set()).discard(borrower)
+            self._using.get(key, set()).discard(borrower)
             self._cond.notify_all()
 
     def give_back_all(self, borrower: str) -> None:
         """Every reservation of `borrower` (a job that ended, or was skipped, before giving them back)."""
         with self._cond:
-            for users in self._users.values():
+            for users in (*self._users.values(), *self._using.values()):
                 users.discard(borrower)
             self._cond.notify_all()
 
-    def withdraw(self, key: str) -> None:
+    def withdraw(self, key: str, final: bool = True) -> None:
+        """Take the group back from the borrowers, once every reserved one has given it back (`final`: the
+        owner ends), or (an owner recovering from a dead actor, which offers a new group under the same key)
+        once no borrower's role groups hold it; the reservations then stay for the new group."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._users.get(key))
+            self._cond.wait_for(lambda: not (self._users if final else self._using).get(key))
             self._groups.pop(key, None)
             self._identities.pop(key, None)
-            self._users.pop(key, None)
+            self._using.pop(key, None)
+            if final:
+                self._users.pop(key, None)
 
 
 SHARED = SharedGroups()
@@ -333,22 +348,27 @@ class RoleGroups:
     def __enter__(self) -> "RoleGroups":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Torn down because an actor died, the job will most likely recreate its groups: a group it lends
+        # is taken back as soon as no borrower holds it (a borrower whose calls failed on it lets go), and
+        # the new one is offered under the same key to the same reservations.
+        self.shutdown(final=exc is None or actor_death(exc) is None)
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, final: bool = True) -> None:
         """Stop one role early (e.g. the reference after its log-probs are cached); its memory is freed."""
         group = self.groups.pop(name)
         if name in self.borrowed:  # the job gives its reservation back when it ends (`SharedGroups.holding`)
-            self.borrowed.pop(name)
+            SHARED.let_go(self.borrowed.pop(name), self.cfg.name)
             return
         if name in self.published:
-            SHARED.withdraw(self.published.pop(name))
+            SHARED.withdraw(self.published.pop(name), final=final)
         group.shutdown()
 
-    def shutdown(self) -> None:
+    def shutdown(self, final: bool = True) -> None:
+        """Tear every group down; `final=False` (an attempt that lost an actor) takes a lent group back
+        without waiting for its borrowers' reservations (`SharedGroups.withdraw`)."""
         for name in list(self.groups):
-            self.release(name)
+            self.release(name, final=final)
         self.borrowed.clear()  # reserved but never received
         if self.placement is not None:
             self.placement.remove()

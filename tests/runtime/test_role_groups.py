@@ -18,7 +18,7 @@ from rlhf_ray.config import load_config
 from rlhf_ray.jobs.common import RecoveringJob
 from rlhf_ray.runtime.actor_group import ActorGroupError
 from rlhf_ray.runtime.distributed import DistributedWorker
-from rlhf_ray.runtime.role_groups import SHARED, RoleGroups, RoleSpec
+from rlhf_ray.runtime.role_groups import SHARED, RoleGroups, RoleSpec, SharedGroups
 
 
 class ClockWorker(DistributedWorker):
@@ -146,3 +146,28 @@ def test_a_borrower_recovers_with_the_group_its_owner_would_have_torn_down(ray_c
     lender.join(timeout=60)
     assert job.attempts == 2 and len(summary["failures"]) == 1 and summary["failures"][0]["resumed_from_step"] == 0
     assert owner_done.is_set()  # and the owner finished once the borrower's run had ended
+
+
+def test_an_owner_recovering_takes_its_group_back_from_borrowers_that_let_go_and_offers_a_new_one():
+    shared = SharedGroups()
+    shared.publish("lender/reference", "group 1")
+    withdrawn = threading.Event()
+    with shared.holding("borrower", ["lender/reference"]):
+        assert shared.wait("lender/reference", timeout_s=1, borrower="borrower") == "group 1"
+        # The shared reference died: the owner tears down to recover, waiting only for the borrower's role
+        # groups (whose calls failed on it too) to let go, not for the borrower's run to end.
+        owner = threading.Thread(target=lambda: (shared.withdraw("lender/reference", final=False), withdrawn.set()))
+        owner.start()
+        assert not withdrawn.wait(timeout=0.3)
+        shared.let_go("lender/reference", "borrower")
+        assert withdrawn.wait(timeout=5)
+        owner.join()
+        shared.publish("lender/reference", "group 2")  # the owner's new group, to the same reservations
+        assert shared.wait("lender/reference", timeout_s=1, borrower="borrower") == "group 2"
+        done = threading.Event()
+        final = threading.Thread(target=lambda: (shared.withdraw("lender/reference"), done.set()))
+        final.start()
+        shared.let_go("lender/reference", "borrower")
+        assert not done.wait(timeout=0.3)  # the owner's end waits for the borrower's whole run
+    assert done.wait(timeout=5)
+    final.join()
