@@ -42,20 +42,41 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def actor_tmpdir():
+    """The temp folder (TMPDIR) of the actors of `ray_cluster`: this session's own, so that a test can see
+    what its jobs leave behind without mistaking another process's files for theirs; removed at the end."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    path = Path(tempfile.mkdtemp(prefix="rlhf-ray-actors-"))  # short: sockets made under it must fit 108 bytes
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(actor_tmpdir):
     """A local Ray cluster shared by every test that needs actors.
 
     Four logical CPUs on a two-core machine: actors mostly wait on each
-    other, and tests that need a placement group of several ranks must fit."""
+    other, and tests that need a placement group of several ranks must fit.
+    The actors' temp folder is `actor_tmpdir`; torch's compile cache stays
+    where it would be without it (warm across sessions)."""
+    import getpass
+    import tempfile
+
     import ray
 
+    inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or \
+        os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
     if not ray.is_initialized():
         ray.init(
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                                      "TMPDIR": str(actor_tmpdir), "TORCHINDUCTOR_CACHE_DIR": inductor_cache}},
             _system_config={"worker_niceness": 0},  # as rlhf-ray's own clusters (runtime/role_groups.py)
         )
     yield ray

@@ -63,6 +63,11 @@ def one_line(text: str) -> str:
 
 def describe(err: BaseException) -> str:
     """The text after `rlhf-ray: error: ` for `err`."""
+    from rlhf_ray.runtime.actor_group import ActorGroupError
+
+    if isinstance(err, ActorGroupError):  # its first line names the role, the call and what the role raised
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        return f"{first} (run with --debug for the remote traceback)"
     err = root_cause(err)
     if isinstance(err, OSError) and err.filename is not None and err.strerror and not isinstance(err, ConnectionError):
         return f"{err.strerror}: {err.filename}"

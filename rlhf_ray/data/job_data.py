@@ -9,10 +9,12 @@ completion from the same batch.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rlhf_ray.config.schema import DataConfig
@@ -20,7 +22,8 @@ from rlhf_ray.data.collate import collate_prompts, collate_sequences
 from rlhf_ray.data.formats import DataError, Example, PreferenceExample, RankedExample
 from rlhf_ray.data.loading import load_examples
 from rlhf_ray.data.tasks import resolve_task_source
-from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, has_chat_template, render_prompt
+from rlhf_ray.data.tokenize import (EncodedSequence, encode_prompt, encode_prompt_response, has_chat_template,
+                                   render_prompt)
 
 # What each objective's data format reads from disk, and how it is batched.
 LOAD_FORMAT = {"sft": "sft", "preference": "preference", "kto": "kto", "prompt": "prompt"}
@@ -71,15 +74,25 @@ class JobData:
     def __len__(self) -> int:
         return len(self.examples)
 
-    def _encode(self, prompt, response):
+    def _encode(self, prompt, response) -> EncodedSequence:
         """Token ids of a prompt and response, encoded once per pair of texts (every epoch after the first,
-        and evaluation's repeated batches, reuse them)."""
-        key = (repr(prompt), repr(response))
+        and evaluation's repeated batches, reuse them).
+
+        The driver keeps every pair it has encoded, so compactly: keyed by a 16-byte digest of the texts,
+        the ids in one int32 array with the prompt's length (the loss mask is 0 over the prompt, 1 after),
+        about 4 bytes a token. Python lists of ints keyed by the texts' repr took about 52 (10 GB for 100k
+        pairs of 2k tokens); `benchmarks/encode_cache.py` measures it."""
+        key = hashlib.blake2b(repr((prompt, response)).encode(), digest_size=16).digest()
         cache = self.__dict__.setdefault("_encoded", {})
-        if key not in cache:
-            cache[key] = encode_prompt_response(self.tokenizer, prompt, response, max_length=self.config.max_length,
-                                                max_prompt_length=self.config.max_prompt_length)
-        return cache[key]
+        kept = cache.get(key)
+        if kept is None:
+            encoded = encode_prompt_response(self.tokenizer, prompt, response, max_length=self.config.max_length,
+                                             max_prompt_length=self.config.max_prompt_length)
+            cache[key] = (np.asarray(encoded.input_ids, dtype=np.int32), encoded.prompt_length, encoded.truncated)
+            return encoded
+        ids, prompt_length, truncated = kept
+        return EncodedSequence(input_ids=ids.tolist(), loss_mask=[0] * prompt_length + [1] * (len(ids) - prompt_length),
+                               prompt_length=prompt_length, truncated=truncated)
 
     def _collate(self, sequences, prefix: str = "") -> dict[str, torch.Tensor]:
         batch = collate_sequences(sequences, self.tokenizer.pad_token_id)

@@ -16,7 +16,14 @@ from typing import Callable
 from rlhf_ray.config.loader import dump_yaml
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.runtime.actor_group import ActorGroupError, actor_death
-from rlhf_ray.runtime.checkpoint import find_resume_checkpoint, latest_sound_checkpoint
+from rlhf_ray.runtime.checkpoint import (
+    check_fresh_start,
+    checkpoint_marks,
+    find_resume_checkpoint,
+    latest_sound_checkpoint,
+    read_json,
+)
+from rlhf_ray.runtime.role_groups import SHARED, RoleSpec, borrowed_keys
 from rlhf_ray.telemetry.metrics import utc_now
 
 
@@ -52,8 +59,10 @@ class RecoveryError(RuntimeError):
 
 
 def prepare_run_dir(cfg: JobConfig) -> Path:
-    """Create the run directory and write the resolved config."""
+    """Create the run directory and write the resolved config; `run.resume: never` in a folder holding an
+    earlier run's checkpoints is refused first (`check_fresh_start`), before its config is replaced."""
     run_dir = Path(cfg.run.output_dir).expanduser().resolve()
+    check_fresh_start(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / "config.yaml.tmp"
     tmp.write_text(dump_yaml(cfg))
@@ -63,13 +72,19 @@ def prepare_run_dir(cfg: JobConfig) -> Path:
 
 def with_recovery(cfg: JobConfig, run_dir: Path, attempt: Callable[[Path | None, list[dict]], dict]) -> dict:
     """`attempt(resume_from, failures)` (one pass of a driver's loop, creating and tearing down its role
-    groups), again from the latest sound checkpoint each time one of its actors dies (killed, out of
-    memory, node lost), at most `run.max_failures` times. Errors an actor raised are not retried.
+    groups), again each time one of its actors dies (killed, out of memory, node lost), at most
+    `run.max_failures` times. Errors an actor raised are not retried.
+
+    A recovery resumes from the latest sound checkpoint this run wrote, else from where the run started
+    (`run.resume`'s checkpoint, or the initial weights): never from a checkpoint another run left in the
+    folder, whatever its step.
 
     `failures` holds one entry per recovery (`time`, `role`, `cause`, `resumed_from_step`) for the
     summary; the rows after the checkpoint are recomputed, so `metrics.jsonl` ends with every step once."""
     failures: list[dict] = []
-    resume_from = find_resume_checkpoint(cfg, run_dir)
+    earlier = checkpoint_marks(run_dir)  # what was there before this run: not its own
+    started_from = find_resume_checkpoint(cfg, run_dir)
+    resume_from = started_from
     while True:
         try:
             return attempt(resume_from, failures)
@@ -82,8 +97,9 @@ def with_recovery(cfg: JobConfig, run_dir: Path, attempt: Callable[[Path | None,
                 raise RecoveryError(f"{cfg.name}: {where} died ({cause}) after {len(failures)} recoveries "
                                     f"(run.max_failures={cfg.run.max_failures}); the job stops with its latest "
                                     "checkpoint kept: run the same command again to continue") from err
-            resume_from, _ = latest_sound_checkpoint(run_dir)
-            step = int(resume_from.name.split("_")[1]) if resume_from is not None else 0
+            own, _ = latest_sound_checkpoint(run_dir, written_before=earlier)
+            resume_from = own or started_from
+            step = read_json(resume_from / "trainer_state.json")["step"] if resume_from is not None else 0
             failures.append({"time": utc_now(), "role": where, "cause": cause, "resumed_from_step": step})
             print(f"rlhf-ray: {cfg.name}: {where} died ({cause}); recreating the job's role groups and resuming "
                   f"from step {step} (recovery {len(failures)} of run.max_failures={cfg.run.max_failures})",
@@ -92,13 +108,19 @@ def with_recovery(cfg: JobConfig, run_dir: Path, attempt: Callable[[Path | None,
 
 class RecoveringJob:
     """A driver whose `run` is one `_attempt(stop, resume_from, failures, started_at)` after another under
-    `with_recovery`; subclasses set `cfg` and `run_dir`."""
+    `with_recovery`; subclasses set `cfg` and `run_dir` and say which role groups they need (`_specs`)."""
 
     cfg: JobConfig
     run_dir: Path
 
+    def _specs(self) -> list[RoleSpec]:
+        """The role groups each attempt creates or borrows."""
+        raise NotImplementedError
+
     def run(self, stop=None) -> dict:
-        """The loop, recovering from dead actors (`with_recovery`); returns the summary."""
+        """The loop, recovering from dead actors (`with_recovery`); returns the summary. The frozen groups
+        the job borrows stay reserved until it ends, so that their owner keeps them across a recovery."""
         started_at = utc_now()
-        return with_recovery(self.cfg, self.run_dir, lambda resume_from, failures: self._attempt(
-            stop, resume_from, failures, started_at))
+        with SHARED.holding(self.cfg.name, borrowed_keys(self.cfg, self._specs()).values()):
+            return with_recovery(self.cfg, self.run_dir, lambda resume_from, failures: self._attempt(
+                stop, resume_from, failures, started_at))

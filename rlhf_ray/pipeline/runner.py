@@ -193,6 +193,7 @@ def configure(pipeline: Pipeline) -> None:
         except ConfigError as err:
             raise ConfigError(f"{pipeline.source}: job {job.name!r}: {err}") from None
         pipeline.configs[job.name] = cfg
+    check_shared_roles(pipeline)
     if pipeline.share_frozen:
         share_frozen_roles(pipeline)
 
@@ -200,18 +201,19 @@ def configure(pipeline: Pipeline) -> None:
 # --- shared frozen roles ----------------------------------------------------------------------------
 
 def _frozen_key(cfg: JobConfig, role: str) -> tuple | None:
-    """What a frozen role group of this job holds and computes with, or None when it has none to share.
-
-    Jobs whose keys are equal can use one group: same weights, dtype, tokenizer and sampling temperature
-    (the reference scores rollouts at it). Ranks, CPUs and micro-batch size are the owner's: they change
-    speed and memory, not the numbers."""
+    """What a frozen role group of this job holds and computes with (`frozen_identity`), or None when it has
+    none of its own to share: it borrows one, does not need one, or (a LoRA policy's reference, its own
+    base with the adapter off) answers the role's calls with its policy."""
     from rlhf_ray.jobs.validate import job_kind
+    from rlhf_ray.runtime.role_groups import frozen_identity
 
     kind = job_kind(cfg)
     section = getattr(cfg, role)
     if getattr(section, "share_with", ""):
         return None
     if role == "reference":
+        if cfg.policy_is_reference:
+            return None
         from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
 
         if kind == "online":
@@ -223,19 +225,41 @@ def _frozen_key(cfg: JobConfig, role: str) -> tuple | None:
             # These move or free their reference during the run, so it is theirs alone.
             if not objective.needs_reference or a.precompute_reference or a.spin_iterations or a.sdpo_stages > 1:
                 return None
-        weights = section.model.name_or_path or cfg.policy.model.name_or_path
     else:  # reward: only online jobs score with a frozen reward model (`rm` trains one)
         if kind != "online" or cfg.reward.rule:
             return None
-        weights = section.model.name_or_path
-    m = section.model
-    return (weights, m.dtype, m.tokenizer or cfg.policy.model.tokenizer or cfg.policy.model.name_or_path,
-            cfg.rollout.temperature, m.trust_remote_code)
+    return tuple(frozen_identity(cfg, role).items())
+
+
+def check_shared_roles(pipeline: Pipeline) -> None:
+    """Refuse a `<role>.share_with` a job's config sets itself that names a job of the pipeline with no such
+    group to lend, or with one that holds other weights, dtype, tokenizer or temperature than the borrower's
+    own would (`check_same_frozen`): the borrower would score with it without a word."""
+    from rlhf_ray.runtime.role_groups import check_same_frozen, frozen_identity
+
+    for name, cfg in pipeline.configs.items():
+        for role in ("reference", "reward"):
+            owner = getattr(cfg, role).share_with
+            if not owner or owner not in pipeline.configs:
+                continue  # a job outside the pipeline is checked when it offers the group
+            where = f"{pipeline.source}: job {name!r}: {role}.share_with"
+            if not pipeline.may_overlap(owner, name):
+                raise ConfigError(f"{where}: job {owner!r} cannot run at the same time as {name!r} (one comes "
+                                  f"after the other), so it cannot lend its {role}; remove {role}.share_with")
+            if _frozen_key(pipeline.configs[owner], role) is None:
+                raise ConfigError(f"{where}: job {owner!r} has no {role} group of its own to lend (it does not "
+                                  f"need one, borrows one, or frees it during the run); remove {role}.share_with")
+            try:
+                check_same_frozen(role, owner, frozen_identity(pipeline.configs[owner], role), name,
+                                  frozen_identity(cfg, role))
+            except ConfigError as err:
+                raise ConfigError(f"{pipeline.source}: {err}") from None
 
 
 def share_frozen_roles(pipeline: Pipeline) -> dict[str, dict[str, str]]:
     """Let jobs that may run at the same time borrow one frozen group of equal weights: the first such job
-    in file order owns it, the others get `<role>.share_with: <owner>`. Returns {role: {borrower: owner}}."""
+    in file order owns it, the others get `<role>.share_with: <owner>`. Returns {role: {borrower: owner}}.
+    A LoRA job whose reference is its own base neither lends nor borrows a reference."""
     shared: dict[str, dict[str, str]] = {}
     for role in ("reference", "reward"):
         owners: list[tuple[str, tuple]] = []
@@ -444,4 +468,5 @@ def pipeline_table(outcomes: dict[str, JobOutcome]) -> str:
 
 
 __all__ = ["Pipeline", "PipelineJob", "JobOutcome", "parse_pipeline", "load_pipeline", "configure",
-           "share_frozen_roles", "check_pipeline_fits", "scale_to_fit", "run_pipeline", "pipeline_table"]
+           "share_frozen_roles", "check_shared_roles", "check_pipeline_fits", "scale_to_fit", "run_pipeline",
+           "pipeline_table"]

@@ -260,10 +260,14 @@ def check_steps(warmup: int, steps: int) -> None:
 
 def run_measured(cfg: JobConfig, run_dir: Path, *, warmup: int, steps: int,
                  address: str | None = None) -> tuple[list[dict], dict]:
-    """Run `warmup + steps` steps of `cfg` into `run_dir`; returns the measured rows and the summary."""
+    """Run `warmup + steps` steps of `cfg` into `run_dir`, from scratch (what an earlier bench left there is
+    removed first); returns the measured rows and the summary."""
+    import shutil
+
     from rlhf_ray.jobs import run_job
 
     check_steps(warmup, steps)
+    shutil.rmtree(run_dir, ignore_errors=True)
     summary = run_job(bench_config(cfg, warmup + steps, run_dir), address)
     rows = [r for r in read_metrics(run_dir) if r["step"] > warmup]
     return rows, summary

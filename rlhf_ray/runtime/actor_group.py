@@ -18,6 +18,7 @@ back in order, padding dropped. Every wait of a driver on a group goes through
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -36,17 +37,20 @@ Batch = dict[str, Any]
 class ActorGroupError(RuntimeError):
     """A rank of a group failed to start or raised in a call; the message names the role and rank.
 
+    The message's first line says it all in one line (`<where> failed in <Class.method> (<what it was
+    doing>): <exception type>: <its message>`); the lines after it are the remote traceback.
     `where` is the failed call's description ("role 'critic' rank 0 of 1"); `died` says why, when the
     failure is an actor's death (killed, out of memory, its node lost) rather than an error it raised
-    (`actor_death`)."""
+    (`actor_death`); `reason` is the first line's part after "failed"."""
 
-    def __init__(self, message: str, where: str = "", died: str | None = None):
+    def __init__(self, message: str, where: str = "", died: str | None = None, reason: str = ""):
         super().__init__(message)
         self.where = where
         self.died = died
+        self.reason = reason
 
-    def __reduce__(self):  # keep `where` and `died` when Ray ships the error from an actor to the driver
-        return type(self), (str(self), self.where, self.died)
+    def __reduce__(self):  # keep `where`, `died` and `reason` when Ray ships the error from an actor to the driver
+        return type(self), (str(self), self.where, self.died, self.reason)
 
 
 # Ray's errors for an actor that is gone (as opposed to one whose method raised).
@@ -76,6 +80,27 @@ def actor_death(err: BaseException) -> str | None:
                 return f"{death}: {first[:300]}"
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
     return None
+
+
+_REMOTE_CALL = re.compile(r"ray::([\w.]+)")
+
+
+def failure_reason(err: BaseException, died: str | None = None) -> str:
+    """What a failed remote call reports after "failed", in one line: ` in <Class.method> (<notes the
+    raising code added: what it was doing>): <type>: <first line of its message>`, or `: <death>` when
+    the actor died. A call that failed waiting on another actor reports that actor's reason."""
+    if died:
+        return f": {died}"
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, ActorGroupError) and cause.reason:
+        return cause.reason
+    raised = cause if isinstance(cause, BaseException) else err
+    match = _REMOTE_CALL.search(getattr(err, "proctitle", "") or "") or _REMOTE_CALL.search(str(err)[:500])
+    method = f" in {match.group(1)}" if match else ""
+    notes = "; ".join(" ".join(str(n).split()) for n in getattr(raised, "__notes__", ()))
+    doing = f" ({notes})" if notes else ""
+    first = next((line.strip() for line in str(raised).splitlines() if line.strip()), "")
+    return f"{method}{doing}: {type(raised).__name__}" + (f": {first}" if first else "")
 
 
 def split_batch(batch: Batch, num_shards: int, role: str = "the group") -> list[Batch]:
@@ -200,7 +225,9 @@ def wait_all(refs: Sequence[Any], describe: Callable[[int], str] = lambda index:
             inner = getattr(err, "cause", None)
             if isinstance(inner, ActorGroupError) and inner.where:  # the call failed waiting on another actor
                 where = f"{inner.where} (waited on by {where})"
-            raise ActorGroupError(f"{where} failed:\n{err}", where=where, died=actor_death(err)) from err
+            died = actor_death(err)
+            reason = failure_reason(err, died)
+            raise ActorGroupError(f"{where} failed{reason}\n{err}", where=where, died=died, reason=reason) from err
         for index in positions[ready[0]]:
             results[index] = value
     return results
@@ -340,11 +367,23 @@ class ActorGroup:
         than waiting on ranks that may be blocked in a collective with it."""
         return wait_all(refs, lambda index: f"role {self.role!r} rank {index} of {len(self._actors)}")
 
-    def shutdown(self) -> None:
-        """Stop every rank and release the group's own placement group. Safe to call twice."""
-        for actor in self._actors:
+    def shutdown(self, timeout_s: float = 15.0) -> None:
+        """Stop every rank and release the group's own placement group. Safe to call twice.
+
+        A rank whose class has a `shutdown()` method (a vLLM engine: its engine core, process groups and
+        the folders it wrote under the temp directory) runs it first; the ranks are killed once all have
+        returned, or after `timeout_s` (a rank stuck in a collective with a dead peer never returns)."""
+        actors, self._actors = self._actors, []
+        closing = []
+        for actor in actors:
+            try:
+                closing.append(actor.shutdown.remote())
+            except AttributeError:  # the class has no shutdown of its own
+                continue
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=timeout_s)
+        for actor in actors:
             ray.kill(actor, no_restart=True)
-        self._actors = []
         if self._own_placement is not None:
             self._own_placement.remove()
             self._own_placement = None

@@ -168,11 +168,34 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
-def latest_sound_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+def checkpoint_marks(run_dir: str | os.PathLike) -> frozenset[tuple]:
+    """What identifies each complete checkpoint as written: its name and its completion marker's inode and
+    modification time. A checkpoint whose mark is not in an earlier `checkpoint_marks` was written (or
+    written again) since."""
+    marks = []
+    for _, path in _complete_checkpoints(run_dir):
+        try:
+            stat = (path / COMPLETE_MARKER).stat()
+        except FileNotFoundError:  # pruned meanwhile
+            continue
+        marks.append((path.name, stat.st_ino, stat.st_mtime_ns))
+    return frozenset(marks)
+
+
+def _mark(path: Path) -> tuple:
+    stat = (path / COMPLETE_MARKER).stat()
+    return path.name, stat.st_ino, stat.st_mtime_ns
+
+
+def latest_sound_checkpoint(run_dir: str | os.PathLike, written_before: frozenset[tuple] = frozenset()
+                            ) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest complete checkpoint whose files match its manifest, and the newer ones passed over
-    (each with what is wrong with it)."""
+    (each with what is wrong with it). Checkpoints whose marks are in `written_before` (`checkpoint_marks`
+    taken when a run started: what earlier runs left) are not considered."""
     damaged = []
     for _, path in reversed(_complete_checkpoints(run_dir)):
+        if written_before and _mark(path) in written_before:
+            continue
         problem = checkpoint_problem(path)
         if problem is None:
             return path, damaged
@@ -181,7 +204,7 @@ def latest_sound_checkpoint(run_dir: str | os.PathLike) -> tuple[Path | None, li
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` complete checkpoints, and the temp
+    """Delete all but the `keep_last` complete checkpoints written last, and the temp
     directories of crashed saves; returns what was removed. A `step_<N>`
     without the completion marker was not written by `atomic_dir` and is left
     alone.
@@ -193,7 +216,11 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    doomed = [path for _, path in _complete_checkpoints(run_dir)[:-keep_last]]
+    # Newest by when they were written: a run resumed from an earlier checkpoint of the same folder keeps
+    # what it writes (step_5) over the higher steps of the line it left (step_8).
+    written = sorted(_complete_checkpoints(run_dir),
+                     key=lambda found: ((found[1] / COMPLETE_MARKER).stat().st_mtime_ns, found[0]))
+    doomed = [path for _, path in written[:-keep_last]]
     doomed += [child for child in root.iterdir() if child.is_dir() and child.name.startswith(".step_")
                and (_TEMP_MARK in child.name or _OLD_MARK in child.name)]
     for path in doomed:
@@ -267,9 +294,23 @@ def save_checkpoint(run_dir: Path, step: int, trainables: dict[str, "ActorGroup"
     return final
 
 
+def check_fresh_start(cfg: "JobConfig", run_dir: Path) -> None:
+    """Refuse `run.resume: never` in a run directory that holds checkpoints: the run would mix its own with
+    an earlier run's (a later `auto` resume, or pruning by step, would take the earlier run's)."""
+    if cfg.run.resume != "never":
+        return
+    found = _complete_checkpoints(run_dir)
+    if found:
+        raise ConfigError(f"run.resume: never, but {Path(run_dir) / 'checkpoints'} holds an earlier run's "
+                          f"checkpoints ({', '.join(p.name for _, p in found[-3:])}); give this run another "
+                          "run.output_dir, remove that folder to start over there, or set run.resume=auto to "
+                          "continue the earlier run")
+
+
 def find_resume_checkpoint(cfg: "JobConfig", run_dir: Path) -> Path | None:
     """The checkpoint to resume from: `run.resume` auto (latest in the run dir), never, or a path."""
     if cfg.run.resume == "never":
+        check_fresh_start(cfg, run_dir)
         return None
     if cfg.run.resume == "auto":
         path, damaged = latest_sound_checkpoint(run_dir)

@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import ray
 
 from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
-from rlhf_ray.runtime.actor_group import ActorGroup
+from rlhf_ray.runtime.actor_group import ActorGroup, actor_death
 from rlhf_ray.runtime.auth import use_auth_token
 from rlhf_ray.runtime.placement import (
     RoleResources,
@@ -75,18 +77,25 @@ class SharedGroups:
 
     The owner publishes its group once it is set up; a borrower reserves it
     (before the owner may finish: a pipeline reserves for every borrower when
-    it starts), waits for it, uses it and gives it back; the owner tears it down
-    only after every borrower has given it back. A key is `<owner job>/<role>`."""
+    it starts, and a job holds its reservations for its whole run, `holding`),
+    waits for it, uses it and gives it back when the job ends; the owner tears
+    it down only after every borrower has given it back. A borrower that loses
+    an actor and recreates its groups therefore finds the group still there,
+    even when its owner has finished meanwhile. A key is `<owner job>/<role>`."""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._groups: dict[str, ActorGroup] = {}
-        self._users: dict[str, set[str]] = {}
+        self._identities: dict[str, dict] = {}
+        self._users: dict[str, set[str]] = {}  # reservations: jobs that will use the group, until they end
+        self._using: dict[str, set[str]] = {}  # jobs whose role groups hold it now
         self._abandoned: set[str] = set()
 
-    def publish(self, key: str, group: ActorGroup) -> None:
+    def publish(self, key: str, group: ActorGroup, identity: dict | None = None) -> None:
+        """Offer `group` under `key`; `identity` (`frozen_identity` of the owner) is what a borrower must match."""
         with self._cond:
             self._groups[key] = group
+            self._identities[key] = identity or {}
             self._users.setdefault(key, set())
             self._cond.notify_all()
 
@@ -95,6 +104,19 @@ class SharedGroups:
         (reserving twice is one reservation)."""
         with self._cond:
             self._users.setdefault(key, set()).add(borrower)
+
+    @contextmanager
+    def holding(self, borrower: str, keys) -> Iterator[None]:
+        """`keys` reserved for `borrower` for the body (a job's whole run, every recovery included) and
+        given back after it, however it ends."""
+        keys = list(keys)
+        for key in keys:
+            self.reserve(key, borrower)
+        try:
+            yield
+        finally:
+            for key in keys:
+                self.give_back(key, borrower)
 
     def abandon(self, job: str) -> None:
         """Job `job` ended: its borrowers that are still waiting for a group it never offered fail."""
@@ -107,12 +129,16 @@ class SharedGroups:
         with self._cond:
             self._abandoned.discard(job)
 
-    def wait(self, key: str, timeout_s: float) -> ActorGroup:
-        """The reserved group, once its owner has offered it."""
+    def wait(self, key: str, timeout_s: float, identity: dict | None = None, borrower: str = "this job"
+             ) -> ActorGroup:
+        """The reserved group, once its owner has offered it; refused when the owner's `frozen_identity`
+        differs from the borrower's `identity` in any field both give."""
         job, role = key.split("/")
         with self._cond:
             self._cond.wait_for(lambda: key in self._groups or job in self._abandoned, timeout=timeout_s)
             if key in self._groups:
+                check_same_frozen(role, job, self._identities.get(key, {}), borrower, identity or {})
+                self._using.setdefault(key, set()).add(borrower)
                 return self._groups[key]
             if job in self._abandoned:
                 raise ConfigError(f"{role}.share_with: job {job!r}, whose {role} this job borrows, ended without "
@@ -120,29 +146,73 @@ class SharedGroups:
             raise ConfigError(f"{role}.share_with: no running job named {job!r} offered its {role} "
                               f"within {timeout_s:g} s; start that job (name: {job}) alongside this one")
 
+    def let_go(self, key: str, borrower: str) -> None:
+        """`borrower`'s role groups no longer hold the group (torn down, perhaps to be recreated); its
+        reservation stays."""
+        with self._cond:
+            self._using.get(key, set()).discard(borrower)
+            self._cond.notify_all()
+
     def give_back(self, key: str, borrower: str) -> None:
         with self._cond:
             self._users.get(key, set()).discard(borrower)
+            self._using.get(key, set()).discard(borrower)
             self._cond.notify_all()
 
     def give_back_all(self, borrower: str) -> None:
         """Every reservation of `borrower` (a job that ended, or was skipped, before giving them back)."""
         with self._cond:
-            for users in self._users.values():
+            for users in (*self._users.values(), *self._using.values()):
                 users.discard(borrower)
             self._cond.notify_all()
 
-    def withdraw(self, key: str) -> None:
+    def withdraw(self, key: str, final: bool = True) -> None:
+        """Take the group back from the borrowers, once every reserved one has given it back (`final`: the
+        owner ends), or (an owner recovering from a dead actor, which offers a new group under the same key)
+        once no borrower's role groups hold it; the reservations then stay for the new group."""
         with self._cond:
-            self._cond.wait_for(lambda: not self._users.get(key))
+            self._cond.wait_for(lambda: not (self._users if final else self._using).get(key))
             self._groups.pop(key, None)
-            self._users.pop(key, None)
+            self._identities.pop(key, None)
+            self._using.pop(key, None)
+            if final:
+                self._users.pop(key, None)
 
 
 SHARED = SharedGroups()
 
 
 SHAREABLE = ("reference", "reward")
+
+
+def frozen_identity(cfg: JobConfig, role: str) -> dict:
+    """What a frozen `role` group (reference or reward) of this job holds and computes with: its weights,
+    dtype, tokenizer, the sampling temperature (the reference scores rollouts at it) and whether its code
+    is trusted. Jobs with equal identities can use one group; ranks, CPUs and micro-batch size are the
+    owner's (they change speed and memory, not the numbers)."""
+    m = getattr(cfg, role).model
+    policy = cfg.policy.model
+    weights = m.name_or_path or (policy.name_or_path if role == "reference" else "")
+    return {"weights": weights, "dtype": m.dtype, "tokenizer": m.tokenizer or policy.tokenizer or policy.name_or_path,
+            "temperature": cfg.rollout.temperature, "trust_remote_code": m.trust_remote_code}
+
+
+def check_same_frozen(role: str, owner: str, owner_identity: dict, borrower: str, borrower_identity: dict) -> None:
+    """Refuse `borrower`'s use of `owner`'s frozen `role` group when their `frozen_identity`s differ."""
+    differ = [f"{field} {owner_identity[field]!r} there, {borrower_identity[field]!r} here"
+              for field in owner_identity if field in borrower_identity
+              and owner_identity[field] != borrower_identity[field]]
+    if differ:
+        raise ConfigError(f"{role}.share_with: job {borrower!r} borrows job {owner!r}'s {role}, which is not the "
+                          f"{role} it would create itself ({'; '.join(differ)}); share only between jobs whose "
+                          f"{role} has the same weights, dtype, tokenizer and sampling temperature, or remove "
+                          f"{role}.share_with from {borrower!r}")
+
+
+def borrowed_keys(cfg: JobConfig, specs: list[RoleSpec]) -> dict[str, str]:
+    """{role: `<owner job>/<role>`} for the roles among `specs` that the job borrows (`<role>.share_with`)."""
+    return {s.name: f"{getattr(cfg, s.name).share_with}/{s.name}" for s in specs
+            if s.name in SHAREABLE and getattr(cfg, s.name).share_with}
 
 
 def plan_for(cfg: JobConfig, specs: list[RoleSpec]):
@@ -160,7 +230,9 @@ class RoleGroups:
 
     With `reference.share_with: JOB` (or `reward.share_with`), that frozen group
     is borrowed from the job named JOB running alongside (same driver process)
-    instead of created."""
+    instead of created. The reservation is the job's, held across its recoveries
+    (`SharedGroups.holding`, in `jobs/common.py`); tearing these groups down
+    only lets go of the borrowed handle."""
 
     def __init__(self, cfg: JobConfig, specs: list[RoleSpec]):
         """Waits up to `placement.timeout_s` for the cluster to have room (other jobs finish; a torn-down
@@ -174,10 +246,7 @@ class RoleGroups:
         self.placement = None
         plan = plan_for(cfg, specs)
         wait_until_fits(plan, cfg.placement.timeout_s)
-        for spec in specs:
-            if spec.name in SHAREABLE and getattr(cfg, spec.name).share_with:
-                self.borrowed[spec.name] = f"{getattr(cfg, spec.name).share_with}/{spec.name}"
-                SHARED.reserve(self.borrowed[spec.name], cfg.name)
+        self.borrowed = borrowed_keys(cfg, specs)
         try:
             self.placement = create_placement_group(plan, timeout_s=cfg.placement.timeout_s,
                                                     strategy=cfg.placement.strategy)
@@ -189,7 +258,8 @@ class RoleGroups:
                     num_cpus_per_rank=spec.num_cpus_per_rank, num_gpus_per_rank=spec.num_gpus_per_rank,
                     placement=self.placement.for_role(spec.name))
             for name, key in self.borrowed.items():
-                self.groups[name] = SHARED.wait(key, timeout_s=max(cfg.placement.timeout_s, 600.0))
+                self.groups[name] = SHARED.wait(key, timeout_s=max(cfg.placement.timeout_s, 600.0),
+                                                identity=frozen_identity(cfg, name), borrower=cfg.name)
         except BaseException:
             self.shutdown()
             raise
@@ -231,7 +301,7 @@ class RoleGroups:
         if name in self.borrowed or name not in self.groups:
             return
         key = f"{self.cfg.name}/{name}"
-        SHARED.publish(key, self.groups[name])
+        SHARED.publish(key, self.groups[name], frozen_identity(self.cfg, name))
         self.published[name] = key
 
     def __getitem__(self, name: str) -> ActorGroup:
@@ -287,24 +357,28 @@ class RoleGroups:
     def __enter__(self) -> "RoleGroups":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # Torn down because an actor died, the job will most likely recreate its groups: a group it lends
+        # is taken back as soon as no borrower holds it (a borrower whose calls failed on it lets go), and
+        # the new one is offered under the same key to the same reservations.
+        self.shutdown(final=exc is None or actor_death(exc) is None)
 
-    def release(self, name: str) -> None:
+    def release(self, name: str, final: bool = True) -> None:
         """Stop one role early (e.g. the reference after its log-probs are cached); its memory is freed."""
         group = self.groups.pop(name)
-        if name in self.borrowed:
-            SHARED.give_back(self.borrowed.pop(name), self.cfg.name)
+        if name in self.borrowed:  # the job gives its reservation back when it ends (`SharedGroups.holding`)
+            SHARED.let_go(self.borrowed.pop(name), self.cfg.name)
             return
         if name in self.published:
-            SHARED.withdraw(self.published.pop(name))
+            SHARED.withdraw(self.published.pop(name), final=final)
         group.shutdown()
 
-    def shutdown(self) -> None:
+    def shutdown(self, final: bool = True) -> None:
+        """Tear every group down; `final=False` (an attempt that lost an actor) takes a lent group back
+        without waiting for its borrowers' reservations (`SharedGroups.withdraw`)."""
         for name in list(self.groups):
-            self.release(name)
-        for name in list(self.borrowed):  # reserved but never received
-            SHARED.give_back(self.borrowed.pop(name), self.cfg.name)
+            self.release(name, final=final)
+        self.borrowed.clear()  # reserved but never received
         if self.placement is not None:
             self.placement.remove()
             self.placement = None

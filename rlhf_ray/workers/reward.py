@@ -59,7 +59,11 @@ class RewardWorker(EngineWorker):
         if self.rule is not None:
             with self.clock.measure("forward"):
                 prompts, responses = self.decode(batch)
-                values = self.rule(prompts, responses)
+                try:
+                    values = self.rule(prompts, responses)
+                except Exception as err:  # the user's function: say which one, on what
+                    err.add_note(f"reward.rule {self.job.reward.rule} on {len(responses)} responses")
+                    raise
             if len(values) != len(responses):
                 raise ValueError(f"reward.rule {self.job.reward.rule!r} returned {len(values)} rewards for "
                                  f"{len(responses)} responses")

@@ -286,3 +286,28 @@ def test_console_script_smoke(tmp_path):
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.strip().splitlines() == [bad.stderr.strip()]
     assert bad.stderr.startswith("rlhf-ray: error: config file")
+
+
+def test_an_error_a_role_raises_reaches_the_user_in_one_line_naming_the_role_and_the_rule(tmp_path):
+    """End to end: `rlhf-ray train` whose reward rule raises. The driver runs in its own process (with its own
+    local Ray cluster), so that the role's actor imports the rule from the folder on PYTHONPATH."""
+    import os
+    import re
+
+    import rlhf_ray
+
+    (tmp_path / "failing_rule.py").write_text(
+        "def unavailable(prompts, responses):\n    raise ValueError('reward service unavailable')\n")
+    repo = Path(rlhf_ray.__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(tmp_path)]), "RAY_USAGE_STATS_ENABLED": "0"}
+    argv = ["train", "tiny-grpo", "reward.rule=failing_rule:unavailable", "rollout.engine=hf", "run.total_steps=1",
+            f"run.output_dir={tmp_path / 'run'}", "run.progress=false", "run.eval_every=0", "data.eval="]
+    code = "import sys; from rlhf_ray.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=900,
+                            check=False, env=env, cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert re.fullmatch(r"rlhf-ray: error: role 'reward' rank 0 of 1 failed in RewardWorker\.score \(reward\.rule "
+                        r"failing_rule:unavailable on \d+ responses\): ValueError: reward service unavailable "
+                        r"\(run with --debug for the remote traceback\)", result.stderr.strip().splitlines()[-1]), \
+        result.stderr

@@ -88,6 +88,51 @@ def test_dependencies_resolve_to_run_directories_and_frozen_roles_are_shared(tmp
     assert off.configs["b"].reference.share_with == ""
 
 
+def test_a_lora_job_whose_reference_is_its_own_base_neither_lends_nor_borrows_one(tmp_path):
+    pipeline = parse_pipeline({"jobs": {"lora": job("tiny-dpo", "policy.lora.rank=8"),
+                                        "lora2": job("tiny-dpo", "policy.lora.rank=8"),
+                                        "full": job("tiny-dpo"), "full2": job("tiny-ipo")}}, "p.yaml", tmp_path)
+    configure(pipeline)
+    shares = {name: cfg.reference.share_with for name, cfg in pipeline.configs.items()}
+    assert shares == {"lora": "", "lora2": "", "full": "", "full2": "full"}
+
+
+@pytest.mark.parametrize("borrower, message", [
+    (job("tiny-grpo", "policy.model.name_or_path=tiny-llama", "rollout.temperature=0.7", "reference.share_with=dpo"),
+     r"p.yaml: reference.share_with: job 'grpo' borrows job 'dpo''s reference, which is not the reference it "
+     r"would create itself \(weights 'tiny-gpt2' there, 'tiny-llama' here; tokenizer 'tiny-gpt2' there, "
+     r"'tiny-llama' here; temperature 1.0 there, 0.7 here\); .* or remove reference.share_with from 'grpo'"),
+    (job("tiny-grpo", "reference.model.dtype=bfloat16", "reference.share_with=dpo"),
+     r"job 'grpo' borrows job 'dpo''s reference, .*\(dtype 'auto' there, 'bfloat16' here\)"),
+    (job("tiny-grpo", "reference.share_with=dpo", after=["dpo"]),
+     r"job 'grpo': reference.share_with: job 'dpo' cannot run at the same time as 'grpo'"),
+    (job("tiny-grpo", "reference.share_with=kl"),
+     r"job 'grpo': reference.share_with: job 'kl' has no reference group of its own to lend"),
+])
+def test_a_share_with_set_by_hand_is_checked_like_automatic_sharing(tmp_path, borrower, message):
+    jobs = {"dpo": job("tiny-dpo"), "kl": job("tiny-kl-sft", "algorithm.precompute_reference=true"), "grpo": borrower}
+    pipeline = parse_pipeline({"jobs": jobs}, "p.yaml", tmp_path)
+    with pytest.raises(ConfigError, match=message) as err:
+        configure(pipeline)
+    assert "\n" not in str(err.value)
+
+
+def test_a_borrower_outside_a_pipeline_is_refused_a_group_that_differs_from_its_own():
+    from rlhf_ray.config import load_config
+    from rlhf_ray.runtime.role_groups import SharedGroups, frozen_identity
+
+    owner = load_config("tiny-dpo", ["name=dpo"])
+    borrower = load_config("tiny-grpo", ["name=grpo", "rollout.temperature=0.7", "reference.share_with=dpo"])
+    shared = SharedGroups()
+    shared.publish("dpo/reference", "the group", frozen_identity(owner, "reference"))
+    with pytest.raises(ConfigError, match=r"reference.share_with: job 'grpo' borrows job 'dpo''s reference, .*"
+                                          r"\(temperature 1.0 there, 0.7 here\)"):
+        shared.wait("dpo/reference", timeout_s=1, identity=frozen_identity(borrower, "reference"), borrower="grpo")
+    same = load_config("tiny-grpo", ["name=grpo2", "reference.share_with=dpo"])
+    assert shared.wait("dpo/reference", timeout_s=1, identity=frozen_identity(same, "reference"),
+                       borrower="grpo2") == "the group"
+
+
 def test_jobs_that_may_overlap_must_fit_together(tmp_path):
     pipeline = parse_pipeline({"jobs": {
         "a": job("tiny-sft"), "b": job("tiny-sft"), "c": job("tiny-sft", after=["a", "b"])}}, "p.yaml", tmp_path)

@@ -31,9 +31,37 @@ class SumWorker(DistributedWorker):
         return {"x": shard["x"] * 2, "rank": [self.rank] * len(shard["x"]), "ids": shard["ids"]}
 
     def fail_on_rank1(self) -> int:
-        if self.rank == 1:
-            raise ValueError("rank 1 cannot do this")
+        try:
+            if self.rank == 1:
+                raise ValueError("rank 1 cannot do this")
+        except ValueError as err:
+            err.add_note("checking the rank")  # what a role adds about what it was doing
+            raise
         return self.rank
+
+
+class TempFolderWorker(DistributedWorker):
+    """Writes a folder under the temp directory, as a vLLM engine does, and removes it in `shutdown`;
+    `stall` makes its shutdown hang."""
+
+    def __init__(self, rank, world_size, master_addr, master_port, num_threads, stall=False):
+        super().__init__(rank, world_size, master_addr, master_port, num_threads)
+        import tempfile
+
+        self.folder = tempfile.mkdtemp(prefix="rlhf-ray-test-shutdown-")
+        self.stall = stall
+
+    def where(self) -> str:
+        return self.folder
+
+    def shutdown(self) -> None:
+        if self.stall:
+            import time
+
+            time.sleep(600)
+        import shutil
+
+        shutil.rmtree(self.folder)
 
 
 class BrokenWorker(DistributedWorker):
@@ -90,9 +118,19 @@ def test_scatter_refuses_a_batch_the_ranks_cannot_share(sum_group):
                           {"x": torch.zeros(5, 1), "ids": list("abcde")})
 
 
-def test_a_failing_call_names_its_rank(sum_group):
-    with pytest.raises(ActorGroupError, match=r"role 'toy' rank 1 of 2 failed:[\s\S]*rank 1 cannot do this"):
+def test_a_failing_call_says_in_one_line_who_raised_what_and_debug_adds_the_remote_traceback(sum_group, capsys):
+    from rlhf_ray.cli.errors import report
+
+    with pytest.raises(ActorGroupError) as caught:
         sum_group.gather(sum_group.map(lambda actor: actor.fail_on_rank1.remote()))
+    first = "role 'toy' rank 1 of 2 failed in SumWorker.fail_on_rank1 (checking the rank): ValueError: rank 1 cannot do this"
+    assert str(caught.value).splitlines()[0] == first
+    assert report(caught.value, debug=False) == 1
+    assert capsys.readouterr().err == f"rlhf-ray: error: {first} (run with --debug for the remote traceback)\n"
+    report(caught.value, debug=True)
+    err = capsys.readouterr().err
+    assert 'raise ValueError("rank 1 cannot do this")' in err  # the actor's own source line
+    assert err.splitlines()[-1] == f"rlhf-ray: error: {first} (run with --debug for the remote traceback)"
 
 
 def _live_placement_groups(ray_cluster) -> int:
@@ -153,3 +191,23 @@ def test_concat_shards_joins_in_rank_order_and_rejects_scalars():
         concat_shards([{"loss": 0.5}, {"loss": 0.7}])
     with pytest.raises(KeyError, match="rank 1's result has no key 'v'"):
         concat_shards([{"v": torch.ones(1)}, {"w": torch.ones(1)}])
+
+
+def test_shutdown_lets_each_rank_clean_up_then_kills_it(ray_cluster, ship_test_classes):
+    import os
+    import time
+
+    group = ActorGroup(TempFolderWorker, role="tidy", num_ranks=1, num_cpus_per_rank=1)
+    folders = group.call(lambda actor: actor.where.remote())
+    assert all(os.path.isdir(f) for f in folders)
+    group.shutdown()
+    assert not any(os.path.exists(f) for f in folders)
+    stuck = ActorGroup(TempFolderWorker, role="stuck", num_ranks=1, num_cpus_per_rank=1, worker_kwargs={"stall": True})
+    (folder,) = stuck.call(lambda actor: actor.where.remote())
+    actor = stuck.rank0
+    start = time.monotonic()
+    stuck.shutdown(timeout_s=1.0)  # a rank whose shutdown never returns is killed after the timeout
+    assert time.monotonic() - start < 30
+    with pytest.raises(ActorGroupError, match="died"):
+        stuck.gather([actor.where.remote()])
+    os.rmdir(folder)

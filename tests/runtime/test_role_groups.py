@@ -1,4 +1,5 @@
-"""RoleGroups.in_turns: roles sharing CPU-only bundles take turns, other roles run at the same time.
+"""RoleGroups.in_turns: roles sharing CPU-only bundles take turns, other roles run at the same time; a
+borrowed group stays with its borrower across a recovery.
 
 The toy workers record when their call ran; a call that must overlap another waits for that other
 call to start (a file it writes), so the test needs no timing margin: run in turns, it would wait in
@@ -7,14 +8,17 @@ vain and fail."""
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from rlhf_ray.config import load_config
+from rlhf_ray.jobs.common import RecoveringJob
+from rlhf_ray.runtime.actor_group import ActorGroupError
 from rlhf_ray.runtime.distributed import DistributedWorker
-from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec
+from rlhf_ray.runtime.role_groups import SHARED, RoleGroups, RoleSpec, SharedGroups
 
 
 class ClockWorker(DistributedWorker):
@@ -88,3 +92,82 @@ def test_roles_in_bundles_of_their_own_run_at_once(ray_cluster, ship_test_classe
         launch = {"policy": lambda: roles["policy"].map(lambda a: a.work.remote(str(tmp_path), "p", "r")),
                   "reference": lambda: roles["reference"].map(lambda a: a.work.remote(str(tmp_path), "r", "p"))}
         roles.in_turns(launch, lambda name, refs: roles[name].gather(refs))
+
+
+class BorrowingJob(RecoveringJob):
+    """A job borrowing its reference whose first attempt loses an actor after using it; the retry waits a
+    moment for the owner to finish, as a slow recovery would, then uses the reference again."""
+
+    def __init__(self, cfg, run_dir, owner_done: threading.Event):
+        self.cfg, self.run_dir, self.owner_done = cfg, run_dir, owner_done
+        self.attempts = 0
+
+    def _specs(self):
+        return [RoleSpec("policy", ClockWorker, 1, 1.0), RoleSpec("reference", ClockWorker, 1, 1.0)]
+
+    def _attempt(self, stop, resume_from, failures, started_at):
+        self.attempts += 1
+        if self.attempts > 1:
+            self.owner_done.wait(timeout=3)  # an owner free to finish does so in this time
+        with RoleGroups(self.cfg, self._specs()) as roles:
+            assert roles.borrowed_from() == {"reference": "lender"}
+            roles["reference"].call(lambda a: a.set_compute.remote({"forward": 1.0}))
+            if self.attempts == 1:
+                raise ActorGroupError("role 'policy' rank 0 of 1 failed", where="role 'policy' rank 0 of 1",
+                                      died="ActorDiedError: killed")
+        return {"failures": failures}
+
+
+def test_a_borrower_recovers_with_the_group_its_owner_would_have_torn_down(ray_cluster, ship_test_classes,
+                                                                           tmp_path):
+    owner_cfg = load_config("tiny-dpo", ["name=lender", "policy.num_cpus_per_rank=1",
+                                         "reference.num_cpus_per_rank=1"])
+    borrower_cfg = load_config("tiny-dpo", ["name=borrower", "reference.share_with=lender", "placement.colocate=[]",
+                                            f"run.output_dir={tmp_path}", "policy.num_cpus_per_rank=1",
+                                            "run.max_failures=1"])
+    offered, owner_done = threading.Event(), threading.Event()
+    SHARED.forget("lender")
+
+    def owner():  # offers its reference, then finishes: it tears the group down once no borrower holds it
+        try:
+            with RoleGroups(owner_cfg, [RoleSpec("reference", ClockWorker, 1, 1.0)]) as roles:
+                roles.offer("reference")
+                offered.set()
+        finally:
+            SHARED.abandon("lender")
+            owner_done.set()
+
+    job = BorrowingJob(borrower_cfg, tmp_path, owner_done)
+    with SHARED.holding("borrower", ["lender/reference"]):  # as a pipeline reserves before its jobs start
+        lender = threading.Thread(target=owner)
+        lender.start()
+        assert offered.wait(timeout=300)
+        summary = job.run()
+    lender.join(timeout=60)
+    assert job.attempts == 2 and len(summary["failures"]) == 1 and summary["failures"][0]["resumed_from_step"] == 0
+    assert owner_done.is_set()  # and the owner finished once the borrower's run had ended
+
+
+def test_an_owner_recovering_takes_its_group_back_from_borrowers_that_let_go_and_offers_a_new_one():
+    shared = SharedGroups()
+    shared.publish("lender/reference", "group 1")
+    withdrawn = threading.Event()
+    with shared.holding("borrower", ["lender/reference"]):
+        assert shared.wait("lender/reference", timeout_s=1, borrower="borrower") == "group 1"
+        # The shared reference died: the owner tears down to recover, waiting only for the borrower's role
+        # groups (whose calls failed on it too) to let go, not for the borrower's run to end.
+        owner = threading.Thread(target=lambda: (shared.withdraw("lender/reference", final=False), withdrawn.set()))
+        owner.start()
+        assert not withdrawn.wait(timeout=0.3)
+        shared.let_go("lender/reference", "borrower")
+        assert withdrawn.wait(timeout=5)
+        owner.join()
+        shared.publish("lender/reference", "group 2")  # the owner's new group, to the same reservations
+        assert shared.wait("lender/reference", timeout_s=1, borrower="borrower") == "group 2"
+        done = threading.Event()
+        final = threading.Thread(target=lambda: (shared.withdraw("lender/reference"), done.set()))
+        final.start()
+        shared.let_go("lender/reference", "borrower")
+        assert not done.wait(timeout=0.3)  # the owner's end waits for the borrower's whole run
+    assert done.wait(timeout=5)
+    final.join()
