@@ -19,7 +19,7 @@ from rlhf_ray.algorithms.preference import odpo_offsets, tdpo_sequential_kl
 from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
 from rlhf_ray.algorithms.sft_loss import sft_loss
 from rlhf_ray.config.schema import JobConfig
-from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
+from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import ExportMixin, TrainableWorker
 from rlhf_ray.workers.forward import generate_tokens
@@ -95,7 +95,7 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         model_cfg = job.policy.model
         self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or init_from,
                                             trust_remote_code=model_cfg.trust_remote_code)
-        model = load_causal_lm(init_from, dtype=model_cfg.dtype, gradient_checkpointing=model_cfg.gradient_checkpointing,
+        model = load_causal_lm(init_from, dtype=resolve_dtype(model_cfg.dtype, self.device), gradient_checkpointing=model_cfg.gradient_checkpointing,
                                trust_remote_code=model_cfg.trust_remote_code, seed=job.run.seed,
                                tokenizer=self.tokenizer)
         return self.build_engine(model, job.policy, batch_per_rank=batch_per_rank,
@@ -118,7 +118,7 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         out = self.engine.forward_eval(batch, lambda m, mb: {"logps": fw.sequence_logps(
             m, mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_loss_mask"])["logps"]})
         total = torch.tensor([float((out["logps"] - batch["ref_kl_logps"]).sum()), float(len(out["logps"]))],
-                             dtype=torch.float64)
+                             dtype=torch.float64, device=self.engine.device)  # NCCL reduces device tensors only
         if self.world_size > 1:
             dist.all_reduce(total)
         return max(0.0, float(total[0] / total[1]))
