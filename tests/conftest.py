@@ -46,8 +46,12 @@ def ray_cluster():
     """A local Ray cluster shared by every test that needs actors.
 
     Four logical CPUs on a two-core machine: actors mostly wait on each
-    other, and tests that need a placement group of several ranks must fit."""
+    other, and tests that need a placement group of several ranks must fit.
+    Its workers get the jobs' accelerator environment (`ACCELERATOR_ENV`): on
+    a GPU machine an actor that reserved no GPU sees none, as in a job."""
     import ray
+
+    from rlhf_ray.runtime.distributed import ACCELERATOR_ENV
 
     if not ray.is_initialized():
         ray.init(
@@ -55,7 +59,8 @@ def ray_cluster():
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
-            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}},
+            runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+                                      **ACCELERATOR_ENV}},
         )
     yield ray
     ray.shutdown()

@@ -18,6 +18,7 @@ import ray
 from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
 from rlhf_ray.runtime.actor_group import ActorGroup
 from rlhf_ray.runtime.auth import use_auth_token
+from rlhf_ray.runtime.distributed import ACCELERATOR_ENV
 from rlhf_ray.runtime.placement import (
     RoleResources,
     create_placement_group,
@@ -33,10 +34,10 @@ def node_addresses() -> dict[str, str]:
 
 def init_ray(address: str | None = None) -> None:
     """Connect to the cluster at `address` (with its token when it has one), or start a local one bound to
-    127.0.0.1."""
+    127.0.0.1. Every actor of the job gets `ACCELERATOR_ENV`: one that reserved no GPU sees none."""
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}}
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", **ACCELERATOR_ENV}}
     if address:
         use_auth_token()
         ray.init(address=address, runtime_env=env, log_to_driver=False)
