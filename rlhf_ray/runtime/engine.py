@@ -306,6 +306,15 @@ class TrainEngine:
                 tensor = param.detach().to("cpu", copy=True)
             yield name, tensor
 
+    def join_weight_gathers(self) -> None:
+        """Take part in the ZeRO-3 gathers of a weight stream (`iter_weight_buckets` on the sending rank)
+        without copying anything: the ranks that do not send. Nothing to do below stage 3."""
+        if self.zero_stage != 3:
+            return
+        for param in self.module.parameters():  # the order `_gathered_named` gathers in
+            with self.gathered([param]):
+                pass
+
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights the model computes with, under the base model's names: with LoRA the base plus
         the adapter, merged one module at a time (`models.lora.MergedWeights`)."""
@@ -320,8 +329,8 @@ class TrainEngine:
         """Yield the model's full weights (`named_weights`) as buckets of `(name, cpu_tensor)` of about
         `bucket_bytes`.
 
-        Every rank must iterate (ZeRO-3 gathers are collective); only rank 0's
-        buckets are meant to be sent. No more than one bucket of full weights
+        Only the sending rank iterates; the others call `join_weight_gathers`
+        (ZeRO-3 gathers are collective). No more than one bucket of full weights
         (plus the module being merged or the parameter being gathered) is held at a time."""
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0

@@ -210,8 +210,8 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         LoRA the merged weights, or with `policy.lora.sync: adapter` only the adapter, to the rollout
         engines' `load_adapter`.
 
-        Every rank iterates so ZeRO-3 gathers line up; the driver never holds
-        the weights. Returns bytes sent."""
+        Every rank takes part in the ZeRO-3 gathers; only rank 0 copies the weights out and sends them.
+        The driver never holds the weights. Returns bytes sent."""
         import ray
 
         from rlhf_ray.runtime.actor_group import wait_all
@@ -229,22 +229,22 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
                 wait_all([t.load_adapter.remote(tensors, config) for t in targets], _target)
             sent = sum(t.numel() * t.element_size() for t in tensors.values()) * len(targets) if sender else 0
             return {"sync/bytes": float(sent)}
+        if not sender:  # the gathers are collective; the copies and buckets are the sender's alone
+            self.engine.join_weight_gathers()
+            return {"sync/bytes": 0.0}
         sent = 0
-        if sender:
-            wait_all([t.begin_weight_update.remote() for t in targets], _target)
+        wait_all([t.begin_weight_update.remote() for t in targets], _target)
         # Two buckets in flight: the next is gathered, copied and serialised while the targets load the
         # one before (a target runs its calls in the order sent); at most two buckets are held at once.
         # Buckets travel as raw bytes (`runtime.wire`), put in the object store once for every target.
         in_flight: list[list] = []
         for bucket in self.engine.iter_weight_buckets(bucket_bytes):
-            if sender:
-                if len(in_flight) == 2:
-                    wait_all(in_flight.pop(0), _target)
-                packed = ray.put(pack_bucket(bucket))
-                in_flight.append([t.load_weights.remote(packed) for t in targets])
-                sent += sum(w.numel() * w.element_size() for _, w in bucket) * len(targets)
-        if sender:
-            for refs in in_flight:
-                wait_all(refs, _target)
-            wait_all([t.finish_weight_update.remote() for t in targets], _target)
+            if len(in_flight) == 2:
+                wait_all(in_flight.pop(0), _target)
+            packed = ray.put(pack_bucket(bucket))
+            in_flight.append([t.load_weights.remote(packed) for t in targets])
+            sent += sum(w.numel() * w.element_size() for _, w in bucket) * len(targets)
+        for refs in in_flight:
+            wait_all(refs, _target)
+        wait_all([t.finish_weight_update.remote() for t in targets], _target)
         return {"sync/bytes": float(sent)}
