@@ -229,6 +229,13 @@ class RoleGroups:
     def __getitem__(self, name: str) -> ActorGroup:
         return self.groups[name]
 
+    def shares_gpus(self, name: str) -> bool:
+        """Whether role `name` has GPUs and shares its bundles with another role that has GPUs."""
+        plan = self.placement.plan if self.placement is not None else None
+        unit = next((u for u in plan.units if name in u), ()) if plan is not None else ()
+        return name in self.specs and self.specs[name].num_gpus_per_rank > 0 and any(
+            r != name and r in self.specs and self.specs[r].num_gpus_per_rank > 0 for r in unit)
+
     def turns(self, names) -> list[list[str]]:
         """`names` in sets whose calls run at the same time: roles that share CPU-only bundles (colocated,
         no GPUs) are one set and take turns, each then with every core of the bundle. At once, their

@@ -97,6 +97,9 @@ class HFRolloutWorker:
             out.update({f"greedy_{k}": v for k, v in rows.items()})
         return out
 
+    def sleep(self) -> None:
+        """Nothing to release: `rollout.sleep_between_steps` is vLLM's (the config refuses it here)."""
+
     # weight sync -------------------------------------------------------------
     def begin_weight_update(self) -> None:
         pass
