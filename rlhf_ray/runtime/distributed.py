@@ -40,11 +40,11 @@ def find_free_port() -> int:
 
 
 ACCELERATOR_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
-"""Environment for every Ray worker of a job: Ray (2.60, what this project runs on) leaves `CUDA_VISIBLE_DEVICES` as the node
-has it for an actor that reserved no GPU, unless this is set, so a CPU-only rank on a GPU node would
-see, and by default use, GPU 0. The driver (`runtime.role_groups.init_ray`), a submitted job
-(`cli/submit.py`, the KubeRay manifests) and the tests' cluster set it; the device decision below does
-not rely on it."""
+"""Environment for every Ray worker of a job. Ray (2.60, what this project runs on) leaves
+`CUDA_VISIBLE_DEVICES` as the node has it for an actor that reserved no GPU unless this is set, so a
+CPU-only rank on a GPU node would see, and by default use, GPU 0. The driver
+(`runtime.role_groups.init_ray`), the KubeRay pods and the tests' cluster set it; the device decision
+below does not rely on it."""
 
 
 def assigned_gpu_ids() -> list[str] | None:

@@ -358,7 +358,8 @@ def test_a_sleeping_engine_wakes_its_weights_for_the_sync_and_its_kv_cache_to_ge
 
     worker = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
     worker.job = _job(num_gpus_per_engine=1, sleep_between_steps=True)
-    worker.llm, worker.weight_transfer, worker.tokenizer, worker._lora = _SleepyLLM(), "ipc", load_tokenizer("tiny"), None
+    worker.llm, worker.weight_transfer, worker._lora = _SleepyLLM(), "ipc", None
+    worker.tokenizer = load_tokenizer("tiny")
     worker.sleep()
     worker.sleep()  # asleep already: nothing more
     worker.begin_weight_update()
