@@ -61,11 +61,15 @@ def ray_cluster(actor_tmpdir):
     Four logical CPUs on a two-core machine: actors mostly wait on each
     other, and tests that need a placement group of several ranks must fit.
     The actors' temp folder is `actor_tmpdir`; torch's compile cache stays
-    where it would be without it (warm across sessions)."""
+    where it would be without it (warm across sessions). Its workers get the
+    jobs' accelerator environment (`ACCELERATOR_ENV`): on a GPU machine an
+    actor that reserved no GPU sees none, as in a job."""
     import getpass
     import tempfile
 
     import ray
+
+    from rlhf_ray.runtime.distributed import ACCELERATOR_ENV
 
     inductor_cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or \
         os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}")
@@ -76,7 +80,8 @@ def ray_cluster(actor_tmpdir):
             log_to_driver=False,
             configure_logging=False,
             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-                                      "TMPDIR": str(actor_tmpdir), "TORCHINDUCTOR_CACHE_DIR": inductor_cache}},
+                                      "TMPDIR": str(actor_tmpdir), "TORCHINDUCTOR_CACHE_DIR": inductor_cache,
+                                      **ACCELERATOR_ENV}},
             _system_config={"worker_niceness": 0},  # as rlhf-ray's own clusters (runtime/role_groups.py)
         )
     yield ray

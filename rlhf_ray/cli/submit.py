@@ -234,7 +234,8 @@ class Cluster:
 def job_runtime_env(working_dir: str | os.PathLike, *, package: bool = True) -> dict:
     """The runtime environment of a submitted job: `working_dir` (the config) and the
     package as `py_modules` unless `package=False`. No `env_vars`: the driver's
-    `ray.init` sets its own, and Ray refuses a job whose keys overlap them."""
+    `ray.init` sets its own (`RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO` among them, so
+    an actor without a GPU sees none), and Ray refuses a job whose keys overlap them."""
     env: dict[str, Any] = {"working_dir": str(working_dir), "excludes": list(PACKAGE_EXCLUDES)}
     if package:
         env["py_modules"] = [str(PACKAGE_DIR)]

@@ -219,8 +219,15 @@ class RolloutConfig:
     top_k: int = _help("Top-k sampling (0 turns it off; vLLM needs 0, as for top_p).", default=0)
     max_new_tokens: int = _help("Longest response; a response cut here without EOS counts as unfinished.", default=32)
     sync_bucket_bytes: int = _help("Weight-sync bucket size in bytes.", default=64 * 2**20)
-    weight_transfer: str = _help("vLLM weight sync: ipc (buckets through Ray, CUDA IPC into the engine) or nccl "
-                                 "(policy rank 0 broadcasts to the engines' GPUs).", default="ipc")
+    weight_transfer: str = _help("vLLM weight sync on GPUs: ipc (policy rank 0's buckets through Ray's object "
+                                 "store, CUDA IPC into the engine), nccl (policy rank 0 broadcasts from its GPU to "
+                                 "the engines' GPUs), or auto: ipc where the engines share the policy's GPUs "
+                                 "(placement.colocate; NCCL cannot join two ranks on one GPU), where the policy has "
+                                 "no GPU, or for a LoRA policy; nccl otherwise.", default="auto")
+    sleep_between_steps: bool = _help("vLLM on GPUs: put the engines to sleep after generating (weights to CPU "
+                                      "memory, KV cache freed, vLLM's sleep mode) so the roles sharing their GPUs "
+                                      "train in that memory, and wake them for the weight sync and the next "
+                                      "generation.", default=False)
 
     def __post_init__(self):
         _check(self.engine in ENGINES, "engine", f"got {self.engine!r}; expected hf or vllm")
@@ -228,7 +235,16 @@ class RolloutConfig:
         _check(self.temperature > 0, "temperature", "must be > 0 (greedy responses are asked for by the algorithm)")
         _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        _check(self.weight_transfer in ("ipc", "nccl"), "weight_transfer", f"got {self.weight_transfer!r}; expected ipc or nccl")
+        _check(self.weight_transfer in ("auto", "ipc", "nccl"), "weight_transfer",
+               f"got {self.weight_transfer!r}; expected auto, ipc or nccl")
+        _check(not self.sleep_between_steps or (self.engine == "vllm" and self.num_gpus_per_engine > 0),
+               "sleep_between_steps", "is vLLM's sleep mode on GPUs; it needs rollout.engine=vllm and "
+               "rollout.num_gpus_per_engine > 0 (or set it false)")
+        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        _check(self.num_gpus_per_engine == 0 or self.tensor_parallel_size <= max(1, self.num_gpus_per_engine),
+               "tensor_parallel_size", f"{self.tensor_parallel_size} splits each engine over that many GPUs, but "
+               f"an engine reserves rollout.num_gpus_per_engine={self.num_gpus_per_engine:g}; set "
+               f"rollout.num_gpus_per_engine={self.tensor_parallel_size}")
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
 

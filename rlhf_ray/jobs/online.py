@@ -34,7 +34,7 @@ from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
 from rlhf_ray.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray, node_addresses
+from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray, node_addresses, plan_for
 from rlhf_ray.telemetry.hardware import measure_memory_bandwidth
 from rlhf_ray.telemetry.metrics import MetricsWriter, utc_now, write_summary
 from rlhf_ray.telemetry.progress import Progress
@@ -45,6 +45,7 @@ from rlhf_ray.workers.policy import PolicyWorker
 from rlhf_ray.workers.reference import ReferenceWorker
 from rlhf_ray.workers.reward import RewardWorker
 from rlhf_ray.workers.rollout import engine_worker_class
+from rlhf_ray.workers.rollout.vllm import check_tensor_parallel, weight_transfer_backend
 
 ROLLOUT_KEYS = ("input_ids", "attention_mask", "response_mask")
 
@@ -92,6 +93,7 @@ class OnlineJob(RecoveringJob):
 
     def __init__(self, cfg: JobConfig):
         validate_online(cfg)
+        check_tensor_parallel(cfg.rollout, plan_for(cfg, role_specs(cfg)).slots["rollout"][0].num_gpus)
         self.cfg = cfg
         self.algorithm = get_online_algorithm(cfg.algorithm.name)
         self.n = samples_per_prompt(cfg)
@@ -135,14 +137,23 @@ class OnlineJob(RecoveringJob):
         rows = cfg.run.batch_size * self.n
         minibatch = rows // cfg.algorithm.num_minibatches
         steps = cfg.run.total_steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches
-        # Every role loads at once; then each group is waited for in turn.
+        # Every role loads at once; then each group is waited for in turn. Engines that share GPUs with
+        # other roles start first, alone: vLLM sizes its pool from the memory free while it profiles
+        # (and refuses to start, or fails its check, when another process allocates or frees meanwhile);
+        # with sleep_between_steps they then release it for the trainers to load.
         def launch(name, fn):
             return roles[name], roles[name].map(fn)
 
-        calls = [launch("policy", lambda a: a.setup.remote(cfg, init_from=init,
-                                                           batch_per_rank=minibatch // len(roles["policy"]),
-                                                           total_optimizer_steps=steps)),
-                 launch("rollout", lambda a: a.setup.remote(cfg, init_from=init))]
+        engines = launch("rollout", lambda a: a.setup.remote(cfg, init_from=init))
+        if roles.shares_gpus("rollout"):
+            roles["rollout"].gather(engines[1])
+            roles["rollout"].call(lambda a: a.sleep.remote())
+            calls = []
+        else:
+            calls = [engines]
+        calls.append(launch("policy", lambda a: a.setup.remote(cfg, init_from=init,
+                                                               batch_per_rank=minibatch // len(roles["policy"]),
+                                                               total_optimizer_steps=steps)))
         if roles.owns("reward"):
             calls.append(launch("reward", lambda a: a.setup.remote(cfg, tokenizer_from=init)))
         if roles.owns("reference"):
@@ -159,7 +170,7 @@ class OnlineJob(RecoveringJob):
             roles.offer("reference")  # a frozen reference other jobs may share
         if roles.owns("reward") and not cfg.reward.rule:
             roles.offer("reward")  # and the reward model
-        if cfg.rollout.engine == "vllm" and cfg.rollout.weight_transfer == "nccl":
+        if cfg.rollout.engine == "vllm" and weight_transfer_backend(cfg) == "nccl":
             engines, tp, bucket = roles["rollout"].actors, cfg.rollout.tensor_parallel_size, cfg.rollout.sync_bucket_bytes
             roles["policy"].call(lambda a: a.connect_vllm_engines.remote(engines, tp, bucket))
 
@@ -263,6 +274,8 @@ class OnlineJob(RecoveringJob):
         pending = roles["rollout"].scatter_padded(lambda a, shard: a.generate.remote(shard, n, greedy, seed),
                                                   {k: prompts[k] for k in ("input_ids", "attention_mask")})
         rows = concat_shards(pending.results())
+        if self.cfg.rollout.sleep_between_steps:  # the roles sharing the engines' GPUs train in vLLM's memory
+            roles["rollout"].call(lambda a: a.sleep.remote())
         return {k: v[:pending.size] if k.startswith("greedy_") else v[:pending.size * n] for k, v in rows.items()}
 
     def score(self, roles: RoleGroups, rollout: dict, timer: PhaseTimer) -> dict:

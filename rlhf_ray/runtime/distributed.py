@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+from collections.abc import Sequence
 
 import numpy as np
 import ray.util
@@ -38,9 +39,52 @@ def find_free_port() -> int:
         return sock.getsockname()[1]
 
 
+ACCELERATOR_ENV = {"RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "1"}
+"""Environment for every Ray worker of a job. Ray (2.60, what this project runs on) leaves
+`CUDA_VISIBLE_DEVICES` as the node has it for an actor that reserved no GPU unless this is set, so a
+CPU-only rank on a GPU node would see, and by default use, GPU 0. The driver
+(`runtime.role_groups.init_ray`), the KubeRay pods and the tests' cluster set it; the device decision
+below does not rely on it."""
+
+
+def assigned_gpu_ids() -> list[str] | None:
+    """The GPU ids Ray assigned this actor (empty for one that reserved none), None outside a Ray actor
+    (a driver, a test process, a plain script)."""
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return [str(gpu) for gpu in ray.get_gpu_ids()]
+
+
+def role_device(gpu_ids: Sequence | None, cuda_available: bool) -> torch.device:
+    """Where a rank computes: `cuda:0` when Ray assigned it GPUs (Ray narrows `CUDA_VISIBLE_DEVICES` to
+    them), the CPU when it assigned none, whatever GPUs the process can see. Outside a Ray actor
+    (`gpu_ids` None) the first visible GPU, else the CPU."""
+    if gpu_ids is None:
+        return torch.device("cuda", 0) if cuda_available else torch.device("cpu")
+    if not gpu_ids:
+        return torch.device("cpu")
+    if not cuda_available:
+        raise RuntimeError(f"Ray assigned GPU(s) {', '.join(map(str, gpu_ids))} to this actor, but torch sees no "
+                           "CUDA device: install a CUDA build of torch on the GPU nodes, or set the role's "
+                           "num_gpus_per_rank to 0")
+    return torch.device("cuda", 0)
+
+
+def current_device() -> torch.device:
+    """`role_device` of this process: what Ray assigned it, not merely what it can see."""
+    return role_device(assigned_gpu_ids(), torch.cuda.is_available())
+
+
+def backend_for(device: torch.device) -> str:
+    """The process-group backend of a rank on `device`: gloo on the CPU; on a GPU, NCCL for CUDA tensors
+    and gloo for CPU ones (a collective on a CPU tensor, such as a flag or a count, would raise under
+    NCCL alone)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def default_backend() -> str:
-    """`nccl` when this process sees a GPU, else `gloo`."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """`backend_for(current_device())`."""
+    return backend_for(current_device())
 
 
 class DistributedWorker:
@@ -52,8 +96,11 @@ class DistributedWorker:
             `torch.distributed`, so DeepSpeed finds a process group).
         master_addr, master_port: where rank 0 hosts the rendezvous.
         num_threads: torch intra-op threads, normally the CPUs Ray gave the actor.
-        backend: `gloo` or `nccl`; default `nccl` when CUDA is visible, else `gloo`.
+        backend: torch.distributed's backend string; default `backend_for` the
+            rank's device (gloo on the CPU, `cpu:gloo,cuda:nccl` on a GPU).
 
+    The device is what Ray assigned (`current_device`): a rank that reserved
+    no GPU runs on the CPU even where the node's GPUs are visible to it.
     LOCAL_RANK is 0: Ray narrows CUDA_VISIBLE_DEVICES to the actor's own GPUs,
     so its GPU is always `cuda:0` (which this constructor selects).
     """
@@ -77,12 +124,10 @@ class DistributedWorker:
             "OMP_NUM_THREADS": str(num_threads),
         })
         torch.set_num_threads(num_threads)
-        if torch.cuda.is_available():
-            torch.cuda.set_device(0)
-            self.device = torch.device("cuda", 0)
-        else:
-            self.device = torch.device("cpu")
-        self.backend = backend or default_backend()
+        self.device = current_device()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.backend = backend or backend_for(self.device)
         if not dist.is_initialized():
             dist.init_process_group(backend=self.backend, init_method="env://", rank=rank, world_size=world_size)
 

@@ -12,27 +12,35 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 
 import torch
 
-if not torch.cuda.is_available():
-    # DeepSpeed otherwise probes for an accelerator and prints a warning on stdout, into the output of
-    # every command that imports it.
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-
-import deepspeed  # noqa: E402 (after the accelerator is named)
-
 from rlhf_ray.config.schema import RoleConfig
 from rlhf_ray.data.collate import trim_right_padding
 from rlhf_ray.runtime.deepspeed_config import build_deepspeed_config
+from rlhf_ray.runtime.distributed import current_device
 from rlhf_ray.telemetry.activations import ActivationReport, ActivationTracker, batch_shape
 from rlhf_ray.telemetry.memory import MemoryReport, held_storage_keys, measure_memory
 from rlhf_ray.telemetry.timers import ComputeClock
 
 LossFn = Callable[[torch.nn.Module, dict], tuple[torch.Tensor, dict]]
+
+
+def import_deepspeed(device: torch.device | None = None):
+    """DeepSpeed, imported on first use. It picks its accelerator once, when imported, from what the
+    process sees; naming it from the rank's `device` (default `current_device()`: what Ray assigned)
+    keeps a CPU rank on a GPU node off GPU 0, and keeps DeepSpeed's accelerator probe (a warning on
+    stdout) out of commands that never train. A `DS_ACCELERATOR` set by the user wins."""
+    if "deepspeed" not in sys.modules:
+        device = current_device() if device is None else torch.device(device)
+        os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    import deepspeed
+
+    return deepspeed
 
 
 def split_micro_batches(batch: dict, micro_batch_size: int, allow_remainder: bool = False) -> list[dict]:
@@ -92,10 +100,13 @@ class TrainEngine:
     `train_batch` ("train") and `forward_eval` ("forward"). With
     `measure_activations` the first training micro-step runs under an
     `ActivationTracker`, and `memory()` reports its activation peak.
+    `device` is the rank's (default `current_device()`); DeepSpeed moves the
+    module there.
     """
 
     def __init__(self, model: torch.nn.Module, role: RoleConfig, *, world_size: int, batch_per_rank: int,
-                 total_optimizer_steps: int, dtype: str, measure_activations: bool = True):
+                 total_optimizer_steps: int, dtype: str, measure_activations: bool = True,
+                 device: torch.device | None = None):
         self.micro_batch_size = min(role.micro_batch_size, batch_per_rank)
         if batch_per_rank % self.micro_batch_size:
             raise ValueError(f"each rank gets {batch_per_rank} sequences per optimizer step, which is not a multiple "
@@ -103,6 +114,8 @@ class TrainEngine:
         self.grad_accum_steps = batch_per_rank // self.micro_batch_size
         self.world_size = world_size
         self.zero_stage = role.zero_stage
+        device = current_device() if device is None else torch.device(device)
+        deepspeed = import_deepspeed(device)
         optim = role.optim
         self.ds_config = build_deepspeed_config(
             zero_stage=role.zero_stage, micro_batch_size_per_rank=self.micro_batch_size,
@@ -110,7 +123,7 @@ class TrainEngine:
             offload_optimizer=role.offload_optimizer, offload_params=role.offload_params, lr=optim.lr,
             weight_decay=optim.weight_decay, betas=optim.betas, eps=optim.eps, warmup_steps=optim.warmup_steps,
             total_steps=max(total_optimizer_steps, 1), scheduler=optim.scheduler, train=True,
-            model_numel=sum(p.numel() for p in model.parameters()),
+            on_cuda=device.type == "cuda", model_numel=sum(p.numel() for p in model.parameters()),
             largest_param_numel=max(p.numel() for p in model.parameters()))
         from rlhf_ray.models.lora import is_peft_model
 
@@ -231,7 +244,7 @@ class TrainEngine:
 
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return ok
-        flag = torch.tensor([0.0 if ok else 1.0])
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)  # NCCL reduces device tensors only
         dist.all_reduce(flag)
         return float(flag) == 0.0
 
@@ -283,7 +296,7 @@ class TrainEngine:
     def gathered(self, params: list[torch.nn.Parameter]):
         """Context in which ZeRO-3 partitioned `params` hold their full values on every rank."""
         if self.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            return import_deepspeed().zero.GatheredParameters(params, modifier_rank=None)
         return nullcontext()
 
     def _gathered_named(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -292,6 +305,15 @@ class TrainEngine:
             with self.gathered([param]):
                 tensor = param.detach().to("cpu", copy=True)
             yield name, tensor
+
+    def join_weight_gathers(self) -> None:
+        """Take part in the ZeRO-3 gathers of a weight stream (`iter_weight_buckets` on the sending rank)
+        without copying anything: the ranks that do not send. Nothing to do below stage 3."""
+        if self.zero_stage != 3:
+            return
+        for param in self.module.parameters():  # the order `_gathered_named` gathers in
+            with self.gathered([param]):
+                pass
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights the model computes with, under the base model's names: with LoRA the base plus
@@ -307,8 +329,8 @@ class TrainEngine:
         """Yield the model's full weights (`named_weights`) as buckets of `(name, cpu_tensor)` of about
         `bucket_bytes`.
 
-        Every rank must iterate (ZeRO-3 gathers are collective); only rank 0's
-        buckets are meant to be sent. No more than one bucket of full weights
+        Only the sending rank iterates; the others call `join_weight_gathers`
+        (ZeRO-3 gathers are collective). No more than one bucket of full weights
         (plus the module being merged or the parameter being gathered) is held at a time."""
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
@@ -368,29 +390,33 @@ class InferenceEngine:
     Used by the reference and reward roles. `load_weights` takes buckets of
     `(name, tensor)` (the same stream the policy sends to rollout engines), so
     SPIN/sDPO can move the reference to the latest policy. `clock` counts the
-    seconds spent in `forward_eval`."""
+    seconds spent in `forward_eval`. The module runs on the rank's `device`
+    (default `current_device()`): ZeRO-3 places it there itself, a plain
+    module is moved there (the loaders leave it on the CPU)."""
 
     def __init__(self, model: torch.nn.Module, *, zero_stage: int, micro_batch_size: int, world_size: int,
-                 dtype: str):
+                 dtype: str, device: torch.device | None = None):
         model.requires_grad_(False)
         model.eval()
         self.zero_stage = zero_stage
         self.micro_batch_size = micro_batch_size
         self.clock = ComputeClock()
+        device = current_device() if device is None else torch.device(device)
         if zero_stage == 3:
+            deepspeed = import_deepspeed(device)
             config = build_deepspeed_config(
                 zero_stage=3, micro_batch_size_per_rank=micro_batch_size, grad_accum_steps=1, world_size=world_size,
                 dtype=dtype, grad_clip=0.0, offload_optimizer=False, offload_params=False, lr=0.0, weight_decay=0.0,
                 betas=(0.9, 0.999), eps=1e-8, warmup_steps=0, total_steps=1, scheduler="constant", train=False,
-                model_numel=sum(p.numel() for p in model.parameters()),
+                on_cuda=device.type == "cuda", model_numel=sum(p.numel() for p in model.parameters()),
                 largest_param_numel=max(p.numel() for p in model.parameters()))
             self.engine, *_ = deepspeed.initialize(model=model, config=config)
             self.module = self.engine.module
             self.device = self.engine.device
         else:
             self.engine = None
-            self.module = model
-            self.device = next(model.parameters()).device
+            self.module = model.to(device)
+            self.device = device
 
     @torch.no_grad()
     def forward_eval(self, batch: dict, fn: Callable[[torch.nn.Module, dict], dict]) -> dict:
@@ -401,7 +427,7 @@ class InferenceEngine:
     def gathered(self, params: list[torch.nn.Parameter]):
         """Context in which ZeRO-3 partitioned `params` hold their full values."""
         if self.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+            return import_deepspeed().zero.GatheredParameters(params, modifier_rank=None)
         return nullcontext()
 
     def export(self, directory: str, tokenizer, rank: int, merge: bool = True) -> None:
@@ -425,7 +451,8 @@ class InferenceEngine:
         if missing:
             raise KeyError(f"weights for unknown parameters {missing[:3]}: the sender's model differs from this one")
         targets = [params[name] for name, _ in bucket]
-        ctx = deepspeed.zero.GatheredParameters(targets, modifier_rank=0) if self.zero_stage == 3 else nullcontext()
+        ctx = (import_deepspeed().zero.GatheredParameters(targets, modifier_rank=0) if self.zero_stage == 3
+               else nullcontext())
         with ctx:
             for (name, tensor), param in zip(bucket, targets):
                 param.data.copy_(tensor.to(param.device, param.dtype))

@@ -20,6 +20,7 @@ import ray
 from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
 from rlhf_ray.runtime.actor_group import ActorGroup, actor_death
 from rlhf_ray.runtime.auth import use_auth_token
+from rlhf_ray.runtime.distributed import ACCELERATOR_ENV
 from rlhf_ray.runtime.placement import (
     RoleResources,
     create_placement_group,
@@ -44,10 +45,11 @@ Roles are the work here, so they run at the user's own priority. A cluster start
 
 def init_ray(address: str | None = None) -> None:
     """Connect to the cluster at `address` (with its token when it has one), or start a local one bound to
-    127.0.0.1 (its workers at normal priority: `LOCAL_SYSTEM_CONFIG`)."""
+    127.0.0.1 (its workers at normal priority: `LOCAL_SYSTEM_CONFIG`). Every actor of the job gets
+    `ACCELERATOR_ENV`: one that reserved no GPU sees none."""
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0"}}
+    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "RAY_USAGE_STATS_ENABLED": "0", **ACCELERATOR_ENV}}
     if address:
         use_auth_token()
         ray.init(address=address, runtime_env=env, log_to_driver=False)
@@ -306,6 +308,13 @@ class RoleGroups:
 
     def __getitem__(self, name: str) -> ActorGroup:
         return self.groups[name]
+
+    def shares_gpus(self, name: str) -> bool:
+        """Whether role `name` has GPUs and shares its bundles with another role that has GPUs."""
+        plan = self.placement.plan if self.placement is not None else None
+        unit = next((u for u in plan.units if name in u), ()) if plan is not None else ()
+        return name in self.specs and self.specs[name].num_gpus_per_rank > 0 and any(
+            r != name and r in self.specs and self.specs[r].num_gpus_per_rank > 0 for r in unit)
 
     def turns(self, names) -> list[list[str]]:
         """`names` in sets whose calls run at the same time: roles that share CPU-only bundles (colocated,

@@ -51,9 +51,9 @@ class TrainableWorker(EngineWorker):
             from rlhf_ray.models.lora import apply_lora
 
             model = apply_lora(model, settings.lora, trainable_heads=heads, key=f"{self.ROLE}.lora")
-        dtype = str(resolve_dtype(settings.model.dtype)).replace("torch.", "")
+        dtype = str(resolve_dtype(settings.model.dtype, self.device)).replace("torch.", "")
         self.engine = TrainEngine(model, settings, world_size=self.world_size, batch_per_rank=batch_per_rank,
-                                  total_optimizer_steps=total_optimizer_steps, dtype=dtype)
+                                  total_optimizer_steps=total_optimizer_steps, dtype=dtype, device=self.device)
         return self.memory()
 
     def save_checkpoint(self, directory: str) -> None:

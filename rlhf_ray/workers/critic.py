@@ -10,7 +10,7 @@ from rlhf_ray.algorithms.advantages import aggregation_weights
 from rlhf_ray.algorithms.policy_loss import value_loss
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
-from rlhf_ray.models.loading import load_tokenizer_for
+from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import TrainableWorker
 
@@ -27,7 +27,7 @@ class CriticWorker(TrainableWorker):
         cfg = job.critic
         tokenizer = load_tokenizer_for(cfg.model.tokenizer or tokenizer_from,
                                        trust_remote_code=cfg.model.trust_remote_code)
-        model = load_scalar_head_model(init_from, dtype=cfg.model.dtype,
+        model = load_scalar_head_model(init_from, dtype=resolve_dtype(cfg.model.dtype, self.device),
                                        gradient_checkpointing=cfg.model.gradient_checkpointing,
                                        trust_remote_code=cfg.model.trust_remote_code, seed=job.run.seed,
                                        tokenizer=tokenizer)

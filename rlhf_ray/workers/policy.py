@@ -19,7 +19,7 @@ from rlhf_ray.algorithms.preference import odpo_offsets, tdpo_sequential_kl
 from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
 from rlhf_ray.algorithms.sft_loss import sft_loss
 from rlhf_ray.config.schema import JobConfig
-from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
+from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import ExportMixin, TrainableWorker
 from rlhf_ray.workers.forward import generate_tokens
@@ -95,7 +95,7 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         model_cfg = job.policy.model
         self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or init_from,
                                             trust_remote_code=model_cfg.trust_remote_code)
-        model = load_causal_lm(init_from, dtype=model_cfg.dtype, gradient_checkpointing=model_cfg.gradient_checkpointing,
+        model = load_causal_lm(init_from, dtype=resolve_dtype(model_cfg.dtype, self.device), gradient_checkpointing=model_cfg.gradient_checkpointing,
                                trust_remote_code=model_cfg.trust_remote_code, seed=job.run.seed,
                                tokenizer=self.tokenizer)
         return self.build_engine(model, job.policy, batch_per_rank=batch_per_rank,
@@ -118,7 +118,7 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         out = self.engine.forward_eval(batch, lambda m, mb: {"logps": fw.sequence_logps(
             m, mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_loss_mask"])["logps"]})
         total = torch.tensor([float((out["logps"] - batch["ref_kl_logps"]).sum()), float(len(out["logps"]))],
-                             dtype=torch.float64)
+                             dtype=torch.float64, device=self.engine.device)  # NCCL reduces device tensors only
         if self.world_size > 1:
             dist.all_reduce(total)
         return max(0.0, float(total[0] / total[1]))
@@ -210,8 +210,8 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         LoRA the merged weights, or with `policy.lora.sync: adapter` only the adapter, to the rollout
         engines' `load_adapter`.
 
-        Every rank iterates so ZeRO-3 gathers line up; the driver never holds
-        the weights. Returns bytes sent."""
+        Every rank takes part in the ZeRO-3 gathers; only rank 0 copies the weights out and sends them.
+        The driver never holds the weights. Returns bytes sent."""
         import ray
 
         from rlhf_ray.runtime.actor_group import wait_all
@@ -229,22 +229,22 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
                 wait_all([t.load_adapter.remote(tensors, config) for t in targets], _target)
             sent = sum(t.numel() * t.element_size() for t in tensors.values()) * len(targets) if sender else 0
             return {"sync/bytes": float(sent)}
+        if not sender:  # the gathers are collective; the copies and buckets are the sender's alone
+            self.engine.join_weight_gathers()
+            return {"sync/bytes": 0.0}
         sent = 0
-        if sender:
-            wait_all([t.begin_weight_update.remote() for t in targets], _target)
+        wait_all([t.begin_weight_update.remote() for t in targets], _target)
         # Two buckets in flight: the next is gathered, copied and serialised while the targets load the
         # one before (a target runs its calls in the order sent); at most two buckets are held at once.
         # Buckets travel as raw bytes (`runtime.wire`), put in the object store once for every target.
         in_flight: list[list] = []
         for bucket in self.engine.iter_weight_buckets(bucket_bytes):
-            if sender:
-                if len(in_flight) == 2:
-                    wait_all(in_flight.pop(0), _target)
-                packed = ray.put(pack_bucket(bucket))
-                in_flight.append([t.load_weights.remote(packed) for t in targets])
-                sent += sum(w.numel() * w.element_size() for _, w in bucket) * len(targets)
-        if sender:
-            for refs in in_flight:
-                wait_all(refs, _target)
-            wait_all([t.finish_weight_update.remote() for t in targets], _target)
+            if len(in_flight) == 2:
+                wait_all(in_flight.pop(0), _target)
+            packed = ray.put(pack_bucket(bucket))
+            in_flight.append([t.load_weights.remote(packed) for t in targets])
+            sent += sum(w.numel() * w.element_size() for _, w in bucket) * len(targets)
+        for refs in in_flight:
+            wait_all(refs, _target)
+        wait_all([t.finish_weight_update.remote() for t in targets], _target)
         return {"sync/bytes": float(sent)}

@@ -69,14 +69,14 @@ class ReferenceWorker(ReferenceScoring, ExportMixin, EngineWorker):
     def setup(self, job: JobConfig, *, init_from: str) -> dict:
         self.job = job
         model_cfg = job.reference.model
-        dtype = resolve_dtype(model_cfg.dtype)
+        dtype = resolve_dtype(model_cfg.dtype, self.device)
         self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or init_from,
                                             trust_remote_code=model_cfg.trust_remote_code)
-        model = load_causal_lm(init_from, dtype=model_cfg.dtype, trust_remote_code=model_cfg.trust_remote_code,
+        model = load_causal_lm(init_from, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code,
                                seed=job.run.seed, tokenizer=self.tokenizer)
         self.engine = InferenceEngine(model, zero_stage=job.reference.zero_stage,
                                       micro_batch_size=job.reference.micro_batch_size, world_size=self.world_size,
-                                      dtype=str(dtype).replace("torch.", ""))
+                                      dtype=str(dtype).replace("torch.", ""), device=self.device)
         return self.memory()
 
     def reference_eval(self, batch: dict, fn) -> dict:

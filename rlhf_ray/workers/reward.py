@@ -35,12 +35,13 @@ class RewardWorker(EngineWorker):
         self.clock = ComputeClock()  # the rule's seconds; a model's are on its engine's clock
         self.engine = None
         if self.rule is None:
-            dtype = resolve_dtype(cfg.model.dtype)
-            model = load_scalar_head_model(cfg.model.name_or_path, dtype=cfg.model.dtype,
+            dtype = resolve_dtype(cfg.model.dtype, self.device)
+            model = load_scalar_head_model(cfg.model.name_or_path, dtype=dtype,
                                            trust_remote_code=cfg.model.trust_remote_code, seed=job.run.seed,
                                            tokenizer=self.tokenizer)
             self.engine = InferenceEngine(model, zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size,
-                                          world_size=self.world_size, dtype=str(dtype).replace("torch.", ""))
+                                          world_size=self.world_size, dtype=str(dtype).replace("torch.", ""),
+                                          device=self.device)
         return self.memory()
 
     def decode(self, batch: dict) -> tuple[list[str], list[str]]:

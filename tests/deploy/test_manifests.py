@@ -519,3 +519,17 @@ def test_standing_cluster_containers_carry_the_nccl_defaults():
         env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
         for key, value in NCCL_DEFAULTS.items():
             assert env.get(key) == value, f"raycluster.yaml: {where} {key} = {env.get(key)!r}"
+
+
+@pytest.mark.parametrize("name", ray_manifests())
+def test_every_ray_container_hides_the_gpus_from_actors_that_reserve_none(name, monkeypatch):
+    # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor with num_gpus=0 unless this is set in the
+    # environment of the raylet its workers inherit; the driver's ray.init carries it for its own job.
+    from rlhf_ray.runtime.distributed import ACCELERATOR_ENV
+
+    for where, template in pod_templates(load(name)):
+        env = {e["name"]: e.get("value") for e in template["spec"]["containers"][0].get("env", [])}
+        for key, value in ACCELERATOR_ENV.items():
+            assert env.get(key) == value, f"{name}: {where} {key} = {env.get(key)!r}"
+    driver_env = driver_runtime_env(monkeypatch)["env_vars"]
+    assert all(driver_env.get(key) == value for key, value in ACCELERATOR_ENV.items()), driver_env

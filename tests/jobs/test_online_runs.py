@@ -180,3 +180,64 @@ def test_ppo_still_runs_on_the_hugging_face_engine(ray_cluster, tmp_path):
     assert rows[-1]["policy/grad_norm"] > 0 and rows[-1]["critic/grad_norm"] > 0
     assert rows[-1]["policy/grad_norm"] != rows[-1]["critic/grad_norm"]
     assert 0 <= rows[-1]["policy/grad_clipped"] <= 1
+
+
+class _RecordingGroup:
+    """An actor group that records, in `log`, each call made on its one actor and each wait."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+        self.actors = [self]
+
+    def __len__(self):
+        return 1
+
+    def __getattr__(self, method):  # `actor.setup.remote(...)`, `actor.sleep.remote()`
+        return type("Method", (), {"remote": lambda _, *a, **k: self.log.append((self.name, method)) or method})()
+
+    def map(self, fn):
+        return [fn(self)]
+
+    def gather(self, refs):
+        self.log.append((self.name, "waited"))
+        return [{}]
+
+    def call(self, fn):
+        return self.gather(self.map(fn))
+
+
+class _RecordingRoles:
+    def __init__(self, names, shared):
+        self.log, self.shared = [], shared
+        self.groups = {name: _RecordingGroup(name, self.log) for name in names}
+
+    def __getitem__(self, name):
+        return self.groups[name]
+
+    def owns(self, name):
+        return name in self.groups
+
+    def shares_gpus(self, name):
+        return self.shared
+
+    def offer(self, name):
+        pass
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_engines_that_share_gpus_start_and_sleep_before_any_other_role_loads(tmp_path, shared):
+    # vLLM sizes its memory pool from what is free while it profiles, and checks that no other process
+    # freed memory meanwhile: beside trainers on the same GPUs it must start alone, then release it.
+    from rlhf_ray.jobs.online import OnlineJob
+
+    job = OnlineJob.__new__(OnlineJob)
+    job.cfg, job.n = tiny_config("tiny-ppo", tmp_path, *SMALL, *REWARD_MODEL), 1
+    roles = _RecordingRoles(["policy", "rollout", "reward", "reference", "critic"], shared)
+    job._setup(roles)
+    setups = [name for name, what in roles.log if what == "setup"]
+    if shared:
+        assert roles.log[:3] == [("rollout", "setup"), ("rollout", "waited"), ("rollout", "sleep")]
+        assert sorted(setups[1:]) == ["critic", "policy", "reference", "reward"]
+    else:  # every role loads at once
+        assert sorted(setups) == ["critic", "policy", "reference", "reward", "rollout"]
+        assert all(what == "setup" for _, what in roles.log[:5])

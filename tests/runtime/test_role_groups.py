@@ -171,3 +171,25 @@ def test_an_owner_recovering_takes_its_group_back_from_borrowers_that_let_go_and
         assert not done.wait(timeout=0.3)  # the owner's end waits for the borrower's whole run
     assert done.wait(timeout=5)
     final.join()
+
+
+def test_shares_gpus_is_true_only_for_a_gpu_role_beside_another_gpu_role():
+    from types import SimpleNamespace
+
+    from rlhf_ray.runtime.placement import RoleResources, plan_placement
+
+    specs = {"policy": RoleSpec("policy", object, 1, 1, 1), "rollout": RoleSpec("rollout", object, 1, 1, 1),
+             "reward": RoleSpec("reward", object, 1, 1, 0), "critic": RoleSpec("critic", object, 1, 1, 1)}
+
+    def groups(colocate):
+        resources = [RoleResources(s.name, s.num_ranks, s.num_cpus_per_rank, s.num_gpus_per_rank)
+                     for s in specs.values()]
+        roles = RoleGroups.__new__(RoleGroups)
+        roles.specs = specs
+        roles.placement = SimpleNamespace(plan=plan_placement(resources, colocate=colocate))
+        return roles
+
+    assert groups([["policy", "rollout"]]).shares_gpus("rollout")
+    assert not groups([["rollout", "reward"]]).shares_gpus("rollout")  # the reward rule holds no GPU
+    assert not groups([]).shares_gpus("rollout")
+    assert groups([["critic", "rollout"]]).shares_gpus("critic")

@@ -10,6 +10,7 @@
   rollout's own weights is exactly 1.
 * KTO's reference point z0 is one number for the whole step, averaged over
   micro-batches and ranks before clamping.
+* A weight sync copies the weights out of the engine on the sending rank only.
 """
 
 from __future__ import annotations
@@ -133,3 +134,21 @@ def test_kto_reference_point_is_averaged_over_the_whole_step_before_clamping(ray
         z0 = ray.get(policy.scatter(lambda a, s: a.kto_reference_point.remote(s), batch))
     # Each rank on its own would use 3 and max(0, -1) = 0.
     assert z0[0] == pytest.approx(expected, abs=1e-4) and z0[1] == pytest.approx(expected, abs=1e-4)
+
+
+def test_only_the_sending_rank_copies_the_weights_out():
+    # Rank 1 takes part in the ZeRO-3 gathers but copies nothing to the CPU and builds no buckets.
+    class Engine:
+        lora = False
+        joined = 0
+
+        def join_weight_gathers(self):
+            Engine.joined += 1
+
+        def iter_weight_buckets(self, bucket_bytes):
+            raise AssertionError("a rank that does not send copied the weights out")
+
+    worker = PolicyWorker.__new__(PolicyWorker)
+    worker.rank, worker.engine = 1, Engine()
+    assert worker.send_weights([object()], bucket_bytes=2**20) == {"sync/bytes": 0.0}
+    assert Engine.joined == 1

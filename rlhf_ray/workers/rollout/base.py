@@ -4,7 +4,9 @@ An engine actor holds a copy of the policy for generation. Per step the
 driver calls `generate` on every replica with its share of the prompts; after
 each policy update the policy streams its weights in buckets:
 `begin_weight_update()`, `load_weights(bucket)` per bucket,
-`finish_weight_update()`.
+`finish_weight_update()`. With `rollout.sleep_between_steps` the driver calls
+`sleep()` after generating, so the roles sharing the engine's GPU train in its
+memory.
 
 `generate` returns rows ready for training, every sample of a prompt
 consecutive (`n` rows per prompt):
@@ -44,6 +46,10 @@ class RolloutEngine(Protocol):
 
     def greedy_text(self, prompt_ids: list[int]) -> list[int]:
         """Greedy response tokens for one prompt."""
+
+    def sleep(self) -> None:
+        """Release the accelerator memory the engine holds until it is next used (`generate`,
+        `greedy_text` or `begin_weight_update` take it back); a no-op where there is none to release."""
 
     def begin_weight_update(self) -> None:
         """A weight update starts; buckets follow."""

