@@ -1,6 +1,6 @@
 """The `rlhf-ray` command. Each subcommand parses, builds, and calls one function.
 
-    rlhf-ray demo [--out DIR]                       the tiny end-to-end default
+    rlhf-ray demo [--out DIR] [--model smollm2-135m] the tiny end-to-end default, or on the real model
     rlhf-ray train CONFIG [key=value ...]           a job on a local or running cluster
     rlhf-ray presets | config show | config keys    what can be configured
     rlhf-ray data synth --out DIR                   the shipped synthetic task
@@ -102,7 +102,7 @@ def print_summary(run_dir: Path, summary: dict) -> None:
 def cmd_demo(args) -> int:
     from rlhf_ray.pipeline.demo import run_demo
 
-    report_path = run_demo(args.out, scale=args.scale)
+    report_path = run_demo(args.out, scale=args.scale, model=args.model)
     print(f"demo report: {report_path}")
     return 0
 
@@ -357,6 +357,9 @@ def build_parser() -> Parser:
     sub.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     sub.add_argument("--scale", type=float, default=1.0,
                      help="multiply every stage's step count (e.g. 0.2 for a quick look; default 1)")
+    sub.add_argument("--model", default="tiny", choices=("tiny", "smollm2-135m"),
+                     help="tiny (default: the synthetic task on a tiny model, minutes) or smollm2-135m "
+                          "(SmolLM2-135M-Instruct on the arithmetic task: the same report on a real model)")
 
     sub = _command(commands, "train", cmd_train, "run a training job (online or offline)", debug, overrides=True,
                    description="Run a training job on a local Ray cluster (bound to 127.0.0.1), or join a "

@@ -71,8 +71,9 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> Path:
 
 def _alignment_section(runs: dict[str, list[dict]], seconds: dict[str, float]) -> list[str]:
     lines = ["## Alignment accuracy on held-out prompts", "",
-             "Share of greedy responses to the 125 held-out prompts that mention the target word (the study's "
-             "alignment accuracy); 'first' is the evaluation after step 1, 'final' after the last step.", "",
+             "Share of greedy responses to the held-out prompts that the task's judge accepts (the synthetic "
+             "task: they mention the target word, the study's alignment accuracy; arithmetic: the answer is "
+             "right); 'first' is the evaluation after step 1, 'final' after the last step.", "",
              "| stage | first | final | held-out reward (final) | KL to reference | wall time |",
              "|---|---|---|---|---|---|"]
     for name, rows in runs.items():
@@ -160,7 +161,9 @@ def _time_section(runs: dict[str, list[dict]]) -> list[str]:
 
 
 def write_report(out: Path, stages: list[tuple[str, Path, float]], pictures: dict[str, Path] | None = None,
-                 wall_s: float | None = None) -> Path:
+                 wall_s: float | None = None,
+                 describe: str = "synthetic 'mention Penn' task -> SFT (30% of demonstrations mention the target)"
+                 ) -> Path:
     """Write `out/report.md` (and `out/rewards.png`) from the stages' run directories; `pictures` are the
     pipeline report's `layout`, `timeline` and `cost` files, shown when given."""
     runs = {name: read_metrics(run_dir) for name, run_dir, _ in stages}
@@ -171,9 +174,8 @@ def write_report(out: Path, stages: list[tuple[str, Path, float]], pictures: dic
     lines = ["# rlhf-ray demo report", "",
              f"Machine: {hw.get('cpu_model', 'CPU')}, {hw.get('cpu_logical_cores', '?')} cores; no GPU used. "
              f"Total wall time {wall / 60:.1f} min for {len(stages)} jobs.", "",
-             "Pipeline: synthetic 'mention Penn' task -> SFT (30% of demonstrations mention the target) -> reward "
-             "model on preference pairs -> DPO, PPO and ReMax from the SFT model, the three at the same time on "
-             "one Ray cluster.", ""]
+             f"Pipeline: {describe} -> reward model on preference pairs -> DPO, PPO and ReMax from the SFT "
+             "model, the three at the same time on one Ray cluster.", ""]
     lines += _alignment_section(runs, seconds) + [""]
     lines += ["## Reward curves", "", f"![reward curves]({plot.name})", ""]
     if pictures:
