@@ -20,6 +20,7 @@ from rlhf_ray.pipeline.runner import (
     load_pipeline,
     parse_pipeline,
     run_pipeline,
+    scale_to_fit,
 )
 
 QUIET = ["run.progress=false", "data.eval=", "run.eval_every=0", "policy.optim.scheduler=constant",
@@ -141,6 +142,46 @@ def test_jobs_that_may_overlap_must_fit_together(tmp_path):
     with pytest.raises(ConfigError, match=r"a \+ b may run at the same time and ask for 4 CPUs \(a: 2, b: 2\); "
                                           r"the cluster has 3, 1 short"):
         check_pipeline_fits(pipeline, {"CPU": 3.0})
+
+
+def test_shipped_presets_are_scaled_to_fit_a_laptop_that_rlhf_ray_starts_itself(tmp_path):
+    # tiny-dpo and tiny-grpo reserve 2 CPUs each; c comes after both and alone fits.
+    pipeline = parse_pipeline({"jobs": {"dpo": job("tiny-dpo"), "grpo": job("tiny-grpo"),
+                                        "sft": job("tiny-sft", after=["dpo", "grpo"])}}, "p.yaml", tmp_path)
+    configure(pipeline)
+    with pytest.raises(ConfigError, match=r"dpo \+ grpo may run at the same time and ask for 4 CPUs"):
+        check_pipeline_fits(pipeline, {"CPU": 2.0})
+    assert scale_to_fit(pipeline, 2.0) == ["dpo 2 -> 1 CPUs", "grpo 2 -> 1 CPUs"]
+    check_pipeline_fits(pipeline, {"CPU": 2.0})
+    assert pipeline.configs["dpo"].policy.num_cpus_per_rank == 1.0
+    assert pipeline.configs["grpo"].rollout.num_cpus_per_engine == 1.0
+    assert pipeline.configs["sft"].policy.num_cpus_per_rank == 2.0  # runs alone: left as it is
+    assert scale_to_fit(pipeline, 2.0) == []  # nothing left to scale
+
+
+def test_the_smol_pipeline_fits_two_cores_once_scaled(tmp_path):
+    pipeline = load_pipeline("smol-pipeline", tmp_path)
+    configure(pipeline)
+    assert pipeline.configs["grpo"].reference.share_with == "dpo"  # one frozen reference for the three
+    assert pipeline.configs["remax"].reference.share_with == "dpo"
+    scaled = scale_to_fit(pipeline, 2.0)
+    assert [line.split()[0] for line in scaled] == ["dpo", "grpo", "remax"]
+    check_pipeline_fits(pipeline, {"CPU": 2.0})
+
+
+def test_a_cluster_rlhf_ray_starts_runs_its_workers_at_normal_priority():
+    import subprocess
+    import sys
+
+    code = ("import os, ray\n"
+            "from rlhf_ray.runtime.role_groups import init_ray\n"
+            "init_ray()\n"
+            "nice = ray.get(ray.remote(num_cpus=0)(lambda: os.nice(0)).remote())\n"
+            "print('nice', nice)\n"
+            "ray.shutdown()\n")
+    env = {**__import__("os").environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert "nice 0" in out.stdout, out.stdout + out.stderr[-2000:]
 
 
 def _interval(summary):
