@@ -330,6 +330,13 @@ def _command(subparsers, name: str, handler, help_text: str, debug_parent, *, ov
     return sub
 
 
+def _group(commands, name: str, help_text: str, debug):
+    """A command with subcommands of its own (`rlhf-ray data ...`); returns their subparsers."""
+    group = commands.add_parser(name, help=help_text, description=help_text.capitalize() + ".", parents=[debug])
+    group.set_defaults(parser=group)
+    return group.add_subparsers(dest=f"{name}_command", metavar="COMMAND", required=True, help="what to do")
+
+
 def _add_config(sub, what: str) -> None:
     sub.add_argument("config", metavar="CONFIG", help=f"a YAML path, or the name of a shipped preset ({what}; "
                      f"`{PROG} presets` lists them)")
@@ -393,10 +400,7 @@ def build_parser() -> Parser:
                    "meaning", debug)
     sub.add_argument("prefix", nargs="?", default="", help="only keys under this section or key (e.g. algorithm)")
 
-    data = commands.add_parser("data", help="data utilities", description="Data utilities.", parents=[debug])
-    data.set_defaults(parser=data)
-    data_commands = data.add_subparsers(dest="data_command", metavar="COMMAND", required=True,
-                                        help="what to do")
+    data_commands = _group(commands, "data", "data utilities", debug)
     sub = _command(data_commands, "synth", cmd_data_synth, "write a shipped task (one .jsonl per split): the "
                    "synthetic 'mention the target' task or arithmetic questions with a verifiable answer", debug)
     sub.add_argument("--task", choices=("synthetic", "arithmetic"), default="synthetic",
@@ -410,10 +414,7 @@ def build_parser() -> Parser:
     sub.add_argument("--operations", nargs="+", default=["+"], choices=("+", "-", "*"),
                      help="arithmetic: operations asked about (default: +)")
 
-    models = commands.add_parser("models", help="model utilities", description="Model utilities.", parents=[debug])
-    models.set_defaults(parser=models)
-    model_commands = models.add_subparsers(dest="models_command", metavar="COMMAND", required=True,
-                                           help="what to do")
+    model_commands = _group(commands, "models", "model utilities", debug)
     sub = _command(model_commands, "import", cmd_models_import, "convert a GGUF file (or a shipped model such as "
                    "smollm2-135m) into a Hugging Face model folder", debug)
     sub.add_argument("file", help="a .gguf file, or the name of a shipped model (smollm2-135m)")
