@@ -158,6 +158,8 @@ def validate_online(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
                           "to 1, or use a clipped-ratio algorithm (ppo, grpo)")
     if not cfg.reward.rule and not cfg.reward.model.name_or_path:
         raise ConfigError("reward: give reward.rule (module:function) or reward.model.name_or_path (a reward model)")
+    if not cfg.reward.rule:
+        check_reward_tokenizer(cfg, produced)
     if cfg.rollout.engine == "vllm":
         check_vllm_available(cfg, produced)
     optimizer_steps = cfg.run.total_steps * cfg.algorithm.ppo_epochs * cfg.algorithm.num_minibatches
@@ -172,6 +174,32 @@ def validate_online(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
     _divisible(minibatch, cfg.policy.num_ranks, cfg.policy.micro_batch_size, "policy minibatch")
     if algorithm.needs_critic:
         _divisible(minibatch, cfg.critic.num_ranks, cfg.critic.micro_batch_size, "critic minibatch")
+
+
+def check_reward_tokenizer(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
+    """A reward model scores the policy's token ids as they are (nothing is decoded and encoded again), so
+    its own tokenizer, where it has one, must be the policy's: the same vocabulary and padding. Refused
+    otherwise, naming both (a model a job before it in a pipeline will write is not checked)."""
+    import os
+
+    from rlhf_ray.models.loading import load_tokenizer_for
+    from rlhf_ray.models.tokenizer import TOKENIZER_FILES
+
+    policy_source = cfg.policy.model.tokenizer or cfg.policy.model.name_or_path
+    reward_source = cfg.reward.model.tokenizer or cfg.reward.model.name_or_path
+    if reward_source == policy_source or any(_made_by_earlier_job(p, produced) for p in (policy_source, reward_source)):
+        return
+    if not cfg.reward.model.tokenizer and not (os.path.isdir(reward_source) and any(
+            os.path.isfile(os.path.join(reward_source, name)) for name in TOKENIZER_FILES)):
+        return  # a preset or a folder without a tokenizer: the reward role uses the policy's
+    trust = cfg.policy.model.trust_remote_code
+    policy_tok, reward_tok = load_tokenizer_for(policy_source, trust_remote_code=trust), \
+        load_tokenizer_for(reward_source, trust_remote_code=cfg.reward.model.trust_remote_code)
+    if policy_tok.get_vocab() != reward_tok.get_vocab() or policy_tok.pad_token_id != reward_tok.pad_token_id:
+        raise ConfigError(f"reward.model: the reward model's tokenizer ({reward_source}, {len(reward_tok)} tokens) is "
+                          f"not the policy's ({policy_source}, {len(policy_tok)} tokens); the reward role scores "
+                          "the policy's token ids as they are, so it would score other text. Use a reward model "
+                          "trained with the policy's tokenizer, or a reward.rule")
 
 
 def check_vllm_available(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:

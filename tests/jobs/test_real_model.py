@@ -90,3 +90,22 @@ def test_smol_online_preset_samples_from_the_real_model(ray_cluster, tmp_path, p
         written = samples(run_dir, steps)
         assert last["eval/greedy_pass_rate"] == sum(r["reward"] for r in written) / len(written)
         assert 0 <= last["eval/pass_rate"] <= 1
+
+
+def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path):
+    """The reward role scores the policy's token ids as they are: a reward model trained with another
+    tokenizer (here SmolLM2's under a tiny policy) would score other text, so the job is refused."""
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.jobs.validate import validate_online
+    from rlhf_ray.models.heads import load_scalar_head_model
+    from rlhf_ray.models.loading import load_tokenizer_for
+
+    def reward_model(folder, tokenizer_of):
+        load_scalar_head_model("tiny-gpt2").save_pretrained(folder)
+        load_tokenizer_for(tokenizer_of).save_pretrained(folder)
+        return tiny_config("tiny-ppo", tmp_path / "run", "reward.rule=", f"reward.model.name_or_path={folder}")
+
+    with pytest.raises(ConfigError, match=r"reward\.model: the reward model's tokenizer .*49152 tokens.* is not "
+                                          r"the policy's \(tiny-gpt2"):
+        validate_online(reward_model(tmp_path / "other", "smollm2-135m"))
+    validate_online(reward_model(tmp_path / "same", "tiny-gpt2"))  # the policy's own tokenizer: accepted
