@@ -19,9 +19,14 @@ Splits, in the formats of :mod:`rlhf_ray.data.formats` (TRL's names):
 - ``sft``: ``{"prompt", "completion"}``, the completion one assistant turn
   holding the answer alone (``"42"``);
 - ``preference_train`` / ``preference_eval``: ``{"prompt", "chosen",
-  "rejected"}``, chosen the right answer, rejected a near miss (off by one in
-  the last digit, off by ten, or with two digits swapped: the mistakes small
-  models make), both as assistant turns;
+  "rejected"}``, both assistant turns that restate the sum and answer it
+  (``"17 + 25 = 42"``), chosen with the right answer, rejected with a near
+  miss (off by one, off by ten, or two digits swapped: the mistakes small
+  models make). Restated, as a chat model tends to answer, the pair differs
+  only in the answer, so DPO moves the answer and not the format: with the
+  bare number as both sides, far from what SmolLM2-135M-Instruct says, DPO
+  lowered both sides' log-probs and the model drifted to longer text (its
+  held-out pass rate fell from 21.9% to 6.2% in 60 steps);
 - ``prompts_train`` / ``prompts_eval``: ``{"prompt"}`` for online RL.
 
 Operands have ``digits`` digits (two by default: 10 to 99); ``operations`` is
@@ -179,8 +184,9 @@ def build_arithmetic(cfg: ArithmeticConfig = ArithmeticConfig()) -> dict[str, li
         out[split] = []
         for a, op, b in draw(split, pool, n):
             answer = OPERATIONS[op](a, b)
-            out[split].append({"prompt": _user(question(a, op, b)), "chosen": _assistant(str(answer)),
-                               "rejected": _assistant(str(near_miss(r, answer)))})
+            said = f"{a} {op} {b} = "
+            out[split].append({"prompt": _user(question(a, op, b)), "chosen": _assistant(f"{said}{answer}"),
+                               "rejected": _assistant(f"{said}{near_miss(r, answer)}")})
     out["prompts_train"] = [{"prompt": _user(question(*p))} for p in draw("prompts_train", train, cfg.n_prompts_train)]
     out["prompts_eval"] = [{"prompt": _user(question(*p))} for p in held_out[:cfg.n_prompts_eval]]
     return out
