@@ -91,9 +91,10 @@ def test_sampling_kwargs_for_samples_and_greedy():
     r = RolloutConfig(temperature=0.7, max_new_tokens=12)
     assert sampling_kwargs(r, eos_id=EOS, n=4, seed=123) == {
         "n": 4, "temperature": 0.7, "seed": 123, "logprobs": 0,
-        "max_tokens": 12, "stop_token_ids": [EOS], "detokenize": False}
+        "max_tokens": 12, "stop_token_ids": [EOS], "ignore_eos": True, "detokenize": False}
     assert sampling_kwargs(r, eos_id=EOS, greedy=True) == {
-        "n": 1, "temperature": 0.0, "max_tokens": 12, "stop_token_ids": [EOS], "detokenize": False}
+        "n": 1, "temperature": 0.0, "max_tokens": 12, "stop_token_ids": [EOS], "ignore_eos": True,
+        "detokenize": False}
 
 
 def test_sampling_kwargs_reject_what_vllm_rejects_or_the_logprob_check_cannot_honour():
@@ -438,6 +439,13 @@ def test_our_requests_and_rows_are_accepted_by_vllms_classes(tmp_path):
     sampled = SamplingParams(**sampling_kwargs(r, eos_id=EOS, n=4, seed=9))
     assert (sampled.n, sampled.seed, sampled.logprobs, sampled.stop_token_ids) == (4, 9, 0, [EOS])
     assert SamplingParams(**sampling_kwargs(r, eos_id=EOS, greedy=True)).temperature == 0.0
+    # A generation config listing a second EOS id (Llama-3's end of turn): vLLM adds it to the stop ids of
+    # every request it processes, unless ignore_eos; only the tokenizer's EOS may end a response, since the
+    # rows count only that one as finished.
+    for kwargs in (sampling_kwargs(r, eos_id=EOS, n=4, seed=9), sampling_kwargs(r, eos_id=EOS, greedy=True)):
+        params = SamplingParams(**kwargs)
+        params.update_from_generation_config({"eos_token_id": [EOS, 77]}, None)
+        assert params.stop_token_ids == [EOS]
 
     flat = FlatLogprobs()
     for token, lp in [(11, -0.1), (0, -0.2), (2, -0.3)]:

@@ -200,12 +200,17 @@ def sampling_kwargs(rollout: RolloutConfig, *, eos_id: int, n: int = 1, greedy: 
 
     Samples: `n` per request at `rollout.temperature`, seeded, with the sampled
     token's log-prob (`logprobs=0`). Greedy: temperature 0, one response, no
-    log-probs. Both stop at the tokenizer's EOS and return token ids only (no
-    detokenising). Settings the log-prob check cannot honour raise
-    (`check_sampling`)."""
+    log-probs. Both stop at the tokenizer's EOS only and return token ids (no
+    detokenising): vLLM would also stop at every EOS id the model's
+    `generation_config.json` lists (Llama-3's end-of-turn beside its EOS)
+    unless `ignore_eos` is set, and the rows, the HF engine and the policy know
+    one EOS; `ignore_eos` keeps the generation config's ids out of the stop
+    ids, and `stop_token_ids` stops at the tokenizer's. Settings the log-prob
+    check cannot honour raise (`check_sampling`)."""
     if n < 1:
         raise ValueError(f"n={n}: a request needs at least one sample")
-    common = {"max_tokens": rollout.max_new_tokens, "stop_token_ids": [eos_id], "detokenize": False}
+    common = {"max_tokens": rollout.max_new_tokens, "stop_token_ids": [eos_id], "ignore_eos": True,
+              "detokenize": False}
     if greedy:
         return {"n": 1, "temperature": 0.0, **common}
     check_sampling(rollout)
