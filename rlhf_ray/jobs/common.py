@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
 
@@ -106,16 +107,16 @@ def with_recovery(cfg: JobConfig, run_dir: Path, attempt: Callable[[Path | None,
                   file=sys.stderr, flush=True)
 
 
-class RecoveringJob:
+class RecoveringJob(ABC):
     """A driver whose `run` is one `_attempt(stop, resume_from, failures, started_at)` after another under
     `with_recovery`; subclasses set `cfg` and `run_dir` and say which role groups they need (`_specs`)."""
 
     cfg: JobConfig
     run_dir: Path
 
+    @abstractmethod
     def _specs(self) -> list[RoleSpec]:
         """The role groups each attempt creates or borrows."""
-        raise NotImplementedError
 
     def run(self, stop=None) -> dict:
         """The loop, recovering from dead actors (`with_recovery`); returns the summary. The frozen groups
