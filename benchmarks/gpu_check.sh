@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path, checked on one GPU machine in one command (under 8 minutes on one H100, no network):
+# The GPU path, checked on one GPU machine in one command (a 480 s budget, BUDGET_S; no network):
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]
 #

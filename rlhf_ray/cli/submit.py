@@ -258,13 +258,15 @@ def config_file_name(config: str) -> str:
 
 def _relative_paths(cfg) -> list[str]:
     """The config's local file paths that are relative (run directory, data, models), as `key=value`."""
+    from rlhf_ray.data.tasks import task_of
+
     keys = {"run.output_dir": cfg.run.output_dir, "data.train": cfg.data.train, "data.eval": cfg.data.eval,
             "data.ptx": cfg.data.ptx}
     for role in ("policy", "reference", "reward", "critic"):
         keys[f"{role}.model.name_or_path"] = getattr(cfg, role).model.name_or_path
     return [f"{key}={value}" for key, value in keys.items()
             if value and not Path(value).is_absolute() and ("/" in value or Path(value).exists())
-            and not value.startswith(("synthetic:", "arithmetic:", "hf:"))]
+            and not value.startswith("hf:") and task_of(value) is None]
 
 
 def submit_config(cluster: Cluster, config: str, cfg, overrides: Sequence[str], *, package: bool = True,

@@ -261,7 +261,9 @@ class DataConfig:
     format: str = _help("prompt, sft, preference, kto or ranked; empty means the objective's own format.", default="")
     column_map: dict = _help("Rename the data set's columns, e.g. {question: prompt}.", default_factory=dict)
     prompt_template: str = _help("Wraps string prompts; must contain {prompt}.", default="")
-    max_prompt_length: int = _help("Prompts keep their last this-many tokens.", default=64)
+    max_prompt_length: int = _help("Longest prompt in tokens (rendered by the policy's tokenizer, chat template "
+                                   "included); a longer one is a bad row: the job fails naming it, or skips it "
+                                   "with skip_bad_rows.", default=64)
     max_length: int = _help("Prompt plus response; longer responses are cut on the right.", default=128)
     skip_bad_rows: bool = _help("Drop invalid rows (and report how many and why) instead of stopping.", default=False)
     max_examples: int = _help("Use only the first N examples of each split (0: all); for quick runs.", default=0)

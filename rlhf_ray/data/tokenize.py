@@ -17,12 +17,13 @@ rendered by a template) the template already wrote an EOS to close the turn:
 whatever the template puts after it, such as ``"<|im_end|>\n"``'s newline, is
 kept as the template wrote it.
 
-Truncation policy (the same for every job):
+Truncation policy:
 
 1. A prompt longer than ``max_prompt_length`` tokens keeps its LAST
-   ``max_prompt_length`` tokens (left truncation: the end of a prompt, next
-   to the answer, matters most). The loader can instead reject or skip such
-   rows up front (``load_examples(..., max_prompt_length=...)``).
+   ``max_prompt_length`` tokens here (left truncation: the end of a prompt,
+   next to the answer, matters most). Jobs never get that far: their loader
+   rejects or skips such rows up front (``load_examples(...,
+   max_prompt_length=...)``, called by ``job_data.load_job_examples``).
 2. If prompt + response (with its EOS) is still longer than ``max_length``,
    the response is cut on the right. Its EOS is then gone, so the sample
    counts as unfinished (``EncodedSequence.truncated``).

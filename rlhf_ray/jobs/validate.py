@@ -183,14 +183,16 @@ def check_reward_tokenizer(cfg: JobConfig, produced: tuple[str, ...] = ()) -> No
     import os
 
     from rlhf_ray.models.loading import load_tokenizer_for
+    from rlhf_ray.models.sources import local_model_path
     from rlhf_ray.models.tokenizer import TOKENIZER_FILES
 
     policy_source = cfg.policy.model.tokenizer or cfg.policy.model.name_or_path
     reward_source = cfg.reward.model.tokenizer or cfg.reward.model.name_or_path
     if reward_source == policy_source or any(_made_by_earlier_job(p, produced) for p in (policy_source, reward_source)):
         return
-    if not cfg.reward.model.tokenizer and not (os.path.isdir(reward_source) and any(
-            os.path.isfile(os.path.join(reward_source, name)) for name in TOKENIZER_FILES)):
+    folder = local_model_path(reward_source)  # a .gguf file or shipped model: its converted folder
+    if not cfg.reward.model.tokenizer and not (os.path.isdir(folder) and any(
+            os.path.isfile(os.path.join(folder, name)) for name in TOKENIZER_FILES)):
         return  # a preset or a folder without a tokenizer: the reward role uses the policy's
     trust = cfg.policy.model.trust_remote_code
     policy_tok, reward_tok = load_tokenizer_for(policy_source, trust_remote_code=trust), \

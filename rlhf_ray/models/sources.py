@@ -201,6 +201,11 @@ def convert_gguf(path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if (out / "config.json").is_file():  # another process renamed its conversion into place meanwhile
+            return out
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -132,7 +132,7 @@ def demo_pipeline(out: Path, scale: float = 1.0, model: str = "tiny") -> dict:
         after = {"sft": [], "rm": ["sft"]}.get(stage.name, ["sft", "rm"])
         if after == ["sft", "rm"]:
             overrides += [f"{role}.num_cpus_per_rank=0.6" for role in ("policy", "reference", "reward", "critic")]
-            # Checkpoints along the run (about five each) are the frontier's points.
+            # Checkpoints along the run (the model's `checkpoints` each) are the frontier's points.
             steps = int(next(o for o in overrides if o.startswith("run.total_steps=")).split("=")[1])
             overrides += ["rollout.num_cpus_per_engine=0.6", f"run.save_every={max(1, steps // checkpoints)}",
                           "run.keep_last=10"]

@@ -325,6 +325,8 @@ def scale_to_fit(pipeline: Pipeline, cpus: float) -> list[str]:
     job. Roles on CPUs that share cores take turns anyway; a role's torch threads follow its reservation
     (at least one). Each job is scaled by `cpus` over the largest demand of any set of jobs it may overlap
     with, so every such set fits; GPUs are never scaled."""
+    if cpus <= 0:  # nothing free to scale to: the fit check says what is short
+        return []
     need = {name: job_bundles(cfg)["CPU"] for name, cfg in pipeline.configs.items()}
     groups = _overlapping_groups(pipeline)
     lines = []

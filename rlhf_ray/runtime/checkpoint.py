@@ -168,6 +168,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return found[-1][1] if found else None
 
 
+def _mark(path: Path) -> tuple:
+    stat = (path / COMPLETE_MARKER).stat()
+    return path.name, stat.st_ino, stat.st_mtime_ns
+
+
 def checkpoint_marks(run_dir: str | os.PathLike) -> frozenset[tuple]:
     """What identifies each complete checkpoint as written: its name and its completion marker's inode and
     modification time. A checkpoint whose mark is not in an earlier `checkpoint_marks` was written (or
@@ -175,25 +180,32 @@ def checkpoint_marks(run_dir: str | os.PathLike) -> frozenset[tuple]:
     marks = []
     for _, path in _complete_checkpoints(run_dir):
         try:
-            stat = (path / COMPLETE_MARKER).stat()
+            marks.append(_mark(path))
         except FileNotFoundError:  # pruned meanwhile
             continue
-        marks.append((path.name, stat.st_ino, stat.st_mtime_ns))
     return frozenset(marks)
 
 
-def _mark(path: Path) -> tuple:
-    stat = (path / COMPLETE_MARKER).stat()
-    return path.name, stat.st_ino, stat.st_mtime_ns
+def _in_write_order(run_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints, oldest written first (the completion marker's time, then the step): a run
+    resumed from an earlier checkpoint of its folder writes step_6 after the step_8 of the line it left,
+    and step_6 is then the newest, for resuming and for pruning alike."""
+    found = []
+    for step, path in _complete_checkpoints(run_dir):
+        try:
+            found.append(((path / COMPLETE_MARKER).stat().st_mtime_ns, step, path))
+        except FileNotFoundError:  # pruned meanwhile
+            continue
+    return [path for _, _, path in sorted(found)]
 
 
 def latest_sound_checkpoint(run_dir: str | os.PathLike, written_before: frozenset[tuple] = frozenset()
                             ) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest complete checkpoint whose files match its manifest, and the newer ones passed over
-    (each with what is wrong with it). Checkpoints whose marks are in `written_before` (`checkpoint_marks`
+    """The newest complete checkpoint (the last written) whose files match its manifest, and the newer ones
+    passed over (each with what is wrong with it). Checkpoints whose marks are in `written_before` (`checkpoint_marks`
     taken when a run started: what earlier runs left) are not considered."""
     damaged = []
-    for _, path in reversed(_complete_checkpoints(run_dir)):
+    for path in reversed(_in_write_order(run_dir)):
         if written_before and _mark(path) in written_before:
             continue
         problem = checkpoint_problem(path)
@@ -216,11 +228,7 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    # Newest by when they were written: a run resumed from an earlier checkpoint of the same folder keeps
-    # what it writes (step_5) over the higher steps of the line it left (step_8).
-    written = sorted(_complete_checkpoints(run_dir),
-                     key=lambda found: ((found[1] / COMPLETE_MARKER).stat().st_mtime_ns, found[0]))
-    doomed = [path for _, path in written[:-keep_last]]
+    doomed = _in_write_order(run_dir)[:-keep_last]
     doomed += [child for child in root.iterdir() if child.is_dir() and child.name.startswith(".step_")
                and (_TEMP_MARK in child.name or _OLD_MARK in child.name)]
     for path in doomed:

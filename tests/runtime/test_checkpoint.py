@@ -15,6 +15,7 @@ from rlhf_ray.runtime.checkpoint import (
     atomic_dir,
     capture_rng_state,
     latest_checkpoint,
+    latest_sound_checkpoint,
     prune_checkpoints,
     read_json,
     restore_rng_state,
@@ -89,6 +90,20 @@ def test_prune_keeps_the_newest_and_clears_leftovers(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["notes", "step_0", "step_3", "step_4"]
     with pytest.raises(ValueError, match="keep_last must be >= 1"):
         prune_checkpoints(tmp_path, keep_last=0)
+
+
+def test_resume_and_pruning_agree_that_the_last_written_checkpoint_is_the_newest(tmp_path):
+    import os
+
+    # A run left step_7 and step_8, was resumed from step_5, and wrote step_6 before it died.
+    for step in (5, 7, 8, 6):
+        _save(tmp_path, step, str(step))
+    for age, step in enumerate((5, 7, 8, 6)):  # marker times in writing order, whatever the clock's grain
+        marker = _step_dir(tmp_path, step) / COMPLETE_MARKER
+        os.utime(marker, ns=(10**18 + age * 10**9, 10**18 + age * 10**9))
+    path, damaged = latest_sound_checkpoint(tmp_path)
+    assert path.name == "step_6" and not damaged  # run.resume: auto continues the resumed line
+    assert sorted(p.name for p in prune_checkpoints(tmp_path, keep_last=2)) == ["step_5", "step_7"]
 
 
 def test_write_and_read_json(tmp_path):
