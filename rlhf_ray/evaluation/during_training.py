@@ -98,15 +98,37 @@ def alignment(policy_group, eval_prompts, tokenizer, cfg: JobConfig, run_dir: Pa
     rewards = None
     if cfg.reward.rule:
         rule = import_callable(cfg.reward.rule, "reward.rule")
-        decoded = [tokenizer.decode(tokenizer(p, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
-                   for p in prompt_texts]  # as the reward role decodes rollout rows
-        rewards = [float(r) for r in rule(decoded, texts)]
+        rewards = [float(r) for r in rule(_as_the_reward_role_sees(tokenizer, prompt_texts), texts)]
         out["eval/greedy_reward_mean"] = sum(rewards) / max(n, 1)
         out["eval/greedy_pass_rate"] = pass_rate(rewards, rule_max_reward(rule))
     if verdicts is not None:
         out["eval/alignment_accuracy"] = sum(verdicts) / max(n, 1)
     write_samples(run_dir, step, _sample_rows(prompt_texts, texts, judge=verdicts, reward=rewards))
     return out
+
+
+def _as_the_reward_role_sees(tokenizer, prompt_texts: list[str]) -> list[str]:
+    """Rendered prompts as the reward role decodes rollout rows: their tokens without special tokens."""
+    return [tokenizer.decode(tokenizer(p, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+            for p in prompt_texts]
+
+
+def check_rule_on_eval_data(cfg: JobConfig, eval_prompts, tokenizer) -> None:
+    """An offline job scores its held-out answers with `reward.rule` only when it evaluates, after training
+    has started: try the rule on the first held-out prompt now, so a rule that refuses the data (another
+    task's prompts) fails before any model loads."""
+    if not cfg.reward.rule or eval_prompts is None or not len(eval_prompts):
+        return
+    from rlhf_ray.config.schema import ConfigError
+
+    rule = import_callable(cfg.reward.rule, "reward.rule")
+    prompt = _as_the_reward_role_sees(tokenizer, eval_prompts.prompts([0])["prompt_text"])
+    try:
+        rule(prompt, [""])
+    except Exception as err:  # the user's function: any exception is a refusal of the data
+        raise ConfigError(f"reward.rule: {cfg.reward.rule} raised on the first prompt of data.eval "
+                          f"({cfg.data.eval}): {type(err).__name__}: {err}; give a rule for this data, or "
+                          "reward.rule= to evaluate without one") from err
 
 
 def offline_pair_metrics(job, roles) -> dict:

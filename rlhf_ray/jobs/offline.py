@@ -123,6 +123,7 @@ class OfflineJob(RecoveringJob):
                                             trust_remote_code=model_cfg.trust_remote_code)
         self.train, self.eval_pairs, self.eval_prompts = self._load_data()
         self._check_scores()
+        evaluation.check_rule_on_eval_data(cfg, self.eval_prompts, self.tokenizer)
         self.reference_cache: dict[str, torch.Tensor] | None = None
 
     # data ------------------------------------------------------------------

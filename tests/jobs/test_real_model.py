@@ -109,3 +109,15 @@ def test_a_reward_model_with_another_tokenizer_is_refused(tmp_path):
                                           r"the policy's \(tiny-gpt2"):
         validate_online(reward_model(tmp_path / "other", "smollm2-135m"))
     validate_online(reward_model(tmp_path / "same", "tiny-gpt2"))  # the policy's own tokenizer: accepted
+
+
+def test_an_offline_jobs_rule_that_refuses_its_eval_data_fails_before_training(tmp_path):
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.jobs.offline import OfflineJob
+
+    cfg = tiny_config("tiny-dpo", tmp_path / "run", "data.eval=synthetic:preference_eval",
+                      "reward.rule=rlhf_ray.data.arithmetic:answer_reward")
+    with pytest.raises(ConfigError, match=r"reward\.rule: rlhf_ray\.data\.arithmetic:answer_reward raised on the "
+                                          r"first prompt of data\.eval \(synthetic:preference_eval\): ValueError: "
+                                          r"answer_reward: the prompt .* asks no question"):
+        OfflineJob(cfg)
