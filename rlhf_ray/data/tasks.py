@@ -99,6 +99,15 @@ def write_splits(out_dir: str | os.PathLike, rows_by_split: dict[str, list[dict]
     return paths
 
 
+def judge_path(judge: str, source: str) -> str:
+    """The import path a `judge` setting stands for: `auto` is the judge of the shipped task `source` names
+    ("" for other data, which has none); anything else is returned as it is."""
+    if judge != "auto":
+        return judge
+    task = task_of(source)
+    return task.judge if task is not None else ""
+
+
 def as_judge(fn: Callable) -> Callable[[str, str], bool]:
     """A judge called as ``judge(prompt, response)``; a function of one argument (an older judge of the
     response alone, such as ``mentions_target``) is called with the response."""

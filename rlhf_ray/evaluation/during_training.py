@@ -27,7 +27,7 @@ import torch
 
 from rlhf_ray.config.imports import import_callable
 from rlhf_ray.config.schema import JobConfig
-from rlhf_ray.data.tasks import as_judge, task_of
+from rlhf_ray.data.tasks import as_judge, judge_path
 from rlhf_ray.workers.reward_trainer import pairwise_accuracy
 
 
@@ -38,16 +38,8 @@ def generate_all(group, prompts: dict, *, max_new_tokens: int, seed: int, greedy
     return [row for shard in pending.results() for row in shard][:pending.size]
 
 
-def judge_path(cfg: JobConfig) -> str:
-    """The import path of the job's judge (`judge: auto` resolved), or "" for none."""
-    if cfg.judge != "auto":
-        return cfg.judge
-    task = task_of(cfg.data.eval or cfg.data.train)
-    return task.judge if task is not None else ""
-
-
 def judge_from(cfg: JobConfig) -> Callable[[str, str], bool] | None:
-    path = judge_path(cfg)
+    path = judge_path(cfg.judge, cfg.data.eval or cfg.data.train)
     return as_judge(import_callable(path, "judge")) if path else None
 
 

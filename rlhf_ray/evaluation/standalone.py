@@ -36,7 +36,7 @@ from rlhf_ray.data.formats import Text
 from rlhf_ray.data.loading import load_examples
 from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
 from rlhf_ray.data.job_data import resolve_source
-from rlhf_ray.data.tasks import as_judge, task_of
+from rlhf_ray.data.tasks import as_judge, judge_path
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import default_device, load_causal_lm, load_tokenizer_for
 from rlhf_ray.workers.forward import generate_tokens
@@ -47,15 +47,12 @@ METRICS_FILE = "metrics.json"
 SAMPLES_FILE = "samples.jsonl"
 
 
-def load_judge(path: str, source: str = DEFAULT_PROMPTS):
-    """`"package.module:function"` -> the judge `fn(prompt, response) -> bool` (a function of the response alone is
-    called with the response); `"auto"`: the judge of the shipped task `source` names, `None` for other data."""
-    if path == "auto":
-        task = task_of(source)
-        if task is None:
-            return None, ""
-        path = task.judge
-    return as_judge(import_callable(path, "judge")), path
+def load_judge(judge: str, source: str = DEFAULT_PROMPTS):
+    """`(judge, its import path)`: the judge `fn(prompt, response) -> bool` that `judge` names (a function of the
+    response alone is called with the response; `"auto"`, the judge of the shipped task `source` names), or
+    `(None, "")` where there is none."""
+    path = judge_path(judge, source)
+    return (as_judge(import_callable(path, "judge")), path) if path else (None, "")
 
 
 def load_prompts(source: str, data_dir: Path, limit: int = 0) -> list[Text]:
