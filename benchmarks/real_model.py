@@ -8,7 +8,15 @@ evaluation excluded; the wall minutes of each run are printed beside). Writes `r
 `real_model.md` and `real_model.png` (pass rate against training minutes) to the results folder.
 Run it on a quiet machine: every figure is a time.
 
-    python benchmarks/real_model.py [--methods grpo,dpo] [--steps 0] [--runs runs/real_model]
+With `--trl`, TRL's GRPOTrainer trains the same converted model on the same task after ours, in TRL's own
+virtual environment (`--trl-venv`, created as `vs_trl.py` creates it) with smol-grpo's settings: 8
+questions x 4 samples x 16 new tokens a step, one optimizer step per batch, the learning rate constant,
+AdamW betas and clipping as the preset's, KL to the instruct model at the preset's coefficient, fp32 and 2
+torch threads; TRL's own defaults elsewhere (its loss aggregation and advantage scaling). It answers the
+same 64 held-out questions greedily every `eval_every` steps, scored by the same rule, the time that takes
+left out, so both curves are pass rate against minutes of training.
+
+    python benchmarks/real_model.py [--methods grpo,dpo] [--steps 0] [--runs runs/real_model] [--trl]
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import os
 import time
 from pathlib import Path
 
-PRESETS = {"grpo": "smol-grpo", "dpo": "smol-dpo", "remax": "smol-remax", "ppo": "smol-ppo",
+PRESETS = {"trl-grpo": "TRL GRPOTrainer, smol-grpo's settings", "grpo": "smol-grpo", "dpo": "smol-dpo", "remax": "smol-remax", "ppo": "smol-ppo",
            "dpo-lora": "smol-dpo-lora", "sft": "smol-sft"}
 EVAL = "arithmetic:prompts_eval"
 
@@ -45,6 +53,38 @@ def curve(run_dir: Path) -> list[dict]:
     return points
 
 
+def trl_curve(out: Path, venv: Path, steps: int) -> tuple[list[dict], float, dict]:
+    """TRL's GRPOTrainer on the arithmetic task with smol-grpo's settings: (curve, wall seconds, versions)."""
+    import subprocess
+
+    import rlhf_ray.data.arithmetic as arithmetic
+    from rlhf_ray.config import load_config
+    from rlhf_ray.models.sources import local_model_path
+
+    from vs_trl import HERE, THREADS, ensure_trl_venv
+
+    python = ensure_trl_venv(venv)
+    cfg = load_config("smol-grpo")
+    work = out / "trl-grpo"
+    splits = arithmetic.write_arithmetic(work / "data")
+    spec = {"mode": "grpo", "model": local_model_path(cfg.policy.model.name_or_path),
+            "data": str(splits["prompts_train"]), "reward_module": arithmetic.__file__, "reward_fn": "answer_reward",
+            "threads": THREADS, "warmup": 0, "steps": steps or cfg.run.total_steps, "out_dir": str(work / "trainer"),
+            "batch_size": cfg.run.batch_size, "samples_per_prompt": cfg.algorithm.samples_per_prompt,
+            "max_new_tokens": cfg.rollout.max_new_tokens, "kl_coef": cfg.algorithm.kl_coef,
+            "lr": cfg.policy.optim.lr, "adam_beta2": cfg.policy.optim.betas[1],
+            "eval": {"prompts": str(splits["prompts_eval"]), "every": cfg.run.eval_every,
+                     "max_new_tokens": cfg.rollout.max_new_tokens}}
+    (work / "spec.json").write_text(json.dumps(spec, indent=2))
+    started = time.perf_counter()
+    done = subprocess.run([str(python), str(HERE / "vs_trl_worker.py"), str(work / "spec.json"),
+                           str(work / "result.json")])
+    if done.returncode != 0:
+        raise RuntimeError(f"TRL's GRPO run failed (exit {done.returncode}); its output is above")
+    result = json.loads((work / "result.json").read_text())
+    return [e for e in result["evals"] if e["step"] > 0], time.perf_counter() - started, result["versions"]
+
+
 def plot(start: float, curves: dict[str, list[dict]], path: Path) -> Path:
     import matplotlib
 
@@ -55,7 +95,8 @@ def plot(start: float, curves: dict[str, list[dict]], path: Path) -> Path:
     for method, points in curves.items():
         xs = [0.0] + [p["minutes"] for p in points]
         ys = [100 * start] + [100 * p["pass_rate"] for p in points]
-        ax.plot(xs, ys, marker="o", label=f"{method} ({PRESETS[method]})")
+        label = PRESETS[method] if method.startswith("trl") else f"rlhf-ray {method} ({PRESETS[method]})"
+        ax.plot(xs, ys, marker="o", label=label)
     ax.axhline(100 * start, color="grey", linestyle=":", label=f"instruct model as shipped ({100 * start:.1f}%)")
     ax.set_xlabel("minutes of training (the steps' own time, 2-core CPU)")
     ax.set_ylabel("held-out greedy pass rate (%)")
@@ -75,45 +116,69 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=0, help="training steps of each run (0: the preset's)")
     parser.add_argument("--runs", default="runs/real_model", help="where the run directories go")
     parser.add_argument("--results", default="benchmarks/results/real_model", help="where results go")
+    parser.add_argument("--trl", action="store_true", help="also train with TRL's GRPOTrainer (see above)")
+    parser.add_argument("--trl-venv", default="/tmp/trl-venv", help="TRL's own virtual environment")
     args = parser.parse_args(argv)
     from rlhf_ray.pipeline.demo import DemoStage, run_stages
     from rlhf_ray.telemetry.hardware import hardware_info
 
     out, results = Path(args.runs).resolve(), Path(args.results).resolve()
     results.mkdir(parents=True, exist_ok=True)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    load_before = os.getloadavg()
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else []
     start = start_rate(out)
     print(f"instruct model as shipped: greedy pass rate {100 * start:.1f}%", flush=True)
     overrides = ["run.progress=true", "run.resume=never"] + ([f"run.total_steps={args.steps}"] if args.steps else [])
-    stages = run_stages(out, [DemoStage(m, PRESETS[m], overrides) for m in methods])
+    curves, wall, runs, trl_versions = {}, {}, {}, None
+    for method in methods:
+        load_before, began = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        (stage,) = run_stages(out, [DemoStage(method, PRESETS[method], overrides)])
+        curves[method], wall[method] = curve(out / method), stage.seconds / 60
+        runs[method] = {"started_at": began, "load_before": load_before, "load_after": os.getloadavg()[0]}
+    if args.trl:
+        load_before, began = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        curves["trl-grpo"], seconds, trl_versions = trl_curve(out, Path(args.trl_venv), args.steps)
+        wall["trl-grpo"] = seconds / 60
+        runs["trl-grpo"] = {"started_at": began, "load_before": load_before, "load_after": os.getloadavg()[0]}
     # Methods measured before (another --methods) stay in the results beside the ones run now.
-    before = json.loads((results / "real_model.json").read_text()) if (results / "real_model.json").exists() else {}
-    curves = {**before.get("curves", {}), **{stage.name: curve(out / stage.name) for stage in stages}}
-    wall = {**before.get("wall_minutes", {}), **{stage.name: stage.seconds / 60 for stage in stages}}
-    result = {"start_pass_rate": start, "curves": curves, "wall_minutes": wall,
-              "load_average": {"before": load_before, "after": os.getloadavg()},
-              "hardware": hardware_info(), "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    (results / "real_model.json").write_text(json.dumps(result, indent=2, default=str))
+    path = results / "real_model.json"
+    before = json.loads(path.read_text()) if path.exists() else {}
+    result = {"start_pass_rate": start, "curves": {**before.get("curves", {}), **curves},
+              "wall_minutes": {**before.get("wall_minutes", {}), **wall},
+              "runs": {**before.get("runs", {}), **runs},
+              "trl_versions": trl_versions or before.get("trl_versions"), "hardware": hardware_info()}
+    path.write_text(json.dumps(result, indent=2, default=str))
+    text = write_results(result, results)
+    print(text)
+    return result
+
+
+def write_results(result: dict, results: Path) -> str:
+    """`real_model.md` and `real_model.png` from the results (every run measured so far); returns the text."""
+    start, curves, wall, runs = result["start_pass_rate"], result["curves"], result["wall_minutes"], result["runs"]
     plot(start, curves, results / "real_model.png")
-    lines = [f"# Real model: SmolLM2-135M-Instruct on two-digit addition ({result['measured_at']})", "",
-             f"CPU: {result['hardware'].get('cpu_model')}, load average before {load_before[0]:.2f}, after "
-             f"{result['load_average']['after'][0]:.2f}. Instruct model as shipped: {100 * start:.1f}% greedy pass "
-             "rate on 64 held-out questions.", "",
-             "| method | preset | steps | pass rate at the end | minutes of training | wall minutes (start-up, evaluation) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["# Real model: SmolLM2-135M-Instruct on two-digit addition", "",
+             f"CPU: {result['hardware'].get('cpu_model')}, {result['hardware'].get('cpus_available')} CPUs; each run "
+             "alone on the machine. Instruct model as shipped: "
+             f"{100 * start:.1f}% greedy pass rate on 64 held-out questions.", "",
+             "| method | preset | steps | pass rate at the end | minutes of training | wall minutes (start-up, "
+             "evaluation) | measured (load average before, after) |",
+             "|---|---|---|---|---|---|---|"]
     for name, points in curves.items():
         last = points[-1] if points else {"step": 0, "pass_rate": float("nan"), "minutes": 0.0}
-        lines.append(f"| {name} | {PRESETS[name]} | {last['step']} | {100 * start:.1f}% -> {100 * last['pass_rate']:.1f}% "
-                     f"| {last['minutes']:.1f} | {wall[name]:.1f} |")
+        run = runs.get(name, {})
+        when = f"{run['started_at']} ({run['load_before']:.1f}, {run['load_after']:.1f})" if run else "-"
+        lines.append(f"| {name} | {PRESETS[name]} | {last['step']} | {100 * start:.1f}% -> "
+                     f"{100 * last['pass_rate']:.1f}% | {last['minutes']:.1f} | {wall[name]:.1f} | {when} |")
+    if result.get("trl_versions") and "trl-grpo" in curves:
+        lines += ["", "TRL side: " + ", ".join(f"{k} {v}" for k, v in result["trl_versions"].items())
+                  + "; fp32, 2 torch threads, TRL's defaults for loss aggregation and advantage scaling."]
     lines += ["", "Held-out evaluations along each run (step: pass rate at minutes of training):", ""]
     for name, points in curves.items():
         lines.append(f"- {name}: " + ", ".join(f"{p['step']}: {100 * p['pass_rate']:.1f}% at {p['minutes']:.1f}"
                                                for p in points))
-    (results / "real_model.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    return result
-
+    text = "\n".join(lines) + "\n"
+    (results / "real_model.md").write_text(text)
+    return text
 
 if __name__ == "__main__":
     main()
