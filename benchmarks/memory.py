@@ -28,7 +28,7 @@ from pathlib import Path
 from rlhf_ray.config import load_config
 from rlhf_ray.reports.bench import run_memory
 from rlhf_ray.reports.bench_markdown import write_result
-from rlhf_ray.planner.job_plan import job_plan_markdown, plan_job, strip_markdown
+from rlhf_ray.planner.plan_command import plan_command, plan_markdown, strip_markdown
 
 REWARD_MODEL = ["reward.rule=", "reward.model.name_or_path=tiny-gpt2"]
 # One micro-batch shape for every trained role: PPO's minibatch of 8 would otherwise give its policy
@@ -59,13 +59,13 @@ def main() -> None:
             print(f"wrote {path}")
     out = Path(args.out)
     for name, (gpus, overrides) in PLANS.items():
-        plan = plan_job(load_config("llama-7b-ppo-vllm", overrides), algorithms=["ppo", "remax"], model="llama-7b",
+        plan = plan_command(load_config("llama-7b-ppo-vllm", overrides), algorithms=["ppo", "remax"], model="llama-7b",
                         gpus=gpus, gpu_mem_gib=80, num_prompts=45_000)
         command = (f"rlhf-ray plan --compare ppo,remax --model llama-7b --gpus {gpus} --gpu-mem 80 --samples 45000 "
                    + " ".join(overrides))
         (out / f"{name}.json").write_text(json.dumps(strip_markdown(plan), indent=2, sort_keys=True) + "\n")
         (out / f"{name}.md").write_text(f"# Planned: PPO vs ReMax, Llama-2-7B shapes, {gpus} x 80 GiB GPUs, every "
-                                        f"role on all of them\n\n`{command}`\n\n" + job_plan_markdown(plan))
+                                        f"role on all of them\n\n`{command}`\n\n" + plan_markdown(plan))
         print(f"wrote {out / name}.md")
 
 

@@ -296,7 +296,7 @@ DEFAULT_PLAN_CONFIG = "llama-7b-ppo-vllm"
 
 def cmd_plan(args) -> int:
     from rlhf_ray.config import load_config
-    from rlhf_ray.planner.job_plan import job_plan_markdown, plan_job, strip_markdown, throughput_from_bench
+    from rlhf_ray.planner.plan_command import plan_command, plan_markdown, strip_markdown, throughput_from_bench
 
     config, overrides = args.config, list(args.overrides)
     if config and "=" in config:  # `plan key=value ...` without a config
@@ -306,7 +306,7 @@ def cmd_plan(args) -> int:
     cfg = load_config(config or DEFAULT_PLAN_CONFIG, overrides)
     algorithms = _algorithms(args.compare) if args.compare else None
     throughput = throughput_from_bench(args.throughput) if args.throughput else None
-    result = plan_job(cfg, algorithms=algorithms, model=args.model, gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
+    result = plan_command(cfg, algorithms=algorithms, model=args.model, gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
                       gpu_type=args.gpu_type, price_per_gpu_hour=args.price_per_gpu_hour, num_prompts=args.samples,
                       throughput=throughput)
     if args.json:
@@ -316,7 +316,7 @@ def cmd_plan(args) -> int:
     else:
         if config is None:
             print(f"Layout and sizes of the shipped {DEFAULT_PLAN_CONFIG} preset, models from --model.\n")
-        print(job_plan_markdown(result), end="")
+        print(plan_markdown(result), end="")
     return 0
 
 

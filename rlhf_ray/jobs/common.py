@@ -16,6 +16,7 @@ from typing import Callable
 
 from rlhf_ray.config.loader import dump_yaml
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.job_plan import plan_job
 from rlhf_ray.runtime.actor_group import ActorGroupError, actor_death
 from rlhf_ray.runtime.checkpoint import (
     check_fresh_start,
@@ -107,16 +108,39 @@ def with_recovery(cfg: JobConfig, run_dir: Path, attempt: Callable[[Path | None,
                   file=sys.stderr, flush=True)
 
 
+def role_specs(cfg: JobConfig) -> list[RoleSpec]:
+    """The role groups of `cfg`'s job (`plan_job(cfg).groups`, in that order) with their actor classes and
+    resources: a borrowed group is listed too (its owner's actors answer)."""
+    from rlhf_ray.workers.critic import CriticWorker
+    from rlhf_ray.workers.policy import PolicyWorker
+    from rlhf_ray.workers.reference import ReferenceWorker
+    from rlhf_ray.workers.reward import RewardWorker
+    from rlhf_ray.workers.reward_trainer import RewardTrainerWorker
+    from rlhf_ray.workers.rollout import engine_worker_class
+
+    plan = plan_job(cfg)
+    r = cfg.rollout
+    reward = RewardTrainerWorker if "reward" in plan.trained else RewardWorker
+    workers = {"policy": PolicyWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": reward}
+    return [RoleSpec("rollout", engine_worker_class(r.engine), r.num_engines, r.num_cpus_per_engine,
+                     r.num_gpus_per_engine) if role == "rollout" else RoleSpec.of(role, workers[role], getattr(cfg, role))
+            for role in plan.groups]
+
+
 class RecoveringJob(ABC):
     """A driver whose `run` is one `_attempt(stop, resume_from, failures, started_at)` after another under
-    `with_recovery`; subclasses set `cfg` and `run_dir` and say which role groups they need (`_specs`)."""
+    `with_recovery`; subclasses set `cfg` and `run_dir` and make one attempt (`_attempt`)."""
 
     cfg: JobConfig
     run_dir: Path
 
-    @abstractmethod
     def _specs(self) -> list[RoleSpec]:
         """The role groups each attempt creates or borrows."""
+        return role_specs(self.cfg)
+
+    @abstractmethod
+    def _attempt(self, stop, resume_from: Path | None, failures: list[dict], started_at: str) -> dict:
+        """One run of the job from `resume_from` (None: the start) until it ends or an actor dies."""
 
     def run(self, stop=None) -> dict:
         """The loop, recovering from dead actors (`with_recovery`); returns the summary. The frozen groups

@@ -16,7 +16,6 @@ reference generate the rejected responses to the SFT prompts.
 from __future__ import annotations
 
 import threading
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,20 +27,15 @@ from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
-from rlhf_ray.jobs import StopRequested, stop_on_signals
-from rlhf_ray.jobs.common import BadSteps, NonFiniteError, RecoveringJob, prepare_run_dir
+from rlhf_ray.jobs import stop_on_signals
+from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir
+from rlhf_ray.jobs.loop import run_steps
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import objective_params, validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
-from rlhf_ray.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray, node_addresses
-from rlhf_ray.telemetry.metrics import MetricsWriter, utc_now, write_summary
-from rlhf_ray.telemetry.progress import Progress
-from rlhf_ray.telemetry.timeline import Timeline
+from rlhf_ray.runtime.checkpoint import load_checkpoint
+from rlhf_ray.runtime.role_groups import RoleGroups, init_ray
 from rlhf_ray.telemetry.timers import PhaseTimer
-from rlhf_ray.workers.policy import PolicyWorker
-from rlhf_ray.workers.reference import ReferenceWorker
-from rlhf_ray.workers.reward_trainer import RewardTrainerWorker
 
 @dataclass
 class Stage:
@@ -97,17 +91,6 @@ REFERENCE_LOGPS = {
 }
 
 
-def role_specs(cfg: JobConfig) -> list[RoleSpec]:
-    """The role groups an offline job creates: the trained model (policy, or the reward-model trainer) and
-    the reference when the objective needs one."""
-    objective = get_offline_objective(cfg.algorithm.name)
-    specs = [RoleSpec.of("policy", PolicyWorker, cfg.policy) if objective.trains == "policy"
-             else RoleSpec.of("reward", RewardTrainerWorker, cfg.reward)]
-    if objective.needs_reference and not (objective.trains == "policy" and cfg.policy_is_reference):
-        specs.append(RoleSpec.of("reference", ReferenceWorker, cfg.reference))
-    return specs
-
-
 class OfflineJob(RecoveringJob):
     """One offline job from config to `summary.json`."""
 
@@ -160,9 +143,6 @@ class OfflineJob(RecoveringJob):
                               "algorithm.params.offset=<number> to use one offset for every pair")
 
     # roles -----------------------------------------------------------------
-    def _specs(self) -> list[RoleSpec]:
-        return role_specs(self.cfg)
-
     def _setup(self, roles: RoleGroups, resume_from: Path | None, stage: int) -> None:
         cfg = self.cfg
         trainer = roles[self.trainer_name]
@@ -182,98 +162,89 @@ class OfflineJob(RecoveringJob):
     def trainer_name(self) -> str:
         return "policy" if self.trains_policy else "reward"
 
-    # the loop --------------------------------------------------------------
+    # the loop (jobs/loop.py runs it) ---------------------------------------
+    skip_keys = ("train/skipped",)
+
     def _attempt(self, stop: threading.Event | None, resume_from: Path | None, failures: list[dict],
                  started_at: str) -> dict:
         cfg = self.cfg
         self.reference_cache = None
-        stages = plan_stages(cfg, len(self.train))
-        with RoleGroups(cfg, self._specs()) as roles, ExitStack() as closing:
-            state = {"step": 0, "stage": 0, "sampler": None}
+        self.stages = plan_stages(cfg, len(self.train))
+        self.stage, self.data, self.sampler = None, self.train, None
+        with RoleGroups(cfg, self._specs()) as roles:
+            self.resumed = {"step": 0, "stage": 0, "sampler": None}
             if resume_from is not None:
-                state_peek = _peek_state(resume_from)
-                self._setup(roles, resume_from, state_peek["stage"])
-                state = load_checkpoint(resume_from, {self.trainer_name: roles[self.trainer_name]})
+                self._setup(roles, resume_from, _peek_state(resume_from)["stage"])
+                self.resumed = load_checkpoint(resume_from, {self.trainer_name: roles[self.trainer_name]})
             else:
                 self._setup(roles, None, 0)
-            writer = MetricsWriter(self.run_dir, sinks=cfg.run.sinks, config=cfg, resume_step=state["step"])
-            closing.callback(writer.close)  # also when an actor dies mid-run
-            self.timeline = Timeline(self.run_dir, cfg.name)
-            closing.callback(self.timeline.close)
-            trainer = self.trainer_name
-            reference = [r for r in ("reference",) if r in roles.groups] or \
-                ([trainer] if roles.reference() is not None and self.objective.needs_reference else [])
-            busy = {"reference": reference, "precompute_reference": reference, "update": [trainer]}
-            self._step = state["step"]
-            timer = PhaseTimer(on_phase=lambda name, t0, t1: self.timeline.record(
-                name, busy.get(name, ()), t0, t1, self._step))
-            progress = Progress(total=cfg.run.total_steps, initial=state["step"], enabled=cfg.run.progress,
-                                desc=f"{cfg.algorithm.name}")
-            data = self.train
-            sampler = None
-            saved = state["step"]
-            bad_steps = BadSteps(cfg.run.max_bad_steps, state.get("skipped_steps", 0))
-            for stage in stages:
-                if stage.last_step <= state["step"]:
-                    continue
-                resumed_here = state["sampler"] is not None and state["stage"] == stage.index
-                if stage.index > 0 and not resumed_here:
-                    self._advance_reference(roles)
-                data = self._stage_data(roles, stage)
-                if self.cfg.algorithm.precompute_reference and self.objective.needs_reference:
-                    with timer.phase("precompute_reference"):
-                        self._precompute_reference(roles, data)
-                roles.compute_times()  # SPIN's generation is not the first step's compute
-                sampler = EpochSampler(len(data), cfg.run.batch_size, seed=cfg.run.seed + 1000 * stage.index)
-                if resumed_here:
-                    sampler.load_state_dict(state["sampler"])
-                for step in range(max(stage.first_step, state["step"] + 1), stage.last_step + 1):
-                    if stop is not None and stop.is_set():
-                        if state["step"] > saved:
-                            self._save(roles, state)
-                        where = latest_checkpoint(self.run_dir) or "none yet"
-                        raise StopRequested(f"{cfg.name} after step {state['step']} of {cfg.run.total_steps}; "
-                                            f"checkpoint {where}; run the same command again to continue")
-                    self._step = step
-                    timer.start_step()
-                    indices = next(sampler)
-                    batch = data.batch(indices)
-                    with timer.phase("reference"):
-                        batch.update(self._reference_logps(roles, batch, indices))
-                    with timer.phase("update"):
-                        metrics = self._train_step(roles, batch)
-                    stop_why = bad_steps.update(step, metrics, ("train/skipped",), "train/skipped_steps")
-                    metrics.update(timer.finish_step())
-                    metrics.update(roles.compute_times())
-                    metrics.update({"stage": stage.index, "perf/tokens_per_s": _tokens(batch) / metrics["time/step_s"],
-                                    "perf/trained_tokens": _padded_tokens(batch)})
-                    if step == 1 or (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
-                            step == cfg.run.total_steps:
-                        with self.timeline.interval("eval", [trainer, *(r for r in reference if r != trainer)], step):
-                            metrics.update(self._evaluate(roles, step))
-                        roles.compute_times()  # evaluation's compute is not the next step's
-                    if step == min(state["step"] + 2, cfg.run.total_steps):  # gradients and optimizer state seen
-                        metrics.update(roles.memory())
-                    if failures:
-                        metrics["run/restarts"] = len(failures)
-                    writer.write(step, metrics)
-                    progress.update(step, metrics)
-                    if stop_why:
-                        raise NonFiniteError(f"{cfg.name}: {stop_why}")
-                    state = {"step": step, "stage": stage.index, "sampler": sampler.state_dict(),
-                             "skipped_steps": bad_steps.total}
-                    if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.total_steps:
-                        self._save(roles, state)
-                        saved = step
-            progress.close()
-            self.timeline.close()
-            self._export_final(roles)
-            summary = write_summary(self.run_dir, writer, extra={
-                "algorithm": cfg.algorithm.name, "roles": sorted(roles.groups), "shared_roles": roles.borrowed_from(),
-                "layout": roles.layout(), "nodes": node_addresses(), "skipped_rows": self.train.skipped,
-                "failures": failures, "started_at": started_at, "finished_at": utc_now()})
-            writer.close()
-        return summary
+            return run_steps(self, roles, start=self.resumed["step"],
+                             skipped_steps=self.resumed.get("skipped_steps", 0), failures=failures,
+                             started_at=started_at, stop=stop)
+
+    def _reference_roles(self, roles: RoleGroups) -> list[str]:
+        """The groups that score the reference: its own, or the trainer (a LoRA policy's base)."""
+        if "reference" in roles.groups:
+            return ["reference"]
+        return [self.trainer_name] if roles.reference() is not None and self.objective.needs_reference else []
+
+    def busy(self, roles: RoleGroups) -> dict[str, list[str]]:
+        reference, trainer = self._reference_roles(roles), self.trainer_name
+        return {"reference": reference, "precompute_reference": reference, "update": [trainer],
+                "eval": [trainer, *(r for r in reference if r != trainer)]}
+
+    def before_step(self, roles: RoleGroups, step: int, timer: PhaseTimer) -> None:
+        """At the first step of a stage: the reference moves to the latest policy (SPIN, sDPO; not where
+        the run resumes inside the stage), the stage's data (SPIN generates its pairs), the reference's
+        log-probs when precomputed, and the stage's sampler."""
+        if self.stage is not None and step <= self.stage.last_step:
+            return
+        stage = next(s for s in self.stages if s.first_step <= step <= s.last_step)
+        resumed_here = self.resumed["sampler"] is not None and self.resumed["stage"] == stage.index
+        if stage.index > 0 and not resumed_here:
+            self._advance_reference(roles)
+        self.data = self._stage_data(roles, stage)
+        if self.cfg.algorithm.precompute_reference and self.objective.needs_reference:
+            with timer.phase("precompute_reference"):
+                self._precompute_reference(roles, self.data)
+        roles.compute_times()  # SPIN's generation is not the first step's compute
+        self.sampler = EpochSampler(len(self.data), self.cfg.run.batch_size,
+                                    seed=self.cfg.run.seed + 1000 * stage.index)
+        if resumed_here:
+            self.sampler.load_state_dict(self.resumed["sampler"])
+        self.stage = stage
+
+    def step(self, roles: RoleGroups, step: int, timer: PhaseTimer) -> dict:
+        """The reference's log-probs of a batch (when the objective has one), then one update."""
+        indices = next(self.sampler)
+        batch = self.data.batch(indices)
+        with timer.phase("reference"):
+            batch.update(self._reference_logps(roles, batch, indices))
+        with timer.phase("update"):
+            metrics = self._train_step(roles, batch)
+        self._last_batch = batch
+        return metrics
+
+    def rates(self, metrics: dict) -> dict:
+        batch = self._last_batch
+        return {"stage": self.stage.index, "perf/tokens_per_s": _tokens(batch) / metrics["time/step_s"],
+                "perf/trained_tokens": _padded_tokens(batch)}
+
+    def state_dict(self) -> dict:
+        return {"stage": self.stage.index, "sampler": self.sampler.state_dict()}
+
+    def trainables(self, roles: RoleGroups) -> dict:
+        return {self.trainer_name: roles[self.trainer_name]}
+
+    def exports(self, roles: RoleGroups) -> dict:
+        export = {self.trainer_name: roles[self.trainer_name]}
+        if self.stage.index > 0:
+            export["reference"] = roles["reference"]
+        return export
+
+    def finish(self, roles: RoleGroups) -> dict:
+        self._export_final(roles)
+        return {"skipped_rows": self.train.skipped}
 
     def _stage_data(self, roles: RoleGroups, stage: Stage) -> JobData:
         if self.cfg.algorithm.spin_iterations:
@@ -338,7 +309,8 @@ class OfflineJob(RecoveringJob):
         return {f"train/{k}" if "/" not in k else k: sum(m[k] for m in per_rank) / len(per_rank)
                 for k in per_rank[0]}
 
-    def _evaluate(self, roles: RoleGroups, step: int) -> dict:
+    def evaluate(self, roles: RoleGroups, step: int) -> dict:
+        """Held-out pairs' margins and accuracy; greedy answers to held-out prompts (and their rule reward)."""
         out = {}
         if self.eval_pairs is not None:
             out.update(evaluation.offline_pair_metrics(self, roles))
@@ -346,13 +318,6 @@ class OfflineJob(RecoveringJob):
             out.update(evaluation.alignment(roles["policy"], self.eval_prompts, self.tokenizer, self.cfg,
                                             self.run_dir, step))
         return out
-
-    def _save(self, roles: RoleGroups, state: dict) -> None:
-        export = {self.trainer_name: roles[self.trainer_name]}
-        if state["stage"] > 0:
-            export["reference"] = roles["reference"]
-        save_checkpoint(self.run_dir, state["step"], {self.trainer_name: roles[self.trainer_name]}, state,
-                        keep_last=self.cfg.run.keep_last, export=export)
 
     def _export_final(self, roles: RoleGroups) -> None:
         trainer = roles[self.trainer_name]

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -27,24 +26,18 @@ from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
-from rlhf_ray.jobs import StopRequested, stop_on_signals
-from rlhf_ray.jobs.common import BadSteps, NonFiniteError, RecoveringJob, prepare_run_dir
+from rlhf_ray.job_plan import plan_job
+from rlhf_ray.jobs import stop_on_signals
+from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir, role_specs
+from rlhf_ray.jobs.loop import run_steps
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
-from rlhf_ray.runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhf_ray.runtime.role_groups import RoleGroups, RoleSpec, init_ray, node_addresses, plan_for
+from rlhf_ray.runtime.checkpoint import load_checkpoint
+from rlhf_ray.runtime.role_groups import RoleGroups, init_ray, plan_for
 from rlhf_ray.telemetry.hardware import measure_memory_bandwidth
-from rlhf_ray.telemetry.metrics import MetricsWriter, utc_now, write_summary
-from rlhf_ray.telemetry.progress import Progress
-from rlhf_ray.telemetry.timeline import Timeline
 from rlhf_ray.telemetry.timers import PhaseTimer
-from rlhf_ray.workers.critic import CriticWorker
-from rlhf_ray.workers.policy import PolicyWorker
-from rlhf_ray.workers.reference import ReferenceWorker
-from rlhf_ray.workers.reward import RewardWorker
-from rlhf_ray.workers.rollout import engine_worker_class
 from rlhf_ray.workers.rollout.vllm import check_tensor_parallel, weight_transfer_backend
 
 ROLLOUT_KEYS = ("input_ids", "attention_mask", "response_mask")
@@ -70,22 +63,6 @@ class RunningStd:
 
     def state_dict(self) -> dict:
         return {"count": self.count, "mean": self.mean, "m2": self.m2}
-
-
-def role_specs(cfg: JobConfig) -> list[RoleSpec]:
-    """The role groups an online job creates: policy, rollout engines and reward, the reference when the KL
-    needs it, the critic when the algorithm learns one."""
-    algorithm = get_online_algorithm(cfg.algorithm.name)
-    r = cfg.rollout
-    specs = [RoleSpec.of("policy", PolicyWorker, cfg.policy),
-             RoleSpec("rollout", engine_worker_class(r.engine), r.num_engines, r.num_cpus_per_engine,
-                      r.num_gpus_per_engine),
-             RoleSpec.of("reward", RewardWorker, cfg.reward)]
-    if algorithm.needs_reference and cfg.algorithm.kl_coef > 0 and not cfg.policy_is_reference:
-        specs.append(RoleSpec.of("reference", ReferenceWorker, cfg.reference))
-    if algorithm.needs_critic:
-        specs.append(RoleSpec.of("critic", CriticWorker, cfg.critic))
-    return specs
 
 
 class OnlineJob(RecoveringJob):
@@ -116,10 +93,8 @@ class OnlineJob(RecoveringJob):
             self.ptx = JobData(load_job_examples(cfg.data.ptx, "sft", cfg.data, self.tokenizer, data_dir)[0],
                                "sft", self.tokenizer, cfg.data)
         a = cfg.algorithm
-        self.kl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl \
-            else FixedKLController(a.kl_coef)
-        self.reward_std = RunningStd()
-        self.uses_reference = self.algorithm.needs_reference and a.kl_coef > 0
+        self._fresh_controllers()
+        self.uses_reference = plan_job(cfg).uses_reference
         # One pass over one minibatch: the update starts from the weights that sampled, so the engine's own
         # log-probs serve as the old log-probs and the policy's scoring forward pass is skipped; the
         # policy's recomputation of them (`rollout/logprob_diff`) comes from its training forward instead.
@@ -127,10 +102,15 @@ class OnlineJob(RecoveringJob):
         # Bytes/s a plain copy moves on this machine (half the read + write bandwidth), beside each sync.
         self.memcpy_rate = measure_memory_bandwidth(nbytes=64 * 2**20, iters=3) / 2
 
-    # roles -----------------------------------------------------------------
-    def _specs(self) -> list[RoleSpec]:
-        return role_specs(self.cfg)
+    def _fresh_controllers(self) -> None:
+        """The KL coefficient's controller and the running reward std as a run starts (a checkpoint's
+        replace them on resume)."""
+        a = self.cfg.algorithm
+        self.kl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl \
+            else FixedKLController(a.kl_coef)
+        self.reward_std = RunningStd()
 
+    # roles -----------------------------------------------------------------
     def _setup(self, roles: RoleGroups) -> None:
         cfg = self.cfg
         init = cfg.policy.model.name_or_path
@@ -174,94 +154,68 @@ class OnlineJob(RecoveringJob):
             engines, tp, bucket = roles["rollout"].actors, cfg.rollout.tensor_parallel_size, cfg.rollout.sync_bucket_bytes
             roles["policy"].call(lambda a: a.connect_vllm_engines.remote(engines, tp, bucket))
 
-    def trainables(self, roles: RoleGroups) -> dict:
-        return {name: roles[name] for name in ("policy", "critic") if name in roles.groups}
+    # the loop (jobs/loop.py runs it) ---------------------------------------
+    skip_keys = ("policy/skipped", "critic/skipped")
 
-    # the loop --------------------------------------------------------------
     def _attempt(self, stop: threading.Event | None, resume_from: Path | None, failures: list[dict],
                  started_at: str) -> dict:
         cfg = self.cfg
-        a = cfg.algorithm
-        self.kl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl \
-            else FixedKLController(a.kl_coef)
-        self.reward_std = RunningStd()
-        with RoleGroups(cfg, self._specs()) as roles, ExitStack() as closing:
+        self._fresh_controllers()
+        with RoleGroups(cfg, self._specs()) as roles:
             self._setup(roles)
-            sampler = EpochSampler(len(self.prompts), cfg.run.batch_size, seed=cfg.run.seed)
-            start = 0
-            bad_steps = BadSteps(cfg.run.max_bad_steps)
+            self.sampler = EpochSampler(len(self.prompts), cfg.run.batch_size, seed=cfg.run.seed)
+            start, skipped = 0, 0
             if resume_from is not None:
                 state = load_checkpoint(resume_from, self.trainables(roles))
-                start = state["step"]
-                bad_steps.total = state.get("skipped_steps", 0)
-                sampler.load_state_dict(state["sampler"])
+                start, skipped = state["step"], state.get("skipped_steps", 0)
+                self.sampler.load_state_dict(state["sampler"])
                 self.kl.load_state_dict(state["kl"])
                 self.reward_std = RunningStd(state["reward_std"])
                 self.sync_weights(roles)
-            writer = MetricsWriter(self.run_dir, sinks=cfg.run.sinks, config=cfg, resume_step=start)
-            closing.callback(writer.close)  # also when an actor dies mid-run
-            progress = Progress(total=cfg.run.total_steps, initial=start, enabled=cfg.run.progress,
-                                desc=cfg.algorithm.name)
-            self.timeline = Timeline(self.run_dir, cfg.name)
-            closing.callback(self.timeline.close)
-            busy = {"generate": ["rollout"], "score": [r for r in ("policy", "reward", "reference", "critic")
-                                                       if r in roles.groups], "sync": ["policy", "rollout"]}
-            timer = PhaseTimer(on_phase=lambda name, t0, t1: self.timeline.record(
-                name, busy.get(name, ()), t0, t1, self._step))
-            def checkpoint(step: int) -> Path:
-                state = {"sampler": sampler.state_dict(), "kl": self.kl.state_dict(),
-                         "reward_std": self.reward_std.state_dict(), "skipped_steps": bad_steps.total}
-                return save_checkpoint(self.run_dir, step, self.trainables(roles), state, cfg.run.keep_last,
-                                       export={"policy": roles["policy"]})
+            return run_steps(self, roles, start=start, skipped_steps=skipped, failures=failures,
+                             started_at=started_at, stop=stop)
 
-            saved = start
-            for step in range(start + 1, cfg.run.total_steps + 1):
-                self._step = step
-                if stop is not None and stop.is_set():
-                    where = checkpoint(step - 1) if step - 1 > saved else latest_checkpoint(self.run_dir) or "none yet"
-                    raise StopRequested(f"{cfg.name} after step {step - 1} of {cfg.run.total_steps}; checkpoint "
-                                        f"{where}; run the same command again to continue")
-                timer.start_step()
-                prompts = self.prompts.batch(next(sampler))
-                with timer.phase("generate"):
-                    rollout = self.generate(roles, prompts, seed=cfg.run.seed * 100003 + step)
-                scores = self.score(roles, rollout, timer)
-                with timer.phase("advantages"):
-                    batch, metrics = self.compute_advantages(rollout, scores)
-                metrics.update(self.update(roles, batch, step, timer))
-                stop_why = bad_steps.update(step, metrics, ("policy/skipped", "critic/skipped"),
-                                            "train/skipped_steps")
-                with timer.phase("sync"):
-                    metrics.update(self.sync_weights(roles))
-                metrics.update(timer.finish_step())
-                metrics.update(roles.compute_times())
-                metrics.update(self.rollout_metrics(rollout, scores, metrics))
-                if step == min(start + 2, cfg.run.total_steps):  # gradients and optimizer state seen
-                    metrics.update(roles.memory())
-                if step == 1 or (cfg.run.eval_every and step % cfg.run.eval_every == 0) or \
-                        step == cfg.run.total_steps:
-                    with self.timeline.interval("eval", [r for r in ("rollout", "policy", "reward", "reference")
-                                                         if r in roles.groups], step):
-                        metrics.update(self.evaluate(roles, step))
-                    roles.compute_times()  # evaluation's compute is not the next step's
-                if failures:
-                    metrics["run/restarts"] = len(failures)
-                writer.write(step, metrics)
-                progress.update(step, metrics)
-                if stop_why:
-                    raise NonFiniteError(f"{cfg.name}: {stop_why}")
-                if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == cfg.run.total_steps:
-                    checkpoint(step)
-                    saved = step
-            progress.close()
-            self.timeline.close()
-            roles["policy"].call(lambda a, d=str(self.run_dir / "final"): a.export.remote(d))
-            summary = write_summary(self.run_dir, writer, extra={
-                "algorithm": cfg.algorithm.name, "roles": sorted(roles.groups), "shared_roles": roles.borrowed_from(),
-                "layout": roles.layout(), "nodes": node_addresses(), "failures": failures, "started_at": started_at,
-                "finished_at": utc_now()})
-            writer.close()
-        return summary
+    def busy(self, roles: RoleGroups) -> dict[str, list[str]]:
+        def present(*names: str) -> list[str]:
+            return [r for r in names if r in roles.groups]
+
+        return {"generate": ["rollout"], "score": present("policy", "reward", "reference", "critic"),
+                "sync": ["policy", "rollout"], "eval": present("rollout", "policy", "reward", "reference")}
+
+    def before_step(self, roles: RoleGroups, step: int, timer: PhaseTimer) -> None:
+        pass
+
+    def step(self, roles: RoleGroups, step: int, timer: PhaseTimer) -> dict:
+        """Generate, score, advantages, update, sync (the module docstring's loop)."""
+        prompts = self.prompts.batch(next(self.sampler))
+        with timer.phase("generate"):
+            rollout = self.generate(roles, prompts, seed=self.cfg.run.seed * 100003 + step)
+        scores = self.score(roles, rollout, timer)
+        with timer.phase("advantages"):
+            batch, metrics = self.compute_advantages(rollout, scores)
+        metrics.update(self.update(roles, batch, step, timer))
+        with timer.phase("sync"):
+            metrics.update(self.sync_weights(roles))
+        self._last = (rollout, scores)
+        return metrics
+
+    def rates(self, metrics: dict) -> dict:
+        rollout, scores = self._last
+        return self.rollout_metrics(rollout, scores, metrics)
+
+    def state_dict(self) -> dict:
+        return {"sampler": self.sampler.state_dict(), "kl": self.kl.state_dict(),
+                "reward_std": self.reward_std.state_dict()}
+
+    def trainables(self, roles: RoleGroups) -> dict:
+        return {name: roles[name] for name in ("policy", "critic") if name in roles.groups}
+
+    def exports(self, roles: RoleGroups) -> dict:
+        return {"policy": roles["policy"]}
+
+    def finish(self, roles: RoleGroups) -> dict:
+        roles["policy"].call(lambda a, d=str(self.run_dir / "final"): a.export.remote(d))
+        return {}
 
     # stages ----------------------------------------------------------------
     def generate(self, roles: RoleGroups, prompts: dict, seed: int, greedy: bool | None = None,

@@ -8,31 +8,14 @@ cluster?) run in `runtime/placement.py` just after these.
 from __future__ import annotations
 
 from rlhf_ray.algorithms.registry import (
-    OFFLINE_OBJECTIVES,
     ONLINE_ALGORITHMS,
-    UnknownAlgorithmError,
     ParamError,
     get_offline_objective,
     get_online_algorithm,
 )
 from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
+from rlhf_ray.job_plan import plan_job
 from rlhf_ray.runtime.deepspeed_config import DeepSpeedConfigError, check_lr_schedule
-
-
-def job_kind(cfg: JobConfig) -> str:
-    """`online` or `offline`, from the algorithm name (an unknown name lists both families)."""
-    name = cfg.algorithm.name
-    try:
-        get_online_algorithm(name)
-        return "online"
-    except UnknownAlgorithmError:
-        pass
-    try:
-        get_offline_objective(name)
-        return "offline"
-    except UnknownAlgorithmError as err:
-        known = ", ".join(list(ONLINE_ALGORITHMS) + list(OFFLINE_OBJECTIVES))
-        raise ConfigError(f"algorithm.name: {err} Online and offline names: {known}") from None
 
 
 def _divisible(batch: int, ranks: int, micro: int, what: str) -> None:
@@ -307,7 +290,7 @@ def check_lora(cfg: JobConfig, kind: str, produced: tuple[str, ...] = ()) -> Non
 def validate(cfg: JobConfig, produced: tuple[str, ...] = ()) -> str:
     """Run every cross-section check; returns the job kind. `produced`: folders that jobs before this one
     (in a pipeline) will write, whose models cannot be read yet; they are checked when the job starts."""
-    kind = job_kind(cfg)
+    kind = plan_job(cfg).kind
     if kind == "online":
         validate_online(cfg, produced)
     else:

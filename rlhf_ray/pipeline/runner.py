@@ -202,32 +202,14 @@ def configure(pipeline: Pipeline) -> None:
 
 def _frozen_key(cfg: JobConfig, role: str) -> tuple | None:
     """What a frozen role group of this job holds and computes with (`frozen_identity`), or None when it has
-    none of its own to share: it borrows one, does not need one, or (a LoRA policy's reference, its own
-    base with the adapter off) answers the role's calls with its policy."""
-    from rlhf_ray.jobs.validate import job_kind
+    none of its own to lend (`JobPlan.lendable`): it borrows one, does not need one, moves or frees it
+    during the run, or (a LoRA policy's reference, its own base with the adapter off) answers the role's
+    calls with its policy."""
+    from rlhf_ray.job_plan import plan_job
     from rlhf_ray.runtime.role_groups import frozen_identity
 
-    kind = job_kind(cfg)
-    section = getattr(cfg, role)
-    if getattr(section, "share_with", ""):
+    if role not in plan_job(cfg).lendable:
         return None
-    if role == "reference":
-        if cfg.policy_is_reference:
-            return None
-        from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
-
-        if kind == "online":
-            if not (get_online_algorithm(cfg.algorithm.name).needs_reference and cfg.algorithm.kl_coef > 0):
-                return None
-        else:
-            objective = get_offline_objective(cfg.algorithm.name)
-            a = cfg.algorithm
-            # These move or free their reference during the run, so it is theirs alone.
-            if not objective.needs_reference or a.precompute_reference or a.spin_iterations or a.sdpo_stages > 1:
-                return None
-    else:  # reward: only online jobs score with a frozen reward model (`rm` trains one)
-        if kind != "online" or cfg.reward.rule:
-            return None
     return tuple(frozen_identity(cfg, role).items())
 
 
@@ -281,13 +263,9 @@ def share_frozen_roles(pipeline: Pipeline) -> dict[str, dict[str, str]]:
 
 def job_bundles(cfg: JobConfig) -> dict[str, float]:
     """CPUs and GPUs the job's own placement group reserves (borrowed groups excluded)."""
-    from rlhf_ray.jobs.validate import job_kind
+    from rlhf_ray.jobs.common import role_specs
     from rlhf_ray.runtime.role_groups import plan_for
 
-    if job_kind(cfg) == "online":
-        from rlhf_ray.jobs.online import role_specs
-    else:
-        from rlhf_ray.jobs.offline import role_specs
     plan = plan_for(cfg, role_specs(cfg))
     return {res: sum(b.get(res, 0.0) for b in plan.bundles) for res in ("CPU", "GPU")}
 

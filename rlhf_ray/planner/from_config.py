@@ -33,8 +33,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from rlhf_ray.algorithms.registry import UnknownAlgorithmError, get_offline_objective, get_online_algorithm
 from rlhf_ray.config.schema import DEFAULT_LORA_TARGETS, ConfigError, JobConfig
+from rlhf_ray.job_plan import plan_job, with_algorithm
 from rlhf_ray.planner.layout import ROLES, LayoutPlan, plan_group
 from rlhf_ray.planner.memory import (
     GiB,
@@ -87,30 +87,15 @@ class _Roles:
 
 
 def _roles(cfg: JobConfig) -> _Roles:
-    name, a, batch = cfg.algorithm.name, cfg.algorithm, cfg.run.batch_size
-    try:
-        online = get_online_algorithm(name)
-    except UnknownAlgorithmError:
-        online = None
-    if online is not None:
+    plan, a, batch = plan_job(cfg), cfg.algorithm, cfg.run.batch_size
+    trained = tuple((role, plan.head(role)) for role in plan.trained)
+    frozen = tuple((role, plan.head(role)) for role in plan.frozen)
+    if plan.online:
+        online = plan.declaration
         n = a.samples_per_prompt or online.default_samples_per_prompt
-        trained = [("policy", "lm")] + ([("critic", "scalar")] if online.needs_critic else [])
-        # A LoRA policy's base, adapter off, is its reference: no group of its own.
-        frozen = [("reference", "lm")] if online.needs_reference and a.kl_coef > 0 and not cfg.policy_is_reference \
-            else []
-        if not cfg.reward.rule:
-            frozen.append(("reward", "scalar"))
         sequences = batch * n + (batch if online.needs_greedy else 0)
-        return _Roles(tuple(trained), tuple(frozen), sequences, batch * n // a.num_minibatches, False)
-    try:
-        objective = get_offline_objective(name)
-    except UnknownAlgorithmError:
-        raise ConfigError(f"algorithm.name: {name!r} is neither an online algorithm (ppo, remax, grpo, rloo, "
-                          "reinforce_pp) nor an offline objective (sft, rm, dpo and its family)") from None
-    trained = [("policy", "lm")] if objective.trains == "policy" else [("reward", "scalar")]
-    lora_reference = objective.trains == "policy" and cfg.policy_is_reference
-    frozen = [("reference", "lm")] if objective.needs_reference and not lora_reference else []
-    return _Roles(tuple(trained), tuple(frozen), 0, batch, objective.data_format == "preference")
+        return _Roles(trained, frozen, sequences, batch * n // a.num_minibatches, False)
+    return _Roles(trained, frozen, 0, batch, plan.declaration.data_format == "preference")
 
 
 def on_gpu(cfg: JobConfig, gpus: int | None = None) -> bool:
@@ -229,12 +214,6 @@ def _lora(lora, shape: ModelShape, role: str) -> dict:
     return {"lora_rank": lora.rank, "lora_targets": targets}
 
 
-def _with_algorithm(cfg: JobConfig, algorithm: str | None) -> JobConfig:
-    if algorithm is None:
-        return cfg
-    return dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, name=algorithm))
-
-
 def plan_from_config(cfg: JobConfig, *, algorithm: str | None = None, model: str | None = None,
                      gpus: int | None = None, gpu_mem_gib: float = 80.0) -> LayoutPlan:
     """Plan `cfg` (with `algorithm.name` replaced by `algorithm` when given: `--compare`).
@@ -243,7 +222,7 @@ def plan_from_config(cfg: JobConfig, *, algorithm: str | None = None, model: str
     every role on the same `gpus` GPUs (the hybrid layout) instead of the
     config's placement. `gpu_mem_gib`: memory of one device.
     """
-    cfg = _with_algorithm(cfg, algorithm)
+    cfg = with_algorithm(cfg, algorithm)
     plans: dict[str, RolePlan] = {}
     devices: dict[str, int] = {}
     gpu_mem = int(gpu_mem_gib * GiB)
@@ -269,7 +248,7 @@ def held_bytes(cfg: JobConfig, *, algorithm: str | None = None, rank: int = 0) -
     The ZeRO-1/2 reduce bucket, set up for a backward pass and freed after it, is not held.
     """
     out = {}
-    for spec in planned_roles(_with_algorithm(cfg, algorithm)):
+    for spec in planned_roles(with_algorithm(cfg, algorithm)):
         numels = [t.numel for t in param_tensors(spec.shape, spec.head)]
         s = spec.settings
         if isinstance(s, TrainSettings):

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.job_plan import with_algorithm
 from rlhf_ray.planner.cost import GPU_PEAK_FLOPS, Hardware, Throughput, online_step_work, run_cost, step_time
 from rlhf_ray.planner.from_config import on_gpu, planned_roles
 from rlhf_ray.planner.layout import LayoutPlan, compare
@@ -45,12 +46,6 @@ def throughput_from_bench(path: str | Path) -> Throughput:
     return Throughput(generate_tokens_per_s=result.get("generate_tokens_per_s"),
                       forward_tokens_per_s=result.get("model_forward_tokens_per_s"),
                       train_tokens_per_s=result["model_train_tokens_per_s"])
-
-
-def _with_algorithm(cfg: JobConfig, name: str) -> JobConfig:
-    import dataclasses
-
-    return dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, name=name))
 
 
 def _step_cost(cfg: JobConfig, plan: LayoutPlan, *, model: str | None, gpus: int | None, gpu_type: str,
@@ -92,7 +87,7 @@ def fit_hint(plan: LayoutPlan) -> str | None:
     return None
 
 
-def plan_job(cfg: JobConfig, *, algorithms: list[str] | None = None, model: str | None = None,
+def plan_command(cfg: JobConfig, *, algorithms: list[str] | None = None, model: str | None = None,
              gpus: int | None = None, gpu_mem_gib: float = 80.0, gpu_type: str = "a100",
              price_per_gpu_hour: float = 2.0, num_prompts: int | None = None,
              throughput: Throughput | None = None) -> dict:
@@ -120,7 +115,7 @@ def plan_job(cfg: JobConfig, *, algorithms: list[str] | None = None, model: str 
                  "costs": {}, "hints": []}
     plans = []
     for name in names:
-        variant = _with_algorithm(cfg, name)
+        variant = with_algorithm(cfg, name)
         plan = plan_from_config(variant, model=model, gpus=gpus, gpu_mem_gib=gpu_mem_gib)
         plans.append(plan)
         out["plans"][name] = {**plan_to_dict(plan), "markdown": plan_to_markdown(plan)}
@@ -144,7 +139,7 @@ def plan_job(cfg: JobConfig, *, algorithms: list[str] | None = None, model: str 
     return out
 
 
-def job_plan_markdown(result: dict) -> str:
+def plan_markdown(result: dict) -> str:
     """The plans, their costs, the comparison and any hint, as one Markdown text."""
     lines = []
     source = "measured throughput" if result.get("measured") else \
@@ -173,4 +168,4 @@ def strip_markdown(result: dict) -> dict:
     return strip(result)
 
 
-__all__ = ["fit_hint", "job_plan_markdown", "plan_job", "strip_markdown", "throughput_from_bench"]
+__all__ = ["fit_hint", "plan_command", "plan_markdown", "strip_markdown", "throughput_from_bench"]

@@ -85,9 +85,10 @@ def with_algorithm(cfg: JobConfig, name: str) -> JobConfig:
 
 def samples_per_step(cfg: JobConfig) -> int:
     """Sampled sequences (online) or training examples (offline) of one step."""
-    from rlhf_ray.jobs.validate import job_kind, samples_per_prompt
+    from rlhf_ray.job_plan import plan_job
+    from rlhf_ray.jobs.validate import samples_per_prompt
 
-    if job_kind(cfg) == "online":
+    if plan_job(cfg).online:
         return cfg.run.batch_size * samples_per_prompt(cfg)
     return cfg.run.batch_size
 

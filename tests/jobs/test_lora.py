@@ -141,7 +141,7 @@ def test_bad_lora_settings_fail_before_models_load(tmp_path, preset, overrides, 
 
 
 def test_a_lora_policy_with_its_own_reference_weights_gets_a_reference_group(tmp_path):
-    from rlhf_ray.jobs.offline import role_specs
+    from rlhf_ray.jobs.common import role_specs
 
     cfg = tiny_config("tiny-dpo", tmp_path / "run", *LORA)
     assert cfg.policy_is_reference and [s.name for s in role_specs(cfg)] == ["policy"]

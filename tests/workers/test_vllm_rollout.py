@@ -304,7 +304,7 @@ def test_weight_transfer_auto_picks_by_placement():
 
 
 def test_a_tensor_parallel_degree_the_bundle_cannot_hold_is_refused_before_anything_loads():
-    from rlhf_ray.jobs.online import role_specs
+    from rlhf_ray.jobs.common import role_specs
     from rlhf_ray.runtime.role_groups import plan_for
 
     with pytest.raises(ConfigError, match=r"tensor_parallel_size: 2 .* set rollout.num_gpus_per_engine=2"):
