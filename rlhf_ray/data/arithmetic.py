@@ -23,11 +23,13 @@ Splits, in the formats of :mod:`rlhf_ray.data.formats` (TRL's names):
   (``"17 + 25 = 42"``), chosen with the right answer, rejected with a near
   miss (off by one, off by ten, or two digits swapped: the mistakes small
   models make). Restated, as SmolLM2-135M-Instruct tends to answer, the
-  pair differs only in the answer. (Measured with `smol-dpo` from the
+  pair differs only in the answer. (Measured with plain DPO from the
   instruct model, pairs of either form: DPO lowers both sides' log-probs and
   the model drifts to long "To add 53 and 34, ..." answers that 16 tokens
   cut short; the held-out pass rate fell from 21.9% to 6.2% with bare
-  numbers and to 0% with restated sums in 60 steps.)
+  numbers and to 0% with restated sums in 60 steps; DPO-Positive, which
+  penalises the chosen answer's log-prob falling, raised it to 75% on the
+  restated pairs: the `smol-dpo` preset.)
 - ``prompts_train`` / ``prompts_eval``: ``{"prompt"}`` for online RL.
 
 Operands have ``digits`` digits (two by default: 10 to 99); ``operations`` is
