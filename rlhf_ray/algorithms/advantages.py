@@ -17,6 +17,7 @@ from torch import Tensor
 __all__ = [
     "LOSS_AGGREGATIONS",
     "aggregation_weights",
+    "aggregation_denominator",
     "masked_mean",
     "masked_var",
     "whiten",
@@ -24,6 +25,7 @@ __all__ = [
     "gae",
     "remax_advantages",
     "grpo_advantages",
+    "informative_groups",
     "rloo_advantages",
     "reinforce_pp_advantages",
 ]
@@ -52,7 +54,7 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return (x * m).sum(dim) / m.sum(dim).clamp(min=1.0)
 
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean")
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 def aggregation_weights(mask: Tensor, mode: str = "token-mean") -> Tensor:
@@ -61,17 +63,44 @@ def aggregation_weights(mask: Tensor, mode: str = "token-mean") -> Tensor:
     `token-mean`: every response token weighs 1, so `masked_mean(loss, w)`
     is the mean over tokens (long responses count more). `seq-mean-token-mean`:
     a row's tokens weigh 1 / its length, so the same weighted mean is the mean
-    over sequences of each sequence's token mean. `w.sum()` is the aggregation's
-    denominator (tokens, or non-empty sequences): summed over a whole
-    minibatch, it lets every micro-batch and rank scale its share of the
+    over sequences of each sequence's token mean. `seq-mean-token-sum-norm`
+    (Dr. GRPO): every token weighs 1, as for `token-mean`; what differs is the
+    denominator (`aggregation_denominator`). Summed over a whole minibatch,
+    the denominator lets every micro-batch and rank scale its share of the
     loss so that the optimised objective does not depend on how the minibatch
     is split (see `TrainEngine.global_loss`)."""
     m = mask.float()
-    if mode == "token-mean":
+    if mode in ("token-mean", "seq-mean-token-sum-norm"):
         return m
     if mode == "seq-mean-token-mean":
         return m / m.sum(-1, keepdim=True).clamp(min=1.0)
     raise ValueError(f"loss aggregation {mode!r}: expected one of {', '.join(LOSS_AGGREGATIONS)}")
+
+
+def aggregation_denominator(mask: Tensor, mode: str = "token-mean", max_length: int | None = None) -> float:
+    """What a minibatch's summed, weighted per-token loss is divided by: `sum(loss * w) / denominator`.
+
+    `token-mean` and `seq-mean-token-mean`: the weights' sum (the minibatch's
+    tokens, or its non-empty sequences), so the loss is a weighted mean.
+    `seq-mean-token-sum-norm` (Dr. GRPO, Liu et al. 2025, arXiv:2503.20783):
+    `rows * max_length`, a constant for a given batch shape, so each sequence
+    contributes its token sum over the longest response allowed and a long
+    response's tokens are not weighed down by its length (the bias of a
+    per-sequence token mean).
+
+    Args:
+        mask: `[B, T]` response (or loss) mask of the whole minibatch.
+        mode: one of `LOSS_AGGREGATIONS`.
+        max_length: the constant length (`rollout.max_new_tokens` for
+            responses); needed by `seq-mean-token-sum-norm` only.
+    """
+    if mode == "seq-mean-token-sum-norm":
+        if not max_length or max_length < 1:
+            raise ValueError("loss aggregation seq-mean-token-sum-norm needs max_length >= 1 (the constant length "
+                             "every sequence's token sum is divided by)")
+        # sum_i sum_t loss_it / (B * L_max): the mean over sequences of token sums over L_max
+        return float(mask.shape[0] * max_length)
+    return float(aggregation_weights(mask, mode).sum())
 
 
 def masked_var(x: Tensor, mask: Tensor) -> Tensor:
@@ -253,6 +282,32 @@ def grpo_advantages(
         centred = centred / (groups.std(dim=1, keepdim=True) + eps)
     flat = centred.reshape(-1, 1)
     return flat * _as_float_mask(response_mask, flat)
+
+
+@torch.no_grad()
+def informative_groups(sequence_rewards: Tensor, group_size: int) -> Tensor:
+    """Which prompts' groups carry a learning signal: not every reward of the group equal.
+
+    A group whose rewards are all equal (every sample right, or every one
+    wrong, under a verifiable reward) has group-relative advantages of zero
+    on every token, so it adds nothing to the gradient but still counts in
+    the loss's denominator. DAPO's dynamic sampling (Yu et al. 2025,
+    arXiv:2503.14476, Sec. 3.2) drops such groups and draws more prompts.
+
+    Args:
+        sequence_rewards: `[B]` with `B = n_prompts * group_size`, each
+            prompt's samples consecutive.
+        group_size: samples per prompt (>= 2).
+
+    Returns:
+        `[n_prompts]` bool, true where the group's rewards are not all equal.
+    """
+    if sequence_rewards.dim() != 1:
+        raise ValueError(f"sequence_rewards must be [B]; got shape {tuple(sequence_rewards.shape)}.")
+    mask = torch.ones(sequence_rewards.shape[0], 1, dtype=torch.bool)
+    groups = _grouped(sequence_rewards, group_size, mask, "informative_groups")
+    # max > min: at least two different rewards within the group
+    return groups.max(dim=1).values > groups.min(dim=1).values
 
 
 @torch.no_grad()

@@ -4,7 +4,9 @@ An `OnlineAlgorithm` says what the online loop must produce (critic values?
 reference log-probs? a greedy rollout? how many samples per prompt?), where
 the KL to the reference goes (`KLPlacement`: shaped into the rewards, or a
 term of the loss), which policy loss it trains with (`PolicyLoss`), and
-computes its advantages through one keyword signature shared by all of them.
+computes its advantages through one keyword signature shared by all of them,
+and which `algorithm.*` values it starts from where a config leaves them out
+(`defaults`: DAPO's clip range and absent KL, Dr. GRPO's loss aggregation).
 Adding an algorithm is its advantage math (`advantages.py`), one adapter and
 one `OnlineAlgorithm(...)` entry in `_ONLINE` below.
 """
@@ -26,7 +28,7 @@ from rlhf_ray.algorithms.advantages import (
     whiten,
 )
 from rlhf_ray.algorithms.kl import kl_loss
-from rlhf_ray.algorithms.policy_loss import ppo_policy_loss, reinforce_policy_loss
+from rlhf_ray.algorithms.policy_loss import gspo_policy_loss, ppo_policy_loss, reinforce_policy_loss
 
 ADVANTAGE_INPUTS = ("token_rewards", "sequence_rewards", "greedy_rewards", "values")
 
@@ -46,6 +48,11 @@ class PolicyLoss:
     uses_ratio: bool
     """The loss weighs each token by pi / pi_old, so a rollout batch may be reused over several epochs and
     minibatches; without the ratio (REINFORCE) a second pass would train on an older policy's samples."""
+    policy_old_logprobs: bool = False
+    """The old log-probs are always the policy's own, recomputed before the update, never the rollout
+    engine's: the ratio's clip range is narrower than the gap between the two can be (bf16 on GPUs)."""
+    unused: tuple[str, ...] = ()
+    """`algorithm.*` settings this loss has no use for: a value set away from its default is refused."""
 
     def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, weights: Tensor,
                  params: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -53,7 +60,12 @@ class PolicyLoss:
 
 
 PPO_CLIP = PolicyLoss("ppo_clip", uses_ratio=True, fn=lambda logprobs, old, adv, weights, p: ppo_policy_loss(
-    logprobs, old, adv, weights, clip_eps=p["clip_eps"], dual_clip=p.get("dual_clip")))
+    logprobs, old, adv, weights, clip_eps=p["clip_eps"], dual_clip=p.get("dual_clip"),
+    clip_eps_high=p.get("clip_eps_high")))
+GSPO_CLIP = PolicyLoss("gspo_clip", uses_ratio=True, policy_old_logprobs=True, unused=("dual_clip",),
+                       fn=lambda logprobs, old, adv, weights, p: gspo_policy_loss(
+                           logprobs, old, adv, weights, clip_eps_low=p["clip_eps"],
+                           clip_eps_high=p.get("clip_eps_high", p["clip_eps"])))
 REINFORCE = PolicyLoss("reinforce", uses_ratio=False, fn=lambda logprobs, old, adv, weights, p: reinforce_policy_loss(
     logprobs, adv, weights))
 
@@ -103,6 +115,9 @@ class OnlineAlgorithm:
     """Which of token_rewards / sequence_rewards / greedy_rewards / values the
     advantage function reads; the others may be None."""
     advantage_fn: AdvantageFn = field(repr=False)
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    """`algorithm.*` values this algorithm starts from where a config leaves them out (the paper's
+    settings); the config loader fills them in, so `rlhf-ray config show` prints them."""
 
     def __post_init__(self) -> None:
         unknown = set(self.advantage_inputs) - set(ADVANTAGE_INPUTS)
@@ -135,7 +150,8 @@ class OnlineAlgorithm:
             group_size: samples per prompt, each prompt's samples consecutive.
             gamma, lam: discount and GAE lambda (algorithms without a critic ignore lam).
             whiten_advantages: normalise advantages over the batch (ignored by
-                grpo and reinforce_pp, which normalise by construction).
+                the group-relative algorithms and reinforce_pp, which set their
+                own scale).
         """
         given = {
             "token_rewards": token_rewards,
@@ -196,6 +212,12 @@ def _grpo(*, sequence_rewards, response_mask, group_size, **_):
     return grpo_advantages(sequence_rewards, group_size, response_mask), None
 
 
+def _dr_grpo(*, sequence_rewards, response_mask, group_size, **_):
+    # Dividing by the group's std weighs prompts that are nearly always right or wrong up (a question-level
+    # difficulty bias, Liu et al. 2025); Dr. GRPO keeps the mean baseline alone.
+    return grpo_advantages(sequence_rewards, group_size, response_mask, scale_by_std=False), None
+
+
 def _rloo(*, token_rewards, response_mask, group_size, whiten_advantages, **_):
     # Ahmadian et al. apply the leave-one-out baseline to the KL-shaped return.
     sampled = _sequence_return(token_rewards, response_mask)
@@ -228,6 +250,35 @@ _ONLINE = (
         needs_critic=False, needs_reference=True, needs_greedy=False,
         min_samples_per_prompt=2, default_samples_per_prompt=4, kl=KL_IN_LOSS, policy_loss=PPO_CLIP,
         advantage_inputs=("sequence_rewards",), advantage_fn=_grpo,
+    ),
+    OnlineAlgorithm(
+        name="dr_grpo",
+        description="GRPO without its biases: advantage r - group mean (no std division), token losses summed "
+                    "over a constant length, rollout.max_new_tokens (Liu et al. 2025).",
+        needs_critic=False, needs_reference=True, needs_greedy=False,
+        min_samples_per_prompt=2, default_samples_per_prompt=4, kl=KL_IN_LOSS, policy_loss=PPO_CLIP,
+        advantage_inputs=("sequence_rewards",), advantage_fn=_dr_grpo,
+        defaults={"loss_aggregation": "seq-mean-token-sum-norm"},
+    ),
+    OnlineAlgorithm(
+        name="dapo",
+        description="GRPO with a decoupled clip range (0.2 / 0.28), a token-level loss, dynamic sampling "
+                    "(groups whose rewards are all equal are dropped, more prompts drawn), no KL; overlong "
+                    "shaping with algorithm.overlong_buffer (Yu et al. 2025).",
+        needs_critic=False, needs_reference=True, needs_greedy=False,
+        min_samples_per_prompt=2, default_samples_per_prompt=4, kl=KL_IN_LOSS, policy_loss=PPO_CLIP,
+        advantage_inputs=("sequence_rewards",), advantage_fn=_grpo,
+        defaults={"clip_eps_low": 0.2, "clip_eps_high": 0.28, "kl_coef": 0.0, "loss_aggregation": "token-mean",
+                  "dynamic_sampling": True},
+    ),
+    OnlineAlgorithm(
+        name="gspo",
+        description="Group-relative advantages under a sequence-level importance ratio, clipped per response "
+                    "(3e-4 / 4e-4) (Zheng et al. 2025).",
+        needs_critic=False, needs_reference=True, needs_greedy=False,
+        min_samples_per_prompt=2, default_samples_per_prompt=4, kl=KL_IN_LOSS, policy_loss=GSPO_CLIP,
+        advantage_inputs=("sequence_rewards",), advantage_fn=_grpo,
+        defaults={"clip_eps_low": 3e-4, "clip_eps_high": 4e-4, "loss_aggregation": "seq-mean-token-mean"},
     ),
     OnlineAlgorithm(
         name="rloo",

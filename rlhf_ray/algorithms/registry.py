@@ -1,7 +1,7 @@
 """Every algorithm and objective by name: the lookup the drivers, workers and CLI use.
 
 The declarations live in `online.py` (`OnlineAlgorithm`: PPO, ReMax, GRPO,
-RLOO, REINFORCE++) and `offline.py` (`OfflineObjective`: SFT, reward models,
+Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++) and `offline.py` (`OfflineObjective`: SFT, reward models,
 the DPO family, KTO); this module joins the two tables, resolves aliases and
 says which names exist when one does not.
 """
@@ -17,11 +17,12 @@ from rlhf_ray.algorithms.online import ONLINE_ALGORITHMS, OnlineAlgorithm
 
 __all__ = [
     "OnlineAlgorithm", "OfflineObjective", "Param", "ParamError", "ONLINE_ALGORITHMS", "OFFLINE_OBJECTIVES",
-    "UnknownAlgorithmError", "get_online_algorithm", "get_offline_objective",
+    "UnknownAlgorithmError", "get_online_algorithm", "get_offline_objective", "online_defaults",
     "PreferenceBatch", "SFTBatch", "KTOBatch", "RewardPairBatch", "RankedRewardBatch",
 ]
 
-_ALIASES = {"reinforce++": "reinforce_pp", "reinforcepp": "reinforce_pp", "robust_dpo": "rdpo"}
+_ALIASES = {"reinforce++": "reinforce_pp", "reinforcepp": "reinforce_pp", "robust_dpo": "rdpo",
+            "drgrpo": "dr_grpo", "dr.grpo": "dr_grpo"}
 
 
 class UnknownAlgorithmError(KeyError, ValueError):
@@ -44,8 +45,18 @@ def _lookup(kind: str, name: str, table: Mapping[str, Any]) -> Any:
 
 
 def get_online_algorithm(name: str) -> OnlineAlgorithm:
-    """The declaration of online algorithm `name` (ppo, remax, grpo, rloo, reinforce_pp)."""
+    """The declaration of online algorithm `name` (ppo, remax, grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp)."""
     return _lookup("online algorithm", name, ONLINE_ALGORITHMS)
+
+
+def online_defaults(name: str) -> Mapping[str, Any]:
+    """The `algorithm.*` values online algorithm `name` starts from where a config leaves them out
+    (`OnlineAlgorithm.defaults`); empty for an offline objective or an unknown name, which validation
+    reports."""
+    try:
+        return get_online_algorithm(name).defaults
+    except UnknownAlgorithmError:
+        return {}
 
 
 def get_offline_objective(name: str) -> OfflineObjective:

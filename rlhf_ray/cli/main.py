@@ -179,7 +179,10 @@ def _registry_lines(key: str) -> list[str]:
     from rlhf_ray.algorithms.registry import OFFLINE_OBJECTIVES, ONLINE_ALGORITHMS
 
     if key == "algorithm.name":
-        return [f"    online:  {', '.join(ONLINE_ALGORITHMS)}", f"    offline: {', '.join(OFFLINE_OBJECTIVES)}"]
+        starts = [f"    {a.name} starts from: " + ", ".join(f"{k}={v}" for k, v in a.defaults.items())
+                  for a in ONLINE_ALGORITHMS.values() if a.defaults]
+        return [f"    online:  {', '.join(ONLINE_ALGORITHMS)}", f"    offline: {', '.join(OFFLINE_OBJECTIVES)}",
+                *starts]
     if key != "algorithm.params":
         return []
     lines = []
@@ -351,8 +354,8 @@ def _add_address(sub) -> None:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog=PROG, description="Distributed RLHF on Ray: PPO, ReMax, GRPO, RLOO, REINFORCE++, SFT, "
-                    "reward models and the DPO family, on a laptop CPU or a GPU cluster.")
+    parser = Parser(prog=PROG, description="Distributed RLHF on Ray: PPO, ReMax, GRPO, Dr. GRPO, DAPO, GSPO, RLOO, "
+                    "REINFORCE++, SFT, reward models and the DPO family, on a laptop CPU or a GPU cluster.")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of a failure")
     debug = argparse.ArgumentParser(add_help=False)
     debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

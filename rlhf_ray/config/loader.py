@@ -1,8 +1,9 @@
 """YAML loading, dotted overrides and type checking for `JobConfig`.
 
 `load_config("tiny-dpo", ["algorithm.params.beta=0.2"])` reads a shipped preset (or
-a YAML path), applies overrides, checks every key and type against the
-dataclasses of `schema.py`, and returns a frozen `JobConfig`. Unknown keys
+a YAML path), applies overrides, fills in the named online algorithm's own
+defaults for the `algorithm.*` keys neither gives, checks every key and type
+against the dataclasses of `schema.py`, and returns a frozen `JobConfig`. Unknown keys
 are errors that suggest the nearest known key; a wrong type names the key,
 the expected type and the value given.
 """
@@ -105,7 +106,20 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
     for item in overrides:
         key, value = parse_override(item)
         set_dotted(data, key, value)
-    return build(JobConfig, data, prefix="", source=source)
+    return build(JobConfig, with_algorithm_defaults(data), prefix="", source=source)
+
+
+def with_algorithm_defaults(data: dict) -> dict:
+    """`data` with the named online algorithm's own starting values (`OnlineAlgorithm.defaults`: DAPO's clip
+    range, absent KL and dynamic sampling, Dr. GRPO's loss aggregation, ...) under `algorithm:` for each key
+    the file and the overrides leave out; a key they give is kept as given."""
+    section = data.get("algorithm")
+    if not isinstance(section, dict) or not section.get("name"):
+        return data
+    from rlhf_ray.algorithms.registry import online_defaults  # the registry imports torch: only when named
+
+    missing = {key: value for key, value in online_defaults(str(section["name"])).items() if key not in section}
+    return {**data, "algorithm": {**missing, **section}} if missing else data
 
 
 def build(cls, data: Any, prefix: str, source: str = "config", base: Any = None):

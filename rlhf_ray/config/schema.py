@@ -39,6 +39,8 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The modes of algorithms.advantages.aggregation_weights (the config imports no torch; a test checks they agree).
+LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 @dataclass(frozen=True)
@@ -290,7 +292,14 @@ class AlgorithmConfig:
     adaptive_kl: bool = _help("Adapt kl_coef towards kl_target (Ziegler et al.).", default=False)
     kl_target: float = _help("Target KL for the adaptive controller.", default=6.0)
     kl_horizon: int = _help("Horizon of the adaptive controller, in samples.", default=10000)
-    clip_eps: float = _help("PPO ratio clip.", default=0.2)
+    clip_eps: float = _help("PPO ratio clip: the ratio is clipped to [1 - clip_eps, 1 + clip_eps] unless "
+                            "clip_eps_low / clip_eps_high say otherwise.", default=0.2)
+    clip_eps_low: float = _help("Lower clip range of the importance ratio, 1 - clip_eps_low; 0 means clip_eps. "
+                                "dapo starts from 0.2, gspo from 3e-4 (its ratio is per response).", default=0.0)
+    clip_eps_high: float = _help("Upper clip range of the importance ratio, 1 + clip_eps_high; 0 means clip_eps. "
+                                 "A higher upper bound than lower (DAPO's clip-higher: 0.28 over 0.2) lets unlikely "
+                                 "tokens with positive advantages gain probability and keeps entropy up; dapo "
+                                 "starts from 0.28, gspo from 4e-4.", default=0.0)
     dual_clip: float = _help("Dual-clip bound c > 1 for negative advantages; 0 turns it off.", default=0.0)
     value_clip_eps: float = _help("Clip of the value update around the old values.", default=0.2)
     gamma: float = _help("Discount.", default=1.0)
@@ -300,12 +309,29 @@ class AlgorithmConfig:
     whiten_advantages: bool = _help("Normalise advantages over the batch.", default=True)
     normalize_rewards: bool = _help("Scale sequence rewards by a running std estimate.", default=False)
     no_eos_penalty: float = _help("Added to the reward of a response cut off before EOS (e.g. -1).", default=0.0)
+    overlong_buffer: int = _help("DAPO's soft overlong penalty: a response longer than rollout.max_new_tokens - "
+                                 "overlong_buffer tokens loses reward linearly with its length, from 0 there to "
+                                 "overlong_penalty at max_new_tokens; 0 turns it off (the paper: 4096 of 20480).",
+                                 default=0)
+    overlong_penalty: float = _help("The reward a response of rollout.max_new_tokens tokens loses when "
+                                    "overlong_buffer is set.", default=1.0)
+    dynamic_sampling: bool = _help("Drop the prompts whose samples all got the same reward (every answer right, or "
+                                   "every one wrong: group-relative advantages are zero, nothing to learn) and draw "
+                                   "more prompts until run.batch_size prompts with a reward spread remain (DAPO; "
+                                   "dapo starts with it on). Needs samples_per_prompt >= 2; rewards are compared as "
+                                   "the reward role gives them, before penalties.", default=False)
+    dynamic_sampling_max_draws: int = _help("With dynamic_sampling: at most this many batches of run.batch_size "
+                                            "prompts are generated per step, the first included; a step still short "
+                                            "then fills up with dropped groups (rollout/groups_refilled).", default=4)
     ptx_coef: float = _help("Weight of the SFT loss mixed into the policy loss (PPO-ptx).", default=0.0)
     loss_aggregation: str = _help("How per-token losses (policy, critic, SFT, KL-SFT) become one number per "
                                   "minibatch: token-mean (over every response token of the minibatch, on all "
-                                  "ranks) or seq-mean-token-mean (each sequence's token mean, then the mean over "
-                                  "sequences). Either way independent of micro_batch_size and num_ranks.",
-                                  default="token-mean")
+                                  "ranks; DAPO's token-level loss), seq-mean-token-mean (each sequence's token "
+                                  "mean, then the mean over sequences; gspo starts from it) or "
+                                  "seq-mean-token-sum-norm (each sequence's token sum over a constant length, "
+                                  "rollout.max_new_tokens or for SFT rows data.max_length, then the mean over "
+                                  "sequences: Dr. GRPO, which starts from it). Each independent of "
+                                  "micro_batch_size and num_ranks.", default="token-mean")
     # offline
     params: dict = _help("The offline objective's own parameters, e.g. {beta: 0.1, lam: 50} for dpop; keys the "
                          "objective does not read are refused. `rlhf-ray config keys algorithm.params` lists "
@@ -317,13 +343,23 @@ class AlgorithmConfig:
 
     def __post_init__(self):
         _check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"got {self.kl_estimator!r}; expected k1, k2 or k3")
-        _check(self.loss_aggregation in ("token-mean", "seq-mean-token-mean"), "loss_aggregation",
-               f"got {self.loss_aggregation!r}; expected token-mean or seq-mean-token-mean")
+        _check(self.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation",
+               f"got {self.loss_aggregation!r}; expected {', '.join(LOSS_AGGREGATIONS)}")
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         _check(self.clip_eps > 0, "clip_eps", "must be > 0")
+        _check(0 <= self.clip_eps_low < 1, "clip_eps_low", "must lie in [0, 1) (0 means clip_eps)")
+        _check(self.clip_eps_high >= 0, "clip_eps_high", "must be >= 0 (0 means clip_eps)")
+        _check(self.overlong_buffer >= 0, "overlong_buffer", "must be >= 0 (0 turns the overlong penalty off)")
+        _check(self.overlong_penalty >= 0, "overlong_penalty", "must be >= 0 (it is subtracted from the reward)")
+        _check(self.dynamic_sampling_max_draws >= 1, "dynamic_sampling_max_draws", "must be >= 1")
         _check(self.dual_clip == 0 or self.dual_clip > 1, "dual_clip", "must be 0 (off) or > 1")
         _check(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma/lam", "must lie in [0, 1]")
         _check(self.ppo_epochs >= 1 and self.num_minibatches >= 1, "ppo_epochs/num_minibatches", "must be >= 1")
+
+    @property
+    def clip_range(self) -> tuple[float, float]:
+        """`(low, high)`: the importance ratio is clipped to `[1 - low, 1 + high]`."""
+        return self.clip_eps_low or self.clip_eps, self.clip_eps_high or self.clip_eps
 
 
 METRIC_SINKS = ("jsonl", "tensorboard", "wandb")  # each one's writer: telemetry.metrics.SINKS

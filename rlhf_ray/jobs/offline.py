@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.algorithms.advantages import aggregation_weights
+from rlhf_ray.algorithms.advantages import aggregation_denominator
 from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
@@ -304,7 +304,8 @@ class OfflineJob(RecoveringJob):
         if self.objective.data_format == "sft":  # token losses: the step's mean over all its tokens
             agg = self.cfg.algorithm.loss_aggregation
             params = {**params, "loss_aggregation": agg,
-                      "loss_denominator": float(aggregation_weights(batch["loss_mask"][:, 1:], agg).sum())}
+                      "loss_denominator": aggregation_denominator(batch["loss_mask"][:, 1:], agg,
+                                                                  self.cfg.data.max_length)}
         per_rank = trainer.call_scattered(lambda a, shard: a.train_offline.remote(shard, name, params), batch)
         return {f"train/{k}" if "/" not in k else k: sum(m[k] for m in per_rank) / len(per_rank)
                 for k in per_rank[0]}

@@ -1,4 +1,4 @@
-"""The online driver: PPO, ReMax, GRPO, RLOO and REINFORCE++ on one loop.
+"""The online driver: PPO, ReMax, GRPO, Dr. GRPO, DAPO, GSPO, RLOO and REINFORCE++ on one loop.
 
 Each algorithm comes from the registry as data (does it need a critic, a
 greedy rollout, how many samples per prompt, where does the KL go, which
@@ -7,6 +7,7 @@ policy loss); the loop below never branches on its name:
     prompts  = data.batch(sampler.next())
     rollout  = generate(prompts)                       # engines, n samples (+ greedy)
     scores   = score(rollout)                          # policy, reference, reward, critic: at once or in turns
+                                                       # (dynamic sampling: more prompts while groups agree)
     batch    = compute_advantages(rollout, scores)     # KL-shaped rewards, advantages, returns
     metrics  = update(batch)                           # epochs x minibatches, policy and critic
     sync_weights()                                     # policy -> engines, in buckets
@@ -20,15 +21,17 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.algorithms.advantages import aggregation_weights, masked_mean
+from rlhf_ray.algorithms.advantages import aggregation_denominator, masked_mean
 from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty, token_level_rewards
 from rlhf_ray.algorithms.registry import get_online_algorithm
+from rlhf_ray.algorithms.reward_shaping import overlong_penalty
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
 from rlhf_ray.job_plan import plan_job
 from rlhf_ray.jobs import stop_on_signals
 from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir, role_specs
+from rlhf_ray.jobs.dynamic_sampling import fill_batch
 from rlhf_ray.jobs.loop import run_steps
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
@@ -98,7 +101,10 @@ class OnlineJob(RecoveringJob):
         # One pass over one minibatch: the update starts from the weights that sampled, so the engine's own
         # log-probs serve as the old log-probs and the policy's scoring forward pass is skipped; the
         # policy's recomputation of them (`rollout/logprob_diff`) comes from its training forward instead.
-        self.engine_old_logprobs = a.ppo_epochs == 1 and a.num_minibatches == 1
+        # GSPO's clip range (3e-4) is narrower than the engine's log-probs may differ from the policy's, so
+        # its loss asks for the policy's own (`PolicyLoss.policy_old_logprobs`).
+        self.engine_old_logprobs = a.ppo_epochs == 1 and a.num_minibatches == 1 and \
+            not self.algorithm.policy_loss.policy_old_logprobs
         # Bytes/s a plain copy moves on this machine (half the read + write bandwidth), beside each sync.
         self.memcpy_rate = measure_memory_bandwidth(nbytes=64 * 2**20, iters=3) / 2
 
@@ -187,12 +193,10 @@ class OnlineJob(RecoveringJob):
 
     def step(self, roles: RoleGroups, step: int, timer: PhaseTimer) -> dict:
         """Generate, score, advantages, update, sync (the module docstring's loop)."""
-        prompts = self.prompts.batch(next(self.sampler))
-        with timer.phase("generate"):
-            rollout = self.generate(roles, prompts, seed=self.cfg.run.seed * 100003 + step)
-        scores = self.score(roles, rollout, timer)
+        rollout, scores, drawn = self.collect(roles, self.sampler, step, timer)
         with timer.phase("advantages"):
             batch, metrics = self.compute_advantages(rollout, scores)
+        metrics.update(drawn)
         metrics.update(self.update(roles, batch, step, timer))
         with timer.phase("sync"):
             metrics.update(self.sync_weights(roles))
@@ -218,6 +222,25 @@ class OnlineJob(RecoveringJob):
         return {}
 
     # stages ----------------------------------------------------------------
+    def collect(self, roles: RoleGroups, sampler: EpochSampler, step: int,
+                timer: PhaseTimer) -> tuple[dict, dict, dict]:
+        """The step's rollout and scores: `run.batch_size` prompts, generated and scored. With
+        `algorithm.dynamic_sampling`, prompts whose samples all got the same reward are dropped and more are
+        drawn (`dynamic_sampling.fill_batch`); the metrics say how many. Each draw is scored whole, by every
+        role the step needs: the rewards decide which groups stay, and one scoring call per draw keeps the
+        roles' turns as in a plain step (the reference's and policy's work on dropped groups is the cost)."""
+        def draw(index: int) -> tuple[dict, dict]:
+            prompts = self.prompts.batch(next(sampler))
+            with timer.phase("generate"):
+                rollout = self.generate(roles, prompts, seed=self.cfg.run.seed * 100003 + step + index * 1000003)
+            return rollout, self.score(roles, rollout, timer)
+
+        a = self.cfg.algorithm
+        if not a.dynamic_sampling:
+            return (*draw(0), {})
+        return fill_batch(draw, self.cfg.run.batch_size, self.n, a.dynamic_sampling_max_draws,
+                          self.tokenizer.pad_token_id)
+
     def generate(self, roles: RoleGroups, prompts: dict, seed: int, greedy: bool | None = None,
                  n: int | None = None) -> dict:
         """Split the prompts across engine replicas; every sample of a prompt stays on one engine."""
@@ -265,9 +288,14 @@ class OnlineJob(RecoveringJob):
         a = self.cfg.algorithm
         mask = rollout["response_mask"].float()
         rewards = scores["sequence_rewards"] + a.no_eos_penalty * (~rollout["finished"]).float()
+        overlong = overlong_penalty(mask.sum(-1), self.cfg.rollout.max_new_tokens, a.overlong_buffer,
+                                    a.overlong_penalty)
+        rewards = rewards + overlong
         greedy = scores.get("greedy_rewards")
         if greedy is not None:
-            greedy = greedy + a.no_eos_penalty * (~rollout["greedy_finished"]).float().repeat_interleave(self.n)
+            greedy = greedy + (a.no_eos_penalty * (~rollout["greedy_finished"]).float() + overlong_penalty(
+                rollout["greedy_response_mask"].sum(-1), self.cfg.rollout.max_new_tokens, a.overlong_buffer,
+                a.overlong_penalty)).repeat_interleave(self.n)
         if a.normalize_rewards:
             self.reward_std.update(rewards)
             rewards = rewards / self.reward_std.std
@@ -288,6 +316,8 @@ class OnlineJob(RecoveringJob):
             batch.update(returns=returns, old_values=scores["values"])
         metrics = {"rollout/kl": float(sequence_kl.mean()), "policy/kl_coef": self.kl.value,
                    "rollout/advantage_mean": float(masked_mean(advantages, mask))}
+        if a.overlong_buffer:
+            metrics["rollout/overlong_penalty_mean"] = float(overlong.mean())
         return batch, metrics
 
     def update(self, roles: RoleGroups, batch: dict, step: int, timer: PhaseTimer) -> dict:
@@ -296,8 +326,9 @@ class OnlineJob(RecoveringJob):
         a = self.cfg.algorithm
         rows = batch["input_ids"].shape[0]
         size = rows // a.num_minibatches
-        params = {"clip_eps": a.clip_eps, "dual_clip": a.dual_clip or None, "kl_coef": self.kl.value,
-                  "ptx_coef": a.ptx_coef, "check_old_logprobs": self.engine_old_logprobs}
+        clip_low, clip_high = a.clip_range  # the ratio's clip range [1 - low, 1 + high]
+        params = {"clip_eps": clip_low, "clip_eps_high": clip_high, "dual_clip": a.dual_clip or None,
+                  "kl_coef": self.kl.value, "ptx_coef": a.ptx_coef, "check_old_logprobs": self.engine_old_logprobs}
         name = self.algorithm.name
         generator = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
         per_step = []
@@ -306,15 +337,16 @@ class OnlineJob(RecoveringJob):
             for start in range(0, rows, size):
                 idx = order[start:start + size]
                 mb = {k: v[idx] for k, v in batch.items()}
-                # The minibatch's aggregation weight (tokens or sequences) over all its rows: each
-                # micro-batch on each rank scales its share by it (`TrainEngine.global_loss`).
-                denominator = float(aggregation_weights(mb["response_mask"], a.loss_aggregation).sum())
+                # The minibatch's aggregation denominator (tokens, sequences, or rows x max_new_tokens) over all
+                # its rows: each micro-batch on each rank scales its share by it (`TrainEngine.global_loss`).
+                denominator = aggregation_denominator(mb["response_mask"], a.loss_aggregation,
+                                                      self.cfg.rollout.max_new_tokens)
                 mb_params = {**params, "loss_aggregation": a.loss_aggregation, "loss_denominator": denominator}
                 if self.ptx is not None:
                     ptx_rows = torch.randint(len(self.ptx), (size,), generator=generator).tolist()
                     mb.update({f"ptx_{k}": v for k, v in self.ptx.batch(ptx_rows).items()})
-                    mb_params["ptx_denominator"] = float(
-                        aggregation_weights(mb["ptx_loss_mask"][:, 1:], a.loss_aggregation).sum())
+                    mb_params["ptx_denominator"] = aggregation_denominator(
+                        mb["ptx_loss_mask"][:, 1:], a.loss_aggregation, self.cfg.data.max_length)
                 launch = {"policy": lambda p=mb_params, mb=mb: roles["policy"].scatter(
                     lambda w, s: w.train_online.remote(s, name, p), mb)}
                 if "critic" in roles.groups:

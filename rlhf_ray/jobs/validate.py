@@ -8,7 +8,6 @@ cluster?) run in `runtime/placement.py` just after these.
 from __future__ import annotations
 
 from rlhf_ray.algorithms.registry import (
-    ONLINE_ALGORITHMS,
     ParamError,
     get_offline_objective,
     get_online_algorithm,
@@ -39,7 +38,9 @@ def _check_schedule(role: RoleConfig, name: str, optimizer_steps: int) -> None:
 # algorithm does not read is an error naming the ones it does (it would otherwise be silently ignored).
 ONLINE_FIELDS = ("samples_per_prompt", "kl_coef", "kl_estimator", "adaptive_kl", "kl_target", "kl_horizon",
                  "clip_eps", "dual_clip", "value_clip_eps", "gamma", "lam", "ppo_epochs", "num_minibatches",
-                 "whiten_advantages", "normalize_rewards", "no_eos_penalty", "ptx_coef", "loss_aggregation")
+                 "whiten_advantages", "normalize_rewards", "no_eos_penalty", "ptx_coef", "loss_aggregation",
+                 "clip_eps_low", "clip_eps_high", "overlong_buffer", "overlong_penalty", "dynamic_sampling",
+                 "dynamic_sampling_max_draws")
 OFFLINE_COMMON_FIELDS = ("params", "precompute_reference", "spin_iterations", "sdpo_stages")
 OFFLINE_FIELDS_BY_OBJECTIVE = {"rm": ("rm_zero_mean",), "sft": ("loss_aggregation",),
                                "kl_sft": ("loss_aggregation",)}
@@ -47,9 +48,16 @@ OFFLINE_FIELDS_BY_OBJECTIVE = {"rm": ("rm_zero_mean",), "sft": ("loss_aggregatio
 
 def fields_read(cfg: JobConfig) -> set[str]:
     """The `algorithm.*` fields the job's algorithm or objective reads."""
-    name = cfg.algorithm.name
-    if name in ONLINE_ALGORITHMS:
-        return {"name", *ONLINE_FIELDS}
+    name, a = cfg.algorithm.name, cfg.algorithm
+    if plan_job(cfg).online:
+        unread = set(get_online_algorithm(name).policy_loss.unused)
+        if a.clip_eps_low and a.clip_eps_high:
+            unread.add("clip_eps")  # both sides of the clip range are set (dapo and gspo start so)
+        if not a.dynamic_sampling:
+            unread.add("dynamic_sampling_max_draws")
+        if not a.overlong_buffer:
+            unread.add("overlong_penalty")
+        return {"name", *ONLINE_FIELDS} - unread
     return {"name", *OFFLINE_COMMON_FIELDS, *OFFLINE_FIELDS_BY_OBJECTIVE.get(get_offline_objective(name).name, ())}
 
 
@@ -130,6 +138,14 @@ def validate_online(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
     if n < algorithm.min_samples_per_prompt:
         raise ConfigError(f"algorithm.samples_per_prompt: {algorithm.name} compares samples within a group and "
                           f"needs at least {algorithm.min_samples_per_prompt} per prompt; got {n}")
+    if cfg.algorithm.dynamic_sampling and n < 2:
+        raise ConfigError(f"algorithm.dynamic_sampling compares the rewards of a prompt's samples and needs "
+                          f"samples_per_prompt >= 2; got {n}: raise algorithm.samples_per_prompt or set "
+                          "algorithm.dynamic_sampling=false")
+    if cfg.algorithm.overlong_buffer > cfg.rollout.max_new_tokens:
+        raise ConfigError(f"algorithm.overlong_buffer: {cfg.algorithm.overlong_buffer} tokens is longer than the "
+                          f"longest response, rollout.max_new_tokens={cfg.rollout.max_new_tokens}; make it at most "
+                          "that (the paper: a fifth of it)")
     if algorithm.needs_reference and not cfg.reference.enabled and cfg.algorithm.kl_coef > 0:
         raise ConfigError(f"reference.enabled: {algorithm.name} with kl_coef > 0 needs the reference model; "
                           "set reference.enabled=true or algorithm.kl_coef=0")

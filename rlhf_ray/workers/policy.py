@@ -149,8 +149,8 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         `batch` holds input_ids, attention_mask, response_mask, old_logprobs,
         advantages (and ref_logprobs when the KL sits in the loss, ptx rows
         when PPO-ptx is on). `params["loss_denominator"]` (and
-        `"ptx_denominator"`) is the minibatch's aggregation weight over all
-        ranks (`aggregation_weights(...).sum()`): the loss is the minibatch's
+        `"ptx_denominator"`) is the minibatch's aggregation denominator over all
+        ranks (`aggregation_denominator`): the loss is the minibatch's
         mean whatever the micro-batch size and rank count. With
         `params["check_old_logprobs"]` (the old log-probs are the rollout
         engine's) the metrics include `rollout/logprob_diff`: the mean absolute

@@ -181,3 +181,55 @@ def test_aggregation_weights_by_hand():
     assert float(sequences.sum()) == 2 and float(masked_mean(values, sequences)) == pytest.approx(3.0)
     with pytest.raises(ValueError, match="loss aggregation 'sum'"):
         aggregation_weights(mask, "sum")
+
+
+def test_aggregation_denominators_by_hand():
+    from rlhf_ray.algorithms.advantages import aggregation_denominator, aggregation_weights
+
+    mask = torch.tensor([[1, 1, 1, 1], [1, 0, 0, 0], [0, 0, 0, 0]])
+    values = torch.tensor([[1.0, 1.0, 1.0, 1.0], [5.0, 9.0, 9.0, 9.0], [7.0, 7.0, 7.0, 7.0]])
+    assert aggregation_denominator(mask, "token-mean") == 5  # tokens
+    assert aggregation_denominator(mask, "seq-mean-token-mean") == 2  # non-empty sequences
+    # Dr. GRPO: 3 rows x a constant length of 8, whatever the rows hold. Token weights are 1, so the
+    # minibatch loss sum(w * x) / denominator is (1 + 1 + 1 + 1 + 5) / 24 = 0.375: each row's token sum
+    # over 8 (4/8 and 5/8, and 0 for the empty row), averaged over the 3 rows.
+    weights = aggregation_weights(mask, "seq-mean-token-sum-norm")
+    denominator = aggregation_denominator(mask, "seq-mean-token-sum-norm", max_length=8)
+    assert torch.equal(weights, mask.float()) and denominator == 24
+    assert float((weights * values).sum()) / denominator == pytest.approx(0.375)
+    with pytest.raises(ValueError, match="needs max_length >= 1"):
+        aggregation_denominator(mask, "seq-mean-token-sum-norm")
+
+
+def test_constant_length_aggregation_does_not_depend_on_the_micro_batch_split():
+    # The worker's share of a micro-batch is masked_mean(x, w) * w.sum() / denominator (TrainEngine.global_loss
+    # without the accumulation factor): summed over any split it is the whole minibatch's sum(w * x) / (B * L).
+    from rlhf_ray.algorithms.advantages import aggregation_denominator, aggregation_weights
+
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(6, 5, generator=g) > 0.4
+    values = torch.randn(6, 5, generator=g)
+    denominator = aggregation_denominator(mask, "seq-mean-token-sum-norm", max_length=5)
+    whole = float((values * mask).sum()) / 30
+    for split in ([6], [3, 3], [1, 2, 3]):
+        total, start = 0.0, 0
+        for size in split:
+            w = aggregation_weights(mask[start:start + size], "seq-mean-token-sum-norm")
+            total += float(masked_mean(values[start:start + size], w)) * float(w.sum()) / denominator
+            start += size
+        assert total == pytest.approx(whole, abs=1e-6), split
+
+
+def test_informative_groups_by_hand():
+    from rlhf_ray.algorithms import informative_groups
+
+    # groups of 2: [1, 1] all right, [0, 1] a spread, [0, 0] all wrong, [0.5, 0.25] a spread
+    rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.25])
+    assert informative_groups(rewards, 2).tolist() == [False, True, False, True]
+    # the same rewards as groups of 4: [1, 1, 0, 1] and [0, 0, 0.5, 0.25] both have a spread
+    assert informative_groups(rewards, 4).tolist() == [True, True]
+    # where a group has no spread its GRPO advantages are zero: the group teaches nothing
+    adv = grpo_advantages(rewards, 2, torch.ones(8, 3))
+    assert torch.all(adv.view(4, 2, 3)[~informative_groups(rewards, 2)] == 0)
+    with pytest.raises(ValueError, match="not a multiple of group_size=3"):
+        informative_groups(rewards, 3)

@@ -24,7 +24,7 @@ from rlhf_ray.algorithms import (
     rloo_advantages,
     whiten,
 )
-from rlhf_ray.algorithms.online import KL_IN_LOSS, KL_IN_REWARD, PPO_CLIP, REINFORCE
+from rlhf_ray.algorithms.online import GSPO_CLIP, KL_IN_LOSS, KL_IN_REWARD, PPO_CLIP, REINFORCE
 from rlhf_ray.algorithms.registry import ParamError
 
 torch.set_num_threads(1)
@@ -36,7 +36,7 @@ def close(actual, expected, atol=1e-5):
 
 
 def test_all_names_are_declared():
-    assert set(ONLINE_ALGORITHMS) == {"ppo", "remax", "grpo", "rloo", "reinforce_pp"}
+    assert set(ONLINE_ALGORITHMS) == {"ppo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"}
     assert set(OFFLINE_OBJECTIVES) == {
         "sft", "kl_sft", "rm", "dpo", "cdpo", "ipo", "dpop", "rdpo", "apo_zero", "odpo", "slic", "simpo", "tdpo1",
         "tdpo2", "kto"
@@ -55,6 +55,45 @@ def test_online_declarations():
     assert all(a.needs_reference for a in ONLINE_ALGORITHMS.values())
 
 
+def test_grpo_family_declarations():
+    from dataclasses import fields
+
+    from rlhf_ray.algorithms.registry import online_defaults
+    from rlhf_ray.config.schema import AlgorithmConfig
+
+    dr_grpo, dapo, gspo = (get_online_algorithm(name) for name in ("dr_grpo", "dapo", "gspo"))
+    assert all(a.min_samples_per_prompt == 2 and not a.needs_critic and a.kl is KL_IN_LOSS
+               for a in (dr_grpo, dapo, gspo))
+    assert dr_grpo.policy_loss is PPO_CLIP and dapo.policy_loss is PPO_CLIP and gspo.policy_loss is GSPO_CLIP
+    # GSPO's clip range is narrower than the engine's log-probs may be off: the policy recomputes them
+    assert GSPO_CLIP.uses_ratio and GSPO_CLIP.policy_old_logprobs and not PPO_CLIP.policy_old_logprobs
+    assert dr_grpo.defaults == {"loss_aggregation": "seq-mean-token-sum-norm"}
+    assert dapo.defaults == {"clip_eps_low": 0.2, "clip_eps_high": 0.28, "kl_coef": 0.0,
+                             "loss_aggregation": "token-mean", "dynamic_sampling": True}
+    assert (gspo.defaults["clip_eps_low"], gspo.defaults["clip_eps_high"]) == (3e-4, 4e-4)
+    assert online_defaults("grpo") == {} and online_defaults("dpo") == {} and online_defaults("nope") == {}
+    # every default is an algorithm.* key, and a config made of them is valid
+    keys = {f.name for f in fields(AlgorithmConfig)}
+    for algorithm in ONLINE_ALGORITHMS.values():
+        assert set(algorithm.defaults) <= keys, algorithm.name
+        AlgorithmConfig(name=algorithm.name, **algorithm.defaults)
+
+
+def test_grpo_family_adapters_hand_worked():
+    mask = torch.ones(4, 2)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    # groups [1, 0] and [0, 0]: Dr. GRPO's r - mean = [0.5, -0.5, 0, 0], no division by the std
+    adv, returns = get_online_algorithm("dr_grpo").compute_advantages(
+        response_mask=mask, sequence_rewards=rewards, group_size=2)
+    close(adv[:, 0], [0.5, -0.5, 0.0, 0.0])
+    assert returns is None
+    # DAPO and GSPO keep GRPO's: the std of [1, 0] is 0.707107 -> +-0.707107
+    for name in ("dapo", "gspo"):
+        adv, _ = get_online_algorithm(name).compute_advantages(
+            response_mask=mask, sequence_rewards=rewards, group_size=2)
+        close(adv[:, 1], [0.707107, -0.707107, 0.0, 0.0])
+
+
 def test_offline_declarations():
     assert get_offline_objective("rm").trains == "reward_model"
     assert get_offline_objective("tdpo2").needs_sequence_kl and not get_offline_objective("dpo").needs_sequence_kl
@@ -66,11 +105,13 @@ def test_unknown_names_list_the_known_ones_and_suggest():
     with pytest.raises(KeyError) as info:
         get_online_algorithm("grp")
     message = str(info.value)
-    assert "ppo, remax, grpo, rloo, reinforce_pp" in message and "Did you mean 'grpo'" in message
+    assert "ppo, remax, grpo, dr_grpo, dapo, gspo, rloo, reinforce_pp" in message
+    assert "Did you mean 'grpo'" in message
     with pytest.raises(ValueError, match="Known: sft, kl_sft, rm, dpo"):
         get_offline_objective("dpoo")
     assert isinstance(info.value, UnknownAlgorithmError)
     assert get_online_algorithm("REINFORCE++").name == "reinforce_pp"
+    assert get_online_algorithm("Dr-GRPO").name == "dr_grpo"
 
 
 def _rollout(seed=0, prompts=2, group=3, T=5):

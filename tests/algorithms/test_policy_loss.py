@@ -1,11 +1,13 @@
-"""PPO clipped surrogate, clipped value loss and REINFORCE loss."""
+"""PPO clipped surrogate (with DAPO's decoupled clip range), GSPO's sequence-level loss, clipped value loss
+and REINFORCE loss."""
 
 import math
 
 import pytest
 import torch
 
-from rlhf_ray.algorithms import ppo_policy_loss, reinforce_policy_loss, value_loss
+from rlhf_ray.algorithms import gspo_policy_loss, ppo_policy_loss, reinforce_policy_loss, value_loss
+from rlhf_ray.algorithms.advantages import aggregation_weights
 
 torch.set_num_threads(1)
 
@@ -79,6 +81,63 @@ def test_ppo_loss_on_policy_equals_reinforce_gradient():
     # at ratio 1 nothing is clipped, so the PPO gradient is the REINFORCE gradient
     ppo_policy_loss(a, logprobs, adv, mask, clip_eps=0.2)[0].backward()
     reinforce_policy_loss(b, adv, mask)[0].backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_ppo_decoupled_clip_range_hand_worked():
+    logprobs = torch.log(torch.tensor([[1.5, 1.25, 0.7]])).requires_grad_()
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    # DAPO's clip range [1 - 0.2, 1 + 0.28] = [0.8, 1.28]:
+    # t0: A=1,  ratio 1.5:  max(-1.5, -1.28) = -1.28 (clipped above)
+    # t1: A=1,  ratio 1.25: inside the range -> -1.25 (a symmetric 0.2 would clip it to -1.2)
+    # t2: A=-1, ratio 0.7:  max(0.7, 0.8) = 0.8 (clipped below)
+    # loss = (-1.28 - 1.25 + 0.8) / 3 = -0.576667, clipfrac 2/3
+    loss, m = ppo_policy_loss(logprobs, torch.zeros(1, 3), adv, torch.ones(1, 3), clip_eps=0.2, clip_eps_high=0.28)
+    close(loss, -1.73 / 3)
+    close(m["policy/clipfrac"], 2 / 3)
+    loss.backward()
+    # only t1 is unclipped: d(-A * ratio)/dlogp = -1.25, over 3 tokens
+    close(logprobs.grad, [[0.0, -1.25 / 3, 0.0]])
+    symmetric, _ = ppo_policy_loss(logprobs.detach(), torch.zeros(1, 3), adv, torch.ones(1, 3), clip_eps=0.2)
+    close(symmetric, (-1.2 - 1.2 + 0.8) / 3)  # clip_eps_high None: 0.2 on both sides
+
+
+def test_gspo_policy_loss_hand_worked():
+    old = torch.zeros(2, 3)
+    # row 0: token log-ratios [0.3, -0.1, 0.1], mean 0.1 -> s0 = e^0.1 = 1.105171, A0 = 1
+    # row 1: [0.2, -0.3] and a padding token whose junk log-ratio must not count: mean -0.05 -> s1 = 0.951229, A1 = -2
+    logprobs = torch.tensor([[0.3, -0.1, 0.1], [0.2, -0.3, 5.0]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-2.0, -2.0, 0.0]])
+    weights = aggregation_weights(mask, "seq-mean-token-mean")
+    # clip range [0.95, 1.1]:
+    # row 0: max(-1.105171, -1.1) = -1.1, the clipped term: the whole response drops out of the gradient
+    # row 1: s1 inside the range: 2 * 0.951229 = 1.902459
+    # loss = mean over the two responses = (-1.1 + 1.902459) / 2 = 0.401229
+    loss, m = gspo_policy_loss(logprobs, old, adv, weights, clip_eps_low=0.05, clip_eps_high=0.1)
+    close(loss, 0.401229)
+    close(m["policy/pg_loss"], 0.401229)
+    close(m["policy/clipfrac"], 0.5)
+    close(m["policy/seq_ratio_mean"], (1.105171 + 0.951229) / 2)
+    loss.backward()
+    # row 1: dL1/dlogp_t = -A1 * s1 / |y1| = 2 * 0.951229 / 2 on each of its 2 tokens, halved by the mean
+    # over responses: 0.475615; row 0 and the padding token: 0
+    close(logprobs.grad, [[0.0, 0.0, 0.0], [0.475615, 0.475615, 0.0]])
+
+
+def test_gspo_on_one_token_responses_is_ppo():
+    # A one-token response's sequence ratio is its token ratio: GSPO and PPO then agree, loss and gradient.
+    g = torch.Generator().manual_seed(2)
+    logprobs = torch.randn(6, 1, generator=g, dtype=torch.float64) * 0.3
+    old = torch.randn(6, 1, generator=g, dtype=torch.float64) * 0.3
+    adv = torch.randn(6, 1, generator=g, dtype=torch.float64)
+    mask = torch.ones(6, 1)
+    a, b = logprobs.clone().requires_grad_(), logprobs.clone().requires_grad_()
+    gspo, _ = gspo_policy_loss(a, old, adv, mask, clip_eps_low=0.1, clip_eps_high=0.15)
+    ppo, _ = ppo_policy_loss(b, old, adv, mask, clip_eps=0.1, clip_eps_high=0.15)
+    torch.testing.assert_close(gspo, ppo)
+    gspo.backward()
+    ppo.backward()
     torch.testing.assert_close(a.grad, b.grad)
 
 

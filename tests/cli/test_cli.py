@@ -21,8 +21,8 @@ from rlhf_ray.data.synthetic import SPLITS, SyntheticConfig, build_synthetic
 
 from cli_helpers import run
 
-REQUIRED_PRESETS = ("tiny-ppo", "tiny-remax", "tiny-grpo", "tiny-rloo", "tiny-reinforce-pp", "tiny-sft", "tiny-rm",
-                    "tiny-dpo", "small-sft", "small-dpo", "small-ppo", "small-remax", "small-grpo",
+REQUIRED_PRESETS = ("tiny-ppo", "tiny-remax", "tiny-grpo", "tiny-dr-grpo", "tiny-dapo", "tiny-gspo", "tiny-rloo",
+                    "tiny-reinforce-pp", "tiny-sft", "tiny-rm", "tiny-dpo", "small-sft", "small-dpo", "small-ppo", "small-remax", "small-grpo",
                     "llama-7b-ppo-vllm", "llama-7b-remax-vllm")
 
 
@@ -177,6 +177,7 @@ def test_config_keys_lists_every_key_with_type_and_help(capsys):
     assert all(line.split("): ", 1)[1].strip() for line in lines)  # every key has help text
     code, out, _ = run(["config", "keys", "algorithm"], capsys)
     assert "    offline: sft, kl_sft, rm, dpo" in out  # algorithm.name lists the registry's names
+    assert "    dapo starts from: clip_eps_low=0.2, clip_eps_high=0.28, kl_coef=0.0" in out  # and their own defaults
     assert "      lam (default 50.0, >= 0): weight of the penalty" in out  # each objective's parameters
     code, out, _ = run(["config", "keys", "rollout"], capsys)
     assert code == 0 and out and all(line.startswith("rollout.") for line in out.splitlines())

@@ -51,6 +51,10 @@ def test_unknown_key_suggests_the_nearest(tmp_path):
         ("policy.zero_stage=4", r"policy.zero_stage: got 4; expected 0, 1, 2 or 3"),
         ("policy.model.dtype=fp8", r"policy.model.dtype: got 'fp8'"),
         ("rollout.engine=tgi", r"rollout.engine: got 'tgi'; expected hf or vllm"),
+        ("algorithm.loss_aggregation=sum",
+         r"algorithm.loss_aggregation: got 'sum'; expected token-mean, seq-mean-token-mean, seq-mean-token-sum-norm"),
+        ("algorithm.clip_eps_low=1.5", r"algorithm.clip_eps_low: must lie in \[0, 1\)"),
+        ("algorithm.overlong_buffer=-1", r"algorithm.overlong_buffer: must be >= 0"),
     ],
 )
 def test_wrong_values_name_the_key(override, message):
@@ -79,3 +83,27 @@ def test_override_without_equals_is_an_error():
 def test_build_rejects_non_mapping_section():
     with pytest.raises(ConfigError, match=r"policy must be a mapping"):
         build(JobConfig, {"policy": 3}, prefix="")
+
+
+def test_an_online_algorithm_fills_in_its_own_defaults_and_keeps_what_is_given(tmp_path):
+    # dapo starts from its paper's settings where the config says nothing ...
+    dapo = load_config(None, ["algorithm.name=dapo"]).algorithm
+    assert (dapo.clip_eps_low, dapo.clip_eps_high, dapo.kl_coef, dapo.dynamic_sampling) == (0.2, 0.28, 0.0, True)
+    assert dapo.clip_range == (0.2, 0.28)
+    # ... and a value the file or an override gives wins over it
+    path = write(tmp_path, "algorithm:\n  name: dapo\n  kl_coef: 0.01\n")
+    given = load_config(path, ["algorithm.clip_eps_high=0.3"]).algorithm
+    assert (given.kl_coef, given.clip_eps_low, given.clip_eps_high) == (0.01, 0.2, 0.3)
+    assert load_config(None, ["algorithm.name=Dr-GRPO"]).algorithm.loss_aggregation == "seq-mean-token-sum-norm"
+    # grpo has none of its own: clip_eps on both sides; the resolved config round-trips
+    grpo = load_config(None, ["algorithm.name=grpo", "algorithm.clip_eps_high=0.28"]).algorithm
+    assert grpo.clip_range == (0.2, 0.28) and grpo.kl_coef == 0.05 and not grpo.dynamic_sampling
+    cfg = load_config("tiny-gspo")
+    assert to_dict(load_config(write(tmp_path, dump_yaml(cfg), "again.yaml"))) == to_dict(cfg)
+
+
+def test_the_config_knows_every_loss_aggregation():
+    from rlhf_ray.algorithms.advantages import LOSS_AGGREGATIONS as MODES
+    from rlhf_ray.config.schema import LOSS_AGGREGATIONS
+
+    assert LOSS_AGGREGATIONS == MODES

@@ -17,7 +17,10 @@ from rlhf_ray.telemetry.metrics import read_metrics
 
 from job_helpers import tiny_config
 
-ONLINE = ["tiny-ppo", "tiny-remax", "tiny-grpo", "tiny-rloo", "tiny-reinforce-pp"]
+# Dr. GRPO and GSPO change GRPO's loss alone (their math is tested by hand, GSPO's wiring by one step in
+# test_online_runs.py): their learning runs are marked slow, to keep the default suite's time.
+ONLINE = ["tiny-ppo", "tiny-remax", "tiny-grpo", "tiny-dapo", "tiny-rloo", "tiny-reinforce-pp",
+          pytest.param("tiny-dr-grpo", marks=pytest.mark.slow), pytest.param("tiny-gspo", marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +39,9 @@ def test_each_online_algorithm_raises_the_heldout_reward(sft, tmp_path, preset):
     assert [r["step"] for r in evals] == [1, 8]
     first, last = evals[0]["eval/reward_mean"], evals[-1]["eval/reward_mean"]
     assert last > first + 0.1, (preset, first, last)
+    rows = read_metrics(out)
+    if "rollout/draws" in rows[0]:  # dynamic sampling (dapo): every step drew at least its batch of 8 prompts
+        assert all(r["rollout/prompts_drawn"] >= 8 and r["rollout/groups_refilled"] <= 8 for r in rows)
 
 
 def test_reward_model_separates_heldout_pairs(sft, tmp_path):

@@ -68,7 +68,7 @@ def test_two_engine_replicas_split_any_prompt_count(ray_cluster, tmp_path):
     assert "eval/reward_mean" in rows[-1]
 
 
-@pytest.mark.parametrize("preset", ["tiny-grpo", "tiny-rloo", "tiny-reinforce-pp"])
+@pytest.mark.parametrize("preset", ["tiny-grpo", "tiny-gspo", "tiny-rloo", "tiny-reinforce-pp"])
 def test_critic_free_algorithms_run_with_the_rule_reward(ray_cluster, tmp_path, preset):
     summary = run_job(tiny_config(preset, tmp_path / preset, "run.total_steps=1", "run.batch_size=2",
                                   "rollout.max_new_tokens=8"))
@@ -87,6 +87,13 @@ def test_critic_free_algorithms_run_with_the_rule_reward(ray_cluster, tmp_path, 
     (["algorithm.name=remax", "algorithm.ppo_epochs=2"],
      r"remax's REINFORCE loss has no importance ratio"),
     (["algorithm.params.beta=0.1"], r"algorithm.params: ppo does not read .*algorithm.params holds an offline"),
+    (["algorithm.name=dapo", "algorithm.clip_eps=0.3"],
+     r"algorithm.clip_eps: dapo does not read algorithm.clip_eps; remove it\. dapo reads: .*algorithm.clip_eps_high"),
+    (["algorithm.name=gspo", "algorithm.dual_clip=3"], r"algorithm.dual_clip: gspo does not read algorithm.dual_clip"),
+    (["algorithm.name=remax", "algorithm.dynamic_sampling=true"],
+     r"algorithm.dynamic_sampling compares the rewards of a prompt's samples and needs samples_per_prompt >= 2; got 1"),
+    (["algorithm.name=dapo", "algorithm.overlong_buffer=64"],
+     r"algorithm.overlong_buffer: 64 tokens is longer than the longest response, rollout.max_new_tokens=\d+"),
 ])
 def test_bad_online_settings_fail_before_any_model_loads(ray_cluster, tmp_path, overrides, message):
     from rlhf_ray.runtime.placement import PlacementError
