@@ -25,7 +25,7 @@ from rlhf_ray.algorithms.advantages import (
     rloo_advantages,
     whiten,
 )
-from rlhf_ray.algorithms.kl import kl_loss
+from rlhf_ray.algorithms.kl import KL_KINDS, kl_loss
 from rlhf_ray.algorithms.policy_loss import ppo_policy_loss, reinforce_policy_loss
 
 ADVANTAGE_INPUTS = ("token_rewards", "sequence_rewards", "greedy_rewards", "values")
@@ -60,21 +60,34 @@ REINFORCE = PolicyLoss("reinforce", uses_ratio=False, fn=lambda logprobs, old, a
 
 @dataclass(frozen=True)
 class KLPlacement:
-    """Where the KL to the reference enters: shaped into the token rewards, or a k3 term of the policy loss."""
+    """Where the KL to the reference enters: shaped into the token rewards, or a term of the policy loss."""
 
     name: str
     in_reward: bool
+
+    def estimator(self, configured: str) -> str:
+        """The KL estimator (`kl.KL_KINDS`) for `algorithm.kl_estimator`: `auto` is k1 in the rewards
+        (Ziegler et al.) and k3 in the loss (GRPO). k1 is refused in the loss: the gradient of
+        mean(log pi - log pi_ref) is mean grad log pi, zero in expectation on the policy's own samples."""
+        kind = configured if configured != "auto" else ("k1" if self.in_reward else "k3")
+        if kind not in KL_KINDS:
+            raise ValueError(f"KL estimator {configured!r}: expected auto or one of {', '.join(KL_KINDS)}")
+        if kind == "k1" and not self.in_reward:
+            raise ValueError("k1 as a loss term has no KL gradient: its expected gradient, E[grad log pi], is "
+                             "zero on the policy's own samples; use k3 (auto) or k2")
+        return kind
 
     def reward_coef(self, kl_coef: float) -> float:
         """The coefficient `kl.token_level_rewards` shapes the rewards with (0 when the KL sits in the loss)."""
         return kl_coef if self.in_reward else 0.0
 
     def loss_term(self, logprobs: Tensor, ref_logprobs: Tensor | None, weights: Tensor,
-                  kl_coef: float) -> tuple[Tensor, dict[str, Tensor]] | None:
-        """`(kl_coef * mean KL, metrics)` to add to the policy loss, or None when the KL is in the rewards."""
+                  kl_coef: float, kind: str = "auto") -> tuple[Tensor, dict[str, Tensor]] | None:
+        """`(kl_coef * mean KL, metrics)` to add to the policy loss, with the estimator `kind` (see
+        `estimator`), or None when the KL is in the rewards."""
         if self.in_reward or kl_coef <= 0:
             return None
-        return kl_loss(logprobs, ref_logprobs, weights, kl_coef)
+        return kl_loss(logprobs, ref_logprobs, weights, kl_coef, kind=self.estimator(kind))
 
 
 KL_IN_REWARD = KLPlacement("reward", in_reward=True)
@@ -96,7 +109,8 @@ class OnlineAlgorithm:
     min_samples_per_prompt: int
     default_samples_per_prompt: int
     kl: KLPlacement
-    """`KL_IN_REWARD` (`kl.token_level_rewards`) or `KL_IN_LOSS` (`kl.kl_loss`, as in GRPO)."""
+    """`KL_IN_REWARD` (`kl.token_level_rewards`) or `KL_IN_LOSS` (`kl.kl_loss`, as in GRPO); each with its
+    own default estimator (`KLPlacement.estimator`)."""
     policy_loss: PolicyLoss
     """`PPO_CLIP` (`ppo_policy_loss`) or `REINFORCE` (`reinforce_policy_loss`)."""
     advantage_inputs: tuple[str, ...]

@@ -286,7 +286,9 @@ class AlgorithmConfig:
     # online
     samples_per_prompt: int = _help("Responses sampled per prompt; 0 means the algorithm's default.", default=0)
     kl_coef: float = _help("KL penalty coefficient (initial value when adaptive).", default=0.05)
-    kl_estimator: str = _help("k1, k2 or k3 (Schulman's estimators).", default="k1")
+    kl_estimator: str = _help("k1, k2 or k3 (Schulman's estimators), or auto: the algorithm's own (k1 shaped into "
+                              "the rewards, k3 as the loss term of GRPO). k1 is refused as a loss term: its "
+                              "expected gradient on the policy's own samples is zero.", default="auto")
     adaptive_kl: bool = _help("Adapt kl_coef towards kl_target (Ziegler et al.).", default=False)
     kl_target: float = _help("Target KL for the adaptive controller.", default=6.0)
     kl_horizon: int = _help("Horizon of the adaptive controller, in samples.", default=10000)
@@ -316,7 +318,8 @@ class AlgorithmConfig:
     sdpo_stages: int = _help("sDPO: split the preference data into this many stages (0 or 1: plain DPO).", default=0)
 
     def __post_init__(self):
-        _check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"got {self.kl_estimator!r}; expected k1, k2 or k3")
+        _check(self.kl_estimator in ("auto", "k1", "k2", "k3"), "kl_estimator",
+               f"got {self.kl_estimator!r}; expected auto, k1, k2 or k3")
         _check(self.loss_aggregation in ("token-mean", "seq-mean-token-mean"), "loss_aggregation",
                f"got {self.loss_aggregation!r}; expected token-mean or seq-mean-token-mean")
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")

@@ -95,6 +95,7 @@ class OnlineJob(RecoveringJob):
         a = cfg.algorithm
         self._fresh_controllers()
         self.uses_reference = plan_job(cfg).uses_reference
+        self.kl_estimator = self.algorithm.kl.estimator(a.kl_estimator)  # `auto` resolved: k1 in rewards, k3 in loss
         # One pass over one minibatch: the update starts from the weights that sampled, so the engine's own
         # log-probs serve as the old log-probs and the policy's scoring forward pass is skipped; the
         # policy's recomputation of them (`rollout/logprob_diff`) comes from its training forward instead.
@@ -275,7 +276,7 @@ class OnlineJob(RecoveringJob):
         old = scores["logprobs"]
         ref = scores.get("ref_logprobs", old)
         kl_coef = self.algorithm.kl.reward_coef(self.kl.value)
-        token_rewards = token_level_rewards(rewards, old, ref, mask, kl_coef, kind=a.kl_estimator)
+        token_rewards = token_level_rewards(rewards, old, ref, mask, kl_coef, kind=self.kl_estimator)
         advantages, returns = self.algorithm.compute_advantages(
             response_mask=mask, token_rewards=token_rewards, sequence_rewards=rewards, greedy_rewards=greedy,
             values=scores.get("values"), group_size=self.n, gamma=a.gamma, lam=a.lam,
@@ -297,7 +298,7 @@ class OnlineJob(RecoveringJob):
         rows = batch["input_ids"].shape[0]
         size = rows // a.num_minibatches
         params = {"clip_eps": a.clip_eps, "dual_clip": a.dual_clip or None, "kl_coef": self.kl.value,
-                  "ptx_coef": a.ptx_coef, "check_old_logprobs": self.engine_old_logprobs}
+                  "kl_estimator": self.kl_estimator, "ptx_coef": a.ptx_coef, "check_old_logprobs": self.engine_old_logprobs}
         name = self.algorithm.name
         generator = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
         per_step = []

@@ -134,6 +134,10 @@ def validate_online(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"reference.enabled: {algorithm.name} with kl_coef > 0 needs the reference model; "
                           "set reference.enabled=true or algorithm.kl_coef=0")
     a = cfg.algorithm
+    try:
+        algorithm.kl.estimator(a.kl_estimator)
+    except ValueError as err:
+        raise ConfigError(f"algorithm.kl_estimator: {algorithm.name} puts the KL in its loss, and {err}") from None
     if not algorithm.policy_loss.uses_ratio and (a.ppo_epochs > 1 or a.num_minibatches > 1):
         raise ConfigError(f"algorithm.ppo_epochs/num_minibatches: {algorithm.name}'s REINFORCE loss has no importance "
                           f"ratio, so a second pass (ppo_epochs={a.ppo_epochs}) or minibatch "

@@ -167,7 +167,8 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
             weights = aggregation_weights(mask, mode)
             loss, metrics = algorithm.policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], weights,
                                                   params)
-            kl_term = algorithm.kl.loss_term(out["logprobs"], mb.get("ref_logprobs"), weights, params["kl_coef"])
+            kl_term = algorithm.kl.loss_term(out["logprobs"], mb.get("ref_logprobs"), weights, params["kl_coef"],
+                                             params.get("kl_estimator", "auto"))
             if kl_term is not None:
                 loss = loss + kl_term[0]
                 metrics.update(kl_term[1])

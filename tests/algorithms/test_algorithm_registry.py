@@ -55,6 +55,32 @@ def test_online_declarations():
     assert all(a.needs_reference for a in ONLINE_ALGORITHMS.values())
 
 
+def test_each_kl_placement_resolves_its_own_estimator():
+    # auto: k1 shaped into the rewards (Ziegler et al.), k3 as GRPO's loss term; a set value is kept.
+    assert KL_IN_REWARD.estimator("auto") == "k1" and KL_IN_LOSS.estimator("auto") == "k3"
+    assert KL_IN_LOSS.estimator("k2") == "k2" and KL_IN_REWARD.estimator("k3") == "k3"
+    with pytest.raises(ValueError, match="k1 as a loss term has no KL gradient"):
+        KL_IN_LOSS.estimator("k1")
+    with pytest.raises(ValueError, match="expected auto or one of k1, k2, k3"):
+        KL_IN_LOSS.estimator("k4")
+
+
+def test_the_kl_loss_term_uses_the_configured_estimator():
+    logprobs = torch.log(torch.tensor([[0.5, 0.9]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25, 0.1]]))
+    mask = torch.tensor([[1.0, 0.0]])
+    # only token 0 counts, log q - log p = ln 2: k2 = 0.5 * (ln 2)^2 = 0.240227; loss = 0.1 * 0.240227
+    loss, metrics = KL_IN_LOSS.loss_term(logprobs, ref, mask, kl_coef=0.1, kind="k2")
+    close(loss, 0.0240227)
+    close(metrics["policy/kl_loss"], 0.240227)
+    loss.backward()
+    # d k2 / d log q = log q - log p = ln 2, times 0.1
+    close(logprobs.grad, [[0.0693147, 0.0]])
+    # auto in the loss is k3: (0.5 - 1) - ln 0.5 = 0.193147
+    close(KL_IN_LOSS.loss_term(logprobs, ref, mask, kl_coef=0.1)[1]["policy/kl_loss"], 0.193147)
+    assert KL_IN_REWARD.loss_term(logprobs, ref, mask, kl_coef=0.1, kind="k2") is None
+
+
 def test_offline_declarations():
     assert get_offline_objective("rm").trains == "reward_model"
     assert get_offline_objective("tdpo2").needs_sequence_kl and not get_offline_objective("dpo").needs_sequence_kl
