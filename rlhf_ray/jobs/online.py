@@ -192,9 +192,11 @@ class OnlineJob(RecoveringJob):
         with timer.phase("generate"):
             rollout = self.generate(roles, prompts, seed=self.cfg.run.seed * 100003 + step)
         scores = self.score(roles, rollout, timer)
+        kl_coef = self.kl.value  # one coefficient per step: the rewards' and the loss's
         with timer.phase("advantages"):
-            batch, metrics = self.compute_advantages(rollout, scores)
-        metrics.update(self.update(roles, batch, step, timer))
+            batch, metrics = self.compute_advantages(rollout, scores, kl_coef)
+        metrics.update(self.update(roles, batch, step, timer, kl_coef))
+        self.kl.update(metrics["rollout/kl"], self.cfg.run.batch_size * self.n)  # the next step's coefficient
         with timer.phase("sync"):
             metrics.update(self.sync_weights(roles))
         self._last = (rollout, scores)
@@ -262,8 +264,11 @@ class OnlineJob(RecoveringJob):
             out["greedy_rewards"] = rewards[size:].repeat_interleave(self.n)
         return out
 
-    def compute_advantages(self, rollout: dict, scores: dict) -> tuple[dict, dict]:
+    def compute_advantages(self, rollout: dict, scores: dict, kl_coef: float | None = None) -> tuple[dict, dict]:
+        """KL-shaped rewards with this step's coefficient (the controller's current value by default; the
+        controller is not moved here) and the algorithm's advantages."""
         a = self.cfg.algorithm
+        kl_coef = self.kl.value if kl_coef is None else kl_coef
         mask = rollout["response_mask"].float()
         rewards = scores["sequence_rewards"] + a.no_eos_penalty * (~rollout["finished"]).float()
         greedy = scores.get("greedy_rewards")
@@ -275,29 +280,28 @@ class OnlineJob(RecoveringJob):
             greedy = None if greedy is None else greedy / self.reward_std.std
         old = scores["logprobs"]
         ref = scores.get("ref_logprobs", old)
-        kl_coef = self.algorithm.kl.reward_coef(self.kl.value)
-        token_rewards = token_level_rewards(rewards, old, ref, mask, kl_coef, kind=self.kl_estimator)
+        token_rewards = token_level_rewards(rewards, old, ref, mask, self.algorithm.kl.reward_coef(kl_coef),
+                                            kind=self.kl_estimator)
         advantages, returns = self.algorithm.compute_advantages(
             response_mask=mask, token_rewards=token_rewards, sequence_rewards=rewards, greedy_rewards=greedy,
             values=scores.get("values"), group_size=self.n, gamma=a.gamma, lam=a.lam,
             whiten_advantages=a.whiten_advantages)
         sequence_kl = (kl_penalty(old, ref, "k1") * mask).sum(-1)
-        self.kl.update(float(sequence_kl.mean()), self.cfg.run.batch_size * self.n)
         batch = {k: rollout[k] for k in ROLLOUT_KEYS}
         batch.update(old_logprobs=old, advantages=advantages, ref_logprobs=ref)
         if returns is not None:
             batch.update(returns=returns, old_values=scores["values"])
-        metrics = {"rollout/kl": float(sequence_kl.mean()), "policy/kl_coef": self.kl.value,
+        metrics = {"rollout/kl": float(sequence_kl.mean()), "policy/kl_coef": kl_coef,
                    "rollout/advantage_mean": float(masked_mean(advantages, mask))}
         return batch, metrics
 
-    def update(self, roles: RoleGroups, batch: dict, step: int, timer: PhaseTimer) -> dict:
+    def update(self, roles: RoleGroups, batch: dict, step: int, timer: PhaseTimer, kl_coef: float) -> dict:
         """PPO epochs over shuffled minibatches; policy and critic update concurrently (in turns where they
-        share CPU-only bundles, `RoleGroups.turns`)."""
+        share CPU-only bundles, `RoleGroups.turns`). `kl_coef`: this step's, as the rewards were shaped with."""
         a = self.cfg.algorithm
         rows = batch["input_ids"].shape[0]
         size = rows // a.num_minibatches
-        params = {"clip_eps": a.clip_eps, "dual_clip": a.dual_clip or None, "kl_coef": self.kl.value,
+        params = {"clip_eps": a.clip_eps, "dual_clip": a.dual_clip or None, "kl_coef": kl_coef,
                   "kl_estimator": self.kl_estimator, "ptx_coef": a.ptx_coef, "check_old_logprobs": self.engine_old_logprobs}
         name = self.algorithm.name
         generator = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
