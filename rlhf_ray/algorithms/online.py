@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 from torch import Tensor
 
 from rlhf_ray.algorithms.advantages import (
+    discounted_returns,
     gae,
     grpo_advantages,
     reinforce_pp_advantages,
@@ -196,11 +197,13 @@ def _ppo(*, token_rewards, values, response_mask, gamma, lam, whiten_advantages,
 
 
 def _remax(*, token_rewards, greedy_rewards, response_mask, whiten_advantages, **_):
-    # The sample's KL-shaped return minus the greedy response's reward. The
-    # greedy response is not KL-shaped (that would cost two more forward
-    # passes); a baseline that does not depend on the sample keeps the
-    # gradient unbiased either way.
-    sampled = _sequence_return(token_rewards, response_mask)
+    # Each token's KL-shaped reward-to-go (the sum of the token rewards from
+    # it on, as verl computes ReMax's return: a token is not charged the KL of
+    # the tokens before it) minus the greedy response's reward. The greedy
+    # response is not KL-shaped (that would cost two more forward passes); a
+    # baseline that does not depend on the sample keeps the gradient unbiased
+    # either way.
+    sampled = discounted_returns(token_rewards, response_mask, gamma=1.0)
     advantages = remax_advantages(sampled, greedy_rewards, response_mask)
     return _maybe_whiten(advantages, response_mask, whiten_advantages), None
 
@@ -231,7 +234,8 @@ _ONLINE = (
     ),
     OnlineAlgorithm(
         name="remax",
-        description="REINFORCE with the greedy response's reward as baseline; no critic (Li et al. 2023).",
+        description="REINFORCE of the KL-shaped reward-to-go with the greedy response's reward as baseline; no "
+                    "critic (Li et al. 2023).",
         needs_critic=False, needs_reference=True, needs_greedy=True,
         min_samples_per_prompt=1, default_samples_per_prompt=1, kl=KL_IN_REWARD, policy_loss=REINFORCE,
         advantage_inputs=("token_rewards", "greedy_rewards"), advantage_fn=_remax,

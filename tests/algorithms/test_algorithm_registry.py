@@ -14,6 +14,7 @@ from rlhf_ray.algorithms import (
     RewardPairBatch,
     SFTBatch,
     UnknownAlgorithmError,
+    discounted_returns,
     dpo_loss,
     gae,
     get_offline_objective,
@@ -136,8 +137,10 @@ def test_adapters_call_their_own_estimators():
     torch.testing.assert_close(adv, whiten(ref_adv, mask))
     torch.testing.assert_close(ret, ref_ret)
 
+    # ReMax: each token's undiscounted reward-to-go, not the whole return (gamma = 0.99 is not ReMax's)
     adv, _ = get_online_algorithm("remax").compute_advantages(**x)
-    torch.testing.assert_close(adv, remax_advantages(ret_sum, x["greedy_rewards"], mask))
+    reward_to_go = discounted_returns(tok, mask, 1.0)
+    torch.testing.assert_close(adv, remax_advantages(reward_to_go, x["greedy_rewards"], mask))
 
     adv, _ = get_online_algorithm("grpo").compute_advantages(**x)
     torch.testing.assert_close(adv, grpo_advantages(x["sequence_rewards"], 3, mask))
@@ -150,13 +153,15 @@ def test_adapters_call_their_own_estimators():
 
 
 def test_remax_adapter_hand_worked():
-    # token rewards sum to 1.0 - 0.25 = 0.75 (KL-shaped return); greedy reward 0.5 -> advantage 0.25 per token
+    # Reward-to-go of the KL-shaped token rewards: token 0 gets -0.25 + 1.0 = 0.75, token 1 only its own 1.0
+    # (the KL charged at token 0 came before it); minus the greedy reward 0.5 -> [0.25, 0.5]. The whole return
+    # on every token, as before, charged token 1 for token 0's KL: [0.25, 0.25].
     adv, returns = get_online_algorithm("remax").compute_advantages(
         response_mask=torch.tensor([[1, 1, 0]]),
         token_rewards=torch.tensor([[-0.25, 1.0, 0.0]]),
         greedy_rewards=torch.tensor([0.5]),
     )
-    close(adv, [[0.25, 0.25, 0.0]])
+    close(adv, [[0.25, 0.5, 0.0]])
     assert returns is None
 
 
