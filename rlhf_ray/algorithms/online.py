@@ -40,7 +40,11 @@ LossResult = "tuple[Tensor, dict[str, Tensor]]"
 
 @dataclass(frozen=True)
 class PolicyLoss:
-    """A policy-gradient loss: `fn(logprobs, old_logprobs, advantages, weights, params) -> (loss, metrics)`."""
+    """A policy-gradient loss: `fn(logprobs, old_logprobs, advantages, weights, params) -> (loss, metrics)`.
+
+    Each token's loss must be positively homogeneous in its advantage, `L_t(w * A) = w * L_t(A)` for
+    `w >= 0`: the rollout importance weights enter through the advantages (`rollout_is.weighted_advantages`),
+    which `tests/algorithms/test_rollout_is.py` checks for every registered loss."""
 
     name: str
     fn: Callable[..., LossResult] = field(repr=False)

@@ -277,6 +277,9 @@ class DataConfig:
         _check(self.max_examples >= 0, "max_examples", "must be >= 0 (0 means all)")
 
 
+ROLLOUT_IS_MODES = ("none", "tis", "mis")  # each one's weights: algorithms.rollout_is.rollout_is_weights
+
+
 @dataclass(frozen=True)
 class AlgorithmConfig:
     """The objective and its hyper-parameters. Online knobs are ignored by offline objectives and vice versa."""
@@ -295,6 +298,16 @@ class AlgorithmConfig:
     clip_eps: float = _help("PPO ratio clip.", default=0.2)
     dual_clip: float = _help("Dual-clip bound c > 1 for negative advantages; 0 turns it off.", default=0.0)
     value_clip_eps: float = _help("Clip of the value update around the old values.", default=0.2)
+    rollout_is: str = _help("Importance correction of the gap between the rollout engine's and the trainer's "
+                            "log-probs of the sampled tokens, a detached factor on each token's policy loss: "
+                            "tis (min(pi_old / pi_engine, rollout_is_cap), Yao et al. 2025), mis (the ratio, and 0 "
+                            "for tokens whose ratio leaves [1/cap, cap]) or none. PPO's ratio is pi / pi_old, the "
+                            "trainer's own, either way.", default="tis")
+    rollout_is_cap: float = _help("The truncation of tis, or the bound [1/cap, cap] of mis; > 1.", default=2.0)
+    max_logprob_diff: float = _help("Skip a step whose mean |log pi_old - log pi_engine| per response token "
+                                    "(rollout/logprob_diff) exceeds this, counted in train/skipped_steps as a "
+                                    "non-finite step is (run.max_bad_steps in a row stop the job); it costs the "
+                                    "policy a scoring forward pass before the update. 0 turns it off.", default=0.0)
     gamma: float = _help("Discount.", default=1.0)
     lam: float = _help("GAE lambda.", default=0.95)
     ppo_epochs: int = _help("Passes over each rollout batch.", default=1)
@@ -320,6 +333,10 @@ class AlgorithmConfig:
     def __post_init__(self):
         _check(self.kl_estimator in ("auto", "k1", "k2", "k3"), "kl_estimator",
                f"got {self.kl_estimator!r}; expected auto, k1, k2 or k3")
+        _check(self.rollout_is in ROLLOUT_IS_MODES, "rollout_is",
+               f"got {self.rollout_is!r}; expected {', '.join(ROLLOUT_IS_MODES)}")
+        _check(self.rollout_is_cap > 1, "rollout_is_cap", f"got {self.rollout_is_cap}; must be > 1")
+        _check(self.max_logprob_diff >= 0, "max_logprob_diff", "must be >= 0 (0 turns it off)")
         _check(self.loss_aggregation in ("token-mean", "seq-mean-token-mean"), "loss_aggregation",
                f"got {self.loss_aggregation!r}; expected token-mean or seq-mean-token-mean")
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
