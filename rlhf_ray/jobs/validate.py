@@ -40,6 +40,7 @@ def _check_schedule(role: RoleConfig, name: str, optimizer_steps: int) -> None:
 ONLINE_FIELDS = ("samples_per_prompt", "kl_coef", "kl_estimator", "adaptive_kl", "kl_target", "kl_horizon",
                  "clip_eps", "dual_clip", "value_clip_eps", "gamma", "lam", "ppo_epochs", "num_minibatches",
                  "whiten_advantages", "normalize_rewards", "no_eos_penalty", "ptx_coef", "loss_aggregation")
+MISMATCH_FIELDS = ("rollout_is", "rollout_is_cap", "max_logprob_diff")  # every online algorithm's policy loss
 OFFLINE_COMMON_FIELDS = ("params", "precompute_reference", "spin_iterations", "sdpo_stages")
 OFFLINE_FIELDS_BY_OBJECTIVE = {"rm": ("rm_zero_mean",), "sft": ("loss_aggregation",),
                                "kl_sft": ("loss_aggregation",)}
@@ -49,7 +50,7 @@ def fields_read(cfg: JobConfig) -> set[str]:
     """The `algorithm.*` fields the job's algorithm or objective reads."""
     name = cfg.algorithm.name
     if name in ONLINE_ALGORITHMS:
-        return {"name", *ONLINE_FIELDS}
+        return {"name", *ONLINE_FIELDS, *MISMATCH_FIELDS}
     return {"name", *OFFLINE_COMMON_FIELDS, *OFFLINE_FIELDS_BY_OBJECTIVE.get(get_offline_objective(name).name, ())}
 
 
