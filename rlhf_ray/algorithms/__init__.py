@@ -56,6 +56,7 @@ from rlhf_ray.algorithms.registry import (
     get_offline_objective,
     get_online_algorithm,
 )
+from rlhf_ray.algorithms.rollout_is import mismatch_metrics, mismatch_sums, rollout_is_weights, weighted_advantages
 from rlhf_ray.algorithms.reward_loss import pairwise_reward_loss, ranked_reward_loss
 from rlhf_ray.algorithms.reward_shaping import overlong_penalty
 from rlhf_ray.algorithms.sft_loss import kl_sft_loss, sft_loss
@@ -75,6 +76,8 @@ __all__ = [
     "tdpo_loss", "tdpo_sequential_kl", "kto_loss", "kto_reference_point",
     # reward model and SFT
     "pairwise_reward_loss", "ranked_reward_loss", "sft_loss", "kl_sft_loss",
+    # the rollout engine's gap to the trainer
+    "rollout_is_weights", "weighted_advantages", "mismatch_sums", "mismatch_metrics",
     # registry
     "OnlineAlgorithm", "OfflineObjective", "ONLINE_ALGORITHMS", "OFFLINE_OBJECTIVES", "UnknownAlgorithmError",
     "get_online_algorithm", "get_offline_objective",

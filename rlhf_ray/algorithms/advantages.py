@@ -216,24 +216,31 @@ def gae(
 
 
 @torch.no_grad()
-def remax_advantages(sequence_rewards: Tensor, greedy_rewards: Tensor, response_mask: Tensor) -> Tensor:
+def remax_advantages(sampled_returns: Tensor, greedy_rewards: Tensor, response_mask: Tensor) -> Tensor:
     """ReMax advantages (Li et al. 2023, arXiv:2310.10505).
 
     REINFORCE whose baseline is the reward of the greedy-decoded response to
-    the same prompt: `A_t = r(x, y_sampled) - r(x, y_greedy)` on every
-    response token.
+    the same prompt: `A_t = G_t - r(x, y_greedy)` on every response token,
+    where `G_t` is the sample's return from token t on (`[B, T]`, e.g. the
+    reward-to-go of KL-shaped token rewards), or one return for the whole
+    response (`[B]`, the same on every token).
 
     Args:
-        sequence_rewards: `[B]` reward (or return) of each sampled response.
+        sampled_returns: `[B, T]` return of each sampled response from each token on, or `[B]`.
         greedy_rewards: `[B]` reward of the greedy response to the same prompt.
         response_mask: `[B, T]`.
 
     Returns:
         `[B, T]` advantages, zero where the mask is false.
     """
-    _check_rows("sequence_rewards", sequence_rewards, response_mask)
     _check_rows("greedy_rewards", greedy_rewards, response_mask)
-    gap = (sequence_rewards - greedy_rewards.to(sequence_rewards.dtype))[:, None]
+    if sampled_returns.dim() == 2:
+        _check_same_shape("sampled_returns", sampled_returns, response_mask)
+    else:
+        _check_rows("sampled_returns", sampled_returns, response_mask)
+        sampled_returns = sampled_returns[:, None]
+    # A_t = G_t - r(x, y_greedy)
+    gap = sampled_returns - greedy_rewards.to(sampled_returns.dtype)[:, None]
     return gap * _as_float_mask(response_mask, gap)
 
 

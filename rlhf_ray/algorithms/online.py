@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping
 from torch import Tensor
 
 from rlhf_ray.algorithms.advantages import (
+    discounted_returns,
     gae,
     grpo_advantages,
     reinforce_pp_advantages,
@@ -27,7 +28,7 @@ from rlhf_ray.algorithms.advantages import (
     rloo_advantages,
     whiten,
 )
-from rlhf_ray.algorithms.kl import kl_loss
+from rlhf_ray.algorithms.kl import KL_KINDS, kl_loss
 from rlhf_ray.algorithms.policy_loss import gspo_policy_loss, ppo_policy_loss, reinforce_policy_loss
 
 ADVANTAGE_INPUTS = ("token_rewards", "sequence_rewards", "greedy_rewards", "values")
@@ -41,7 +42,11 @@ LossResult = "tuple[Tensor, dict[str, Tensor]]"
 
 @dataclass(frozen=True)
 class PolicyLoss:
-    """A policy-gradient loss: `fn(logprobs, old_logprobs, advantages, weights, params) -> (loss, metrics)`."""
+    """A policy-gradient loss: `fn(logprobs, old_logprobs, advantages, weights, params) -> (loss, metrics)`.
+
+    Each token's loss must be positively homogeneous in its advantage, `L_t(w * A) = w * L_t(A)` for
+    `w >= 0`: the rollout importance weights enter through the advantages (`rollout_is.weighted_advantages`),
+    which `tests/algorithms/test_rollout_is.py` checks for every registered loss."""
 
     name: str
     fn: Callable[..., LossResult] = field(repr=False)
@@ -72,21 +77,34 @@ REINFORCE = PolicyLoss("reinforce", uses_ratio=False, fn=lambda logprobs, old, a
 
 @dataclass(frozen=True)
 class KLPlacement:
-    """Where the KL to the reference enters: shaped into the token rewards, or a k3 term of the policy loss."""
+    """Where the KL to the reference enters: shaped into the token rewards, or a term of the policy loss."""
 
     name: str
     in_reward: bool
+
+    def estimator(self, configured: str) -> str:
+        """The KL estimator (`kl.KL_KINDS`) for `algorithm.kl_estimator`: `auto` is k1 in the rewards
+        (Ziegler et al.) and k3 in the loss (GRPO). k1 is refused in the loss: the gradient of
+        mean(log pi - log pi_ref) is mean grad log pi, zero in expectation on the policy's own samples."""
+        kind = configured if configured != "auto" else ("k1" if self.in_reward else "k3")
+        if kind not in KL_KINDS:
+            raise ValueError(f"KL estimator {configured!r}: expected auto or one of {', '.join(KL_KINDS)}")
+        if kind == "k1" and not self.in_reward:
+            raise ValueError("k1 as a loss term has no KL gradient: its expected gradient, E[grad log pi], is "
+                             "zero on the policy's own samples; use k3 (auto) or k2")
+        return kind
 
     def reward_coef(self, kl_coef: float) -> float:
         """The coefficient `kl.token_level_rewards` shapes the rewards with (0 when the KL sits in the loss)."""
         return kl_coef if self.in_reward else 0.0
 
     def loss_term(self, logprobs: Tensor, ref_logprobs: Tensor | None, weights: Tensor,
-                  kl_coef: float) -> tuple[Tensor, dict[str, Tensor]] | None:
-        """`(kl_coef * mean KL, metrics)` to add to the policy loss, or None when the KL is in the rewards."""
+                  kl_coef: float, kind: str = "auto") -> tuple[Tensor, dict[str, Tensor]] | None:
+        """`(kl_coef * mean KL, metrics)` to add to the policy loss, with the estimator `kind` (see
+        `estimator`), or None when the KL is in the rewards."""
         if self.in_reward or kl_coef <= 0:
             return None
-        return kl_loss(logprobs, ref_logprobs, weights, kl_coef)
+        return kl_loss(logprobs, ref_logprobs, weights, kl_coef, kind=self.estimator(kind))
 
 
 KL_IN_REWARD = KLPlacement("reward", in_reward=True)
@@ -108,7 +126,8 @@ class OnlineAlgorithm:
     min_samples_per_prompt: int
     default_samples_per_prompt: int
     kl: KLPlacement
-    """`KL_IN_REWARD` (`kl.token_level_rewards`) or `KL_IN_LOSS` (`kl.kl_loss`, as in GRPO)."""
+    """`KL_IN_REWARD` (`kl.token_level_rewards`) or `KL_IN_LOSS` (`kl.kl_loss`, as in GRPO); each with its
+    own default estimator (`KLPlacement.estimator`)."""
     policy_loss: PolicyLoss
     """`PPO_CLIP` (`ppo_policy_loss`) or `REINFORCE` (`reinforce_policy_loss`)."""
     advantage_inputs: tuple[str, ...]
@@ -198,11 +217,13 @@ def _ppo(*, token_rewards, values, response_mask, gamma, lam, whiten_advantages,
 
 
 def _remax(*, token_rewards, greedy_rewards, response_mask, whiten_advantages, **_):
-    # The sample's KL-shaped return minus the greedy response's reward. The
-    # greedy response is not KL-shaped (that would cost two more forward
-    # passes); a baseline that does not depend on the sample keeps the
-    # gradient unbiased either way.
-    sampled = _sequence_return(token_rewards, response_mask)
+    # Each token's KL-shaped reward-to-go (the sum of the token rewards from
+    # it on, as verl computes ReMax's return: a token is not charged the KL of
+    # the tokens before it) minus the greedy response's reward. The greedy
+    # response is not KL-shaped (that would cost two more forward passes); a
+    # baseline that does not depend on the sample keeps the gradient unbiased
+    # either way.
+    sampled = discounted_returns(token_rewards, response_mask, gamma=1.0)
     advantages = remax_advantages(sampled, greedy_rewards, response_mask)
     return _maybe_whiten(advantages, response_mask, whiten_advantages), None
 
@@ -239,7 +260,8 @@ _ONLINE = (
     ),
     OnlineAlgorithm(
         name="remax",
-        description="REINFORCE with the greedy response's reward as baseline; no critic (Li et al. 2023).",
+        description="REINFORCE of the KL-shaped reward-to-go with the greedy response's reward as baseline; no "
+                    "critic (Li et al. 2023).",
         needs_critic=False, needs_reference=True, needs_greedy=True,
         min_samples_per_prompt=1, default_samples_per_prompt=1, kl=KL_IN_REWARD, policy_loss=REINFORCE,
         advantage_inputs=("token_rewards", "greedy_rewards"), advantage_fn=_remax,

@@ -279,6 +279,9 @@ class DataConfig:
         _check(self.max_examples >= 0, "max_examples", "must be >= 0 (0 means all)")
 
 
+ROLLOUT_IS_MODES = ("none", "tis", "mis")  # each one's weights: algorithms.rollout_is.rollout_is_weights
+
+
 @dataclass(frozen=True)
 class AlgorithmConfig:
     """The objective and its hyper-parameters. Online knobs are ignored by offline objectives and vice versa."""
@@ -288,7 +291,9 @@ class AlgorithmConfig:
     # online
     samples_per_prompt: int = _help("Responses sampled per prompt; 0 means the algorithm's default.", default=0)
     kl_coef: float = _help("KL penalty coefficient (initial value when adaptive).", default=0.05)
-    kl_estimator: str = _help("k1, k2 or k3 (Schulman's estimators).", default="k1")
+    kl_estimator: str = _help("k1, k2 or k3 (Schulman's estimators), or auto: the algorithm's own (k1 shaped into "
+                              "the rewards, k3 as the loss term of GRPO). k1 is refused as a loss term: its "
+                              "expected gradient on the policy's own samples is zero.", default="auto")
     adaptive_kl: bool = _help("Adapt kl_coef towards kl_target (Ziegler et al.).", default=False)
     kl_target: float = _help("Target KL for the adaptive controller.", default=6.0)
     kl_horizon: int = _help("Horizon of the adaptive controller, in samples.", default=10000)
@@ -302,6 +307,16 @@ class AlgorithmConfig:
                                  "starts from 0.28, gspo from 4e-4.", default=0.0)
     dual_clip: float = _help("Dual-clip bound c > 1 for negative advantages; 0 turns it off.", default=0.0)
     value_clip_eps: float = _help("Clip of the value update around the old values.", default=0.2)
+    rollout_is: str = _help("Importance correction of the gap between the rollout engine's and the trainer's "
+                            "log-probs of the sampled tokens, a detached factor on each token's policy loss: "
+                            "tis (min(pi_old / pi_engine, rollout_is_cap), Yao et al. 2025), mis (the ratio, and 0 "
+                            "for tokens whose ratio leaves [1/cap, cap]) or none. PPO's ratio is pi / pi_old, the "
+                            "trainer's own, either way.", default="tis")
+    rollout_is_cap: float = _help("The truncation of tis, or the bound [1/cap, cap] of mis; > 1.", default=2.0)
+    max_logprob_diff: float = _help("Skip a step whose mean |log pi_old - log pi_engine| per response token "
+                                    "(rollout/logprob_diff) exceeds this, counted in train/skipped_steps as a "
+                                    "non-finite step is (run.max_bad_steps in a row stop the job); it costs the "
+                                    "policy a scoring forward pass before the update. 0 turns it off.", default=0.0)
     gamma: float = _help("Discount.", default=1.0)
     lam: float = _help("GAE lambda.", default=0.95)
     ppo_epochs: int = _help("Passes over each rollout batch.", default=1)
@@ -342,7 +357,12 @@ class AlgorithmConfig:
     sdpo_stages: int = _help("sDPO: split the preference data into this many stages (0 or 1: plain DPO).", default=0)
 
     def __post_init__(self):
-        _check(self.kl_estimator in ("k1", "k2", "k3"), "kl_estimator", f"got {self.kl_estimator!r}; expected k1, k2 or k3")
+        _check(self.kl_estimator in ("auto", "k1", "k2", "k3"), "kl_estimator",
+               f"got {self.kl_estimator!r}; expected auto, k1, k2 or k3")
+        _check(self.rollout_is in ROLLOUT_IS_MODES, "rollout_is",
+               f"got {self.rollout_is!r}; expected {', '.join(ROLLOUT_IS_MODES)}")
+        _check(self.rollout_is_cap > 1, "rollout_is_cap", f"got {self.rollout_is_cap}; must be > 1")
+        _check(self.max_logprob_diff >= 0, "max_logprob_diff", "must be >= 0 (0 turns it off)")
         _check(self.loss_aggregation in LOSS_AGGREGATIONS, "loss_aggregation",
                f"got {self.loss_aggregation!r}; expected {', '.join(LOSS_AGGREGATIONS)}")
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")

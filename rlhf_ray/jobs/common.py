@@ -34,8 +34,9 @@ class NonFiniteError(RuntimeError):
 
 
 class BadSteps:
-    """Counts skipped (non-finite) optimizer steps: the total for `train/skipped_steps`, and the streak that
-    stops the job at `run.max_bad_steps`."""
+    """Counts skipped optimizer steps (non-finite, or with `rollout/skipped` too far from the rollout engine:
+    `algorithm.max_logprob_diff`): the total for `train/skipped_steps`, and the streak that stops the job at
+    `run.max_bad_steps`."""
 
     def __init__(self, limit: int, total: int = 0):
         self.limit, self.total, self.streak = limit, total, 0
@@ -48,6 +49,12 @@ class BadSteps:
         metrics[counter_key] = float(self.total)
         if self.streak < self.limit:
             return None
+        if metrics.get("rollout/skipped", 0.0) > 0:
+            return (f"{self.streak} steps in a row ending at step {step} were skipped because the rollout engine's "
+                    f"log-probs of the sampled tokens were too far from the policy's (rollout/logprob_diff "
+                    f"{metrics.get('rollout/logprob_diff', float('nan')):.3g} > algorithm.max_logprob_diff); the last "
+                    "good checkpoint is kept: check the weight sync and the engine's dtype and sampling settings, "
+                    "or raise algorithm.max_logprob_diff")
         losses = ", ".join(f"{k}={v}" for k, v in metrics.items()
                            if k.endswith("loss") and isinstance(v, float) and not math.isfinite(v)) or \
             "the gradient norm"

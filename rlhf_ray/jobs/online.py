@@ -8,6 +8,7 @@ policy loss); the loop below never branches on its name:
     rollout  = generate(prompts)                       # engines, n samples (+ greedy)
     scores   = score(rollout)                          # policy, reference, reward, critic: at once or in turns
                                                        # (dynamic sampling: more prompts while groups agree)
+    skip     = check_mismatch(rollout, scores)         # max_logprob_diff: too far from the engine to train on
     batch    = compute_advantages(rollout, scores)     # KL-shaped rewards, advantages, returns
     metrics  = update(batch)                           # epochs x minibatches, policy and critic
     sync_weights()                                     # policy -> engines, in buckets
@@ -25,6 +26,7 @@ from rlhf_ray.algorithms.advantages import aggregation_denominator, masked_mean
 from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty, token_level_rewards
 from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.algorithms.reward_shaping import overlong_penalty
+from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_metrics, mismatch_sums, rollout_is_weights
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
@@ -98,13 +100,15 @@ class OnlineJob(RecoveringJob):
         a = cfg.algorithm
         self._fresh_controllers()
         self.uses_reference = plan_job(cfg).uses_reference
-        # One pass over one minibatch: the update starts from the weights that sampled, so the engine's own
-        # log-probs serve as the old log-probs and the policy's scoring forward pass is skipped; the
-        # policy's recomputation of them (`rollout/logprob_diff`) comes from its training forward instead.
-        # GSPO's clip range (3e-4) is narrower than the engine's log-probs may differ from the policy's, so
-        # its loss asks for the policy's own (`PolicyLoss.policy_old_logprobs`).
-        self.engine_old_logprobs = a.ppo_epochs == 1 and a.num_minibatches == 1 and \
-            not self.algorithm.policy_loss.policy_old_logprobs
+        self.kl_estimator = self.algorithm.kl.estimator(a.kl_estimator)  # `auto` resolved: k1 in rewards, k3 in loss
+        # PPO's old log-probs are the policy's own under the weights that sampled (the rollout importance
+        # weights correct the engine's gap to them). With one pass over one minibatch the update starts from
+        # those weights, so its training forward gives them and the scoring forward is skipped; the policy
+        # scores them first where the update runs from other weights, where the step may be skipped for the
+        # mismatch (known before the update), or where dropout makes the training forward another function.
+        dropout = not cfg.policy.model.disable_dropout or (cfg.policy.lora.enabled and cfg.policy.lora.dropout > 0)
+        self.scores_old_logprobs = (a.ppo_epochs > 1 or a.num_minibatches > 1 or a.max_logprob_diff > 0
+                                    or dropout)
         # Bytes/s a plain copy moves on this machine (half the read + write bandwidth), beside each sync.
         self.memcpy_rate = measure_memory_bandwidth(nbytes=64 * 2**20, iters=3) / 2
 
@@ -161,7 +165,7 @@ class OnlineJob(RecoveringJob):
             roles["policy"].call(lambda a: a.connect_vllm_engines.remote(engines, tp, bucket))
 
     # the loop (jobs/loop.py runs it) ---------------------------------------
-    skip_keys = ("policy/skipped", "critic/skipped")
+    skip_keys = ("policy/skipped", "critic/skipped", "rollout/skipped")
 
     def _attempt(self, stop: threading.Event | None, resume_from: Path | None, failures: list[dict],
                  started_at: str) -> dict:
@@ -194,10 +198,15 @@ class OnlineJob(RecoveringJob):
     def step(self, roles: RoleGroups, step: int, timer: PhaseTimer) -> dict:
         """Generate, score, advantages, update, sync (the module docstring's loop)."""
         rollout, scores, drawn = self.collect(roles, self.sampler, step, timer)
-        with timer.phase("advantages"):
-            batch, metrics = self.compute_advantages(rollout, scores)
+        metrics = self.check_mismatch(rollout, scores)  # rollout/skipped: too far from the engine to train on
         metrics.update(drawn)
-        metrics.update(self.update(roles, batch, step, timer))
+        if not metrics.get("rollout/skipped"):
+            kl_coef = self.kl.value  # one coefficient per step: the rewards' and the loss's
+            with timer.phase("advantages"):
+                batch, advantage_metrics = self.compute_advantages(rollout, scores, kl_coef)
+            metrics.update(advantage_metrics)
+            metrics.update(self.update(roles, batch, step, timer, kl_coef))
+            self.kl.update(metrics["rollout/kl"], self.cfg.run.batch_size * self.n)  # the next step's
         with timer.phase("sync"):
             metrics.update(self.sync_weights(roles))
         self._last = (rollout, scores)
@@ -264,7 +273,7 @@ class OnlineJob(RecoveringJob):
         else:
             reward_rows = rows
         launch = {"reward": lambda: roles["reward"].scatter_padded(lambda a, s: a.score.remote(s), reward_rows)}
-        if not self.engine_old_logprobs:
+        if self.scores_old_logprobs:
             launch["policy"] = lambda: roles["policy"].scatter_padded(lambda a, s: a.rollout_logprobs.remote(s), rows)
         if self.uses_reference:
             launch["reference"] = lambda: roles.reference().scatter_padded(
@@ -275,8 +284,8 @@ class OnlineJob(RecoveringJob):
         with timer.phase("score"):
             for merged in roles.in_turns(launch, lambda name, calls: calls.merged()).values():
                 out.update(merged)
-        if self.engine_old_logprobs:
-            out["logprobs"] = rollout["engine_logprobs"]
+        if not self.scores_old_logprobs:  # the policy's own come from its training forward; the KL shaping
+            out["logprobs"] = rollout["engine_logprobs"]  # of the rewards reads the engine's meanwhile
         rewards = out.pop("sequence_rewards")
         size = rows["input_ids"].shape[0]
         out["sequence_rewards"] = rewards[:size]
@@ -284,8 +293,11 @@ class OnlineJob(RecoveringJob):
             out["greedy_rewards"] = rewards[size:].repeat_interleave(self.n)
         return out
 
-    def compute_advantages(self, rollout: dict, scores: dict) -> tuple[dict, dict]:
+    def compute_advantages(self, rollout: dict, scores: dict, kl_coef: float | None = None) -> tuple[dict, dict]:
+        """KL-shaped rewards with this step's coefficient (the controller's current value by default; the
+        controller is not moved here) and the algorithm's advantages."""
         a = self.cfg.algorithm
+        kl_coef = self.kl.value if kl_coef is None else kl_coef
         mask = rollout["response_mask"].float()
         rewards = scores["sequence_rewards"] + a.no_eos_penalty * (~rollout["finished"]).float()
         overlong = overlong_penalty(mask.sum(-1), self.cfg.rollout.max_new_tokens, a.overlong_buffer,
@@ -302,33 +314,35 @@ class OnlineJob(RecoveringJob):
             greedy = None if greedy is None else greedy / self.reward_std.std
         old = scores["logprobs"]
         ref = scores.get("ref_logprobs", old)
-        kl_coef = self.algorithm.kl.reward_coef(self.kl.value)
-        token_rewards = token_level_rewards(rewards, old, ref, mask, kl_coef, kind=a.kl_estimator)
+        token_rewards = token_level_rewards(rewards, old, ref, mask, self.algorithm.kl.reward_coef(kl_coef),
+                                            kind=self.kl_estimator)
         advantages, returns = self.algorithm.compute_advantages(
             response_mask=mask, token_rewards=token_rewards, sequence_rewards=rewards, greedy_rewards=greedy,
             values=scores.get("values"), group_size=self.n, gamma=a.gamma, lam=a.lam,
             whiten_advantages=a.whiten_advantages)
         sequence_kl = (kl_penalty(old, ref, "k1") * mask).sum(-1)
-        self.kl.update(float(sequence_kl.mean()), self.cfg.run.batch_size * self.n)
         batch = {k: rollout[k] for k in ROLLOUT_KEYS}
-        batch.update(old_logprobs=old, advantages=advantages, ref_logprobs=ref)
+        batch.update(engine_logprobs=rollout["engine_logprobs"], advantages=advantages, ref_logprobs=ref)
+        if self.scores_old_logprobs:
+            batch["old_logprobs"] = old
         if returns is not None:
             batch.update(returns=returns, old_values=scores["values"])
-        metrics = {"rollout/kl": float(sequence_kl.mean()), "policy/kl_coef": self.kl.value,
+        metrics = {"rollout/kl": float(sequence_kl.mean()), "policy/kl_coef": kl_coef,
                    "rollout/advantage_mean": float(masked_mean(advantages, mask))}
         if a.overlong_buffer:
             metrics["rollout/overlong_penalty_mean"] = float(overlong.mean())
         return batch, metrics
 
-    def update(self, roles: RoleGroups, batch: dict, step: int, timer: PhaseTimer) -> dict:
+    def update(self, roles: RoleGroups, batch: dict, step: int, timer: PhaseTimer, kl_coef: float) -> dict:
         """PPO epochs over shuffled minibatches; policy and critic update concurrently (in turns where they
-        share CPU-only bundles, `RoleGroups.turns`)."""
+        share CPU-only bundles, `RoleGroups.turns`). `kl_coef`: this step's, as the rewards were shaped with."""
         a = self.cfg.algorithm
         rows = batch["input_ids"].shape[0]
         size = rows // a.num_minibatches
         clip_low, clip_high = a.clip_range  # the ratio's clip range [1 - low, 1 + high]
         params = {"clip_eps": clip_low, "clip_eps_high": clip_high, "dual_clip": a.dual_clip or None,
-                  "kl_coef": self.kl.value, "ptx_coef": a.ptx_coef, "check_old_logprobs": self.engine_old_logprobs}
+                  "kl_coef": kl_coef, "kl_estimator": self.kl_estimator, "ptx_coef": a.ptx_coef,
+                  "rollout_is": a.rollout_is, "rollout_is_cap": a.rollout_is_cap}
         name = self.algorithm.name
         generator = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
         per_step = []
@@ -368,7 +382,25 @@ class OnlineJob(RecoveringJob):
                                    for k in results[0]})
                 per_step.append(merged)
         keys = per_step[0].keys()
-        return {k: sum(m[k] for m in per_step) / len(per_step) for k in keys}
+        out = {k: sum(m[k] for m in per_step) / len(per_step) for k in keys}
+        # The policy's mismatch sums (every rank, micro-batch and minibatch scaled alike) as ratios.
+        sums = {k[len(SUM_PREFIX):]: out.pop(k) for k in list(out) if k.startswith(SUM_PREFIX)}
+        if sums:
+            out.update(mismatch_metrics(sums))
+        return out
+
+    def check_mismatch(self, rollout: dict, scores: dict) -> dict:
+        """With `algorithm.max_logprob_diff`: the whole batch's mismatch between the policy's scored
+        log-probs and the engine's, and `rollout/skipped` 1 when its mean exceeds the limit (the step is
+        then not trained on, and counted as a skipped one); {} without it."""
+        a = self.cfg.algorithm
+        if not a.max_logprob_diff:
+            return {}
+        old, engine, mask = scores["logprobs"], rollout["engine_logprobs"], rollout["response_mask"]
+        weights, capped = rollout_is_weights(old, engine, mask, a.rollout_is, a.rollout_is_cap)
+        metrics = mismatch_metrics(mismatch_sums(old, engine, weights, capped, mask))
+        metrics["rollout/skipped"] = float(metrics["rollout/logprob_diff"] > a.max_logprob_diff)
+        return metrics
 
     def sync_weights(self, roles: RoleGroups) -> dict:
         """Policy -> every engine, in buckets; returns seconds, bytes and bandwidth."""
@@ -388,9 +420,6 @@ class OnlineJob(RecoveringJob):
         out = {"rollout/reward_mean": float(scores["sequence_rewards"].mean()),
                "rollout/response_length": float(mask.sum(-1).mean()),
                "rollout/finished_frac": float(rollout["finished"].float().mean())}
-        if not self.engine_old_logprobs:  # else the policy's training forward measured it (`update`)
-            out["rollout/logprob_diff"] = float(((rollout["engine_logprobs"] - scores["logprobs"]).abs() * mask).sum()
-                                                / mask.sum().clamp(min=1))
         if "greedy_rewards" in scores:
             out["rollout/greedy_reward_mean"] = float(scores["greedy_rewards"].mean())
         tokens = float(rollout["attention_mask"].sum())

@@ -41,6 +41,7 @@ ONLINE_FIELDS = ("samples_per_prompt", "kl_coef", "kl_estimator", "adaptive_kl",
                  "whiten_advantages", "normalize_rewards", "no_eos_penalty", "ptx_coef", "loss_aggregation",
                  "clip_eps_low", "clip_eps_high", "overlong_buffer", "overlong_penalty", "dynamic_sampling",
                  "dynamic_sampling_max_draws")
+MISMATCH_FIELDS = ("rollout_is", "rollout_is_cap", "max_logprob_diff")  # every online algorithm's policy loss
 OFFLINE_COMMON_FIELDS = ("params", "precompute_reference", "spin_iterations", "sdpo_stages")
 OFFLINE_FIELDS_BY_OBJECTIVE = {"rm": ("rm_zero_mean",), "sft": ("loss_aggregation",),
                                "kl_sft": ("loss_aggregation",)}
@@ -57,7 +58,7 @@ def fields_read(cfg: JobConfig) -> set[str]:
             unread.add("dynamic_sampling_max_draws")
         if not a.overlong_buffer:
             unread.add("overlong_penalty")
-        return {"name", *ONLINE_FIELDS} - unread
+        return {"name", *ONLINE_FIELDS, *MISMATCH_FIELDS} - unread
     return {"name", *OFFLINE_COMMON_FIELDS, *OFFLINE_FIELDS_BY_OBJECTIVE.get(get_offline_objective(name).name, ())}
 
 
@@ -150,6 +151,10 @@ def validate_online(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
         raise ConfigError(f"reference.enabled: {algorithm.name} with kl_coef > 0 needs the reference model; "
                           "set reference.enabled=true or algorithm.kl_coef=0")
     a = cfg.algorithm
+    try:
+        algorithm.kl.estimator(a.kl_estimator)
+    except ValueError as err:
+        raise ConfigError(f"algorithm.kl_estimator: {algorithm.name} puts the KL in its loss, and {err}") from None
     if not algorithm.policy_loss.uses_ratio and (a.ppo_epochs > 1 or a.num_minibatches > 1):
         raise ConfigError(f"algorithm.ppo_epochs/num_minibatches: {algorithm.name}'s REINFORCE loss has no importance "
                           f"ratio, so a second pass (ppo_epochs={a.ppo_epochs}) or minibatch "

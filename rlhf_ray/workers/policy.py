@@ -17,6 +17,7 @@ from rlhf_ray.algorithms.advantages import aggregation_weights
 from rlhf_ray.algorithms.batches import KTOBatch, PreferenceBatch, SFTBatch
 from rlhf_ray.algorithms.preference import odpo_offsets, tdpo_sequential_kl
 from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
+from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_sums, rollout_is_weights, weighted_advantages
 from rlhf_ray.algorithms.sft_loss import sft_loss
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
@@ -72,6 +73,57 @@ def _kto_loss(objective, params, engine=None):
 OFFLINE_LOSS_BUILDERS = {"preference": _preference_loss, "sft": _sft_loss, "kto": _kto_loss}
 
 
+def online_loss(algorithm, params: dict, temperature: float, engine=None):
+    """`loss_fn(module, micro_batch) -> (loss, metrics)` of an online algorithm's policy update.
+
+    The micro-batch holds input_ids, attention_mask, response_mask and advantages, and:
+
+    * `old_logprobs`: the policy's log-probs of the sampled tokens under the weights that sampled them
+      (PPO's old log-probs, from a scoring forward). Absent at the first update from those weights, where
+      this forward's own log-probs, detached, are the same numbers (dropout is off), and PPO's ratio is 1;
+    * `engine_logprobs`: the rollout engine's log-probs of the same tokens. Each token's policy loss is
+      multiplied by the importance weight of the engine-trainer mismatch (`params["rollout_is"]`,
+      `"rollout_is_cap"`: `algorithms.rollout_is`), and the metrics carry the sums the driver turns into
+      `rollout/logprob_diff`, `rollout/mismatch_kl` and `rollout/is_*` (`mismatch_metrics`);
+    * `ref_logprobs` when the KL sits in the loss, `ptx_*` rows when PPO-ptx is on.
+
+    With `engine` (training) the loss is this micro-batch's share of the minibatch's (`global_loss`)."""
+    mode = params.get("loss_aggregation", "token-mean")
+
+    def loss_fn(module, mb):
+        response_length = mb["response_mask"].shape[1]
+        out = fw.response_logprobs(module, mb["input_ids"], mb["attention_mask"], response_length,
+                                   temperature=temperature, with_entropy=True)
+        mask = mb["response_mask"]
+        weights = aggregation_weights(mask, mode)
+        old = mb["old_logprobs"] if "old_logprobs" in mb else out["logprobs"].detach()
+        advantages, metrics = mb["advantages"], {}
+        if "engine_logprobs" in mb:
+            is_weights, capped = rollout_is_weights(old, mb["engine_logprobs"], mask, params.get("rollout_is", "none"),
+                                                    params.get("rollout_is_cap", 2.0))
+            advantages = weighted_advantages(advantages, is_weights)  # = w_t times each token's loss
+            sums = mismatch_sums(old, mb["engine_logprobs"], is_weights, capped, mask)
+            metrics.update({SUM_PREFIX + k: v for k, v in sums.items()})
+        loss, loss_metrics = algorithm.policy_loss(out["logprobs"], old, advantages, weights, params)
+        metrics.update(loss_metrics)
+        kl_term = algorithm.kl.loss_term(out["logprobs"], mb.get("ref_logprobs"), weights, params["kl_coef"],
+                                         params.get("kl_estimator", "auto"))
+        if kl_term is not None:
+            loss = loss + kl_term[0]
+            metrics.update(kl_term[1])
+        if engine is not None:
+            loss = engine.global_loss(loss, weights.sum(), params["loss_denominator"])
+        if params.get("ptx_coef", 0.0) > 0 and "ptx_input_ids" in mb:
+            ptx = fw.sequence_logps(module, mb["ptx_input_ids"], mb["ptx_attention_mask"], mb["ptx_loss_mask"])
+            ptx_weights = aggregation_weights(ptx["mask"], mode)
+            ptx_loss, _ = sft_loss(ptx["token_logps"], ptx_weights)
+            share = ptx_loss if engine is None else engine.global_loss(ptx_loss, ptx_weights.sum(),
+                                                                       params["ptx_denominator"])
+            loss = loss + params["ptx_coef"] * share
+            metrics["policy/ptx_loss"] = ptx_loss.detach()
+        metrics["policy/entropy"] = (out["entropy"] * mask).sum().detach() / mask.sum().clamp(min=1)
+        return loss, metrics
+    return loss_fn
 
 
 class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
@@ -144,48 +196,11 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
             m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature))
 
     def train_online(self, batch: dict, algorithm_name: str, params: dict) -> dict:
-        """One optimizer step of the policy loss (PPO clip or REINFORCE) on a minibatch.
-
-        `batch` holds input_ids, attention_mask, response_mask, old_logprobs,
-        advantages (and ref_logprobs when the KL sits in the loss, ptx rows
-        when PPO-ptx is on). `params["loss_denominator"]` (and
-        `"ptx_denominator"`) is the minibatch's aggregation denominator over all
-        ranks (`aggregation_denominator`): the loss is the minibatch's
-        mean whatever the micro-batch size and rank count. With
-        `params["check_old_logprobs"]` (the old log-probs are the rollout
-        engine's) the metrics include `rollout/logprob_diff`: the mean absolute
-        difference between them and this forward's log-probs of those tokens."""
-        algorithm = get_online_algorithm(algorithm_name)
-        temperature = self.job.rollout.temperature
-        mode = params.get("loss_aggregation", "token-mean")
-
-        def loss_fn(module, mb):
-            response_length = mb["response_mask"].shape[1]
-            out = fw.response_logprobs(module, mb["input_ids"], mb["attention_mask"], response_length,
-                                       temperature=temperature, with_entropy=True)
-            mask = mb["response_mask"]
-            weights = aggregation_weights(mask, mode)
-            loss, metrics = algorithm.policy_loss(out["logprobs"], mb["old_logprobs"], mb["advantages"], weights,
-                                                  params)
-            kl_term = algorithm.kl.loss_term(out["logprobs"], mb.get("ref_logprobs"), weights, params["kl_coef"])
-            if kl_term is not None:
-                loss = loss + kl_term[0]
-                metrics.update(kl_term[1])
-            loss = self.engine.global_loss(loss, weights.sum(), params["loss_denominator"])
-            if params.get("ptx_coef", 0.0) > 0 and "ptx_input_ids" in mb:
-                ptx = fw.sequence_logps(module, mb["ptx_input_ids"], mb["ptx_attention_mask"], mb["ptx_loss_mask"])
-                ptx_weights = aggregation_weights(ptx["mask"], mode)
-                ptx_loss, _ = sft_loss(ptx["token_logps"], ptx_weights)
-                loss = loss + params["ptx_coef"] * self.engine.global_loss(ptx_loss, ptx_weights.sum(),
-                                                                           params["ptx_denominator"])
-                metrics["policy/ptx_loss"] = ptx_loss.detach()
-            denom = mask.sum().clamp(min=1)
-            metrics["policy/entropy"] = (out["entropy"] * mask).sum().detach() / denom
-            if params.get("check_old_logprobs"):  # the old log-probs are the engine's: how far from ours
-                metrics["rollout/logprob_diff"] = ((out["logprobs"].detach() - mb["old_logprobs"]).abs()
-                                                   * mask).sum() / denom
-            return loss, metrics
-
+        """One optimizer step of the policy loss (PPO clip or REINFORCE) on a minibatch: `online_loss`'s
+        batch and params. `params["loss_denominator"]` (and `"ptx_denominator"`) is the minibatch's
+        aggregation weight over all ranks (`aggregation_weights(...).sum()`): the loss is the minibatch's
+        mean whatever the micro-batch size and rank count."""
+        loss_fn = online_loss(get_online_algorithm(algorithm_name), params, self.job.rollout.temperature, self.engine)
         return self.engine.train_batch(batch, loss_fn)
 
     # generation ------------------------------------------------------------

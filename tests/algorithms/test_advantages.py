@@ -121,6 +121,17 @@ def test_remax_advantages_hand_worked():
     close(adv, [[0.75, 0.75, 0.0], [0.0, 0.0, 0.0]])
 
 
+def test_remax_advantages_of_per_token_returns_hand_worked():
+    mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
+    # token rewards [[-0.1, 0.9, 0], [-0.2, 7, 0.5]] -> reward-to-go G_t = sum of rewards from t on, padding skipped:
+    # row 0: [0.8, 0.9, 0]; row 1: [0.3, 0, 0.5]. Minus greedy 0.5 and 0.25: [[0.3, 0.4, 0], [0.05, 0, 0.25]]
+    returns = discounted_returns(torch.tensor([[-0.1, 0.9, 0.0], [-0.2, 7.0, 0.5]]), mask, 1.0)
+    close(returns, [[0.8, 0.9, 0.0], [0.3, 0.0, 0.5]])
+    close(remax_advantages(returns, torch.tensor([0.5, 0.25]), mask), [[0.3, 0.4, 0.0], [0.05, 0.0, 0.25]])
+    with pytest.raises(ValueError, match="sampled_returns must have the shape of response_mask"):
+        remax_advantages(torch.zeros(2, 4), torch.zeros(2), mask)
+
+
 def test_remax_advantages_zero_when_greedy_equals_sample():
     g = torch.Generator().manual_seed(3)
     rewards = torch.randn(7, generator=g)

@@ -14,6 +14,7 @@ from rlhf_ray.algorithms import (
     RewardPairBatch,
     SFTBatch,
     UnknownAlgorithmError,
+    discounted_returns,
     dpo_loss,
     gae,
     get_offline_objective,
@@ -94,6 +95,32 @@ def test_grpo_family_adapters_hand_worked():
         close(adv[:, 1], [0.707107, -0.707107, 0.0, 0.0])
 
 
+def test_each_kl_placement_resolves_its_own_estimator():
+    # auto: k1 shaped into the rewards (Ziegler et al.), k3 as GRPO's loss term; a set value is kept.
+    assert KL_IN_REWARD.estimator("auto") == "k1" and KL_IN_LOSS.estimator("auto") == "k3"
+    assert KL_IN_LOSS.estimator("k2") == "k2" and KL_IN_REWARD.estimator("k3") == "k3"
+    with pytest.raises(ValueError, match="k1 as a loss term has no KL gradient"):
+        KL_IN_LOSS.estimator("k1")
+    with pytest.raises(ValueError, match="expected auto or one of k1, k2, k3"):
+        KL_IN_LOSS.estimator("k4")
+
+
+def test_the_kl_loss_term_uses_the_configured_estimator():
+    logprobs = torch.log(torch.tensor([[0.5, 0.9]])).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25, 0.1]]))
+    mask = torch.tensor([[1.0, 0.0]])
+    # only token 0 counts, log q - log p = ln 2: k2 = 0.5 * (ln 2)^2 = 0.240227; loss = 0.1 * 0.240227
+    loss, metrics = KL_IN_LOSS.loss_term(logprobs, ref, mask, kl_coef=0.1, kind="k2")
+    close(loss, 0.0240227)
+    close(metrics["policy/kl_loss"], 0.240227)
+    loss.backward()
+    # d k2 / d log q = log q - log p = ln 2, times 0.1
+    close(logprobs.grad, [[0.0693147, 0.0]])
+    # auto in the loss is k3: (0.5 - 1) - ln 0.5 = 0.193147
+    close(KL_IN_LOSS.loss_term(logprobs, ref, mask, kl_coef=0.1)[1]["policy/kl_loss"], 0.193147)
+    assert KL_IN_REWARD.loss_term(logprobs, ref, mask, kl_coef=0.1, kind="k2") is None
+
+
 def test_offline_declarations():
     assert get_offline_objective("rm").trains == "reward_model"
     assert get_offline_objective("tdpo2").needs_sequence_kl and not get_offline_objective("dpo").needs_sequence_kl
@@ -151,8 +178,10 @@ def test_adapters_call_their_own_estimators():
     torch.testing.assert_close(adv, whiten(ref_adv, mask))
     torch.testing.assert_close(ret, ref_ret)
 
+    # ReMax: each token's undiscounted reward-to-go, not the whole return (gamma = 0.99 is not ReMax's)
     adv, _ = get_online_algorithm("remax").compute_advantages(**x)
-    torch.testing.assert_close(adv, remax_advantages(ret_sum, x["greedy_rewards"], mask))
+    reward_to_go = discounted_returns(tok, mask, 1.0)
+    torch.testing.assert_close(adv, remax_advantages(reward_to_go, x["greedy_rewards"], mask))
 
     adv, _ = get_online_algorithm("grpo").compute_advantages(**x)
     torch.testing.assert_close(adv, grpo_advantages(x["sequence_rewards"], 3, mask))
@@ -165,13 +194,15 @@ def test_adapters_call_their_own_estimators():
 
 
 def test_remax_adapter_hand_worked():
-    # token rewards sum to 1.0 - 0.25 = 0.75 (KL-shaped return); greedy reward 0.5 -> advantage 0.25 per token
+    # Reward-to-go of the KL-shaped token rewards: token 0 gets -0.25 + 1.0 = 0.75, token 1 only its own 1.0
+    # (the KL charged at token 0 came before it); minus the greedy reward 0.5 -> [0.25, 0.5]. The whole return
+    # on every token, as before, charged token 1 for token 0's KL: [0.25, 0.25].
     adv, returns = get_online_algorithm("remax").compute_advantages(
         response_mask=torch.tensor([[1, 1, 0]]),
         token_rewards=torch.tensor([[-0.25, 1.0, 0.0]]),
         greedy_rewards=torch.tensor([0.5]),
     )
-    close(adv, [[0.25, 0.25, 0.0]])
+    close(adv, [[0.25, 0.5, 0.0]])
     assert returns is None
 
 

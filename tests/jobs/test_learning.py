@@ -68,7 +68,7 @@ def test_remax_advantage_is_sample_reward_minus_greedy_reward_of_its_prompt(tmp_
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
     rollout = {"input_ids": torch.zeros(4, 5, dtype=torch.long), "attention_mask": torch.ones(4, 5, dtype=torch.long),
                "response_mask": mask, "finished": torch.ones(4, dtype=torch.bool),
-               "greedy_finished": torch.ones(2, dtype=torch.bool)}
+               "greedy_finished": torch.ones(2, dtype=torch.bool), "engine_logprobs": torch.zeros(4, 3)}
     rewards = torch.tensor([1.0, 0.5, 0.25, 2.0])          # prompt 0: rows 0-1, prompt 1: rows 2-3
     greedy = torch.tensor([0.75, 1.0]).repeat_interleave(2)  # as `score` expands the greedy rewards
     scores = {"sequence_rewards": rewards, "greedy_rewards": greedy, "logprobs": torch.zeros(4, 3),

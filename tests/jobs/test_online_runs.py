@@ -30,6 +30,9 @@ def test_ppo_has_four_model_roles_and_resumes_exactly(ray_cluster, tmp_path):
     rows = read_metrics(full)
     assert rows[-1]["sync/bytes"] > 0 and "critic/value_loss" in rows[-1]
     assert rows[-1]["rollout/logprob_diff"] < 1e-4  # engine and policy agree on the sampled tokens' log-probs
+    # The same weights on both sides (scored old log-probs, two epochs): every importance weight is 1.
+    assert all(row["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and row["rollout/is_clipped_frac"] == 0
+               for row in rows)
 
     resumed = stopped_before(full, 3, tmp_path / "resumed")
     run_job(tiny_config("tiny-ppo", resumed, "run.total_steps=3", "run.save_every=2", *SMALL, *REWARD_MODEL))
@@ -45,6 +48,9 @@ def test_remax_creates_no_critic_uses_a_greedy_baseline_and_resumes_exactly(ray_
     rows = read_metrics(full)
     assert "rollout/greedy_reward_mean" in rows[-1]
     assert all(row["rollout/logprob_diff"] < 1e-4 for row in rows)  # the vLLM engine, synced every step
+    # The training forward's own log-probs against the engine's (one pass): every importance weight is 1.
+    assert all(row["rollout/is_weight_mean"] == pytest.approx(1.0, abs=1e-3) and row["rollout/is_clipped_frac"] == 0
+               and row["rollout/is_ess"] == pytest.approx(1.0, abs=1e-6) for row in rows)
 
     resumed = stopped_before(full, 3, tmp_path / "resumed")
     run_job(tiny_config("tiny-remax", resumed, *args))

@@ -16,7 +16,8 @@ consecutive (`n` rows per prompt):
 * `response_mask` `[B*n, R]`: response tokens up to and including EOS;
 * `finished` `[B*n]`: the response ended with EOS (else it was cut off);
 * `engine_logprobs` `[B*n, R]`: the engine's own log-probs of its samples,
-  logged against the policy's recomputed ones (`rollout/logprob_diff`);
+  against which the policy's own are measured (`rollout/logprob_diff`) and
+  corrected (`algorithm.rollout_is`, `docs/ROLLOUT_CORRECTION.md`);
 * with `greedy=True`, the same `greedy_*` fields for one greedy response per
   prompt `[B, ...]` (ReMax's baseline), produced in the same call.
 """
