@@ -305,9 +305,12 @@ class OnlineJob(RecoveringJob):
         rewards = rewards + overlong
         greedy = scores.get("greedy_rewards")
         if greedy is not None:
-            greedy = greedy + (a.no_eos_penalty * (~rollout["greedy_finished"]).float() + overlong_penalty(
-                rollout["greedy_response_mask"].sum(-1), self.cfg.rollout.max_new_tokens, a.overlong_buffer,
-                a.overlong_penalty)).repeat_interleave(self.n)
+            shaped = a.no_eos_penalty * (~rollout["greedy_finished"]).float()
+            if a.overlong_buffer:
+                shaped = shaped + overlong_penalty(rollout["greedy_response_mask"].sum(-1),
+                                                   self.cfg.rollout.max_new_tokens, a.overlong_buffer,
+                                                   a.overlong_penalty)
+            greedy = greedy + shaped.repeat_interleave(self.n)
         if a.normalize_rewards:
             self.reward_std.update(rewards)
             rewards = rewards / self.reward_std.std
