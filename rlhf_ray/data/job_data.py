@@ -25,9 +25,6 @@ from rlhf_ray.data.tasks import resolve_task_source
 from rlhf_ray.data.tokenize import (EncodedSequence, encode_prompt, encode_prompt_response, has_chat_template,
                                    render_prompt)
 
-# What each objective's data format reads from disk, and how it is batched.
-LOAD_FORMAT = {"sft": "sft", "preference": "preference", "kto": "kto", "prompt": "prompt"}
-
 
 def resolve_source(spec: str, data_dir: Path) -> str:
     """A data source as `load_examples` takes it; a shipped task's `<task>:<split>` (`synthetic:prompts_train`,
