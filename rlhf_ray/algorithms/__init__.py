@@ -28,7 +28,6 @@ from rlhf_ray.algorithms.batches import (
     KTOBatch,
     PreferenceBatch,
     RankedRewardBatch,
-    RewardPairBatch,
     SFTBatch,
 )
 from rlhf_ray.algorithms.policy_loss import ppo_policy_loss, reinforce_policy_loss, value_loss
@@ -74,5 +73,5 @@ __all__ = [
     # registry
     "OnlineAlgorithm", "OfflineObjective", "ONLINE_ALGORITHMS", "OFFLINE_OBJECTIVES", "UnknownAlgorithmError",
     "get_online_algorithm", "get_offline_objective",
-    "PreferenceBatch", "SFTBatch", "KTOBatch", "RewardPairBatch", "RankedRewardBatch",
+    "PreferenceBatch", "SFTBatch", "KTOBatch", "RankedRewardBatch",
 ]
