@@ -610,10 +610,6 @@ class VLLMRolloutWorker:
             shutil.rmtree(previous.lora_path, ignore_errors=True)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old adapter
 
-    def close_weight_transfer(self) -> None:
-        """Leave the sender's transfer group (vLLM keeps serving)."""
-        self.llm.shutdown_weight_transfer_engine()
-
     # sleep mode (`rollout.sleep_between_steps`) ---------------------------------------
     def sleep(self) -> None:
         """Give the GPU memory vLLM holds to the roles that share the GPU: level-1 sleep copies the weights
@@ -701,9 +697,6 @@ class EngineActorsClient:
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._all(lambda e, i: e.finish_weight_update.remote())  # each engine counts its own versions
-
-    def shutdown_weight_transfer_engine(self) -> None:
-        self._all(lambda e, i: e.close_weight_transfer.remote())
 
 
 def sent_weight_layout(module: torch.nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
@@ -794,10 +787,3 @@ class VLLMWeightSender:
         self.transfer.send_weights()
         sent = self.model_bytes * self.num_engines if self.transfer.is_sender else 0
         return {"sync/bytes": float(sent)}
-
-    def close(self) -> None:
-        """Tear down the transfer group on both sides (the engines keep generating)."""
-        if self.transfer.is_sender:
-            self.transfer.client.shutdown_weight_transfer_engine()
-        self.transfer.shutdown()
-
