@@ -18,8 +18,6 @@ one.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +26,7 @@ import torch
 from rlhf_ray.config.imports import import_callable
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.data.tasks import as_judge, judge_path
+from rlhf_ray.files import write_jsonl_atomic
 from rlhf_ray.workers.reward_trainer import pairwise_accuracy
 
 
@@ -67,13 +66,7 @@ def _sample_rows(prompts: list[str], texts: list[str], **columns) -> list[dict]:
 
 def write_samples(run_dir: Path, step: int, rows: list[dict]) -> Path:
     """Sample outputs of an evaluation, one JSON object per line, under `samples/`."""
-    folder = run_dir / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step}.jsonl"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return path
+    return write_jsonl_atomic(run_dir / "samples" / f"step_{step}.jsonl", rows)
 
 
 def alignment(policy_group, eval_prompts, tokenizer, cfg: JobConfig, run_dir: Path, step: int) -> dict:

@@ -8,7 +8,6 @@ groups, their checkpoints) lives in `runtime/`.
 from __future__ import annotations
 
 import math
-import os
 import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Callable
 
 from rlhf_ray.config.loader import dump_yaml
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.files import write_text_atomic
 from rlhf_ray.job_plan import plan_job
 from rlhf_ray.runtime.actor_group import ActorGroupError, actor_death
 from rlhf_ray.runtime.checkpoint import (
@@ -66,9 +66,7 @@ def prepare_run_dir(cfg: JobConfig) -> Path:
     run_dir = Path(cfg.run.output_dir).expanduser().resolve()
     check_fresh_start(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(dump_yaml(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
+    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     return run_dir
 
 

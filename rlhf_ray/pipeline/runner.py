@@ -423,7 +423,7 @@ def run_pipeline(pipeline: Pipeline, address: str | None = None,
 
 
 def write_pipeline_summary(pipeline: Pipeline, outcomes: dict[str, JobOutcome]) -> Path:
-    from rlhf_ray.telemetry.metrics import write_json_atomic
+    from rlhf_ray.files import write_json_atomic
 
     rows = {name: {"status": o.status, "run_dir": str(pipeline.out / name), "config": pipeline.jobs[name].config,
                    "after": list(pipeline.jobs[name].after), "error": o.error,

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from rlhf_ray.config.schema import ConfigError
-from rlhf_ray.telemetry.metrics import write_json_atomic
+from rlhf_ray.files import write_json_atomic
 
 if TYPE_CHECKING:
     from rlhf_ray.config.schema import JobConfig

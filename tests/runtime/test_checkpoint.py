@@ -20,7 +20,7 @@ from rlhf_ray.runtime.checkpoint import (
     read_json,
     restore_rng_state,
 )
-from rlhf_ray.telemetry.metrics import write_json_atomic
+from rlhf_ray.files import write_json_atomic
 
 
 def _step_dir(run_dir, step: int):
