@@ -381,9 +381,7 @@ class OnlineJob(RecoveringJob):
         """Held-out prompts: mean reward, alignment accuracy, response length, KL to the reference."""
         if self.eval_prompts is None:
             return {}
-        cfg = self.cfg
-        n_eval = len(self.eval_prompts) if not cfg.run.eval_size else min(cfg.run.eval_size, len(self.eval_prompts))
-        prompts = self.eval_prompts.batch(list(range(n_eval)))
+        prompts = self.eval_prompts.batch(evaluation.eval_indices(self.cfg, self.eval_prompts))
         return evaluation.online_eval(self, roles, prompts, step)
 
 
