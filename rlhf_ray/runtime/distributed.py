@@ -9,7 +9,7 @@ subclass can call `deepspeed.initialize` straight away (DeepSpeed adopts the
 existing group). The roles take their job in a remote call once the group has
 started (`workers/reference.py`, through `workers/base.py: EngineWorker`):
 
-    class ReferenceWorker(ReferenceScoring, ExportMixin, EngineWorker):
+    class ReferenceWorker(ReferenceScoring, ExportMixin, GenerateMixin, EngineWorker):
         def setup(self, job, *, init_from):
             ...  # self.rank, self.world_size and self.device are set, the process group joined
 

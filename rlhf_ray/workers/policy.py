@@ -21,8 +21,7 @@ from rlhf_ray.algorithms.sft_loss import sft_loss
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.workers import forward as fw
-from rlhf_ray.workers.base import ExportMixin, TrainableWorker
-from rlhf_ray.workers.forward import generate_tokens
+from rlhf_ray.workers.base import ExportMixin, GenerateMixin, TrainableWorker
 from rlhf_ray.workers.reference import ReferenceScoring
 
 
@@ -74,7 +73,7 @@ OFFLINE_LOSS_BUILDERS = {"preference": _preference_loss, "sft": _sft_loss, "kto"
 
 
 
-class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
+class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker):
     """One rank of the policy group; with LoRA also the job's reference (`ReferenceScoring` on its base,
     the adapter disabled)."""
 
@@ -187,13 +186,6 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
             return loss, metrics
 
         return self.engine.train_batch(batch, loss_fn)
-
-    # generation ------------------------------------------------------------
-    def generate(self, prompt_batch: dict, max_new_tokens: int, seed: int, greedy: bool = False) -> list[list[int]]:
-        """Responses of the current weights to left-padded prompts (HF generate), for evaluation."""
-        return generate_tokens(self.engine.module, self.tokenizer, prompt_batch, max_new_tokens=max_new_tokens,
-                               seed=seed + self.rank, greedy=greedy, temperature=self.job.rollout.temperature,
-                               top_p=self.job.rollout.top_p, gathered=self.engine.gathered)
 
     # weight sync -----------------------------------------------------------
     def connect_vllm_engines(self, engines: list, tensor_parallel_size: int, bucket_bytes: int) -> None:

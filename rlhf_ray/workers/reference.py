@@ -16,8 +16,7 @@ from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_
 from rlhf_ray.runtime.engine import InferenceEngine
 from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.workers import forward as fw
-from rlhf_ray.workers.base import EngineWorker, ExportMixin
-from rlhf_ray.workers.forward import generate_tokens
+from rlhf_ray.workers.base import EngineWorker, ExportMixin, GenerateMixin
 
 
 class ReferenceScoring:
@@ -60,7 +59,7 @@ class ReferenceScoring:
             m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature)["logprobs"]})
 
 
-class ReferenceWorker(ReferenceScoring, ExportMixin, EngineWorker):
+class ReferenceWorker(ReferenceScoring, ExportMixin, GenerateMixin, EngineWorker):
     """One rank of the reference group; `export` writes the current reference weights (SPIN/sDPO
     checkpoints need them)."""
 
@@ -81,12 +80,6 @@ class ReferenceWorker(ReferenceScoring, ExportMixin, EngineWorker):
 
     def reference_eval(self, batch: dict, fn) -> dict:
         return self.engine.forward_eval(batch, fn)
-
-    def generate(self, prompt_batch: dict, max_new_tokens: int, seed: int, greedy: bool = False) -> list[list[int]]:
-        """Responses of the reference to left-padded prompts: SPIN's generator is the previous iterate."""
-        return generate_tokens(self.engine.module, self.tokenizer, prompt_batch, max_new_tokens=max_new_tokens,
-                               seed=seed + self.rank, greedy=greedy, temperature=self.job.rollout.temperature,
-                               top_p=self.job.rollout.top_p, gathered=self.engine.gathered)
 
     # weight updates (SPIN, sDPO) -------------------------------------------
     def begin_weight_update(self) -> None:
