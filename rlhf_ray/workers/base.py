@@ -19,7 +19,7 @@ Ray makes every method of these bases a remote method of the role's actor.
 from __future__ import annotations
 
 from rlhf_ray.config.schema import RoleConfig
-from rlhf_ray.models.loading import disable_dropout, resolve_dtype
+from rlhf_ray.models.loading import disable_dropout, dtype_name, resolve_dtype
 from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import InferenceEngine, TrainEngine
 from rlhf_ray.workers.forward import generate_tokens
@@ -55,7 +55,7 @@ class TrainableWorker(EngineWorker):
             from rlhf_ray.models.lora import apply_lora
 
             model = apply_lora(model, settings.lora, trainable_heads=heads, key=f"{self.ROLE}.lora")
-        dtype = str(resolve_dtype(settings.model.dtype, self.device)).replace("torch.", "")
+        dtype = dtype_name(resolve_dtype(settings.model.dtype, self.device))
         self.engine = TrainEngine(model, settings, world_size=self.world_size, batch_per_rank=batch_per_rank,
                                   total_optimizer_steps=total_optimizer_steps, dtype=dtype, device=self.device)
         return self.memory()

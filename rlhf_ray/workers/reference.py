@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rlhf_ray.config.schema import JobConfig
-from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.models.loading import dtype_name, load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.engine import InferenceEngine
 from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.workers import forward as fw
@@ -75,7 +75,7 @@ class ReferenceWorker(ReferenceScoring, ExportMixin, GenerateMixin, EngineWorker
                                seed=job.run.seed, tokenizer=self.tokenizer)
         self.engine = InferenceEngine(model, zero_stage=job.reference.zero_stage,
                                       micro_batch_size=job.reference.micro_batch_size, world_size=self.world_size,
-                                      dtype=str(dtype).replace("torch.", ""), device=self.device)
+                                      dtype=dtype_name(dtype), device=self.device)
         return self.memory()
 
     def reference_eval(self, batch: dict, fn) -> dict:

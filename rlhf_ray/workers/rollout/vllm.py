@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from rlhf_ray.config.schema import ConfigError, JobConfig, RolloutConfig
-from rlhf_ray.models.loading import check_model_source, load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.models.loading import check_model_source, dtype_name, load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.models.sources import local_model_path
 from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.telemetry.memory import MemoryReport, peak_rss_bytes
@@ -306,7 +306,7 @@ def rows_from_outputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, req
 def bucket_metadata(bucket: list[tuple[str, torch.Tensor]]) -> dict:
     """Names, dtype names (`"bfloat16"`) and shapes of a weight bucket, as vLLM's update infos carry them."""
     return {"names": [name for name, _ in bucket],
-            "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+            "dtype_names": [dtype_name(t.dtype) for _, t in bucket],
             "shapes": [list(t.shape) for _, t in bucket]}
 
 
@@ -316,7 +316,7 @@ def engine_kwargs(job: JobConfig, *, model_dir: str, device: str, weight_transfe
     r, model = job.rollout, job.policy.model
     kwargs = {
         "model": model_dir,
-        "dtype": str(resolve_dtype(model.dtype, device)).removeprefix("torch."),
+        "dtype": dtype_name(resolve_dtype(model.dtype, device)),
         "seed": job.run.seed,
         "trust_remote_code": model.trust_remote_code,
         "max_model_len": job.data.max_prompt_length + r.max_new_tokens,
