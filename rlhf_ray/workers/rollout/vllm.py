@@ -48,7 +48,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Sequence
 
@@ -57,6 +56,7 @@ import torch
 from rlhf_ray.config.schema import ConfigError, JobConfig, RolloutConfig
 from rlhf_ray.models.loading import check_model_source, dtype_name, load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.models.sources import local_model_path
+from rlhf_ray.runtime.distributed import find_free_port, get_node_ip
 from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.telemetry.memory import MemoryReport, peak_rss_bytes
 from rlhf_ray.telemetry.timers import ComputeClock
@@ -763,16 +763,12 @@ class VLLMWeightSender:
         if not torch.cuda.is_available():
             raise RuntimeError("weight_transfer 'nccl' broadcasts from the policy's GPU, and policy rank "
                                f"{rank} sees none; use weight_transfer 'ipc' (buckets through Ray)")
-        import ray
         from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
         address, port = "", 0  # only the sender's rendezvous endpoint matters
         if rank == 0:
-            address = ray.util.get_node_ip_address()
-            with socket.socket() as probe:
-                probe.bind(("", 0))
-                port = probe.getsockname()[1]
+            address, port = get_node_ip(), find_free_port()
         init_info = NCCLTrainerInitInfo(master_address=address, master_port=port,
                                         world_size=1 + len(engines) * tensor_parallel_size, rank=rank,
                                         packed=True, packed_buffer_size_bytes=bucket_bytes)
