@@ -36,16 +36,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-PROG = "rlhf-ray"
+from rlhf_ray.cli.errors import PROG, one_line
 
 
 class SubmitError(RuntimeError):
     """A job-submission failure the user can act on (unreachable head, unknown job id, ...)."""
 
-
-def one_line(text: str) -> str:
-    """Collapse a message's lines and runs of spaces into one line."""
-    return " ".join(text.split())
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The `rlhf_ray` package directory shipped to the cluster as a `py_modules` entry."""
