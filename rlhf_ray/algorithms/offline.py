@@ -232,9 +232,8 @@ def _simpo(b: PreferenceBatch, p: Mapping[str, float]):
 def _tdpo(name: str, variant: int):
     def adapter(b: PreferenceBatch, p: Mapping[str, float]):
         _expect(name, b, PreferenceBatch, *_REF, "chosen_seq_kl", "rejected_seq_kl")
-        return pref.tdpo_loss(
-            *_four(b), b.chosen_seq_kl, b.rejected_seq_kl, beta=p["beta"], alpha=p.get("alpha", 0.5), variant=variant
-        )
+        weight = {"alpha": p["alpha"]} if variant == 2 else {}  # TDPO1's KL gap has no weight, so no alpha Param
+        return pref.tdpo_loss(*_four(b), b.chosen_seq_kl, b.rejected_seq_kl, beta=p["beta"], variant=variant, **weight)
 
     return adapter
 
