@@ -7,8 +7,8 @@ groups, their checkpoints) lives in `runtime/`.
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
@@ -27,6 +27,8 @@ from rlhf_ray.runtime.checkpoint import (
 )
 from rlhf_ray.runtime.role_groups import SHARED, RoleSpec, borrowed_keys
 from rlhf_ray.telemetry.metrics import utc_now
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -101,9 +103,9 @@ def with_recovery(cfg: JobConfig, run_dir: Path, attempt: Callable[[Path | None,
             resume_from = own or started_from
             step = read_json(resume_from / "trainer_state.json")["step"] if resume_from is not None else 0
             failures.append({"time": utc_now(), "role": where, "cause": cause, "resumed_from_step": step})
-            print(f"rlhf-ray: {cfg.name}: {where} died ({cause}); recreating the job's role groups and resuming "
-                  f"from step {step} (recovery {len(failures)} of run.max_failures={cfg.run.max_failures})",
-                  file=sys.stderr, flush=True)
+            logger.warning("%s: %s died (%s); recreating the job's role groups and resuming from step %d "
+                           "(recovery %d of run.max_failures=%d)", cfg.name, where, cause, step, len(failures),
+                           cfg.run.max_failures)
 
 
 def role_specs(cfg: JobConfig) -> list[RoleSpec]:

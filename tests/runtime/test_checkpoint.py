@@ -138,7 +138,7 @@ def test_rng_capture_restore_reproduces_draws_through_json(tmp_path):
     assert json.loads(json.dumps(state)) == state
 
 
-def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
+def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys, command_logging):
     from rlhf_ray.config import load_config
     from rlhf_ray.runtime.checkpoint import (
         MANIFEST,
