@@ -123,7 +123,8 @@ def role_specs(cfg: JobConfig) -> list[RoleSpec]:
     reward = RewardTrainerWorker if "reward" in plan.trained else RewardWorker
     workers = {"policy": PolicyWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": reward}
     return [RoleSpec("rollout", engine_worker_class(r.engine), r.num_engines, r.num_cpus_per_engine,
-                     r.num_gpus_per_engine) if role == "rollout" else RoleSpec.of(role, workers[role], getattr(cfg, role))
+                     r.num_gpus_per_engine) if role == "rollout"
+            else RoleSpec.of(role, workers[role], getattr(cfg, role))
             for role in plan.groups]
 
 

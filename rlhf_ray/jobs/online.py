@@ -151,7 +151,8 @@ class OnlineJob(RecoveringJob):
         if roles.owns("reward") and not cfg.reward.rule:
             roles.offer("reward")  # and the reward model
         if cfg.rollout.engine == "vllm" and weight_transfer_backend(cfg) == "nccl":
-            engines, tp, bucket = roles["rollout"].actors, cfg.rollout.tensor_parallel_size, cfg.rollout.sync_bucket_bytes
+            engines, tp = roles["rollout"].actors, cfg.rollout.tensor_parallel_size
+            bucket = cfg.rollout.sync_bucket_bytes
             roles["policy"].call(lambda a: a.connect_vllm_engines.remote(engines, tp, bucket))
 
     # the loop (jobs/loop.py runs it) ---------------------------------------

@@ -323,7 +323,8 @@ def scale_cpus(cfg: JobConfig, factor: float) -> JobConfig:
     def scaled(value: float) -> float:
         return max(0.01, int(value * factor * 100) / 100)
 
-    roles = {role: dataclasses.replace(getattr(cfg, role), num_cpus_per_rank=scaled(getattr(cfg, role).num_cpus_per_rank))
+    roles = {role: dataclasses.replace(getattr(cfg, role),
+                                       num_cpus_per_rank=scaled(getattr(cfg, role).num_cpus_per_rank))
              for role in ("policy", "reference", "reward", "critic")}
     rollout = dataclasses.replace(cfg.rollout, num_cpus_per_engine=scaled(cfg.rollout.num_cpus_per_engine))
     return dataclasses.replace(cfg, rollout=rollout, **roles)

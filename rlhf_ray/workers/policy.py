@@ -94,7 +94,8 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
         model_cfg = job.policy.model
         self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or init_from,
                                             trust_remote_code=model_cfg.trust_remote_code)
-        model = load_causal_lm(init_from, dtype=resolve_dtype(model_cfg.dtype, self.device), gradient_checkpointing=model_cfg.gradient_checkpointing,
+        model = load_causal_lm(init_from, dtype=resolve_dtype(model_cfg.dtype, self.device),
+                               gradient_checkpointing=model_cfg.gradient_checkpointing,
                                trust_remote_code=model_cfg.trust_remote_code, seed=job.run.seed,
                                tokenizer=self.tokenizer)
         return self.build_engine(model, job.policy, batch_per_rank=batch_per_rank,

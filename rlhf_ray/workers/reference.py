@@ -32,7 +32,8 @@ class ReferenceScoring:
         """`ref_chosen_logps`, `ref_rejected_logps` `[B]` (and `ref_*_vocab_logps` for TDPO)."""
         def fn(module, mb):
             stats = fw.pair_logps(module, mb, vocab=vocab)
-            keep = ("chosen_logps", "rejected_logps") + (("chosen_vocab_logps", "rejected_vocab_logps") if vocab else ())
+            keep = ("chosen_logps", "rejected_logps")
+            keep += ("chosen_vocab_logps", "rejected_vocab_logps") if vocab else ()
             return {f"ref_{k}": stats[k] for k in keep}
         return self.reference_eval(batch, fn)
 

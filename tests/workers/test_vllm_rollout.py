@@ -77,7 +77,8 @@ class Request:
 
 
 def completion(index, tokens, logprobs=None):
-    return Completion(index, tokens, None if logprobs is None else [{t: Logprob(lp)} for t, lp in zip(tokens, logprobs)])
+    per_token = None if logprobs is None else [{t: Logprob(lp)} for t, lp in zip(tokens, logprobs)]
+    return Completion(index, tokens, per_token)
 
 
 # prompts and requests ------------------------------------------------------------

@@ -401,7 +401,8 @@ def checkpoint_layout(config, trust_remote_code: bool = False) -> tuple[dict[str
     return tied_aliases(model), nbytes
 
 
-def with_aliases(bucket: list[tuple[str, torch.Tensor]], aliases: dict[str, list[str]]) -> list[tuple[str, torch.Tensor]]:
+def with_aliases(bucket: list[tuple[str, torch.Tensor]],
+                 aliases: dict[str, list[str]]) -> list[tuple[str, torch.Tensor]]:
     """`bucket` plus `(alias, tensor)` for every tied alias of a name in it."""
     out = list(bucket)
     for name, tensor in bucket:
