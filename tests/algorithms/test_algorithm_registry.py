@@ -26,12 +26,10 @@ from rlhf_ray.algorithms import (
 from rlhf_ray.algorithms.online import KL_IN_LOSS, KL_IN_REWARD, PPO_CLIP, REINFORCE
 from rlhf_ray.algorithms.registry import ParamError
 
+from tensor_helpers import close
+
 torch.set_num_threads(1)
 LN2 = math.log(2.0)
-
-
-def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
 
 def test_all_names_are_declared():
