@@ -16,6 +16,12 @@ from rlhf_ray.algorithms.advantages import (
     rloo_advantages,
     whiten,
 )
+from rlhf_ray.algorithms.batches import (
+    KTOBatch,
+    PreferenceBatch,
+    RankedRewardBatch,
+    SFTBatch,
+)
 from rlhf_ray.algorithms.kl import (
     KL_KINDS,
     AdaptiveKLController,
@@ -23,12 +29,6 @@ from rlhf_ray.algorithms.kl import (
     kl_loss,
     kl_penalty,
     token_level_rewards,
-)
-from rlhf_ray.algorithms.batches import (
-    KTOBatch,
-    PreferenceBatch,
-    RankedRewardBatch,
-    SFTBatch,
 )
 from rlhf_ray.algorithms.policy_loss import ppo_policy_loss, reinforce_policy_loss, value_loss
 from rlhf_ray.algorithms.preference import (

@@ -75,9 +75,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     (`rlhf-ray presets`) never pays for Ray or torch.
     """
     from rlhf_ray.algorithms.registry import UnknownAlgorithmError
+    from rlhf_ray.cli.submit import SubmitError
     from rlhf_ray.config.schema import ConfigError
     from rlhf_ray.data.formats import DataError
-    from rlhf_ray.cli.submit import SubmitError
     from rlhf_ray.jobs.common import NonFiniteError, RecoveryError
     from rlhf_ray.runtime.placement import PlacementError
 

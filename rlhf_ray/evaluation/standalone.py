@@ -33,10 +33,10 @@ import torch
 from rlhf_ray.config.imports import import_callable
 from rlhf_ray.data.collate import collate_prompts, collate_sequences
 from rlhf_ray.data.formats import Text
-from rlhf_ray.data.loading import load_examples
-from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
 from rlhf_ray.data.job_data import resolve_source
+from rlhf_ray.data.loading import load_examples
 from rlhf_ray.data.tasks import as_judge, judge_path
+from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
 from rlhf_ray.files import write_jsonl_atomic, write_text_atomic
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import default_device, load_causal_lm, load_tokenizer_for

@@ -24,13 +24,13 @@ from rlhf_ray.algorithms.advantages import aggregation_weights, masked_mean
 from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty, token_level_rewards
 from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.config.schema import ConfigError, JobConfig
+from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
 from rlhf_ray.job_plan import plan_job
 from rlhf_ray.jobs import stop_on_signals
 from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir, role_specs
 from rlhf_ray.jobs.loop import run_steps
-from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards

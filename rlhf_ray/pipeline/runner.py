@@ -347,10 +347,10 @@ def run_pipeline(pipeline: Pipeline, address: str | None = None,
     """Run the pipeline's jobs as their dependencies finish; returns each job's outcome.
 
     Writes `<out>/pipeline.json` (every job's status, times, run directory and error) when done."""
+    import ray
+
     from rlhf_ray.jobs import StopRequested, run_job
     from rlhf_ray.runtime.role_groups import SHARED, init_ray
-
-    import ray
 
     init_ray(address)
     if address is None:  # this machine alone: jobs that may overlap share its CPUs

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf_ray.config.schema import ConfigError
+from rlhf_ray.files import write_json_atomic
 from rlhf_ray.runtime.checkpoint import (
     COMPLETE_MARKER,
     atomic_dir,
@@ -20,7 +21,6 @@ from rlhf_ray.runtime.checkpoint import (
     read_json,
     restore_rng_state,
 )
-from rlhf_ray.files import write_json_atomic
 
 
 def _step_dir(run_dir, step: int):

@@ -3,7 +3,6 @@ and a DeepSpeed ZeRO-0 TrainEngine reporting `memory/<role>/activations_bytes`."
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
