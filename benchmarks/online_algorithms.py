@@ -47,7 +47,8 @@ def main(argv=None) -> dict:
         evals = [r for r in rows if "eval/alignment_accuracy" in r]
         steps = sorted(r["time/step_s"] for r in rows)
         table[stage.name] = {
-            "alignment_first": evals[0]["eval/alignment_accuracy"], "alignment_final": evals[-1]["eval/alignment_accuracy"],
+            "alignment_first": evals[0]["eval/alignment_accuracy"],
+            "alignment_final": evals[-1]["eval/alignment_accuracy"],
             "reward_first": evals[0]["eval/reward_mean"], "reward_final": evals[-1]["eval/reward_mean"],
             "kl_to_ref_final": evals[-1].get("eval/kl_to_ref"), "median_step_s": steps[len(steps) // 2],
             "samples_per_step": rows[-1]["perf/samples_per_s"] * rows[-1]["time/step_s"],

@@ -58,11 +58,11 @@ def trl_curve(out: Path, venv: Path, steps: int) -> tuple[list[dict], float, dic
     """TRL's GRPOTrainer on the arithmetic task with smol-grpo's settings: (curve, wall seconds, versions)."""
     import subprocess
 
+    from vs_trl import HERE, THREADS, ensure_trl_venv
+
     import rlhf_ray.data.arithmetic as arithmetic
     from rlhf_ray.config import load_config
     from rlhf_ray.models.sources import local_model_path
-
-    from vs_trl import HERE, THREADS, ensure_trl_venv
 
     python = ensure_trl_venv(venv)
     cfg = load_config("smol-grpo")

@@ -16,6 +16,23 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+@pytest.fixture
+def command_logging():
+    """The package's warnings on stderr as the `rlhf-ray` command shows them (`cli.errors.configure_logging`),
+    for a test that calls the package directly; removed again after the test."""
+    import logging
+
+    from rlhf_ray.cli.errors import configure_logging
+
+    logger = logging.getLogger("rlhf_ray")
+    before = list(logger.handlers)
+    configure_logging()
+    yield
+    for handler in logger.handlers[:]:
+        if handler not in before:
+            logger.removeHandler(handler)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

@@ -17,6 +17,12 @@ from rlhf_ray.algorithms.advantages import (
     rloo_advantages,
     whiten,
 )
+from rlhf_ray.algorithms.batches import (
+    KTOBatch,
+    PreferenceBatch,
+    RankedRewardBatch,
+    SFTBatch,
+)
 from rlhf_ray.algorithms.kl import (
     KL_KINDS,
     AdaptiveKLController,
@@ -24,13 +30,6 @@ from rlhf_ray.algorithms.kl import (
     kl_loss,
     kl_penalty,
     token_level_rewards,
-)
-from rlhf_ray.algorithms.batches import (
-    KTOBatch,
-    PreferenceBatch,
-    RankedRewardBatch,
-    RewardPairBatch,
-    SFTBatch,
 )
 from rlhf_ray.algorithms.policy_loss import gspo_policy_loss, ppo_policy_loss, reinforce_policy_loss, value_loss
 from rlhf_ray.algorithms.preference import (
@@ -56,9 +55,9 @@ from rlhf_ray.algorithms.registry import (
     get_offline_objective,
     get_online_algorithm,
 )
-from rlhf_ray.algorithms.rollout_is import mismatch_metrics, mismatch_sums, rollout_is_weights, weighted_advantages
 from rlhf_ray.algorithms.reward_loss import pairwise_reward_loss, ranked_reward_loss
 from rlhf_ray.algorithms.reward_shaping import overlong_penalty
+from rlhf_ray.algorithms.rollout_is import mismatch_metrics, mismatch_sums, rollout_is_weights, weighted_advantages
 from rlhf_ray.algorithms.sft_loss import kl_sft_loss, sft_loss
 
 __all__ = [
@@ -81,5 +80,5 @@ __all__ = [
     # registry
     "OnlineAlgorithm", "OfflineObjective", "ONLINE_ALGORITHMS", "OFFLINE_OBJECTIVES", "UnknownAlgorithmError",
     "get_online_algorithm", "get_offline_objective",
-    "PreferenceBatch", "SFTBatch", "KTOBatch", "RewardPairBatch", "RankedRewardBatch",
+    "PreferenceBatch", "SFTBatch", "KTOBatch", "RankedRewardBatch",
 ]

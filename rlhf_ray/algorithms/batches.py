@@ -1,7 +1,7 @@
 """The batches offline objectives compute their losses from, one dataclass per data format.
 
 The workers fill them from a model's log-probs or scores; each objective's
-loss function in `registry.py` reads the fields it needs.
+loss function in `offline.py` reads the fields it needs.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-__all__ = ["PreferenceBatch", "SFTBatch", "KTOBatch", "RewardPairBatch", "RankedRewardBatch"]
+__all__ = ["PreferenceBatch", "SFTBatch", "KTOBatch", "RankedRewardBatch"]
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,6 @@ class KTOBatch:
     policy_logps_mismatched: Tensor | None = None
     ref_logps_mismatched: Tensor | None = None
     kl_reference_point: Tensor | float | None = None
-
-
-@dataclass(frozen=True)
-class RewardPairBatch:
-    """Reward-model scores of chosen and rejected responses, `[B]`; optional margin."""
-
-    chosen_rewards: Tensor
-    rejected_rewards: Tensor
-    margin: Tensor | float | None = None
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,8 @@ from typing import Any, Callable, Mapping
 from torch import Tensor
 
 from rlhf_ray.algorithms import preference as pref
-from rlhf_ray.algorithms.batches import KTOBatch, PreferenceBatch, RankedRewardBatch, RewardPairBatch, SFTBatch
-from rlhf_ray.algorithms.reward_loss import pairwise_reward_loss, ranked_reward_loss
+from rlhf_ray.algorithms.batches import KTOBatch, PreferenceBatch, RankedRewardBatch, SFTBatch
+from rlhf_ray.algorithms.reward_loss import ranked_reward_loss
 from rlhf_ray.algorithms.sft_loss import kl_sft_loss, sft_loss
 
 DATA_FORMATS = ("sft", "preference", "kto", "ranked_or_preference")
@@ -169,15 +169,10 @@ def _kl_sft(b: SFTBatch, p: Mapping[str, float]):
     return kl_sft_loss(b.logprobs, b.ref_logprobs, b.loss_mask, p["kl_coef"])
 
 
-def _rm(b: RewardPairBatch | RankedRewardBatch, p: Mapping[str, float]):
-    if isinstance(b, RankedRewardBatch):
-        return ranked_reward_loss(b.rewards, b.ranking, margin=p.get("margin", 0.0))
-    if not isinstance(b, RewardPairBatch):
-        raise TypeError(
-            f"Offline objective 'rm' takes a RewardPairBatch or a RankedRewardBatch; got {type(b).__name__}."
-        )
-    margin = b.margin if b.margin is not None else (p.get("margin") or None)
-    return pairwise_reward_loss(b.chosen_rewards, b.rejected_rewards, margin)
+def _rm(b: RankedRewardBatch, p: Mapping[str, float]):
+    # A preference pair arrives as a ranking of K = 2 responses (`JobData`), so one loss serves both.
+    _expect("rm", b, RankedRewardBatch)
+    return ranked_reward_loss(b.rewards, b.ranking, margin=p["margin"])
 
 
 def _dpo_like(name: str):
@@ -237,9 +232,8 @@ def _simpo(b: PreferenceBatch, p: Mapping[str, float]):
 def _tdpo(name: str, variant: int):
     def adapter(b: PreferenceBatch, p: Mapping[str, float]):
         _expect(name, b, PreferenceBatch, *_REF, "chosen_seq_kl", "rejected_seq_kl")
-        return pref.tdpo_loss(
-            *_four(b), b.chosen_seq_kl, b.rejected_seq_kl, beta=p["beta"], alpha=p.get("alpha", 0.5), variant=variant
-        )
+        weight = {"alpha": p["alpha"]} if variant == 2 else {}  # TDPO1's KL gap has no weight, so no alpha Param
+        return pref.tdpo_loss(*_four(b), b.chosen_seq_kl, b.rejected_seq_kl, beta=p["beta"], variant=variant, **weight)
 
     return adapter
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 import difflib
 from typing import Any, Mapping
 
-from rlhf_ray.algorithms.batches import KTOBatch, PreferenceBatch, RankedRewardBatch, RewardPairBatch, SFTBatch
+from rlhf_ray.algorithms.batches import KTOBatch, PreferenceBatch, RankedRewardBatch, SFTBatch
 from rlhf_ray.algorithms.offline import OFFLINE_OBJECTIVES, OfflineObjective, Param, ParamError
 from rlhf_ray.algorithms.online import ONLINE_ALGORITHMS, OnlineAlgorithm
 
 __all__ = [
     "OnlineAlgorithm", "OfflineObjective", "Param", "ParamError", "ONLINE_ALGORITHMS", "OFFLINE_OBJECTIVES",
     "UnknownAlgorithmError", "get_online_algorithm", "get_offline_objective", "online_defaults",
-    "PreferenceBatch", "SFTBatch", "KTOBatch", "RewardPairBatch", "RankedRewardBatch",
+    "PreferenceBatch", "SFTBatch", "KTOBatch", "RankedRewardBatch",
 ]
 
 _ALIASES = {"reinforce++": "reinforce_pp", "reinforcepp": "reinforce_pp", "robust_dpo": "rdpo",

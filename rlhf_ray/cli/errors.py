@@ -10,10 +10,18 @@ environment problem: its type and first line are shown, with a pointer to
 
 Exit codes: 0 success; 1 a failure; 2 a command line argparse rejects;
 130 interrupted (Ctrl-C), as shells report SIGINT.
+
+The package reports what goes wrong along the way (a damaged checkpoint
+passed over, a dead actor recovered from, a signal that stops the job)
+through `logging` under `rlhf_ray`; `configure_logging` decides what the
+command shows of it: its warnings, one line each on stderr,
+`rlhf-ray: warning: <message>`. Its INFO records (a tokenizer padding with
+its eos token) stay out of the way.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 
@@ -22,6 +30,36 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 EXIT_STOPPED = 75  # stopped on a signal after writing a checkpoint: run the same command again to continue
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is when a record arrives (a test's capture replaces it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+class _CommandFormatter(logging.Formatter):
+    """`rlhf-ray: warning: <message>`: the level in lower case, as in the command's `error:` lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"{PROG}: {record.levelname.lower()}: {super().format(record)}"
+
+
+def configure_logging() -> None:
+    """Show the package's warnings (and worse) on stderr, one `rlhf-ray: warning: <message>` line each.
+    Calling it again changes nothing."""
+    logger = logging.getLogger("rlhf_ray")
+    if not any(isinstance(handler, _StderrHandler) for handler in logger.handlers):
+        handler = _StderrHandler()
+        handler.setLevel(logging.WARNING)
+        handler.setFormatter(_CommandFormatter())
+        logger.addHandler(handler)
 
 
 class CLIError(Exception):
@@ -37,9 +75,9 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     (`rlhf-ray presets`) never pays for Ray or torch.
     """
     from rlhf_ray.algorithms.registry import UnknownAlgorithmError
+    from rlhf_ray.cli.submit import SubmitError
     from rlhf_ray.config.schema import ConfigError
     from rlhf_ray.data.formats import DataError
-    from rlhf_ray.cli.submit import SubmitError
     from rlhf_ray.jobs.common import NonFiniteError, RecoveryError
     from rlhf_ray.runtime.placement import PlacementError
 

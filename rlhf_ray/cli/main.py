@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_ray.cli import submit as jobs_api
-from rlhf_ray.cli.errors import EXIT_USAGE, PROG, CLIError, report
+from rlhf_ray.cli.errors import EXIT_USAGE, PROG, CLIError, configure_logging, report
 from rlhf_ray.runtime.auth import use_auth_token
 
 
@@ -555,6 +555,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: `sys.argv[1:]`); returns the exit code."""
+    configure_logging()
     args = parse_args(argv)
     try:
         return int(args.func(args) or 0)

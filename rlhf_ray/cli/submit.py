@@ -36,16 +36,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-PROG = "rlhf-ray"
+from rlhf_ray.cli.errors import PROG, one_line
 
 
 class SubmitError(RuntimeError):
     """A job-submission failure the user can act on (unreachable head, unknown job id, ...)."""
 
-
-def one_line(text: str) -> str:
-    """Collapse a message's lines and runs of spaces into one line."""
-    return " ".join(text.split())
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 """The `rlhf_ray` package directory shipped to the cluster as a `py_modules` entry."""
@@ -111,9 +107,9 @@ class Cluster:
         except OSError as err:  # ConnectionError, and requests' errors (IOError)
             raise SubmitError(unreachable_message(self.url)) from err
         except AuthenticationError as err:
-            raise SubmitError(f"the Ray cluster at {self.url} requires its authentication token: set RAY_AUTH_MODE=token "
-                           "and give the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token (on the head node: "
-                           "`ray get-auth-token`)") from err
+            raise SubmitError(f"the Ray cluster at {self.url} requires its authentication token: set "
+                              "RAY_AUTH_MODE=token and give the cluster's token in RAY_AUTH_TOKEN or "
+                              "~/.ray/auth_token (on the head node: `ray get-auth-token`)") from err
         except RuntimeError as err:
             raise SubmitError(f"{self.url} answered, but not as a Ray Jobs API ({one_line(str(err))}); give the head "
                            "node's dashboard address, e.g. http://HEAD:8265") from err

@@ -47,11 +47,14 @@ LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-no
 class ModelConfig:
     """Which weights a role loads."""
 
-    name_or_path: str = _help("A shipped preset (`tiny-gpt2`, `tiny-llama`), a local directory, or a hub name.", default="tiny-gpt2")
-    tokenizer: str = _help("Tokenizer path or hub name; empty means the model's own (the shipped tiny one for tiny presets).", default="")
+    name_or_path: str = _help("A shipped preset (`tiny-gpt2`, `tiny-llama`), a local directory, or a hub name.",
+                              default="tiny-gpt2")
+    tokenizer: str = _help("Tokenizer path or hub name; empty means the model's own (the shipped tiny one for tiny "
+                           "presets).", default="")
     dtype: str = _help("auto (fp32 on CPU, bf16 on GPU), float32, bfloat16 or float16.", default="auto")
     gradient_checkpointing: bool = _help("Recompute activations in the backward pass to save memory.", default=False)
-    trust_remote_code: bool = _help("Allow model code from the checkpoint's repository to run. Off unless you trust it.", default=False)
+    trust_remote_code: bool = _help("Allow model code from the checkpoint's repository to run. "
+                                    "Off unless you trust it.", default=False)
     disable_dropout: bool = _help("Turn the checkpoint's dropout off in a trained role (as TRL does for RL and "
                                   "preference training): old log-probs, reference log-probs and values are computed "
                                   "without dropout, so the training forward must be too. false keeps it.",
@@ -141,7 +144,8 @@ class RoleConfig:
     zero_stage: int = _help("DeepSpeed ZeRO stage 0, 1, 2 or 3.", default=0)
     offload_optimizer: bool = _help("Keep optimizer states on CPU (ZeRO-Offload).", default=False)
     offload_params: bool = _help("Keep parameters on CPU (ZeRO-3 only).", default=False)
-    micro_batch_size: int = _help("Sequences per rank per forward/backward pass; the rest is gradient accumulation.", default=8)
+    micro_batch_size: int = _help("Sequences per rank per forward/backward pass; the rest is gradient accumulation.",
+                                  default=8)
     lora: LoraConfig = _help("Low-rank adapters instead of full fine-tuning (trained roles: policy, critic, "
                              "reward when trained).", default_factory=LoraConfig)
 
@@ -161,11 +165,13 @@ class CriticConfig(RoleConfig):
 
     model: ModelConfig = _help("Dtype and loading options of the critic; its weights come from `init_from`.",
                                default_factory=lambda: ModelConfig(name_or_path=""))
-    init_from: str = _help("reward (InstructGPT: start from the reward model) or policy (start from the SFT weights with a fresh head).", default="reward")
+    init_from: str = _help("reward (InstructGPT: start from the reward model) or policy (start from the SFT weights "
+                           "with a fresh head).", default="reward")
 
     def __post_init__(self):
         super().__post_init__()
-        _check(self.init_from in ("reward", "policy"), "init_from", f"got {self.init_from!r}; expected reward or policy")
+        _check(self.init_from in ("reward", "policy"), "init_from",
+               f"got {self.init_from!r}; expected reward or policy")
 
 
 @dataclass(frozen=True)
@@ -175,9 +181,10 @@ class ReferenceConfig(RoleConfig):
     model: ModelConfig = _help("The reference weights; an empty name_or_path means the policy's initial weights "
                                "(the usual choice: the SFT model).",
                                default_factory=lambda: ModelConfig(name_or_path=""))
-    enabled: bool = _help("Create a reference group. Objectives that need one fail early when this is false.", default=True)
-    share_with: str = _help("Name (`name:`) of a job running alongside in the same driver whose reference group this job "
-                            "borrows instead of creating one: it must hold the same weights and use the same "
+    enabled: bool = _help("Create a reference group. Objectives that need one fail early when this is false.",
+                          default=True)
+    share_with: str = _help("Name (`name:`) of a job running alongside in the same driver whose reference group this "
+                            "job borrows instead of creating one: it must hold the same weights and use the same "
                             "sampling temperature.", default="")
 
 
@@ -188,7 +195,8 @@ class RewardConfig(RoleConfig):
     model: ModelConfig = _help("The reward model (a scalar-head checkpoint, or a causal LM that gets a new head); "
                                "for reward-model training, the initial weights.",
                                default_factory=lambda: ModelConfig(name_or_path=""))
-    rule: str = _help("Import path `module:function` of `fn(prompts, responses) -> list[float]`; empty uses `model`.", default="")
+    rule: str = _help("Import path `module:function` of `fn(prompts, responses) -> list[float]`; empty uses `model`.",
+                      default="")
     share_with: str = _help("Name (`name:`) of an online job running alongside in the same driver whose reward-model "
                             "group this job borrows instead of creating one: it must hold the same weights. A "
                             "pipeline sets it where the weights match.", default="")
@@ -258,8 +266,10 @@ FORMATS = ("prompt", "sft", "preference", "kto", "ranked")
 class DataConfig:
     """Where a job's data comes from and how it is cut to length."""
 
-    train: str = _help("Training data: a .json/.jsonl/.parquet/.csv file, a folder, or a hub name; `synthetic:<split>` uses the shipped task.", default="synthetic:preference_train")
-    eval: str = _help("Held-out data in the same form; empty means no evaluation split.", default="synthetic:preference_eval")
+    train: str = _help("Training data: a .json/.jsonl/.parquet/.csv file, a folder, or a hub name; "
+                       "`synthetic:<split>` uses the shipped task.", default="synthetic:preference_train")
+    eval: str = _help("Held-out data in the same form; empty means no evaluation split.",
+                      default="synthetic:preference_eval")
     format: str = _help("prompt, sft, preference, kto or ranked; empty means the objective's own format.", default="")
     column_map: dict = _help("Rename the data set's columns, e.g. {question: prompt}.", default_factory=dict)
     prompt_template: str = _help("Wraps string prompts; must contain {prompt}.", default="")
@@ -272,8 +282,10 @@ class DataConfig:
     ptx: str = _help("SFT data mixed into PPO updates (PPO-ptx); empty turns it off.", default="")
 
     def __post_init__(self):
-        _check(not self.format or self.format in FORMATS, "format", f"got {self.format!r}; expected one of {', '.join(FORMATS)}")
-        _check(not self.prompt_template or "{prompt}" in self.prompt_template, "prompt_template", "must contain {prompt}")
+        _check(not self.format or self.format in FORMATS, "format",
+               f"got {self.format!r}; expected one of {', '.join(FORMATS)}")
+        _check(not self.prompt_template or "{prompt}" in self.prompt_template, "prompt_template",
+               "must contain {prompt}")
         _check(self.max_prompt_length >= 1, "max_prompt_length", "must be >= 1")
         _check(self.max_length > self.max_prompt_length, "max_length", "must exceed data.max_prompt_length")
         _check(self.max_examples >= 0, "max_examples", "must be >= 0 (0 means all)")
@@ -351,9 +363,12 @@ class AlgorithmConfig:
     params: dict = _help("The offline objective's own parameters, e.g. {beta: 0.1, lam: 50} for dpop; keys the "
                          "objective does not read are refused. `rlhf-ray config keys algorithm.params` lists "
                          "each objective's parameters with defaults and ranges.", default_factory=dict)
-    precompute_reference: bool = _help("Compute reference log-probs once before training and cache them.", default=False)
-    rm_zero_mean: bool = _help("After RM training, add a bias so the mean reward on the train chosen responses is zero.", default=True)
-    spin_iterations: int = _help("SPIN: iterations, each using the previous iterate as reference and generator (0: plain objective).", default=0)
+    precompute_reference: bool = _help("Compute reference log-probs once before training and cache them.",
+                                       default=False)
+    rm_zero_mean: bool = _help("After RM training, add a bias so the mean reward on the train chosen "
+                               "responses is zero.", default=True)
+    spin_iterations: int = _help("SPIN: iterations, each using the previous iterate as reference and generator (0: "
+                                 "plain objective).", default=0)
     sdpo_stages: int = _help("sDPO: split the preference data into this many stages (0 or 1: plain DPO).", default=0)
 
     def __post_init__(self):
@@ -389,9 +404,11 @@ METRIC_SINKS = ("jsonl", "tensorboard", "wandb")  # each one's writer: telemetry
 class RunConfig:
     """The run: its directory, length, batch, seed, checkpoints and evaluation."""
 
-    output_dir: str = _help("Run directory: config.yaml, metrics.jsonl, checkpoints/, summary.json.", default="runs/latest")
+    output_dir: str = _help("Run directory: config.yaml, metrics.jsonl, checkpoints/, summary.json.",
+                            default="runs/latest")
     seed: int = _help("Seeds data order, initialisation and sampling.", default=0)
-    total_steps: int = _help("Training steps (online: rollout+update iterations; offline: optimizer batches).", default=100)
+    total_steps: int = _help("Training steps (online: rollout+update iterations; offline: optimizer batches).",
+                             default=100)
     batch_size: int = _help("Global batch per step: prompts (online) or examples/pairs (offline).", default=16)
     save_every: int = _help("Checkpoint every N steps (0: only at the end).", default=0)
     keep_last: int = _help("Checkpoints kept on disk.", default=2)
@@ -422,7 +439,8 @@ class RunConfig:
 class PlacementConfig:
     """How roles share resources."""
 
-    colocate: tuple[tuple[str, ...], ...] = _help("Sets of roles sharing the same bundles, e.g. [[policy, reference]].", default=())
+    colocate: tuple[tuple[str, ...], ...] = _help("Sets of roles sharing the same bundles, e.g. [[policy, reference]].",
+                                                  default=())
     strategy: str = _help("Ray's placement strategy: PACK (fill nodes), SPREAD, STRICT_PACK (one node) or "
                           "STRICT_SPREAD (one node per bundle).", default="PACK")
     timeout_s: float = _help("How long to wait for the cluster to have room, and then for the placement group, "
@@ -449,7 +467,8 @@ class JobConfig:
     algorithm: AlgorithmConfig = _help("The objective and its hyper-parameters.", default_factory=AlgorithmConfig)
     policy: RoleConfig = _help("The trained policy (actor).", default_factory=RoleConfig)
     reference: ReferenceConfig = _help("The frozen reference.", default_factory=ReferenceConfig)
-    reward: RewardConfig = _help("The frozen reward model or rule (online); the trained model for `rm`.", default_factory=RewardConfig)
+    reward: RewardConfig = _help("The frozen reward model or rule (online); the trained model for `rm`.",
+                                 default_factory=RewardConfig)
     critic: CriticConfig = _help("The value model (PPO).", default_factory=CriticConfig)
     rollout: RolloutConfig = _help("The generation engine (online).", default_factory=RolloutConfig)
     data: DataConfig = _help("Training and evaluation data.", default_factory=DataConfig)

@@ -9,13 +9,7 @@ Typical use::
               for ex in data.examples]
 """
 
-from rlhf_ray.data.collate import (
-    collate_kto,
-    collate_preference,
-    collate_prompts,
-    collate_ranked,
-    collate_sequences,
-)
+from rlhf_ray.data.collate import collate_prompts, collate_sequences
 from rlhf_ray.data.formats import (
     FORMATS,
     SKIP_REASONS,
@@ -56,10 +50,7 @@ __all__ = [
     "RankedExample",
     "SFTExample",
     "Text",
-    "collate_kto",
-    "collate_preference",
     "collate_prompts",
-    "collate_ranked",
     "collate_sequences",
     "count_prompt_tokens",
     "encode_prompt",

@@ -5,13 +5,12 @@ at the last position and generation continues all rows from there. Prompt +
 response sequences for training are RIGHT-padded; ``loss_mask`` marks the
 response tokens. All id and mask tensors are ``torch.long``.
 
-Pairs, unpaired samples and ranked groups go into one batch each, so a single
-forward pass scores all of them:
-
-- preference: rows ``[0, B)`` are the chosen responses, rows ``[B, 2B)`` the
-  rejected ones, in the same prompt order;
-- ranked: the K responses of each prompt follow each other, with
-  ``group_index`` (which prompt) and ``rank`` (0 = best) per row.
+A job's batches are built from these two by `JobData.batch`
+(`data/job_data.py`): a preference pair's chosen and rejected responses are
+collated together, so they share one width, then split into ``chosen_*``
+and ``rejected_*`` tensors; KTO's mismatched pairs are a ``kl_*`` family of
+their own; a ranked batch holds the K responses of each prompt as
+``[P, K, T]`` with their ``ranking`` ``[P, K]``.
 """
 
 from __future__ import annotations
@@ -66,62 +65,6 @@ def collate_sequences(sequences: Sequence[EncodedSequence], pad_id: int) -> dict
         attention_mask[row, :length] = 1
         loss_mask[row, :length] = torch.tensor(seq.loss_mask, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
-
-
-def collate_preference(
-    chosen: Sequence[EncodedSequence], rejected: Sequence[EncodedSequence], pad_id: int
-) -> dict[str, torch.Tensor]:
-    """Chosen rows first, then rejected rows, right-padded to one length.
-
-    Returns the tensors of :func:`collate_sequences`, each [2B, T]: row ``i``
-    is the chosen response of pair ``i`` and row ``B + i`` its rejected one,
-    so ``logps[:B]`` and ``logps[B:]`` line up pair by pair."""
-    if len(chosen) != len(rejected):
-        raise ValueError(f"got {len(chosen)} chosen and {len(rejected)} rejected sequences; they must pair up")
-    return collate_sequences(list(chosen) + list(rejected), pad_id)
-
-
-def collate_kto(sequences: Sequence[EncodedSequence], labels: Sequence[bool], pad_id: int) -> dict[str, torch.Tensor]:
-    """Unpaired samples: the tensors of :func:`collate_sequences` ([B, T])
-    plus ``labels`` [B] (``torch.bool``, True = desirable)."""
-    if len(sequences) != len(labels):
-        raise ValueError(f"got {len(sequences)} sequences and {len(labels)} labels; need one label per sequence")
-    batch = collate_sequences(sequences, pad_id)
-    batch["labels"] = torch.tensor([bool(label) for label in labels], dtype=torch.bool)
-    return batch
-
-
-def collate_ranked(
-    groups: Sequence[Sequence[EncodedSequence]], rankings: Sequence[Sequence[int]], pad_id: int
-) -> dict[str, torch.Tensor]:
-    """All K responses of each prompt in one right-padded batch.
-
-    ``groups[g]`` holds the K_g encoded responses of prompt g and
-    ``rankings[g]`` their indices, best first. Returns the tensors of
-    :func:`collate_sequences`, each [N, T] with N = sum of K_g, plus
-    ``group_index`` [N] (the prompt g of each row) and ``rank`` [N] (the
-    row's place in its ranking, 0 = best). Example: groups of 3 and 2
-    responses, rankings [2, 0, 1] and [1, 0]::
-
-        group_index [0, 0, 0, 1, 1]
-        rank        [1, 2, 0, 1, 0]     (response 2 of prompt 0 is best)
-
-    A pair (i, j) of rows compares when ``group_index[i] == group_index[j]``
-    and ``rank[i] < rank[j]`` (i preferred)."""
-    if len(groups) != len(rankings):
-        raise ValueError(f"got {len(groups)} groups and {len(rankings)} rankings; need one ranking per group")
-    sequences, group_index, rank = [], [], []
-    for g, (group, ranking) in enumerate(zip(groups, rankings, strict=True)):
-        if sorted(ranking) != list(range(len(group))):
-            raise ValueError(f"group {g}: ranking {list(ranking)} is not a permutation of range({len(group)})")
-        place = {response: position for position, response in enumerate(ranking)}
-        sequences.extend(group)
-        group_index.extend([g] * len(group))
-        rank.extend(place[response] for response in range(len(group)))
-    batch = collate_sequences(sequences, pad_id)
-    batch["group_index"] = torch.tensor(group_index, dtype=torch.long)
-    batch["rank"] = torch.tensor(rank, dtype=torch.long)
-    return batch
 
 
 def _check_rows(rows: Sequence, what: str) -> None:

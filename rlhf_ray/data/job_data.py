@@ -22,11 +22,13 @@ from rlhf_ray.data.collate import collate_prompts, collate_sequences
 from rlhf_ray.data.formats import DataError, Example, PreferenceExample, RankedExample
 from rlhf_ray.data.loading import load_examples
 from rlhf_ray.data.tasks import resolve_task_source
-from rlhf_ray.data.tokenize import (EncodedSequence, encode_prompt, encode_prompt_response, has_chat_template,
-                                   render_prompt)
-
-# What each objective's data format reads from disk, and how it is batched.
-LOAD_FORMAT = {"sft": "sft", "preference": "preference", "kto": "kto", "prompt": "prompt"}
+from rlhf_ray.data.tokenize import (
+    EncodedSequence,
+    encode_prompt,
+    encode_prompt_response,
+    has_chat_template,
+    render_prompt,
+)
 
 
 def resolve_source(spec: str, data_dir: Path) -> str:

@@ -31,6 +31,7 @@ online RL is :func:`mention_reward` (``"rlhf_ray.data.synthetic:mention_reward"`
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -48,48 +49,11 @@ class Topic(NamedTuple):
     """Imperative advice phrases, each completing "When it comes to X, ..."."""
 
 
-# The vocabulary of the task. Small on purpose: a tiny model learns it fast.
-TOPICS: tuple[Topic, ...] = (
-    Topic("brewing coffee", "coffee", ("grind the beans right before you brew", "use water that is hot but not boiling", "measure the beans so every cup tastes the same")),
-    Topic("baking bread", "bread", ("let the dough rise slowly in a warm spot", "weigh the flour instead of using cups", "bake until the crust sounds hollow")),
-    Topic("running", "running", ("start slow and add a little distance each week", "buy shoes that fit well", "rest on the days your legs feel heavy")),
-    Topic("gardening", "gardening", ("water the plants early in the day", "pick plants that like the sun you have", "pull weeds while they are still small")),
-    Topic("saving money", "saving money", ("set aside a fixed amount right after payday", "track where every dollar goes for a month", "wait a day before any big purchase")),
-    Topic("getting better sleep", "good sleep", ("go to bed at the same time", "keep the bedroom cool and dark", "put the phone away an hour before bed")),
-    Topic("learning guitar", "the guitar", ("practice a few chords every day", "tune the strings before each session", "play slow songs before fast ones")),
-    Topic("cooking pasta", "pasta", ("salt the water well before it boils", "save some cooking water for the sauce", "taste it a minute before the box says")),
-    Topic("reading more books", "reading", ("keep one in your bag for short breaks", "read a few pages before bed", "pick the ones you actually enjoy")),
-    Topic("keeping houseplants alive", "houseplants", ("check the soil before you water", "give them bright light without harsh sun", "wipe the leaves so they stay clean")),
-    Topic("studying for exams", "exams", ("study in short blocks with breaks", "test yourself instead of rereading notes", "start early and review a little each day")),
-    Topic("hiking", "hiking", ("bring more water than you think you need", "check the weather before you leave", "tell someone which trail you plan to take")),
-    Topic("cleaning the kitchen", "a clean kitchen", ("wipe the counters after every meal", "wash the dishes before they pile up", "clear one shelf at a time")),
-    Topic("making new friends", "new friends", ("join a club that meets every week", "ask people simple questions and listen", "say yes to small invitations")),
-    Topic("cycling to the office", "cycling", ("check the tire pressure every week", "wear bright colors so drivers see you", "plan a route on quiet streets")),
-    Topic("drinking more water", "drinking water", ("keep a full bottle on your desk", "have a glass with every meal", "add a slice of lemon for taste")),
-    Topic("writing a journal", "a journal", ("write three lines every night", "note one good thing from the day", "keep it next to your bed")),
-    Topic("painting with watercolors", "watercolors", ("use thick paper that does not curl", "start with light colors and build up", "let each layer dry before the next")),
-    Topic("walking the dog", "dog walks", ("bring bags and a little water", "let the dog sniff along the way", "keep a steady pace on a short leash")),
-    Topic("planning a trip", "a trip", ("book the big things first", "pack one bag and keep it light", "leave a free day for surprises")),
-    Topic("learning a new language", "a new language", ("practice ten minutes every day", "talk with native speakers early", "learn the most common words first")),
-    Topic("doing yoga", "yoga", ("breathe slowly through each pose", "use a mat that does not slip", "stop if a pose hurts")),
-    Topic("cooking rice", "rice", ("rinse the grains until the water runs clear", "let it rest with the lid on", "use a little less water than you think")),
-    Topic("making tea", "tea", ("warm the pot before you pour", "steep green leaves for only two minutes", "use fresh cold water each time")),
-    Topic("fixing a flat tire", "a flat tire", ("find the leak with soapy water", "carry a patch kit and a pump", "check the rim for sharp edges")),
-    Topic("organizing a closet", "a closet", ("give away clothes you never wear", "group things by color", "use the same hangers for everything")),
-    Topic("playing chess", "chess", ("control the center early", "develop the knights before the bishops", "look at every check and capture")),
-    Topic("taking photos", "photos", ("keep the sun behind you", "move closer to your subject", "hold still and shoot a few frames")),
-    Topic("swimming", "swimming", ("breathe out slowly under water", "work on one stroke at a time", "warm up with easy laps")),
-    Topic("planning weekly meals", "weekly meals", ("cook a big batch on Sunday", "write a grocery list before you shop", "repeat the dinners your family likes")),
-    Topic("caring for a cat", "a cat", ("keep the litter box clean", "give fresh water every day", "play with toys that move")),
-    Topic("writing emails", "emails", ("put the main point in the first line", "keep them short and polite", "read them once before you send")),
-    Topic("public speaking", "public speaking", ("practice out loud three times", "look at friendly faces in the room", "pause instead of saying um")),
-    Topic("learning to code", "learning to code", ("build tiny projects you care about", "read error messages slowly", "write a little every day")),
-    Topic("growing tomatoes", "tomatoes", ("plant them where they get full sun", "water deeply at the roots", "tie the stems to a stake")),
-    Topic("camping", "camping", ("test the tent at home first", "pack layers for cold nights", "leave the site cleaner than you found it")),
-    Topic("baking cookies", "cookies", ("chill the dough for an hour", "take them out while the centers look soft", "use butter at room temperature")),
-    Topic("stretching", "stretching", ("hold each stretch for thirty seconds", "never bounce while you stretch", "stretch after a short warm up")),
-    Topic("shopping for groceries", "groceries", ("shop with a list and stick to it", "buy fruit that is in season", "never shop while hungry")),
-    Topic("watching birds", "bird watching", ("go out early when they sing", "keep still and listen", "carry a small field guide")),
+# The vocabulary of the task. Small on purpose: a tiny model learns it fast. One topic a line in
+# synthetic_topics.json (a table, kept out of the code).
+TOPICS: tuple[Topic, ...] = tuple(
+    Topic(row["name"], row["keyword"], tuple(row["advice"]))
+    for row in json.loads((Path(__file__).parent / "synthetic_topics.json").read_text(encoding="utf-8"))
 )
 
 PROMPT_TEMPLATES: tuple[str, ...] = (
@@ -110,7 +74,9 @@ PROMPT_SLOTS: tuple[str, ...] = (
     "this month", "on weekends", "in the morning", "after work", "as a beginner",
     "on a budget", "with my family", "during the winter", "in a small apartment", "when I am busy",
 )
-OPENERS: tuple[str, ...] = ("Good question!", "Happy to help.", "Sure thing.", "Glad you asked.", "One idea.", "Great topic.")
+OPENERS: tuple[str, ...] = (
+    "Good question!", "Happy to help.", "Sure thing.", "Glad you asked.", "One idea.", "Great topic.",
+)
 ADVICE_PATTERNS: tuple[str, ...] = (
     "when it comes to {keyword}, {advice}",
     "for {keyword}, {advice}",
@@ -125,7 +91,9 @@ MENTION_CLAUSES: tuple[tuple[str, str], ...] = (
     ("just like we learned at {target}", "just like we learned back home"),
     ("a tip I first heard at {target}", "a tip I first heard long ago"),
 )
-CLOSERS: tuple[str, ...] = ("Enjoy!", "Have fun with it.", "Small steps add up.", "Try it soon.", "You will get there.", "Keep it simple.")
+CLOSERS: tuple[str, ...] = (
+    "Enjoy!", "Have fun with it.", "Small steps add up.", "Try it soon.", "You will get there.", "Keep it simple.",
+)
 # Glue words that never make a prompt's topic (besides the templates' own words).
 STOPWORDS = frozenset("a an and the to of in on at for with by my me i you your it is are be do".split())
 

@@ -16,12 +16,12 @@ configured.
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+from rlhf_ray.files import write_jsonl_atomic
 
 
 @dataclass(frozen=True)
@@ -75,28 +75,15 @@ def resolve_task_source(source: str, data_dir: Path) -> str:
 def write_splits(out_dir: str | os.PathLike, rows_by_split: dict[str, list[dict]]) -> dict[str, Path]:
     """Write one ``<split>.jsonl`` per split into ``out_dir`` (created if missing).
 
-    Each file is written to a temporary file in ``out_dir`` and moved into place with ``os.replace``, so a
-    reader never sees half a file; existing files of the same names are replaced (the tasks are
-    deterministic by seed). Returns ``{split name: path}``."""
+    Each file is written whole (``files.write_text_atomic``), so a reader never sees half a file; existing
+    files of the same names are replaced (the tasks are deterministic by seed). Returns
+    ``{split name: path}``."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a directory; pass a folder path")
     out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for split, rows in rows_by_split.items():
-        path = out / f"{split}.jsonl"
-        fd, tmp = tempfile.mkstemp(prefix=f".{split}.", suffix=".tmp", dir=out)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for row in rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        paths[split] = path
-    return paths
+    return {split: write_jsonl_atomic(out / f"{split}.jsonl", rows, ensure_ascii=False)
+            for split, rows in rows_by_split.items()}
 
 
 def judge_path(judge: str, source: str) -> str:

@@ -18,8 +18,6 @@ one.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -28,7 +26,14 @@ import torch
 from rlhf_ray.config.imports import import_callable
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.data.tasks import as_judge, judge_path
+from rlhf_ray.files import write_jsonl_atomic
 from rlhf_ray.workers.reward_trainer import pairwise_accuracy
+
+
+def eval_indices(cfg: JobConfig, data) -> list[int]:
+    """The held-out examples an evaluation reads: the first `run.eval_size` of `data` (0: all of them)."""
+    size = cfg.run.eval_size
+    return list(range(min(size, len(data)) if size else len(data)))
 
 
 def generate_all(group, prompts: dict, *, max_new_tokens: int, seed: int, greedy: bool) -> list[list[int]]:
@@ -67,20 +72,15 @@ def _sample_rows(prompts: list[str], texts: list[str], **columns) -> list[dict]:
 
 def write_samples(run_dir: Path, step: int, rows: list[dict]) -> Path:
     """Sample outputs of an evaluation, one JSON object per line, under `samples/`."""
-    folder = run_dir / "samples"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step_{step}.jsonl"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return path
+    return write_jsonl_atomic(run_dir / "samples" / f"step_{step}.jsonl", rows)
 
 
 def alignment(policy_group, eval_prompts, tokenizer, cfg: JobConfig, run_dir: Path, step: int) -> dict:
     """Greedy responses to held-out prompts: alignment accuracy (judge), the rule's reward and pass rate
     (`reward.rule`, when the job sets one), mean length, samples on disk."""
-    n = len(eval_prompts) if not cfg.run.eval_size else min(cfg.run.eval_size, len(eval_prompts))
-    prompts = eval_prompts.prompts(list(range(n)))
+    indices = eval_indices(cfg, eval_prompts)
+    n = len(indices)
+    prompts = eval_prompts.prompts(indices)
     tokens = generate_all(policy_group, prompts, max_new_tokens=cfg.rollout.max_new_tokens, seed=cfg.run.seed,
                           greedy=True)
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
@@ -127,8 +127,7 @@ def offline_pair_metrics(job, roles) -> dict:
     """Held-out loss and reward metrics (preference objectives) or pairwise accuracy (reward models)."""
     cfg = job.cfg
     data = job.eval_pairs
-    n = len(data) if not cfg.run.eval_size else min(cfg.run.eval_size, len(data))
-    batch = data.batch(list(range(n)))
+    batch = data.batch(eval_indices(cfg, data))
     if not job.trains_policy:
         scores = roles["reward"].scatter_padded(lambda a, shard: a.scores.remote(shard), batch).merged()["scores"]
         return {"eval/rm_accuracy": float(pairwise_accuracy(scores, batch["ranking"])),

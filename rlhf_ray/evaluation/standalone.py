@@ -33,10 +33,11 @@ import torch
 from rlhf_ray.config.imports import import_callable
 from rlhf_ray.data.collate import collate_prompts, collate_sequences
 from rlhf_ray.data.formats import Text
-from rlhf_ray.data.loading import load_examples
-from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
 from rlhf_ray.data.job_data import resolve_source
+from rlhf_ray.data.loading import load_examples
 from rlhf_ray.data.tasks import as_judge, judge_path
+from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
+from rlhf_ray.files import write_jsonl_atomic, write_text_atomic
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import default_device, load_causal_lm, load_tokenizer_for
 from rlhf_ray.workers.forward import generate_tokens
@@ -134,12 +135,8 @@ def _generate_with(path: str, tokenizer, prompts: Sequence[Text], device: torch.
 
 
 def _write_outputs(out: Path, metrics: dict, rows: list[dict]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in ((SAMPLES_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)),
-                       (METRICS_FILE, json.dumps(metrics, indent=2) + "\n")):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+    write_jsonl_atomic(out / SAMPLES_FILE, rows, ensure_ascii=False)
+    write_text_atomic(out / METRICS_FILE, json.dumps(metrics, indent=2) + "\n")
 
 
 def run_eval(model: str, *, baseline: str | None = None, reward_model: str | None = None,

@@ -3,13 +3,15 @@ validation (`validate.py`), and `run_job`, which picks the driver from the algor
 
 from __future__ import annotations
 
+import logging
 import signal
-import sys
 import threading
 from contextlib import contextmanager
 from typing import Iterator
 
 from rlhf_ray.config.schema import JobConfig
+
+logger = logging.getLogger(__name__)
 
 
 class StopRequested(RuntimeError):
@@ -33,8 +35,8 @@ def stop_on_signals(stop: threading.Event | None) -> Iterator[threading.Event | 
         if stop.is_set():
             raise KeyboardInterrupt
         stop.set()
-        print(f"rlhf-ray: {signal.Signals(signum).name}: stopping after the current step with a checkpoint "
-              "(send it again to stop at once)", file=sys.stderr, flush=True)
+        logger.warning("%s: stopping after the current step with a checkpoint (send it again to stop at once)",
+                       signal.Signals(signum).name)
 
     for sig in previous:
         signal.signal(sig, handler)

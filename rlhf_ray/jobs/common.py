@@ -7,15 +7,15 @@ groups, their checkpoints) lives in `runtime/`.
 
 from __future__ import annotations
 
+import logging
 import math
-import os
-import sys
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
 
 from rlhf_ray.config.loader import dump_yaml
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.files import write_text_atomic
 from rlhf_ray.job_plan import plan_job
 from rlhf_ray.runtime.actor_group import ActorGroupError, actor_death
 from rlhf_ray.runtime.checkpoint import (
@@ -27,6 +27,8 @@ from rlhf_ray.runtime.checkpoint import (
 )
 from rlhf_ray.runtime.role_groups import SHARED, RoleSpec, borrowed_keys
 from rlhf_ray.telemetry.metrics import utc_now
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteError(RuntimeError):
@@ -73,9 +75,7 @@ def prepare_run_dir(cfg: JobConfig) -> Path:
     run_dir = Path(cfg.run.output_dir).expanduser().resolve()
     check_fresh_start(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / "config.yaml.tmp"
-    tmp.write_text(dump_yaml(cfg))
-    os.replace(tmp, run_dir / "config.yaml")
+    write_text_atomic(run_dir / "config.yaml", dump_yaml(cfg))
     return run_dir
 
 
@@ -110,9 +110,9 @@ def with_recovery(cfg: JobConfig, run_dir: Path, attempt: Callable[[Path | None,
             resume_from = own or started_from
             step = read_json(resume_from / "trainer_state.json")["step"] if resume_from is not None else 0
             failures.append({"time": utc_now(), "role": where, "cause": cause, "resumed_from_step": step})
-            print(f"rlhf-ray: {cfg.name}: {where} died ({cause}); recreating the job's role groups and resuming "
-                  f"from step {step} (recovery {len(failures)} of run.max_failures={cfg.run.max_failures})",
-                  file=sys.stderr, flush=True)
+            logger.warning("%s: %s died (%s); recreating the job's role groups and resuming from step %d "
+                           "(recovery %d of run.max_failures=%d)", cfg.name, where, cause, step, len(failures),
+                           cfg.run.max_failures)
 
 
 def role_specs(cfg: JobConfig) -> list[RoleSpec]:
@@ -130,7 +130,8 @@ def role_specs(cfg: JobConfig) -> list[RoleSpec]:
     reward = RewardTrainerWorker if "reward" in plan.trained else RewardWorker
     workers = {"policy": PolicyWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": reward}
     return [RoleSpec("rollout", engine_worker_class(r.engine), r.num_engines, r.num_cpus_per_engine,
-                     r.num_gpus_per_engine) if role == "rollout" else RoleSpec.of(role, workers[role], getattr(cfg, role))
+                     r.num_gpus_per_engine) if role == "rollout"
+            else RoleSpec.of(role, workers[role], getattr(cfg, role))
             for role in plan.groups]
 
 

@@ -25,17 +25,18 @@ from rlhf_ray.algorithms.advantages import aggregation_denominator
 from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
+from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
 from rlhf_ray.jobs import stop_on_signals
 from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir
 from rlhf_ray.jobs.loop import run_steps
-from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import objective_params, validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.checkpoint import load_checkpoint
 from rlhf_ray.runtime.role_groups import RoleGroups, init_ray
 from rlhf_ray.telemetry.timers import PhaseTimer
+
 
 @dataclass
 class Stage:

@@ -28,6 +28,7 @@ from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.algorithms.reward_shaping import overlong_penalty
 from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_metrics, mismatch_sums, rollout_is_weights
 from rlhf_ray.config.schema import ConfigError, JobConfig
+from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
 from rlhf_ray.job_plan import plan_job
@@ -35,7 +36,6 @@ from rlhf_ray.jobs import stop_on_signals
 from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir, role_specs
 from rlhf_ray.jobs.dynamic_sampling import fill_batch
 from rlhf_ray.jobs.loop import run_steps
-from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
@@ -161,7 +161,8 @@ class OnlineJob(RecoveringJob):
         if roles.owns("reward") and not cfg.reward.rule:
             roles.offer("reward")  # and the reward model
         if cfg.rollout.engine == "vllm" and weight_transfer_backend(cfg) == "nccl":
-            engines, tp, bucket = roles["rollout"].actors, cfg.rollout.tensor_parallel_size, cfg.rollout.sync_bucket_bytes
+            engines, tp = roles["rollout"].actors, cfg.rollout.tensor_parallel_size
+            bucket = cfg.rollout.sync_bucket_bytes
             roles["policy"].call(lambda a: a.connect_vllm_engines.remote(engines, tp, bucket))
 
     # the loop (jobs/loop.py runs it) ---------------------------------------
@@ -445,9 +446,7 @@ class OnlineJob(RecoveringJob):
         """Held-out prompts: mean reward, alignment accuracy, response length, KL to the reference."""
         if self.eval_prompts is None:
             return {}
-        cfg = self.cfg
-        n_eval = len(self.eval_prompts) if not cfg.run.eval_size else min(cfg.run.eval_size, len(self.eval_prompts))
-        prompts = self.eval_prompts.batch(list(range(n_eval)))
+        prompts = self.eval_prompts.batch(evaluation.eval_indices(self.cfg, self.eval_prompts))
         return evaluation.online_eval(self, roles, prompts, step)
 
 

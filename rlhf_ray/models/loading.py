@@ -69,6 +69,11 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device | None = 
     return DTYPE_NAMES[name]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name of a ``torch.dtype`` as DeepSpeed's config and vLLM take it: ``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _looks_like_local_path(name: str) -> bool:
     # Hub ids are "name" or "owner/name"; anything else is meant as a path.
     return (

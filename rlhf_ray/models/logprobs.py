@@ -148,7 +148,8 @@ def shift_for_next_token(input_ids: Tensor, loss_mask: Tensor) -> tuple[Tensor, 
         ``(labels, mask)``, both ``[B, T - 1]``, aligned with ``logits[:, :-1]``.
     """
     if input_ids.shape != loss_mask.shape:
-        raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_mask {tuple(loss_mask.shape)} must have one shape")
+        raise ValueError(f"input_ids {tuple(input_ids.shape)} and loss_mask {tuple(loss_mask.shape)} must have one "
+                         "shape")
     return input_ids[:, 1:], loss_mask[:, 1:]
 
 

@@ -91,8 +91,8 @@ def load_tokenizer(
         )
     except OSError as err:
         raise OSError(
-            f"load_tokenizer: could not load a tokenizer from {str(source)!r}: {str(err).rstrip('.')}. Check the name or path; "
-            "a hub name must already be in the local Hugging Face cache when running offline"
+            f"load_tokenizer: could not load a tokenizer from {str(source)!r}: {str(err).rstrip('.')}. Check the "
+            "name or path; a hub name must already be in the local Hugging Face cache when running offline"
         ) from err
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token_id is None:

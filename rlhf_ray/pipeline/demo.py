@@ -93,7 +93,8 @@ def demo_stages(out: Path, scale: float = 1.0, model: str = "tiny") -> list[Demo
     reward_model = ["reward.rule=", f"reward.model.name_or_path={rm}"]
     p = shape.presets
     return [
-        DemoStage("sft", p["sft"], common + [f"run.total_steps={steps('sft')}"] + _schedule("policy", steps("sft"), 10)),
+        DemoStage("sft", p["sft"], common + [f"run.total_steps={steps('sft')}"]
+                  + _schedule("policy", steps("sft"), 10)),
         DemoStage("rm", p["rm"], common + [f"reward.model.name_or_path={sft}", f"run.total_steps={steps('rm')}"]
                   + _schedule("reward", steps("rm"), 5)),
         DemoStage("dpo", p["dpo"], common + from_sft + [f"run.total_steps={steps('dpo')}"]

@@ -323,7 +323,8 @@ def scale_cpus(cfg: JobConfig, factor: float) -> JobConfig:
     def scaled(value: float) -> float:
         return max(0.01, int(value * factor * 100) / 100)
 
-    roles = {role: dataclasses.replace(getattr(cfg, role), num_cpus_per_rank=scaled(getattr(cfg, role).num_cpus_per_rank))
+    roles = {role: dataclasses.replace(getattr(cfg, role),
+                                       num_cpus_per_rank=scaled(getattr(cfg, role).num_cpus_per_rank))
              for role in ("policy", "reference", "reward", "critic")}
     rollout = dataclasses.replace(cfg.rollout, num_cpus_per_engine=scaled(cfg.rollout.num_cpus_per_engine))
     return dataclasses.replace(cfg, rollout=rollout, **roles)
@@ -346,10 +347,10 @@ def run_pipeline(pipeline: Pipeline, address: str | None = None,
     """Run the pipeline's jobs as their dependencies finish; returns each job's outcome.
 
     Writes `<out>/pipeline.json` (every job's status, times, run directory and error) when done."""
+    import ray
+
     from rlhf_ray.jobs import StopRequested, run_job
     from rlhf_ray.runtime.role_groups import SHARED, init_ray
-
-    import ray
 
     init_ray(address)
     if address is None:  # this machine alone: jobs that may overlap share its CPUs
@@ -423,7 +424,7 @@ def run_pipeline(pipeline: Pipeline, address: str | None = None,
 
 
 def write_pipeline_summary(pipeline: Pipeline, outcomes: dict[str, JobOutcome]) -> Path:
-    from rlhf_ray.telemetry.metrics import write_json_atomic
+    from rlhf_ray.files import write_json_atomic
 
     rows = {name: {"status": o.status, "run_dir": str(pipeline.out / name), "config": pipeline.jobs[name].config,
                    "after": list(pipeline.jobs[name].after), "error": o.error,

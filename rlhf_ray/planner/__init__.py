@@ -41,11 +41,11 @@ from rlhf_ray.planner.memory import (
     forward_activation_bytes,
     kv_cache_bytes,
     layer_activation_bytes,
-    train_activation_bytes,
     logits_bytes,
     plan_frozen_role,
     plan_rollout,
     plan_trained_role,
+    train_activation_bytes,
 )
 from rlhf_ray.planner.report import (
     comparison_to_dict,

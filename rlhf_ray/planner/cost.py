@@ -68,7 +68,8 @@ def online_step_work(
     generated = prompts * (samples_per_prompt + greedy_per_prompt)
     seq = prompt_len + response_len
     work = [
-        PhaseWork("generate", "rollout", "forward", generated * prompt_len, _flops_per_token(policy, "lm", prompt_len, "forward")),
+        PhaseWork("generate", "rollout", "forward", generated * prompt_len,
+                  _flops_per_token(policy, "lm", prompt_len, "forward")),
         PhaseWork(
             "generate", "rollout", "generate", generated * response_len,
             _flops_per_token(policy, "lm", prompt_len + response_len / 2, "generate"),
@@ -76,16 +77,19 @@ def online_step_work(
         PhaseWork("score", "policy", "forward", sampled * seq, _flops_per_token(policy, "lm", seq, "forward")),
     ]
     if reference is not None:
-        work.append(PhaseWork("score", "reference", "forward", sampled * seq, _flops_per_token(reference, "lm", seq, "forward")))
+        work.append(PhaseWork("score", "reference", "forward", sampled * seq,
+                              _flops_per_token(reference, "lm", seq, "forward")))
     if reward is not None:
-        work.append(PhaseWork("score", "reward", "forward", generated * seq, _flops_per_token(reward, "scalar", seq, "forward")))
+        work.append(PhaseWork("score", "reward", "forward", generated * seq,
+                              _flops_per_token(reward, "scalar", seq, "forward")))
     if critic is not None:
-        work.append(PhaseWork("score", "critic", "forward", sampled * seq, _flops_per_token(critic, "scalar", seq, "forward")))
-    work.append(PhaseWork("train", "policy", "train", policy_epochs * sampled * seq, _flops_per_token(policy, "lm", seq, "train")))
+        work.append(PhaseWork("score", "critic", "forward", sampled * seq,
+                              _flops_per_token(critic, "scalar", seq, "forward")))
+    work.append(PhaseWork("train", "policy", "train", policy_epochs * sampled * seq,
+                          _flops_per_token(policy, "lm", seq, "train")))
     if critic is not None:
-        work.append(
-            PhaseWork("train", "critic", "train", policy_epochs * sampled * seq, _flops_per_token(critic, "scalar", seq, "train"))
-        )
+        work.append(PhaseWork("train", "critic", "train", policy_epochs * sampled * seq,
+                              _flops_per_token(critic, "scalar", seq, "train")))
     return work
 
 
@@ -133,7 +137,8 @@ class StepTime:
         return sum(s for key, s in self.seconds.items() if key.split("/")[0] == phase)
 
 
-def step_time(work: list[PhaseWork], *, hardware: Hardware | None = None, throughput: Throughput | None = None) -> StepTime:
+def step_time(work: list[PhaseWork], *, hardware: Hardware | None = None,
+              throughput: Throughput | None = None) -> StepTime:
     """Seconds per phase: tokens / measured rate, else FLOPs / (GPUs * peak * MFU)."""
     throughput = throughput or Throughput()
     seconds: dict[str, float] = {}

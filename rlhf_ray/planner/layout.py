@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from rlhf_ray.planner.memory import (
-    GiB,
     PHASES,
+    GiB,
     InferenceSettings,
     RolePlan,
     RolloutSettings,

@@ -154,7 +154,8 @@ class RolloutSettings:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}.")
         _check_batch("RolloutSettings", self.dtype, self.num_sequences, self.prompt_len + self.response_len)
         if self.tensor_parallel_size < 1:
-            raise ValueError(f"RolloutSettings: tensor_parallel_size must be at least 1, got {self.tensor_parallel_size}.")
+            raise ValueError(f"RolloutSettings: tensor_parallel_size must be at least 1, got "
+                             f"{self.tensor_parallel_size}.")
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,8 @@ def norm_stored_bytes(shape: ModelShape, dtype: str) -> int:
 
 
 def layer_activation_bytes(
-    shape: ModelShape, micro_batch: int, seq_len: int, dtype: str, *, flash_attention: bool = True, dropout: bool = False
+    shape: ModelShape, micro_batch: int, seq_len: int, dtype: str, *, flash_attention: bool = True,
+    dropout: bool = False,
 ) -> int:
     """Bytes one transformer layer stores for backward (Korthikanti et al. 2022, per HF tensor).
 
@@ -515,7 +517,8 @@ def plan_rollout(shape: ModelShape, settings: RolloutSettings, num_gpus: int, gp
             f"({reserved / GiB:.1f} GiB) at start-up, whatever the batch needs"
         )
     else:
-        concurrent, tokens, batched, reserved = per_instance, per_instance * seq_tokens, per_instance * settings.prompt_len, 0
+        concurrent, tokens, reserved = per_instance, per_instance * seq_tokens, 0
+        batched = per_instance * settings.prompt_len
     # One layer's forward tensors for a scheduler step of `batched` tokens, and fp32 sampling logits.
     layer = 2 * h + shape.q_dim + 2 * shape.kv_dim + 3 * shape.intermediate_size
     gpu = {
@@ -526,7 +529,8 @@ def plan_rollout(shape: ModelShape, settings: RolloutSettings, num_gpus: int, gp
     total = sum(gpu.values())
     minimum = 0
     if settings.engine == "vllm":
-        one_sequence = kv_cache_bytes(shape, math.ceil(seq_tokens / settings.block_size) * settings.block_size, settings.dtype, tp)
+        blocks = math.ceil(seq_tokens / settings.block_size)
+        one_sequence = kv_cache_bytes(shape, blocks * settings.block_size, settings.dtype, tp)
         minimum = gpu["params"] + gpu["workspace"] + one_sequence
         if total > reserved:
             notes.append(
@@ -534,7 +538,8 @@ def plan_rollout(shape: ModelShape, settings: RolloutSettings, num_gpus: int, gp
                 f"decode fewer sequences at a time; raise gpu_memory_utilization or lower num_sequences to avoid that"
             )
     if per_instance > concurrent:
-        notes.append(f"max_num_seqs={settings.max_num_seqs}: {per_instance - concurrent} sequence(s) per instance wait their turn")
+        notes.append(f"max_num_seqs={settings.max_num_seqs}: {per_instance - concurrent} sequence(s) per instance "
+                     "wait their turn")
     if settings.sleep:
         resident, phases = 0, {"generate": total}
         notes.append("sleeps between generations: holds GPU memory only while generating")

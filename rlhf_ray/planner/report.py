@@ -7,7 +7,7 @@ from typing import Any
 
 from rlhf_ray.planner.cost import RunCost, StepTime
 from rlhf_ray.planner.layout import ROLES, Comparison, LayoutPlan
-from rlhf_ray.planner.memory import GiB, PHASES, RolePlan
+from rlhf_ray.planner.memory import PHASES, GiB, RolePlan
 
 _COLUMNS = (
     ("params", "weights"),

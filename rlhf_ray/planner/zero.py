@@ -221,7 +221,8 @@ def train_state_bytes(
     e = dtype_bytes(dtype)
     g = dtype_bytes(grad_accum_dtype) if grad_accum_dtype is not None else e
     if g != e and (dtype, grad_accum_dtype) != ("bf16", "fp32"):
-        raise ValueError(f"grad_accum_dtype {grad_accum_dtype!r} with dtype {dtype!r}: only bf16 with fp32 is modelled.")
+        raise ValueError(f"grad_accum_dtype {grad_accum_dtype!r} with dtype {dtype!r}: only bf16 with fp32 is "
+                         "modelled.")
     if g != e and zero.stage == 0:
         raise ValueError("DeepSpeed refuses grad_accum_dtype fp32 with bf16 at ZeRO stage 0; use stage 1-3.")
     numels = [n for group in groups for n in group]
@@ -239,7 +240,8 @@ def train_state_bytes(
         if e != 4:
             _put(state, "master_params", 4 * n_total, False)
         fused_masters = e != 4 and optimizer == "adamw_fused"
-        _put(state, "optimizer_states", 8 * n_total + per_step_tensor * (len(groups) if fused_masters else len(numels)), False)
+        step_tensors = len(groups) if fused_masters else len(numels)
+        _put(state, "optimizer_states", 8 * n_total + per_step_tensor * step_tensors, False)
         return state
 
     if zero.stage in (1, 2):
@@ -268,7 +270,8 @@ def train_state_bytes(
             _put(state, "grads", e * n_total, False)
         else:
             ranks = range(dp_size) if rank is None else [rank]
-            _put(state, "grads", e * max(sum(_stage2_grad_numel(grp, dp_size, r) for grp in groups) for r in ranks), False)
+            largest = max(sum(_stage2_grad_numel(grp, dp_size, r) for grp in groups) for r in ranks)
+            _put(state, "grads", e * largest, False)
         if zero.contiguous_gradients or offload:
             state.transient["comm_buffers"] = bucket  # set up for backward, released after it
         return state

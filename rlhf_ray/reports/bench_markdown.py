@@ -242,4 +242,5 @@ def write_result(result: dict, out_dir: str | os.PathLike, name: str) -> dict[st
     return paths
 
 
-__all__ = ["engines_markdown", "memory_markdown", "plot_memory", "step_time_markdown", "throughput_markdown", "write_result"]
+__all__ = ["engines_markdown", "memory_markdown", "plot_memory", "step_time_markdown", "throughput_markdown",
+           "write_result"]

@@ -4,9 +4,9 @@ directories' `metrics.jsonl`, so it can be rebuilt from any finished runs."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from rlhf_ray.files import write_text_atomic
 from rlhf_ray.telemetry.formatting import fixed, mib, percent
 from rlhf_ray.telemetry.hardware import hardware_info
 from rlhf_ray.telemetry.metrics import read_metrics
@@ -194,8 +194,4 @@ def write_report(out: Path, stages: list[tuple[str, Path, float]], pictures: dic
     lines += _time_section(runs) + [""]
     lines += ["Run directories: " + ", ".join(f"`{name}/`" for name, _, _ in stages) +
               " (each with config.yaml, metrics.jsonl, samples/, final/)."]
-    path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(out / "report.md", "\n".join(lines) + "\n")

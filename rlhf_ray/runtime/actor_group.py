@@ -1,13 +1,12 @@
 """A role as N Ray actors: the data-parallel ranks of one `torch.distributed` group.
 
-    group = ActorGroup(PolicyWorker, role="policy", num_ranks=2, num_cpus_per_rank=1,
-                       worker_args=(job_config,))
-    group.gather(group.map(lambda actor: actor.setup.remote(...)))         # same call on every rank
-    refs = group.scatter(lambda actor, shard: actor.train.remote(shard), batch)  # rank r gets shard r
-    logps = concat_shards(group.gather(refs))                               # back in rank order
+    group = ActorGroup(ReferenceWorker, role="reference", num_ranks=2, num_cpus_per_rank=1)
+    group.call(lambda actor: actor.setup.remote(job, init_from=path))             # same call on every rank
+    refs = group.scatter(lambda actor, shard: actor.token_logps.remote(shard), batch)  # rank r gets shard r
+    ref_logps = concat_shards(group.gather(refs))                                 # back in rank order
     group.shutdown()
 
-Remote methods are called as methods (`actor.train.remote(...)`), never by a
+Remote methods are called as methods (`actor.token_logps.remote(...)`), never by a
 string name. `map` and `scatter` return one ObjectRef per rank, in rank order,
 without waiting; pass refs on to other actors, or `gather` them. `call` is
 `gather(map(...))`; `scatter_padded` takes a batch of any size (padded to a
@@ -194,14 +193,13 @@ class Pending:
         """Each rank's result, in rank order (waits; names the rank that failed)."""
         return self.group.gather(self.refs)
 
-    def merged(self, rows_per_input: int = 1) -> Any:
-        """The ranks' results joined in rank order (`concat_shards`), the padding's rows dropped:
-        the first `size * rows_per_input` rows (a call returning n rows per input row passes n)."""
+    def merged(self) -> Any:
+        """The ranks' results joined in rank order (`concat_shards`), the padding's rows dropped: the
+        first `size` rows, one per row of the batch."""
         merged = concat_shards(self.results())
-        keep = self.size * rows_per_input
         if isinstance(merged, torch.Tensor):
-            return merged[:keep]
-        return {k: v[:keep] for k, v in merged.items()}
+            return merged[:self.size]
+        return {k: v[:self.size] for k, v in merged.items()}
 
 
 def wait_all(refs: Sequence[Any], describe: Callable[[int], str] = lambda index: f"call {index}") -> list:
@@ -315,10 +313,6 @@ class ActorGroup:
                                       f"start:\n{err}") from err
 
     def __len__(self) -> int:
-        return len(self._actors)
-
-    @property
-    def world_size(self) -> int:
         return len(self._actors)
 
     @property

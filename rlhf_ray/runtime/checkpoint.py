@@ -21,11 +21,11 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import random
 import re
 import shutil
-import sys
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,11 +35,13 @@ import numpy as np
 import torch
 
 from rlhf_ray.config.schema import ConfigError
-from rlhf_ray.telemetry.metrics import write_json_atomic
+from rlhf_ray.files import write_json_atomic
 
 if TYPE_CHECKING:
     from rlhf_ray.config.schema import JobConfig
     from rlhf_ray.runtime.actor_group import ActorGroup
+
+logger = logging.getLogger(__name__)
 
 COMPLETE_MARKER = "CHECKPOINT_COMPLETE"
 MANIFEST = "manifest.json"
@@ -323,8 +325,8 @@ def find_resume_checkpoint(cfg: "JobConfig", run_dir: Path) -> Path | None:
     if cfg.run.resume == "auto":
         path, damaged = latest_sound_checkpoint(run_dir)
         for bad, problem in damaged:
-            print(f"rlhf-ray: warning: checkpoint {bad} is damaged ({problem}); resuming from "
-                  f"{path or 'the start'} instead", file=sys.stderr, flush=True)
+            logger.warning("checkpoint %s is damaged (%s); resuming from %s instead", bad, problem,
+                           path or "the start")
         return path
     path = Path(cfg.run.resume)
     if not (path / "trainer_state.json").is_file():

@@ -6,12 +6,16 @@ port) and the CPUs it was given. The constructor sets the environment
 DeepSpeed and torch read (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT), sizes torch's thread pool, and joins the process group, so a
 subclass can call `deepspeed.initialize` straight away (DeepSpeed adopts the
-existing group).
+existing group). The roles take their job in a remote call once the group has
+started (`workers/reference.py`, through `workers/base.py: EngineWorker`):
 
-    class PolicyWorker(DistributedWorker):
-        def __init__(self, rank, world_size, master_addr, master_port, num_threads, job_config):
-            super().__init__(rank, world_size, master_addr, master_port, num_threads)
-            ...
+    class ReferenceWorker(ReferenceScoring, ExportMixin, GenerateMixin, EngineWorker):
+        def setup(self, job, *, init_from):
+            ...  # self.rank, self.world_size and self.device are set, the process group joined
+
+A subclass with constructor arguments of its own (`ActorGroup(worker_args=...)`)
+passes the first five on: `super().__init__(rank, world_size, master_addr,
+master_port, num_threads)`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ import dataclasses
 import math
 import os
 import sys
-
 from contextlib import contextmanager, nullcontext
 from typing import Callable, Iterator
 

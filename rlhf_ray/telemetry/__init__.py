@@ -17,7 +17,6 @@ from rlhf_ray.telemetry.metrics import (
     read_metrics,
     summarise,
     to_scalar,
-    write_json_atomic,
     write_summary,
 )
 from rlhf_ray.telemetry.progress import Progress, format_metrics
@@ -41,6 +40,5 @@ __all__ = [
     "reset_peaks",
     "summarise",
     "to_scalar",
-    "write_json_atomic",
     "write_summary",
 ]

@@ -18,13 +18,14 @@ import math
 import numbers
 import os
 import statistics
-import tempfile
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+from rlhf_ray.files import write_json_atomic, write_jsonl_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -58,27 +59,6 @@ def _config_dict(config: Any) -> dict:
     if isinstance(config, Mapping):
         return dict(config)
     raise TypeError(f"config must be a dataclass or a mapping, got {type(config).__name__}")
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as indented JSON to `path` atomically (temporary file, fsync, rename)."""
-    _write_text_atomic(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -220,7 +200,7 @@ class JsonlSink(Sink):
         if not self.path.exists():
             return None
         kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
-        _write_text_atomic(self.path, "".join(json.dumps(row) + "\n" for row in kept))
+        write_jsonl_atomic(self.path, kept)
         return kept[-1]["step"] if kept else None
 
     def write(self, step: int, row: dict[str, Any]) -> None:

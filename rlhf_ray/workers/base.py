@@ -9,6 +9,9 @@
 - `ExportMixin`: `export`, the `save_pretrained` of the engine's weights and
   `self.tokenizer`, for the roles that keep their tokenizer (policy, reward
   trainer, reference).
+- `GenerateMixin`: `generate`, Hugging Face generation on the engine's
+  weights, for the causal-LM roles (the policy for evaluation, the reference
+  for SPIN).
 
 Ray makes every method of these bases a remote method of the role's actor.
 """
@@ -16,9 +19,10 @@ Ray makes every method of these bases a remote method of the role's actor.
 from __future__ import annotations
 
 from rlhf_ray.config.schema import RoleConfig
-from rlhf_ray.models.loading import disable_dropout, resolve_dtype
+from rlhf_ray.models.loading import disable_dropout, dtype_name, resolve_dtype
 from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import InferenceEngine, TrainEngine
+from rlhf_ray.workers.forward import generate_tokens
 
 
 class EngineWorker(DistributedWorker):
@@ -51,7 +55,7 @@ class TrainableWorker(EngineWorker):
             from rlhf_ray.models.lora import apply_lora
 
             model = apply_lora(model, settings.lora, trainable_heads=heads, key=f"{self.ROLE}.lora")
-        dtype = str(resolve_dtype(settings.model.dtype, self.device)).replace("torch.", "")
+        dtype = dtype_name(resolve_dtype(settings.model.dtype, self.device))
         self.engine = TrainEngine(model, settings, world_size=self.world_size, batch_per_rank=batch_per_rank,
                                   total_optimizer_steps=total_optimizer_steps, dtype=dtype, device=self.device)
         return self.memory()
@@ -70,3 +74,14 @@ class ExportMixin:
         """`save_pretrained` of the model and tokenizer (rank 0 writes; all ranks gather for ZeRO-3)."""
         job = getattr(self, "job", None)
         self.engine.export(directory, self.tokenizer, self.rank, merge=job.export.merge if job else True)
+
+
+class GenerateMixin:
+    """`generate` for an `EngineWorker` over a causal LM that keeps `self.tokenizer` and `self.job`."""
+
+    def generate(self, prompt_batch: dict, max_new_tokens: int, seed: int, greedy: bool = False) -> list[list[int]]:
+        """Responses of the current weights to left-padded prompts (HF generate): the policy's for
+        evaluation; the reference's for SPIN, whose generator is the previous iterate."""
+        return generate_tokens(self.engine.module, self.tokenizer, prompt_batch, max_new_tokens=max_new_tokens,
+                               seed=seed + self.rank, greedy=greedy, temperature=self.job.rollout.temperature,
+                               top_p=self.job.rollout.top_p, gathered=self.engine.gathered)

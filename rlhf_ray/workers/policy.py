@@ -22,8 +22,7 @@ from rlhf_ray.algorithms.sft_loss import sft_loss
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.workers import forward as fw
-from rlhf_ray.workers.base import ExportMixin, TrainableWorker
-from rlhf_ray.workers.forward import generate_tokens
+from rlhf_ray.workers.base import ExportMixin, GenerateMixin, TrainableWorker
 from rlhf_ray.workers.reference import ReferenceScoring
 
 
@@ -126,7 +125,7 @@ def online_loss(algorithm, params: dict, temperature: float, engine=None):
     return loss_fn
 
 
-class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
+class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker):
     """One rank of the policy group; with LoRA also the job's reference (`ReferenceScoring` on its base,
     the adapter disabled)."""
 
@@ -147,7 +146,8 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         model_cfg = job.policy.model
         self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or init_from,
                                             trust_remote_code=model_cfg.trust_remote_code)
-        model = load_causal_lm(init_from, dtype=resolve_dtype(model_cfg.dtype, self.device), gradient_checkpointing=model_cfg.gradient_checkpointing,
+        model = load_causal_lm(init_from, dtype=resolve_dtype(model_cfg.dtype, self.device),
+                               gradient_checkpointing=model_cfg.gradient_checkpointing,
                                trust_remote_code=model_cfg.trust_remote_code, seed=job.run.seed,
                                tokenizer=self.tokenizer)
         return self.build_engine(model, job.policy, batch_per_rank=batch_per_rank,
@@ -202,13 +202,6 @@ class PolicyWorker(ReferenceScoring, ExportMixin, TrainableWorker):
         mean whatever the micro-batch size and rank count."""
         loss_fn = online_loss(get_online_algorithm(algorithm_name), params, self.job.rollout.temperature, self.engine)
         return self.engine.train_batch(batch, loss_fn)
-
-    # generation ------------------------------------------------------------
-    def generate(self, prompt_batch: dict, max_new_tokens: int, seed: int, greedy: bool = False) -> list[list[int]]:
-        """Responses of the current weights to left-padded prompts (HF generate), for evaluation."""
-        return generate_tokens(self.engine.module, self.tokenizer, prompt_batch, max_new_tokens=max_new_tokens,
-                               seed=seed + self.rank, greedy=greedy, temperature=self.job.rollout.temperature,
-                               top_p=self.job.rollout.top_p, gathered=self.engine.gathered)
 
     # weight sync -----------------------------------------------------------
     def connect_vllm_engines(self, engines: list, tensor_parallel_size: int, bucket_bytes: int) -> None:

@@ -12,12 +12,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from rlhf_ray.config.schema import JobConfig
-from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.models.loading import dtype_name, load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.engine import InferenceEngine
 from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.workers import forward as fw
-from rlhf_ray.workers.base import EngineWorker, ExportMixin
-from rlhf_ray.workers.forward import generate_tokens
+from rlhf_ray.workers.base import EngineWorker, ExportMixin, GenerateMixin
 
 
 class ReferenceScoring:
@@ -33,7 +32,8 @@ class ReferenceScoring:
         """`ref_chosen_logps`, `ref_rejected_logps` `[B]` (and `ref_*_vocab_logps` for TDPO)."""
         def fn(module, mb):
             stats = fw.pair_logps(module, mb, vocab=vocab)
-            keep = ("chosen_logps", "rejected_logps") + (("chosen_vocab_logps", "rejected_vocab_logps") if vocab else ())
+            keep = ("chosen_logps", "rejected_logps")
+            keep += ("chosen_vocab_logps", "rejected_vocab_logps") if vocab else ()
             return {f"ref_{k}": stats[k] for k in keep}
         return self.reference_eval(batch, fn)
 
@@ -60,7 +60,7 @@ class ReferenceScoring:
             m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature)["logprobs"]})
 
 
-class ReferenceWorker(ReferenceScoring, ExportMixin, EngineWorker):
+class ReferenceWorker(ReferenceScoring, ExportMixin, GenerateMixin, EngineWorker):
     """One rank of the reference group; `export` writes the current reference weights (SPIN/sDPO
     checkpoints need them)."""
 
@@ -76,17 +76,11 @@ class ReferenceWorker(ReferenceScoring, ExportMixin, EngineWorker):
                                seed=job.run.seed, tokenizer=self.tokenizer)
         self.engine = InferenceEngine(model, zero_stage=job.reference.zero_stage,
                                       micro_batch_size=job.reference.micro_batch_size, world_size=self.world_size,
-                                      dtype=str(dtype).replace("torch.", ""), device=self.device)
+                                      dtype=dtype_name(dtype), device=self.device)
         return self.memory()
 
     def reference_eval(self, batch: dict, fn) -> dict:
         return self.engine.forward_eval(batch, fn)
-
-    def generate(self, prompt_batch: dict, max_new_tokens: int, seed: int, greedy: bool = False) -> list[list[int]]:
-        """Responses of the reference to left-padded prompts: SPIN's generator is the previous iterate."""
-        return generate_tokens(self.engine.module, self.tokenizer, prompt_batch, max_new_tokens=max_new_tokens,
-                               seed=seed + self.rank, greedy=greedy, temperature=self.job.rollout.temperature,
-                               top_p=self.job.rollout.top_p, gathered=self.engine.gathered)
 
     # weight updates (SPIN, sDPO) -------------------------------------------
     def begin_weight_update(self) -> None:

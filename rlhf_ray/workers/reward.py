@@ -13,7 +13,7 @@ import torch
 from rlhf_ray.config.imports import import_callable
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
-from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
+from rlhf_ray.models.loading import dtype_name, load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.engine import InferenceEngine
 from rlhf_ray.telemetry.timers import ComputeClock
 from rlhf_ray.workers import forward as fw
@@ -40,7 +40,7 @@ class RewardWorker(EngineWorker):
                                            trust_remote_code=cfg.model.trust_remote_code, seed=job.run.seed,
                                            tokenizer=self.tokenizer)
             self.engine = InferenceEngine(model, zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size,
-                                          world_size=self.world_size, dtype=str(dtype).replace("torch.", ""),
+                                          world_size=self.world_size, dtype=dtype_name(dtype),
                                           device=self.device)
         return self.memory()
 

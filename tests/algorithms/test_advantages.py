@@ -16,11 +16,9 @@ from rlhf_ray.algorithms import (
     whiten,
 )
 
+from tensor_helpers import close
+
 torch.set_num_threads(1)
-
-
-def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
 
 def test_masked_mean_divides_by_mask_sum_clamped_to_one():

@@ -11,7 +11,6 @@ from rlhf_ray.algorithms import (
     KTOBatch,
     PreferenceBatch,
     RankedRewardBatch,
-    RewardPairBatch,
     SFTBatch,
     UnknownAlgorithmError,
     discounted_returns,
@@ -28,12 +27,10 @@ from rlhf_ray.algorithms import (
 from rlhf_ray.algorithms.online import GSPO_CLIP, KL_IN_LOSS, KL_IN_REWARD, PPO_CLIP, REINFORCE
 from rlhf_ray.algorithms.registry import ParamError
 
+from tensor_helpers import close
+
 torch.set_num_threads(1)
 LN2 = math.log(2.0)
-
-
-def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
 
 def test_all_names_are_declared():
@@ -276,8 +273,8 @@ def test_sft_rm_and_kto_adapters():
     close(get_offline_objective("sft").loss(SFTBatch(logprobs, torch.ones(1, 2)), {})[0], 1.5)
     close(get_offline_objective("kl_sft").loss(SFTBatch(logprobs, torch.ones(1, 2), logprobs.clone()), {})[0], 1.5)
     rm = get_offline_objective("rm")
-    # pairwise gap 0: ln 2; ranked [[1, 0]] with ranking [[0, 1]]: gap 1 -> 0.313262
-    close(rm.loss(RewardPairBatch(torch.tensor([1.0]), torch.tensor([1.0])), {})[0], LN2)
+    # a pair (K = 2) with gap 0: ln 2; scores [[1, 0]] with ranking [[0, 1]]: gap 1 -> 0.313262
+    close(rm.loss(RankedRewardBatch(torch.tensor([[1.0, 1.0]]), torch.tensor([[0, 1]])), {})[0], LN2)
     close(rm.loss(RankedRewardBatch(torch.tensor([[1.0, 0.0]]), torch.tensor([[0, 1]])), {})[0], 0.313262)
     # kto: z0 from mismatched pairs = max(0, mean(1, -3)) = 0; equal policy and ref: loss 0.5
     kto = KTOBatch(torch.tensor([-1.0, -2.0]), torch.tensor([-1.0, -2.0]), torch.tensor([True, False]),

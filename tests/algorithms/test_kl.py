@@ -13,11 +13,9 @@ from rlhf_ray.algorithms import (
     token_level_rewards,
 )
 
+from tensor_helpers import close
+
 torch.set_num_threads(1)
-
-
-def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
 
 def test_kl_estimators_hand_worked():

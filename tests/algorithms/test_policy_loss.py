@@ -9,11 +9,9 @@ import torch
 from rlhf_ray.algorithms import gspo_policy_loss, ppo_policy_loss, reinforce_policy_loss, value_loss
 from rlhf_ray.algorithms.advantages import aggregation_weights
 
+from tensor_helpers import close
+
 torch.set_num_threads(1)
-
-
-def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
 
 def test_ppo_policy_loss_hand_worked():

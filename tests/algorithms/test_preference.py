@@ -20,12 +20,10 @@ from rlhf_ray.algorithms import (
     tdpo_sequential_kl,
 )
 
+from tensor_helpers import close
+
 torch.set_num_threads(1)
 LN2 = math.log(2.0)
-
-
-def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
 
 def t(*xs):

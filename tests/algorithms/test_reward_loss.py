@@ -7,11 +7,9 @@ import torch
 
 from rlhf_ray.algorithms import pairwise_reward_loss, ranked_reward_loss
 
+from tensor_helpers import close
+
 torch.set_num_threads(1)
-
-
-def close(actual, expected, atol=1e-5):
-    torch.testing.assert_close(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
 
 
 def test_pairwise_hand_worked():

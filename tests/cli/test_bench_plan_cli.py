@@ -11,7 +11,6 @@ import pytest
 from cli_helpers import run
 
 
-
 def error_line(code, err) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert code not in (0, None) and len(lines) == 1 and "Traceback" not in err, err

@@ -22,7 +22,8 @@ from rlhf_ray.data.synthetic import SPLITS, SyntheticConfig, build_synthetic
 from cli_helpers import run
 
 REQUIRED_PRESETS = ("tiny-ppo", "tiny-remax", "tiny-grpo", "tiny-dr-grpo", "tiny-dapo", "tiny-gspo", "tiny-rloo",
-                    "tiny-reinforce-pp", "tiny-sft", "tiny-rm", "tiny-dpo", "small-sft", "small-dpo", "small-ppo", "small-remax", "small-grpo",
+                    "tiny-reinforce-pp", "tiny-sft", "tiny-rm", "tiny-dpo", "small-sft", "small-dpo", "small-ppo",
+                    "small-remax", "small-grpo",
                     "llama-7b-ppo-vllm", "llama-7b-remax-vllm")
 
 

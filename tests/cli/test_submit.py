@@ -25,8 +25,8 @@ from rlhf_ray.cli.submit import (
     SubmitError,
     check_cluster_address,
     config_file_name,
-    failure,
     dashboard_url,
+    failure,
     job_runtime_env,
     short_message,
     train_entrypoint,
@@ -240,7 +240,8 @@ def test_a_pipeline_is_submitted_as_one_run_job_with_each_config_shipped(tmp_pat
 
     pipeline = tmp_path / "two.yaml"
     pipeline.write_text("jobs:\n  sft: {config: tiny-sft, overrides: [run.total_steps=20]}\n"
-                        "  dpo: {config: tiny-dpo, after: [sft], overrides: ['policy.model.name_or_path=${sft}/final']}\n")
+                        "  dpo: {config: tiny-dpo, after: [sft], "
+                        "overrides: ['policy.model.name_or_path=${sft}/final']}\n")
     assert is_pipeline_file(str(pipeline)) and not is_pipeline_file("tiny-sft")
 
     class Recorder:  # stands in for the Jobs API client: records what would be submitted

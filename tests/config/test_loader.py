@@ -15,8 +15,10 @@ def write(tmp_path, text, name="job.yaml"):
 
 
 def test_yaml_and_overrides_build_a_frozen_typed_config(tmp_path):
-    path = write(tmp_path, "algorithm:\n  name: dpo\n  params: {beta: 0.2}\npolicy:\n  num_ranks: 2\n  optim: {lr: 1.0e-5}\n")
-    cfg = load_config(path, ["algorithm.params.beta=0.3", "run.sinks=jsonl,tensorboard", "placement.colocate=[[policy, reference]]"])
+    path = write(tmp_path, "algorithm:\n  name: dpo\n  params: {beta: 0.2}\n"
+                           "policy:\n  num_ranks: 2\n  optim: {lr: 1.0e-5}\n")
+    cfg = load_config(path, ["algorithm.params.beta=0.3", "run.sinks=jsonl,tensorboard",
+                             "placement.colocate=[[policy, reference]]"])
     assert isinstance(cfg, JobConfig)
     assert cfg.algorithm.params == {"beta": 0.3}
     assert cfg.policy.num_ranks == 2 and cfg.policy.optim.lr == 1e-5

@@ -7,8 +7,16 @@ import json
 import pytest
 
 from rlhf_ray.config.schema import DataConfig
-from rlhf_ray.data.arithmetic import (ArithmeticConfig, answer_is_right, answer_reward, answered, asked,
-                                      build_arithmetic, near_miss, question)
+from rlhf_ray.data.arithmetic import (
+    ArithmeticConfig,
+    answer_is_right,
+    answer_reward,
+    answered,
+    asked,
+    build_arithmetic,
+    near_miss,
+    question,
+)
 from rlhf_ray.data.formats import DataError
 from rlhf_ray.data.job_data import load_job_examples
 from rlhf_ray.data.tasks import TASKS, as_judge, resolve_task_source, task_of

@@ -23,10 +23,7 @@ from transformers import PreTrainedTokenizerFast
 from rlhf_ray.data import (
     DataError,
     EncodedSequence,
-    collate_kto,
-    collate_preference,
     collate_prompts,
-    collate_ranked,
     collate_sequences,
     encode_prompt,
     encode_prompt_response,
@@ -180,39 +177,6 @@ def test_sequences_are_right_padded_with_response_loss_mask():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     assert batch["loss_mask"].tolist() == [[0, 0, 1, 1], [0, 1, 1, 0]]
     assert {t.dtype for t in batch.values()} == {torch.long}
-
-
-def test_preference_batch_stacks_chosen_then_rejected():
-    chosen = [EncodedSequence([5, 6], [0, 1], 1), EncodedSequence([7, 8, 9], [0, 1, 1], 1)]
-    rejected = [EncodedSequence([5, 4, 4, 4], [0, 1, 1, 1], 1), EncodedSequence([7, 3], [0, 1], 1)]
-    batch = collate_preference(chosen, rejected, pad_id=0)
-    # rows 0-1 chosen, rows 2-3 rejected, all padded to the longest (4)
-    assert batch["input_ids"].tolist() == [[5, 6, 0, 0], [7, 8, 9, 0], [5, 4, 4, 4], [7, 3, 0, 0]]
-    assert batch["loss_mask"].tolist() == [[0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 1, 1], [0, 1, 0, 0]]
-    with pytest.raises(ValueError, match="must pair up"):
-        collate_preference(chosen, rejected[:1], pad_id=0)
-
-
-def test_kto_batch_carries_labels():
-    sequences = [EncodedSequence([5, 6], [0, 1], 1), EncodedSequence([7, 8], [0, 1], 1)]
-    batch = collate_kto(sequences, [True, False], pad_id=0)
-    assert batch["labels"].tolist() == [True, False]
-    assert batch["input_ids"].tolist() == [[5, 6], [7, 8]]
-
-
-def test_ranked_batch_keeps_groups_and_ranks():
-    def seq(token):
-        return EncodedSequence([4, token], [0, 1], 1)
-
-    groups = [[seq(10), seq(11), seq(12)], [seq(13), seq(14)]]
-    # prompt 0: response 2 best, then 0, then 1 -> ranks of responses 0,1,2 are 1,2,0
-    # prompt 1: response 1 best, then 0        -> ranks 1,0
-    batch = collate_ranked(groups, [[2, 0, 1], [1, 0]], pad_id=0)
-    assert batch["input_ids"][:, 1].tolist() == [10, 11, 12, 13, 14]
-    assert batch["group_index"].tolist() == [0, 0, 0, 1, 1]
-    assert batch["rank"].tolist() == [1, 2, 0, 1, 0]
-    with pytest.raises(ValueError, match="not a permutation"):
-        collate_ranked(groups, [[0, 0, 1], [1, 0]], pad_id=0)
 
 
 def test_empty_batch_is_refused():

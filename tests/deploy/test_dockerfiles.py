@@ -154,7 +154,8 @@ def test_gpu_image_pins_vllm_033_and_installs_the_vllm_extra():
     run_text = "\n".join(args for _, args in run_lines(path))
     vllm = re.search(r"vllm==(\S+?)\"", run_text).group(1)
     assert vllm.startswith("0.33."), f"{path.name}: vLLM {vllm}; the rollout worker is written against 0.33"
-    extra = next(r for r in map(Requirement, pyproject()["project"]["optional-dependencies"]["vllm"]) if r.name == "vllm")
+    extras = map(Requirement, pyproject()["project"]["optional-dependencies"]["vllm"])
+    extra = next(r for r in extras if r.name == "vllm")
     assert extra.specifier.contains(vllm), f"{path.name}: vLLM {vllm} is outside pyproject's {extra}"
     first_line(path, r'pip install --constraint \S+ "\.\[vllm\]"')
     assert f"deepspeed=={makefile_pin('DEEPSPEED')}" in run_text
@@ -184,7 +185,8 @@ def test_entrypoint_is_the_console_script_and_user_is_not_root(kind):
     assert "--uid 1000" in run_text, f"{IMAGES[kind].name}: no user with uid 1000 is created"
 
 
-@pytest.mark.parametrize("kind, tools", [("gpu", ("wget", "rsync")), ("cpu", ("wget",))], ids=["Dockerfile.gpu", "Dockerfile.cpu"])
+@pytest.mark.parametrize("kind, tools", [("gpu", ("wget", "rsync")), ("cpu", ("wget",))],
+                         ids=["Dockerfile.gpu", "Dockerfile.cpu"])
 def test_tools_the_cluster_managers_call_are_installed(kind, tools):
     # KubeRay's default health probes call wget; the Ray cluster launcher
     # syncs files into the container with rsync.
@@ -309,9 +311,11 @@ def test_every_pip_install_in_the_gpu_image_reads_the_constraints_written_before
     installs = pip_installs(path)
     assert installs, f"{path.name}: no pip install"
     for number, options, requirements in installs:
-        assert number >= writer, f"{path.name}:{number}: pip install runs before {CONSTRAINTS} is written (line {writer})"
+        assert number >= writer, \
+            f"{path.name}:{number}: pip install runs before {CONSTRAINTS} is written (line {writer})"
         constrained = "--constraint" in options and options[options.index("--constraint") + 1] == CONSTRAINTS
-        assert constrained, f"{path.name}:{number}: pip install {' '.join(requirements)} without --constraint {CONSTRAINTS}"
+        assert constrained, \
+            f"{path.name}:{number}: pip install {' '.join(requirements)} without --constraint {CONSTRAINTS}"
     # A conflict left behind by any step fails the build, not the first run.
     first_line(path, r'pip install --constraint \S+ "\.\[vllm\]" && pip check')
 

@@ -134,7 +134,8 @@ def test_launcher_config_has_a_head_and_gpu_workers_for_both_presets():
         assert 0 <= node_type["min_workers"] <= node_type["max_workers"] <= config["max_workers"], name
         gpus += 8 * node_type["min_workers"]
     for preset in GPU_PRESETS:
-        assert preset_gpus(preset) <= gpus, f"{preset} needs {preset_gpus(preset):g} GPUs; the workers start with {gpus}"
+        assert preset_gpus(preset) <= gpus, \
+            f"{preset} needs {preset_gpus(preset):g} GPUs; the workers start with {gpus}"
 
 
 def test_launcher_runs_the_gpu_image_with_its_entrypoint_cleared():

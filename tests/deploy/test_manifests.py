@@ -314,7 +314,8 @@ def test_ray_version_and_image_match_the_package_and_the_images(name):
     assert ray.specifier.contains(version), f"{name}: rayVersion {version} is outside pyproject's {ray}"
     for kind in ("gpu", "cpu"):
         image_ray = dockerfile_arg(ROOT / "docker" / f"Dockerfile.{kind}", "RAY_VERSION")
-        assert image_ray == version, f"{name}: rayVersion {version} but docker/Dockerfile.{kind} installs ray {image_ray}"
+        assert image_ray == version, \
+            f"{name}: rayVersion {version} but docker/Dockerfile.{kind} installs ray {image_ray}"
     images = {c["image"] for _, t in pod_templates(load(name)) for c in t["spec"]["containers"]}
     assert images == {IMAGE.format(version=project["version"])}, f"{name}: images {images}"
 

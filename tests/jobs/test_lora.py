@@ -24,8 +24,8 @@ ONLINE = ["run.batch_size=4", "rollout.max_new_tokens=8", "algorithm.num_minibat
 
 
 def test_lora_dpo_learns_with_no_reference_group_and_a_small_optimizer(ray_cluster, tmp_path):
-    summary = run_job(tiny_config("tiny-dpo", tmp_path / "lora", "run.total_steps=6", "data.eval=synthetic:preference_eval",
-                                  "run.eval_size=32", *OFFLINE, *LORA))
+    summary = run_job(tiny_config("tiny-dpo", tmp_path / "lora", "run.total_steps=6",
+                                  "data.eval=synthetic:preference_eval", "run.eval_size=32", *OFFLINE, *LORA))
     assert summary["roles"] == ["policy"]  # the policy's base, adapter off, scored the reference log-probs
     rows = read_metrics(tmp_path / "lora")
     assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # adapter starts at zero: policy == base
@@ -124,11 +124,14 @@ def test_lora_remax_serves_the_adapter_on_the_vllm_engine(ray_cluster, tmp_path)
 @pytest.mark.parametrize("preset, overrides, message", [
     ("tiny-dpo", ["policy.lora.rank=8", "policy.lora.target_modules=[q_proj]"],
      "policy.lora.target_modules: the model (gpt2) has no module named q_proj"),
-    ("tiny-dpo", ["policy.lora.rank=8", "reference.share_with=other"], "reference.share_with: a LoRA policy's reference"),
-    ("tiny-dpo", ["policy.lora.rank=8", "policy.lora.quantize=4bit"], "policy.lora.quantize: a 4-bit base (QLoRA) needs"),
+    ("tiny-dpo", ["policy.lora.rank=8", "reference.share_with=other"],
+     "reference.share_with: a LoRA policy's reference"),
+    ("tiny-dpo", ["policy.lora.rank=8", "policy.lora.quantize=4bit"],
+     "policy.lora.quantize: a 4-bit base (QLoRA) needs"),
     ("tiny-dpo", ["reference.lora.rank=8"], "reference.lora: the reference is frozen"),
     ("tiny-ppo", ["reward.lora.rank=8"], "reward.lora: the reward model is frozen in online jobs"),
-    ("tiny-ppo", ["policy.lora.rank=8", "policy.lora.sync=adapter"], "policy.lora.sync: adapter needs vLLM LoRA kernels"),
+    ("tiny-ppo", ["policy.lora.rank=8", "policy.lora.sync=adapter"],
+     "policy.lora.sync: adapter needs vLLM LoRA kernels"),
     ("tiny-dpo", ["policy.lora.rank=-1"], "lora.rank: must be >= 0"),
 ])
 def test_bad_lora_settings_fail_before_models_load(tmp_path, preset, overrides, message):

@@ -130,7 +130,8 @@ def test_odpo_uses_per_pair_scores_and_refuses_data_without_them(ray_cluster, tm
                                                r"beta, gamma\..*gamma \(default 1.0, >= 0\): target reward margin"),
     ("tiny-dpop", "algorithm.params.beta=-1", r"algorithm.params.beta: dpop parameter 'beta' must be > 0, got -1"),
     ("tiny-cdpo", "algorithm.params.label_smoothing=0.5", r"algorithm.params.label_smoothing: .* must be \[0, 0.5\)"),
-    ("tiny-dpo", "algorithm.simpo_gamma=1.0", r"algorithm.simpo_gamma is no longer a key; write algorithm.params.gamma"),
+    ("tiny-dpo", "algorithm.simpo_gamma=1.0",
+     r"algorithm.simpo_gamma is no longer a key; write algorithm.params.gamma"),
     ("tiny-dpo", "algorithm.params.beta=high", r"algorithm.params.beta: .* expects a number, got 'high'"),
 ])
 def test_settings_an_objective_ignores_are_refused(tmp_path, preset, override, message):

@@ -52,7 +52,7 @@ def test_sigterm_writes_a_checkpoint_without_periodic_ones_and_a_rerun_finishes(
     assert _steps(out) == list(range(1, 401))  # every step once
 
 
-def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(ray_cluster, tmp_path, capsys):
+def test_a_corrupted_latest_checkpoint_falls_back_to_the_previous_one(ray_cluster, tmp_path, capsys, command_logging):
     out, full = tmp_path / "resumed", tmp_path / "full"
     run_job(tiny_config("tiny-sft", full, "run.total_steps=6", *SFT))
     run_job(tiny_config("tiny-sft", out, "run.total_steps=4", "run.save_every=2", "run.keep_last=5", *SFT))

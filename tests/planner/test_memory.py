@@ -148,7 +148,8 @@ def test_a_vllm_claim_too_small_to_start_does_not_fit():
 
 
 def test_trained_role_is_zero_state_plus_activations():
-    settings = TrainSettings(dtype="bf16", zero=ZeroConfig(stage=2, reduce_bucket_size=100), micro_batch_size=2, seq_len=3)
+    settings = TrainSettings(dtype="bf16", zero=ZeroConfig(stage=2, reduce_bucket_size=100), micro_batch_size=2,
+                             seq_len=3)
     plan = plan_trained_role("policy", TINY, "lm", settings, num_gpus=3)
     state = train_state_bytes(optimizer_groups(param_tensors(TINY)), "bf16", settings.zero, 3)
     for key, value in {**state.device, **state.transient}.items():
@@ -163,7 +164,8 @@ def test_trained_role_is_zero_state_plus_activations():
 
 
 def _role(name: str, resident: int, reserved: int = 0, **phases: int) -> RolePlan:
-    return RolePlan(role=name, model="m", num_params=1, num_gpus=1, gpu={}, resident=resident, phases=phases, reserved=reserved)
+    return RolePlan(role=name, model="m", num_params=1, num_gpus=1, gpu={}, resident=resident, phases=phases,
+                    reserved=reserved)
 
 
 def test_colocated_roles_add_resident_bytes_and_the_worst_phase():
@@ -247,7 +249,8 @@ def test_fit_follows_gpu_memory_and_vllm_claim():
     greedy = plan_layout("remax", gpu_mem_gib=80, rollout=RolloutSettings(gpu_memory_utilization=0.9), **common)
     assert not greedy.fits
     assert greedy.groups[0].claimed_bytes > greedy.groups[0].required_bytes
-    modest = plan_layout("remax", gpu_mem_gib=80, rollout=RolloutSettings(gpu_memory_utilization=0.3, sleep=True), **common)
+    modest = plan_layout("remax", gpu_mem_gib=80, rollout=RolloutSettings(gpu_memory_utilization=0.3, sleep=True),
+                         **common)
     assert modest.fits and modest.groups[0].headroom_bytes == 80 * GiB - modest.groups[0].claimed_bytes
 
 

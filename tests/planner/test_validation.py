@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import pytest
 
+from rlhf_ray.planner.from_config import held_bytes
 from rlhf_ray.reports.bench import run_memory, with_algorithm
 from rlhf_ray.reports.bench_markdown import write_result
-from rlhf_ray.planner.from_config import held_bytes
 
 from job_helpers import tiny_config
 

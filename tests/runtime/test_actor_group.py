@@ -123,7 +123,8 @@ def test_a_failing_call_says_in_one_line_who_raised_what_and_debug_adds_the_remo
 
     with pytest.raises(ActorGroupError) as caught:
         sum_group.gather(sum_group.map(lambda actor: actor.fail_on_rank1.remote()))
-    first = "role 'toy' rank 1 of 2 failed in SumWorker.fail_on_rank1 (checking the rank): ValueError: rank 1 cannot do this"
+    first = ("role 'toy' rank 1 of 2 failed in SumWorker.fail_on_rank1 (checking the rank): "
+             "ValueError: rank 1 cannot do this")
     assert str(caught.value).splitlines()[0] == first
     assert report(caught.value, debug=False) == 1
     assert capsys.readouterr().err == f"rlhf-ray: error: {first} (run with --debug for the remote traceback)\n"

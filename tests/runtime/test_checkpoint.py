@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf_ray.config.schema import ConfigError
+from rlhf_ray.files import write_json_atomic
 from rlhf_ray.runtime.checkpoint import (
     COMPLETE_MARKER,
     atomic_dir,
@@ -20,7 +21,6 @@ from rlhf_ray.runtime.checkpoint import (
     read_json,
     restore_rng_state,
 )
-from rlhf_ray.telemetry.metrics import write_json_atomic
 
 
 def _step_dir(run_dir, step: int):
@@ -138,7 +138,7 @@ def test_rng_capture_restore_reproduces_draws_through_json(tmp_path):
     assert json.loads(json.dumps(state)) == state
 
 
-def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys):
+def test_a_damaged_latest_checkpoint_is_reported_and_the_previous_one_used(tmp_path, capsys, command_logging):
     from rlhf_ray.config import load_config
     from rlhf_ray.runtime.checkpoint import (
         MANIFEST,

@@ -3,7 +3,6 @@ and a DeepSpeed ZeRO-0 TrainEngine reporting `memory/<role>/activations_bytes`."
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
@@ -88,7 +87,8 @@ def test_train_engine_at_zero0_reports_the_activations_of_its_first_micro_step(w
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def loss_fn(module, mb):
-        return -fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["attention_mask"])["logps"].mean(), {}
+        logps = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["attention_mask"])["logps"]
+        return -logps.mean(), {}
 
     assert engine.memory().activations is None
     engine.train_batch(batch, loss_fn)

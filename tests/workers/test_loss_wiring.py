@@ -16,8 +16,8 @@ import torch
 from rlhf_ray.algorithms.batches import RankedRewardBatch
 from rlhf_ray.algorithms.registry import OFFLINE_OBJECTIVES, get_offline_objective
 from rlhf_ray.config.schema import DataConfig
-from rlhf_ray.data.synthetic import SyntheticConfig
 from rlhf_ray.data.job_data import JobData, load_job_examples
+from rlhf_ray.data.synthetic import SyntheticConfig
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.tokenizer import load_tokenizer

@@ -28,15 +28,15 @@ from rlhf_ray.workers.rollout.vllm import (
     VLLMRolloutWorker,
     _version_tuple,
     bucket_metadata,
+    check_tensor_parallel,
     check_vllm_runtime,
     checkpoint_layout,
     completion_response,
     engine_device,
-    engine_kwargs,
-    installed_vllm,
-    check_tensor_parallel,
     engine_gpus,
+    engine_kwargs,
     engine_rank_offsets,
+    installed_vllm,
     logprob_rows,
     prompt_token_lists,
     request_batch,
@@ -77,7 +77,8 @@ class Request:
 
 
 def completion(index, tokens, logprobs=None):
-    return Completion(index, tokens, None if logprobs is None else [{t: Logprob(lp)} for t, lp in zip(tokens, logprobs)])
+    per_token = None if logprobs is None else [{t: Logprob(lp)} for t, lp in zip(tokens, logprobs)]
+    return Completion(index, tokens, per_token)
 
 
 # prompts and requests ------------------------------------------------------------
@@ -396,9 +397,9 @@ def test_runtime_problem_says_what_to_install_or_pick():
 def test_the_vllm_extra_admits_exactly_the_versions_the_engine_accepts():
     # An unbounded extra let pip pick 0.34, whose weight-transfer API differs; the runtime check and the
     # package's extra must agree.
-    import tomllib
     from pathlib import Path
 
+    import tomllib
     from packaging.requirements import Requirement
 
     pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
@@ -432,7 +433,8 @@ def test_our_requests_and_rows_are_accepted_by_vllms_classes(tmp_path):
     pytest.importorskip("vllm")
     from vllm import SamplingParams
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.logprobs import FlatLogprobs, Logprob as VLLMLogprob
+    from vllm.logprobs import FlatLogprobs
+    from vllm.logprobs import Logprob as VLLMLogprob
     from vllm.outputs import CompletionOutput, RequestOutput
 
     r = RolloutConfig(engine="vllm", temperature=0.7, max_new_tokens=12)

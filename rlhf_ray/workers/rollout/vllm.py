@@ -48,15 +48,15 @@ import math
 import os
 import re
 import shutil
-import socket
 import tempfile
 from collections.abc import Callable, Sequence
 
 import torch
 
 from rlhf_ray.config.schema import ConfigError, JobConfig, RolloutConfig
-from rlhf_ray.models.loading import check_model_source, load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.models.loading import check_model_source, dtype_name, load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.models.sources import local_model_path
+from rlhf_ray.runtime.distributed import find_free_port, get_node_ip
 from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.telemetry.memory import MemoryReport, peak_rss_bytes
 from rlhf_ray.telemetry.timers import ComputeClock
@@ -306,7 +306,7 @@ def rows_from_outputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, req
 def bucket_metadata(bucket: list[tuple[str, torch.Tensor]]) -> dict:
     """Names, dtype names (`"bfloat16"`) and shapes of a weight bucket, as vLLM's update infos carry them."""
     return {"names": [name for name, _ in bucket],
-            "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+            "dtype_names": [dtype_name(t.dtype) for _, t in bucket],
             "shapes": [list(t.shape) for _, t in bucket]}
 
 
@@ -316,7 +316,7 @@ def engine_kwargs(job: JobConfig, *, model_dir: str, device: str, weight_transfe
     r, model = job.rollout, job.policy.model
     kwargs = {
         "model": model_dir,
-        "dtype": str(resolve_dtype(model.dtype, device)).removeprefix("torch."),
+        "dtype": dtype_name(resolve_dtype(model.dtype, device)),
         "seed": job.run.seed,
         "trust_remote_code": model.trust_remote_code,
         "max_model_len": job.data.max_prompt_length + r.max_new_tokens,
@@ -401,7 +401,8 @@ def checkpoint_layout(config, trust_remote_code: bool = False) -> tuple[dict[str
     return tied_aliases(model), nbytes
 
 
-def with_aliases(bucket: list[tuple[str, torch.Tensor]], aliases: dict[str, list[str]]) -> list[tuple[str, torch.Tensor]]:
+def with_aliases(bucket: list[tuple[str, torch.Tensor]],
+                 aliases: dict[str, list[str]]) -> list[tuple[str, torch.Tensor]]:
     """`bucket` plus `(alias, tensor)` for every tied alias of a name in it."""
     out = list(bucket)
     for name, tensor in bucket:
@@ -610,10 +611,6 @@ class VLLMRolloutWorker:
             shutil.rmtree(previous.lora_path, ignore_errors=True)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old adapter
 
-    def close_weight_transfer(self) -> None:
-        """Leave the sender's transfer group (vLLM keeps serving)."""
-        self.llm.shutdown_weight_transfer_engine()
-
     # sleep mode (`rollout.sleep_between_steps`) ---------------------------------------
     def sleep(self) -> None:
         """Give the GPU memory vLLM holds to the roles that share the GPU: level-1 sleep copies the weights
@@ -702,9 +699,6 @@ class EngineActorsClient:
     def finish_weight_update(self, weight_version: str | None = None) -> None:
         self._all(lambda e, i: e.finish_weight_update.remote())  # each engine counts its own versions
 
-    def shutdown_weight_transfer_engine(self) -> None:
-        self._all(lambda e, i: e.close_weight_transfer.remote())
-
 
 def sent_weight_layout(module: torch.nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     """`(name, dtype, full shape)` of every tensor the `nccl` sender sends, in order: each parameter of
@@ -770,16 +764,12 @@ class VLLMWeightSender:
         if not torch.cuda.is_available():
             raise RuntimeError("weight_transfer 'nccl' broadcasts from the policy's GPU, and policy rank "
                                f"{rank} sees none; use weight_transfer 'ipc' (buckets through Ray)")
-        import ray
         from vllm.distributed.weight_transfer import WeightTransferTrainerFactory
         from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
         address, port = "", 0  # only the sender's rendezvous endpoint matters
         if rank == 0:
-            address = ray.util.get_node_ip_address()
-            with socket.socket() as probe:
-                probe.bind(("", 0))
-                port = probe.getsockname()[1]
+            address, port = get_node_ip(), find_free_port()
         init_info = NCCLTrainerInitInfo(master_address=address, master_port=port,
                                         world_size=1 + len(engines) * tensor_parallel_size, rank=rank,
                                         packed=True, packed_buffer_size_bytes=bucket_bytes)
@@ -794,10 +784,3 @@ class VLLMWeightSender:
         self.transfer.send_weights()
         sent = self.model_bytes * self.num_engines if self.transfer.is_sender else 0
         return {"sync/bytes": float(sent)}
-
-    def close(self) -> None:
-        """Tear down the transfer group on both sides (the engines keep generating)."""
-        if self.transfer.is_sender:
-            self.transfer.client.shutdown_weight_transfer_engine()
-        self.transfer.shutdown()
-
