@@ -54,8 +54,10 @@ class PolicyLoss:
     """The loss weighs each token by pi / pi_old, so a rollout batch may be reused over several epochs and
     minibatches; without the ratio (REINFORCE) a second pass would train on an older policy's samples."""
     policy_old_logprobs: bool = False
-    """The old log-probs are always the policy's own, recomputed before the update, never the rollout
-    engine's: the ratio's clip range is narrower than the gap between the two can be (bf16 on GPUs)."""
+    """The loss needs the policy's own old log-probs, never the rollout engine's: its clip range is narrower
+    than the gap between the two can be (bf16 on GPUs). The online driver now gives every loss the
+    policy's own (the engine's enter only the rollout importance weights), so this records the
+    requirement rather than switching anything."""
     unused: tuple[str, ...] = ()
     """`algorithm.*` settings this loss has no use for: a value set away from its default is refused."""
 
