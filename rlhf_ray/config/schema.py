@@ -445,10 +445,14 @@ class PlacementConfig:
                           "STRICT_SPREAD (one node per bundle).", default="PACK")
     timeout_s: float = _help("How long to wait for the cluster to have room, and then for the placement group, "
                              "before failing.", default=60.0)
+    threads: str = _help("follow: each role's torch threads follow the cores it really gets (fewer while other "
+                         "programs keep the machine's cores busy, never more than its reserved CPUs; "
+                         "runtime/cores.py); reserved: always as many threads as reserved CPUs.", default="follow")
 
     def __post_init__(self):
         _check(self.strategy in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"), "strategy",
                f"got {self.strategy!r}; expected PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+        _check(self.threads in ("follow", "reserved"), "threads", f"got {self.threads!r}; expected follow or reserved")
 
 
 @dataclass(frozen=True)

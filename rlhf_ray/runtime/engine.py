@@ -20,6 +20,7 @@ import torch
 
 from rlhf_ray.config.schema import RoleConfig
 from rlhf_ray.data.collate import trim_right_padding
+from rlhf_ray.runtime.cores import CoreFollower
 from rlhf_ray.runtime.deepspeed_config import build_deepspeed_config
 from rlhf_ray.runtime.distributed import current_device
 from rlhf_ray.telemetry.activations import ActivationReport, ActivationTracker, batch_shape
@@ -100,12 +101,14 @@ class TrainEngine:
     `measure_activations` the first training micro-step runs under an
     `ActivationTracker`, and `memory()` reports its activation peak.
     `device` is the rank's (default `current_device()`); DeepSpeed moves the
-    module there.
+    module there. `threads` is `placement.threads`: with "follow", each
+    measured call runs with the torch threads the cores left free allow
+    (`runtime/cores.py`).
     """
 
     def __init__(self, model: torch.nn.Module, role: RoleConfig, *, world_size: int, batch_per_rank: int,
                  total_optimizer_steps: int, dtype: str, measure_activations: bool = True,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, threads: str = "follow"):
         self.micro_batch_size = min(role.micro_batch_size, batch_per_rank)
         if batch_per_rank % self.micro_batch_size:
             raise ValueError(f"each rank gets {batch_per_rank} sequences per optimizer step, which is not a multiple "
@@ -143,7 +146,7 @@ class TrainEngine:
         # per op): forward, loss and backward, beyond the held state (`telemetry.activations`).
         self._activations_left = 1 if measure_activations else 0
         self._activations: ActivationReport | None = None
-        self.clock = ComputeClock()
+        self.clock = ComputeClock(around=CoreFollower(mode=threads).follow)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -391,15 +394,16 @@ class InferenceEngine:
     SPIN/sDPO can move the reference to the latest policy. `clock` counts the
     seconds spent in `forward_eval`. The module runs on the rank's `device`
     (default `current_device()`): ZeRO-3 places it there itself, a plain
-    module is moved there (the loaders leave it on the CPU)."""
+    module is moved there (the loaders leave it on the CPU). `threads` as
+    for `TrainEngine`."""
 
     def __init__(self, model: torch.nn.Module, *, zero_stage: int, micro_batch_size: int, world_size: int,
-                 dtype: str, device: torch.device | None = None):
+                 dtype: str, device: torch.device | None = None, threads: str = "follow"):
         model.requires_grad_(False)
         model.eval()
         self.zero_stage = zero_stage
         self.micro_batch_size = micro_batch_size
-        self.clock = ComputeClock()
+        self.clock = ComputeClock(around=CoreFollower(mode=threads).follow)
         device = current_device() if device is None else torch.device(device)
         if zero_stage == 3:
             deepspeed = import_deepspeed(device)

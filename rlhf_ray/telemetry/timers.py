@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 _PHASE_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
@@ -38,9 +38,11 @@ class PhaseTimer:
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter,
-                 on_phase: Callable[[str, float, float], None] | None = None):
+                 on_phase: Callable[[str, float, float], None] | None = None,
+                 around: Callable[[], AbstractContextManager] | None = None):
         self._clock = clock
         self._on_phase = on_phase
+        self._around = around  # entered around each measured call (`runtime.cores.CoreFollower.follow`)
         self._totals: dict[str, float] = {}
         self._step_start: float | None = None
         self._open: tuple[str, float] | None = None
@@ -119,9 +121,11 @@ class ComputeClock:
     KINDS = ("generate", "forward", "train")
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter,
-                 on_phase: Callable[[str, float, float], None] | None = None):
+                 on_phase: Callable[[str, float, float], None] | None = None,
+                 around: Callable[[], AbstractContextManager] | None = None):
         self._clock = clock
         self._on_phase = on_phase
+        self._around = around  # entered around each measured call (`runtime.cores.CoreFollower.follow`)
         self._seconds: dict[str, float] = {}
 
     @contextmanager
@@ -131,7 +135,8 @@ class ComputeClock:
             raise ValueError(f"compute kind {kind!r} is not one of {', '.join(self.KINDS)}")
         start = self._clock()
         try:
-            yield
+            with self._around() if self._around else nullcontext():
+                yield
         finally:
             self._seconds[kind] = self._seconds.get(kind, 0.0) + (self._clock() - start)
 

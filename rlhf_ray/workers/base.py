@@ -57,7 +57,8 @@ class TrainableWorker(EngineWorker):
             model = apply_lora(model, settings.lora, trainable_heads=heads, key=f"{self.ROLE}.lora")
         dtype = dtype_name(resolve_dtype(settings.model.dtype, self.device))
         self.engine = TrainEngine(model, settings, world_size=self.world_size, batch_per_rank=batch_per_rank,
-                                  total_optimizer_steps=total_optimizer_steps, dtype=dtype, device=self.device)
+                                  total_optimizer_steps=total_optimizer_steps, dtype=dtype, device=self.device,
+                                  threads=self.job.placement.threads)
         return self.memory()
 
     def save_checkpoint(self, directory: str) -> None:

@@ -76,7 +76,7 @@ class ReferenceWorker(ReferenceScoring, ExportMixin, GenerateMixin, EngineWorker
                                seed=job.run.seed, tokenizer=self.tokenizer)
         self.engine = InferenceEngine(model, zero_stage=job.reference.zero_stage,
                                       micro_batch_size=job.reference.micro_batch_size, world_size=self.world_size,
-                                      dtype=dtype_name(dtype), device=self.device)
+                                      dtype=dtype_name(dtype), device=self.device, threads=job.placement.threads)
         return self.memory()
 
     def reference_eval(self, batch: dict, fn) -> dict:

@@ -41,7 +41,7 @@ class RewardWorker(EngineWorker):
                                            tokenizer=self.tokenizer)
             self.engine = InferenceEngine(model, zero_stage=cfg.zero_stage, micro_batch_size=cfg.micro_batch_size,
                                           world_size=self.world_size, dtype=dtype_name(dtype),
-                                          device=self.device)
+                                          device=self.device, threads=job.placement.threads)
         return self.memory()
 
     def decode(self, batch: dict) -> tuple[list[str], list[str]]:
