@@ -183,6 +183,44 @@ def trained_matmul_params(cfg: JobConfig, role: str | None = None) -> int | None
                if isinstance(s.settings, TrainSettings) and role in (None, s.role))
 
 
+def role_matmul_params(cfg: JobConfig) -> dict[str, int]:
+    """Matmul parameters of each role's model (rollout engines left out); empty when a shape is unknown."""
+    from rlhf_ray.planner.from_config import planned_roles
+    from rlhf_ray.planner.memory import RolloutSettings
+    from rlhf_ray.planner.shapes import matmul_param_count
+
+    try:
+        specs = planned_roles(cfg)
+    except (ConfigError, FileNotFoundError, ValueError):
+        return {}
+    return {s.role: matmul_param_count(s.shape, s.head) for s in specs if not isinstance(s.settings, RolloutSettings)}
+
+
+PHASE_TARGETS = (
+    ("training", "training MFU (6 N FLOPs a token against the GEMM rate)", 0.60, "min"),
+    ("forward", "scoring forwards (2 N FLOPs a token against the GEMM rate)", 0.60, "min"),
+    ("generate", "generation against its roofline", 0.30, "min"),
+    ("sync", "weight sync against memcpy bandwidth", 0.25, "min"),
+    ("overhead", "Ray and driver overhead, share of the step", 0.05, "max"),
+)
+"""Each phase against its own bound: (key, what, target, whether the figure must reach it or stay under it)."""
+
+
+def phase_bounds(out: dict) -> list[dict]:
+    """Each phase's figure against `PHASE_TARGETS` (phases the run has)."""
+    figures = {"training": out.get("train", {}).get("mfu"), "forward": out.get("forward", {}).get("mfu"),
+               "generate": out.get("generate", {}).get("roofline_utilisation"),
+               "sync": out.get("sync", {}).get("share_of_memcpy"),
+               "overhead": out["breakdown_median"].get("overhead_s", 0.0) / out["step_median_s"]}
+    rows = []
+    for key, what, target, sense in PHASE_TARGETS:
+        if figures.get(key) is not None:
+            value = figures[key]
+            rows.append({"phase": key, "what": what, "value": value, "target": target, "sense": sense,
+                         "met": value >= target if sense == "min" else value <= target})
+    return rows
+
+
 def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_bytes: float | None) -> dict:
     """Medians, rates and utilisation of the measured steps `rows` (see the module docstring)."""
     if not rows:
@@ -227,6 +265,14 @@ def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_by
         achieved = 6.0 * n * trained_tokens / train_wall
         out["train"] = {"matmul_params": n, "model_flops_per_s": achieved,
                         "mfu": achieved / limits["matmul_flops_per_s"]}
+    forward_compute = sum(b.get("compute/forward_s", 0.0) for b in breakdowns)
+    params = role_matmul_params(cfg)
+    scored = [role for role in roles_of["forward"] if role in params]
+    if forward_compute > 0 and scored:
+        # Each model role's forward reads every scored token once a step (epochs repeat only the update).
+        flops = sum(2.0 * params[role] for role in scored) * trained_tokens / epochs
+        out["forward"] = {"roles": scored, "model_flops_per_s": flops / forward_compute,
+                          "mfu": flops / forward_compute / limits["matmul_flops_per_s"]}
     if any("sync/bytes" in r for r in rows):
         out["sync"] = {"bytes": _median(rows, "sync/bytes"), "seconds": _median(rows, "sync/seconds"),
                        "bandwidth_bytes_per_s": _median(rows, "sync/bandwidth_bytes_per_s"),
@@ -249,6 +295,7 @@ def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_by
                                    compute_bound_tokens_per_s=generated / compute_s,
                                    roofline_bound_tokens_per_s=generated / roofline_s,
                                    roofline_utilisation=roofline_s / generate_wall)
+    out["bounds"] = phase_bounds(out)
     return out
 
 

@@ -85,6 +85,16 @@ def throughput_markdown(result: dict, title: str | None = None) -> str:
         lines.append(f"| weight sync ({y['bytes'] / 1e6:,.1f} MB in {_num(y['seconds'])} s) | "
                      f"{y['bandwidth_bytes_per_s'] / 1e9:.3f} GB/s, {100 * y['share_of_memcpy']:.2f}% of memcpy "
                      f"({y['memcpy_bytes_per_s'] / 1e9:.2f} GB/s) |")
+    if "forward" in result:
+        f = result["forward"]
+        lines.append(f"| scoring forwards' model FLOP/s ({', '.join(f['roles'])}; 2 N tokens / s) | "
+                     f"{f['model_flops_per_s'] / 1e9:.3f} G, {100 * f['mfu']:.2f}% of the GEMM rate |")
+    if result.get("bounds"):
+        lines += ["", "Each phase against its own bound:", "", "| phase | figure | target | met |", "|---|---|---|---|"]
+        for row in result["bounds"]:
+            sign = ">=" if row["sense"] == "min" else "<="
+            lines.append(f"| {row['what']} | {100 * row['value']:.1f}% | {sign} {100 * row['target']:.0f}% | "
+                         f"{'yes' if row['met'] else 'no'} |")
     lines += [""] + limits_lines(result["limits"])
     load = result.get("load_average") or {}
     if load.get("before"):

@@ -131,12 +131,19 @@ def test_online_throughput_reports_every_phase_compute_and_the_limits(ray_cluste
                                                                  g["compute_bound_tokens_per_s"]))
     assert g["roofline_utilisation"] >= g["bandwidth_utilisation"]
     assert result["sync"]["bytes"] == 2242560 and 0 < result["sync"]["share_of_memcpy"] < 1
+    # The scoring forwards of the model roles (the reward is a rule: no FLOPs), against the GEMM rate.
+    assert sorted(result["forward"]["roles"]) == ["critic", "reference"] and result["forward"]["mfu"] > 0
+    bounds = {row["phase"]: row for row in result["bounds"]}
+    assert set(bounds) == {"training", "forward", "generate", "sync", "overhead"}
+    assert bounds["training"]["value"] == result["train"]["mfu"] and bounds["overhead"]["sense"] == "max"
+    assert all(row["met"] == (row["value"] >= row["target"] if row["sense"] == "min" else row["value"] <= row["target"])
+               for row in result["bounds"])
     assert result["hardware"]["cpu_model"] and result["hardware"]["versions"]["torch"]
     paths = write_result(result, tmp_path / "results", "throughput-ppo")
     assert json.loads(paths["json"].read_text())["label"] == "ppo"
     text = paths["md"].read_text()
     assert "| update_critic |" in text and "MFU" in text and "Versions: python" in text and "roofline" in text
-    assert "of memcpy" in text
+    assert "of memcpy" in text and "Each phase against its own bound" in text and "| >= 60% |" in text
 
 
 def test_offline_throughput_counts_the_reference_and_the_update(ray_cluster, tmp_path):
@@ -147,3 +154,5 @@ def test_offline_throughput_counts_the_reference_and_the_update(ray_cluster, tmp
     assert "time/compute/reference/forward_s" in result["compute_median_s"]
     assert "time/compute/policy/train_s" in result["compute_median_s"]
     assert result["train_tokens_per_s"] > 0 and "generate" not in result
+    assert result["forward"]["roles"] == ["reference"] and result["forward"]["mfu"] > 0
+    assert {row["phase"] for row in result["bounds"]} == {"training", "forward", "overhead"}
