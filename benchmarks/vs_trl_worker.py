@@ -12,7 +12,8 @@ tokens), the model answers the held-out prompts greedily at step 0 and every
 `every` steps, scored by the same rule; the time that takes is left out of
 the step times. OUT.json gets the wall time of every optimizer step (from the
 end of one to the end of the next, data loading and generation included), the
-evaluations, and TRL's own versions.
+evaluations, when the first step ended (epoch seconds: the launcher's time to
+first step), and TRL's own versions.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ def main() -> None:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     steps: list[float] = []
+    first_step_end = [None]  # epoch seconds when the first optimizer step ended (time to first step)
     evals: list[dict] = []
     mark = [0.0]  # when the step under way started: the last step's end, or the last evaluation's
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
@@ -98,6 +100,7 @@ def main() -> None:
 
         def on_step_end(self, args, state, control, **kwargs):
             steps.append(time.perf_counter() - mark[0])
+            first_step_end[0] = first_step_end[0] or time.time()
             if held_out and state.global_step % held_out["every"] == 0:
                 evaluate(state.global_step)
             mark[0] = time.perf_counter()
@@ -107,8 +110,9 @@ def main() -> None:
                   lr_scheduler_type="constant", warmup_steps=0, logging_steps=10**6, save_strategy="no",
                   report_to=[], use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True,
                   max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=spec.get("adam_beta2", 0.95), weight_decay=0.0,
-                  # TRL's defaults differ from plain Trainer's: fp32 and no recomputation, as ours.
-                  bf16=False, fp16=False, gradient_checkpointing=False)
+                  # TRL's defaults differ from plain Trainer's: fp32 (or, asked for, bf16 autocast over fp32
+                  # weights) and no recomputation, as ours.
+                  bf16=bool(spec.get("bf16")), fp16=False, gradient_checkpointing=False)
     if spec["mode"] == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -136,8 +140,8 @@ def main() -> None:
     trainer.train()
     versions = {name: importlib.metadata.version(name) for name in ("trl", "transformers", "torch", "accelerate")}
     with open(sys.argv[2], "w") as handle:
-        json.dump({"step_seconds": steps, "evals": evals, "versions": versions, "threads": torch.get_num_threads()},
-                  handle)
+        json.dump({"step_seconds": steps, "evals": evals, "versions": versions, "threads": torch.get_num_threads(),
+                   "first_step_end_epoch": first_step_end[0]}, handle)
 
 
 if __name__ == "__main__":
