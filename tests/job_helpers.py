@@ -68,3 +68,24 @@ def assert_same_run(resumed: Path, full: Path, rel: float = 1e-4, abs_tol: float
     assert wa.keys() == wb.keys()
     worst = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     assert worst <= 1e-4, worst  # a lost optimizer state moves weights by up to the learning rate (2e-4) a step
+
+
+def actor_pids(class_name: str) -> list[int]:
+    """Processes of the live Ray actors of `class_name` that this test process created: the cluster's own
+    actor table (its GCS; `ray.util.state` needs the dashboard, which the tests' cluster does not start),
+    filtered to this driver's job, each checked to be the process Ray titled `ray::<Class>` before it is
+    named. No other process on the machine is ever a candidate."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    pids = []
+    for actor in ray._private.state.actors().values():
+        if actor["ActorClassName"] != class_name or actor["State"] != "ALIVE" or actor["JobID"] != job:
+            continue
+        try:
+            title = Path(f"/proc/{actor['Pid']}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title == f"ray::{class_name}" or title.startswith(f"ray::{class_name}."):
+            pids.append(int(actor["Pid"]))
+    return pids

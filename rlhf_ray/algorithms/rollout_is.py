@@ -48,7 +48,8 @@ def rollout_is_weights(old_logprobs: Tensor, engine_logprobs: Tensor, response_m
     """Per-token importance weights of the engine-trainer mismatch, and where the cap acted.
 
     Args:
-        old_logprobs: `[B, T]` the trainer's log-probs of the sampled tokens under the weights that sampled.
+        old_logprobs: `[B, T]` the trainer's log-probs of the sampled tokens under the weights the step starts
+            from (those that sampled, unless the batch is stale: `rollout.max_staleness`).
         engine_logprobs: `[B, T]` the engine's log-probs of the same tokens.
         response_mask: `[B, T]`.
         mode: `none`, `tis` or `mis` (see the module docstring).

@@ -238,6 +238,11 @@ class RolloutConfig:
                                       "memory, KV cache freed, vLLM's sleep mode) so the roles sharing their GPUs "
                                       "train in that memory, and wake them for the weight sync and the next "
                                       "generation.", default=False)
+    max_staleness: int = _help("Asynchronous rollouts: 0 generates each step's batch with the weights of the step "
+                               "before (on-policy; the engines wait while the policy trains). k >= 1 generates the "
+                               "next steps' batches while the policy trains, with the weights the engines hold; a "
+                               "batch is trained on by weights at most k versions newer than those that sampled it "
+                               "(rollout/staleness; algorithm.rollout_is corrects the lag).", default=0)
 
     def __post_init__(self):
         _check(self.engine in ENGINES, "engine", f"got {self.engine!r}; expected hf or vllm")
@@ -257,6 +262,13 @@ class RolloutConfig:
                f"rollout.num_gpus_per_engine={self.tensor_parallel_size}")
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         _check(self.cpu_kv_cache_bytes > 0, "cpu_kv_cache_bytes", "must be > 0")
+        _check(isinstance(self.max_staleness, int) and not isinstance(self.max_staleness, bool)
+               and self.max_staleness >= 0, "max_staleness",
+               f"got {self.max_staleness!r}; expected a whole number >= 0 (0: on-policy, k: at most k weight "
+               "versions between the weights that sample a batch and those that train on it)")
+        _check(not (self.max_staleness and self.sleep_between_steps), "max_staleness",
+               f"{self.max_staleness} generates while the policy trains, but rollout.sleep_between_steps puts the "
+               "engines to sleep for the training; set rollout.max_staleness=0 or rollout.sleep_between_steps=false")
 
 
 FORMATS = ("prompt", "sft", "preference", "kto", "ranked")

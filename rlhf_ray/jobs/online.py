@@ -4,14 +4,19 @@ Each algorithm comes from the registry as data (does it need a critic, a
 greedy rollout, how many samples per prompt, where does the KL go, which
 policy loss); the loop below never branches on its name:
 
-    prompts  = data.batch(sampler.next())
-    rollout  = generate(prompts)                       # engines, n samples (+ greedy)
+    rollout  = rollouts.take(step)                     # engines, n samples (+ greedy) of sampler.next();
+                                                       # rollout.max_staleness k: the next k steps' launched too
     scores   = score(rollout)                          # policy, reference, reward, critic: at once or in turns
                                                        # (dynamic sampling: more prompts while groups agree)
     skip     = check_mismatch(rollout, scores)         # max_logprob_diff: too far from the engine to train on
     batch    = compute_advantages(rollout, scores)     # KL-shaped rewards, advantages, returns
     metrics  = update(batch)                           # epochs x minibatches, policy and critic
-    sync_weights()                                     # policy -> engines, in buckets
+    sync_weights()                                     # policy -> engines, in buckets (after the launched
+                                                       # generations: later ones sample with the new weights)
+
+`rollouts` is a `RolloutQueue` (jobs/rollout_queue.py): with `rollout.max_staleness: 0` a step generates its own
+batch and waits for it; with k >= 1 the engines generate the next k steps' batches while this one is scored and
+trained on, and each batch is at most k weight versions stale (`rollout/staleness`).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+import ray
 import torch
 
 from rlhf_ray.algorithms.advantages import aggregation_denominator, masked_mean
@@ -36,6 +42,7 @@ from rlhf_ray.jobs import stop_on_signals
 from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir, role_specs
 from rlhf_ray.jobs.dynamic_sampling import fill_batch
 from rlhf_ray.jobs.loop import run_steps
+from rlhf_ray.jobs.rollout_queue import Generation, RolloutQueue
 from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
@@ -101,11 +108,12 @@ class OnlineJob(RecoveringJob):
         self._fresh_controllers()
         self.uses_reference = plan_job(cfg).uses_reference
         self.kl_estimator = self.algorithm.kl.estimator(a.kl_estimator)  # `auto` resolved: k1 in rewards, k3 in loss
-        # PPO's old log-probs are the policy's own under the weights that sampled (the rollout importance
-        # weights correct the engine's gap to them). With one pass over one minibatch the update starts from
-        # those weights, so its training forward gives them and the scoring forward is skipped; the policy
-        # scores them first where the update runs from other weights, where the step may be skipped for the
-        # mismatch (known before the update), or where dropout makes the training forward another function.
+        # PPO's old log-probs are the policy's own under the weights the step starts from (those that sampled,
+        # on-policy; the rollout importance weights correct the engine's gap to them, and a stale batch's lag).
+        # With one pass over one minibatch the update starts from those weights, so its training forward gives
+        # them and the scoring forward is skipped; the policy scores them first where the update runs from other
+        # weights, where the step may be skipped for the mismatch (known before the update), or where dropout
+        # makes the training forward another function.
         dropout = not cfg.policy.model.disable_dropout or (cfg.policy.lora.enabled and cfg.policy.lora.dropout > 0)
         self.scores_old_logprobs = (a.ppo_epochs > 1 or a.num_minibatches > 1 or a.max_logprob_diff > 0
                                     or dropout)
@@ -175,6 +183,8 @@ class OnlineJob(RecoveringJob):
         with RoleGroups(cfg, self._specs()) as roles:
             self._setup(roles)
             self.sampler = EpochSampler(len(self.prompts), cfg.run.batch_size, seed=cfg.run.seed)
+            self.rollouts = RolloutQueue(cfg.rollout.max_staleness, cfg.run.total_steps,
+                                         lambda step: self.launch_step(roles, step))
             start, skipped = 0, 0
             if resume_from is not None:
                 state = load_checkpoint(resume_from, self.trainables(roles))
@@ -182,7 +192,10 @@ class OnlineJob(RecoveringJob):
                 self.sampler.load_state_dict(state["sampler"])
                 self.kl.load_state_dict(state["kl"])
                 self.reward_std = RunningStd(state["reward_std"])
+                if "rollouts" in state:  # the batches in flight at the checkpoint, as they were sampled
+                    self.rollouts.load_state_dict(state["rollouts"])
                 self.sync_weights(roles)
+                self.rollouts.synced(start)
             return run_steps(self, roles, start=start, skipped_steps=skipped, failures=failures,
                              started_at=started_at, stop=stop)
 
@@ -191,16 +204,20 @@ class OnlineJob(RecoveringJob):
             return [r for r in names if r in roles.groups]
 
         return {"generate": ["rollout"], "score": present("policy", "reward", "reference", "critic"),
-                "sync": ["policy", "rollout"], "eval": present("rollout", "policy", "reward", "reference")}
+                "rollout_wait": ["rollout"], "sync": ["policy", "rollout"],
+                "eval": present("rollout", "policy", "reward", "reference")}
 
     def before_step(self, roles: RoleGroups, step: int, timer: PhaseTimer) -> None:
         pass
 
     def step(self, roles: RoleGroups, step: int, timer: PhaseTimer) -> dict:
         """Generate, score, advantages, update, sync (the module docstring's loop)."""
-        rollout, scores, drawn = self.collect(roles, self.sampler, step, timer)
+        with timer.phase("generate"):
+            first, staleness = self.rollouts.take(step)
+        rollout, scores, drawn = self.collect(roles, self.sampler, step, timer, first=first)
         metrics = self.check_mismatch(rollout, scores)  # rollout/skipped: too far from the engine to train on
         metrics.update(drawn)
+        metrics["rollout/staleness"] = float(staleness)
         if not metrics.get("rollout/skipped"):
             kl_coef = self.kl.value  # one coefficient per step: the rewards' and the loss's
             with timer.phase("advantages"):
@@ -208,8 +225,12 @@ class OnlineJob(RecoveringJob):
             metrics.update(advantage_metrics)
             metrics.update(self.update(roles, batch, step, timer, kl_coef))
             self.kl.update(metrics["rollout/kl"], self.cfg.run.batch_size * self.n)  # the next step's
+        if self.rollouts.pending:  # launched ahead (max_staleness >= 1): the engines finish them before the sync
+            with timer.phase("rollout_wait"):
+                self.rollouts.wait()
         with timer.phase("sync"):
             metrics.update(self.sync_weights(roles))
+        self.rollouts.synced(step)
         self._last = (rollout, scores)
         return metrics
 
@@ -219,7 +240,7 @@ class OnlineJob(RecoveringJob):
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict(), "kl": self.kl.state_dict(),
-                "reward_std": self.reward_std.state_dict()}
+                "reward_std": self.reward_std.state_dict(), "rollouts": self.rollouts.state_dict()}
 
     def trainables(self, roles: RoleGroups) -> dict:
         return {name: roles[name] for name in ("policy", "critic") if name in roles.groups}
@@ -232,17 +253,31 @@ class OnlineJob(RecoveringJob):
         return {}
 
     # stages ----------------------------------------------------------------
+    def launch_step(self, roles: RoleGroups, step: int) -> Generation:
+        """Step `step`'s batch of prompts (the sampler's next), its generation launched (`RolloutQueue`)."""
+        prompts = self.prompts.batch(next(self.sampler))
+        return self.launch_generate(roles, prompts, seed=self.draw_seed(step, 0))
+
+    def draw_seed(self, step: int, index: int) -> int:
+        """The engines' sampling seed for draw `index` of step `step`."""
+        return self.cfg.run.seed * 100003 + step + index * 1000003
+
     def collect(self, roles: RoleGroups, sampler: EpochSampler, step: int,
-                timer: PhaseTimer) -> tuple[dict, dict, dict]:
+                timer: PhaseTimer, first: dict | None = None) -> tuple[dict, dict, dict]:
         """The step's rollout and scores: `run.batch_size` prompts, generated and scored. With
         `algorithm.dynamic_sampling`, prompts whose samples all got the same reward are dropped and more are
         drawn (`dynamic_sampling.fill_batch`); the metrics say how many. Each draw is scored whole, by every
         role the step needs: the rewards decide which groups stay, and one scoring call per draw keeps the
-        roles' turns as in a plain step (the reference's and policy's work on dropped groups is the cost)."""
+        roles' turns as in a plain step (the reference's and policy's work on dropped groups is the cost).
+        `first`: the first draw's rollout, generated already (`RolloutQueue.take`); later draws generate here,
+        with the weights the engines hold."""
         def draw(index: int) -> tuple[dict, dict]:
-            prompts = self.prompts.batch(next(sampler))
-            with timer.phase("generate"):
-                rollout = self.generate(roles, prompts, seed=self.cfg.run.seed * 100003 + step + index * 1000003)
+            if index == 0 and first is not None:
+                rollout = first
+            else:
+                prompts = self.prompts.batch(next(sampler))
+                with timer.phase("generate"):
+                    rollout = self.generate(roles, prompts, seed=self.draw_seed(step, index))
             return rollout, self.score(roles, rollout, timer)
 
         a = self.cfg.algorithm
@@ -254,16 +289,25 @@ class OnlineJob(RecoveringJob):
     def generate(self, roles: RoleGroups, prompts: dict, seed: int, greedy: bool | None = None,
                  n: int | None = None) -> dict:
         """Split the prompts across engine replicas; every sample of a prompt stays on one engine."""
+        return self.launch_generate(roles, prompts, seed, greedy, n).result()
+
+    def launch_generate(self, roles: RoleGroups, prompts: dict, seed: int, greedy: bool | None = None,
+                        n: int | None = None) -> Generation:
+        """`generate` launched on the engines without waiting: its `result()` waits for the rows."""
         greedy = self.algorithm.needs_greedy if greedy is None else greedy
         n = self.n if n is None else n
         # Any prompt count over any number of engines: the last prompt is repeated up to a multiple,
         # and the rows generated for the repeats are dropped.
         pending = roles["rollout"].scatter_padded(lambda a, shard: a.generate.remote(shard, n, greedy, seed),
                                                   {k: prompts[k] for k in ("input_ids", "attention_mask")})
-        rows = concat_shards(pending.results())
-        if self.cfg.rollout.sleep_between_steps:  # the roles sharing the engines' GPUs train in vLLM's memory
-            roles["rollout"].call(lambda a: a.sleep.remote())
-        return {k: v[:pending.size] if k.startswith("greedy_") else v[:pending.size * n] for k, v in rows.items()}
+
+        def result() -> dict:
+            rows = concat_shards(pending.results())
+            if self.cfg.rollout.sleep_between_steps:  # the roles sharing the engines' GPUs train in vLLM's memory
+                roles["rollout"].call(lambda a: a.sleep.remote())
+            return {k: v[:pending.size] if k.startswith("greedy_") else v[:pending.size * n] for k, v in rows.items()}
+
+        return Generation(result=result, wait=lambda: ray.wait(pending.refs, num_returns=len(pending.refs)))
 
     def score(self, roles: RoleGroups, rollout: dict, timer: PhaseTimer) -> dict:
         """Old log-probs (policy), reference log-probs, rewards and values, all launched at once."""

@@ -77,8 +77,9 @@ def online_loss(algorithm, params: dict, temperature: float, engine=None):
 
     The micro-batch holds input_ids, attention_mask, response_mask and advantages, and:
 
-    * `old_logprobs`: the policy's log-probs of the sampled tokens under the weights that sampled them
-      (PPO's old log-probs, from a scoring forward). Absent at the first update from those weights, where
+    * `old_logprobs`: the policy's log-probs of the sampled tokens under the weights the step starts from
+      (those that sampled them, unless `rollout.max_staleness` lets the batch be stale; PPO's old log-probs,
+      from a scoring forward). Absent at the first update from those weights, where
       this forward's own log-probs, detached, are the same numbers (dropout is off), and PPO's ratio is 1;
     * `engine_logprobs`: the rollout engine's log-probs of the same tokens. Each token's policy loss is
       multiplied by the importance weight of the engine-trainer mismatch (`params["rollout_is"]`,

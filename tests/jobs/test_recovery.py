@@ -7,7 +7,6 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -15,7 +14,7 @@ from rlhf_ray.jobs import run_job
 from rlhf_ray.runtime.actor_group import DEATH_ERRORS
 from rlhf_ray.telemetry.metrics import read_metrics
 
-from job_helpers import assert_same_run, tiny_config
+from job_helpers import actor_pids, assert_same_run, tiny_config
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -24,27 +23,6 @@ PPO = ["run.total_steps=6", "run.save_every=2", "run.keep_last=5", "run.batch_si
        "reward.micro_batch_size=8"]
 ACTOR_CLASS = {"policy": "PolicyWorker", "critic": "CriticWorker", "rollout": "VLLMRolloutWorker",
                "reference": "ReferenceWorker", "reward": "RewardWorker"}
-
-
-def actor_pids(class_name: str) -> list[int]:
-    """Processes of the live Ray actors of `class_name` that this test process created: the cluster's own
-    actor table (its GCS; `ray.util.state` needs the dashboard, which the tests' cluster does not start),
-    filtered to this driver's job, each checked to be the process Ray titled `ray::<Class>` before it is
-    named. No other process on the machine is ever a candidate."""
-    import ray
-
-    job = ray.get_runtime_context().get_job_id()
-    pids = []
-    for actor in ray._private.state.actors().values():
-        if actor["ActorClassName"] != class_name or actor["State"] != "ALIVE" or actor["JobID"] != job:
-            continue
-        try:
-            title = Path(f"/proc/{actor['Pid']}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        if title == f"ray::{class_name}" or title.startswith(f"ray::{class_name}."):
-            pids.append(int(actor["Pid"]))
-    return pids
 
 
 @pytest.fixture(scope="module")
