@@ -21,8 +21,8 @@ from rlhf_ray.data.synthetic import SyntheticConfig
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.tokenizer import load_tokenizer
+from rlhf_ray.offline_formats import data_format
 from rlhf_ray.workers import forward as fw
-from rlhf_ray.workers.policy import OFFLINE_LOSS_BUILDERS
 from rlhf_ray.workers.reward_trainer import pairwise_accuracy, ranked_scores
 
 DATA = DataConfig(max_prompt_length=48, max_length=96)
@@ -73,7 +73,7 @@ def test_each_policy_objective_gives_a_finite_loss_with_gradient(name, tokenizer
     policy = load_causal_lm("tiny-gpt2", seed=0)
     if objective.needs_reference:
         add_reference(objective, batch, load_causal_lm("tiny-gpt2", seed=0))
-    loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, objective.resolve_params({}))
+    loss_fn = data_format(objective.data_format).loss_fn(objective, objective.resolve_params({}))
     policy.train()
     loss, metrics = loss_fn(policy, batch)
     assert loss.dim() == 0 and math.isfinite(float(loss.detach()))
@@ -122,3 +122,49 @@ def test_kto_batch_pairs_each_prompt_with_the_next_completion(tokenizer, data_di
 def test_synthetic_default_sizes_are_the_studys():
     cfg = SyntheticConfig()
     assert (cfg.n_pref_train, cfg.n_pref_eval) == (1300, 125)
+
+
+def test_a_kto_step_runs_the_mismatched_forward_pass_once_with_the_same_loss(tokenizer, data_dir):
+    # The step's reference point z0 comes from one forward pass over the mismatched pairs (every micro-batch);
+    # the loss's own micro-batches then forward only the examples, and the loss is KTO's with that z0.
+    from rlhf_ray.algorithms.preference import kto_loss
+    from rlhf_ray.workers.policy import PolicyWorker
+
+    objective = get_offline_objective("kto")
+    batch = batch_of("kto", "kto", "synthetic:kto", tokenizer, data_dir, n=4)
+    add_reference(objective, batch, load_causal_lm("tiny-gpt2", seed=1))
+    policy = load_causal_lm("tiny-gpt2", seed=0)
+    rows_forwarded = []
+    policy.register_forward_hook(lambda module, args, kwargs, out: rows_forwarded.append(
+        (kwargs.get("input_ids", args[0] if args else None)).shape[0]), with_kwargs=True)
+
+    def micro_batches(b):
+        return [{k: v[i:i + 2] for k, v in b.items()} for i in range(0, 4, 2)]
+
+    class Engine:  # two micro-batches of two rows, one rank
+        device = torch.device("cpu")
+
+        def forward_eval(self, b, fn):
+            with torch.no_grad():
+                outs = [fn(policy, mb) for mb in micro_batches(b)]
+            return {k: torch.cat([o[k] for o in outs]) for k in outs[0]}
+
+        def train_batch(self, b, loss_fn):
+            losses = [loss_fn(policy, mb)[0] for mb in micro_batches(b)]
+            return {"loss": float(sum(losses) / len(losses))}
+
+    worker = PolicyWorker.__new__(PolicyWorker)
+    worker.world_size, worker.engine = 1, Engine()
+    params = objective.resolve_params({})
+    result = worker.train_offline(batch, "kto", params)
+    assert rows_forwarded == [2, 2, 2, 2]  # z0: the 4 mismatched rows once; the loss: the 4 examples once
+
+    with torch.no_grad():
+        kl = fw.sequence_logps(policy, batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_loss_mask"])
+        z0 = max(0.0, float((kl["logps"] - batch["ref_kl_logps"]).mean()))
+        expected = []
+        for mb in micro_batches(batch):
+            logps = fw.sequence_logps(policy, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])["logps"]
+            expected.append(kto_loss(logps, mb["ref_logps"], mb["label"], torch.tensor(z0), beta=params["beta"],
+                                     lambda_d=params["lambda_d"], lambda_u=params["lambda_u"])[0])
+    assert result["loss"] == pytest.approx(float(sum(expected) / 2), abs=1e-6)
