@@ -11,9 +11,10 @@ from types import MappingProxyType
 
 from rlhf_ray.offline_formats.base import OfflineDataFormat
 from rlhf_ray.offline_formats.builtin import KTOFormat, PreferenceFormat, PromptFormat, RankedFormat, SFTFormat
+from rlhf_ray.offline_formats.multi_turn import MultiTurnPreferenceFormat
 
 DATA_FORMATS = MappingProxyType({fmt.name: fmt for fmt in (
-    SFTFormat(), PreferenceFormat(), KTOFormat(), RankedFormat(), PromptFormat(),
+    SFTFormat(), PreferenceFormat(), KTOFormat(), RankedFormat(), PromptFormat(), MultiTurnPreferenceFormat(),
 )})
 
 

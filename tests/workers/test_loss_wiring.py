@@ -8,6 +8,7 @@ reaches each objective, the loss is finite, and its gradient reaches the model.
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -46,7 +47,7 @@ def batch_of(kind, fmt, source, tokenizer, data_dir, n=4):
 def add_reference(objective, batch, ref_model):
     """What the reference role adds to a batch, computed with a separate frozen model."""
     with torch.no_grad():
-        if objective.data_format == "preference":
+        if data_format(objective.data_format).pairs:
             stats = fw.pair_logps(ref_model, batch, vocab=objective.needs_sequence_kl)
             batch["ref_chosen_logps"], batch["ref_rejected_logps"] = stats["chosen_logps"], stats["rejected_logps"]
             if objective.needs_sequence_kl:
@@ -62,13 +63,29 @@ def add_reference(objective, batch, ref_model):
 
 
 SOURCES = {"preference": ("preference", "synthetic:preference_train"), "sft": ("sft", "synthetic:sft"),
-           "kto": ("kto", "synthetic:kto")}
+           "kto": ("kto", "synthetic:kto"), "multi_turn_preference": ("preference", "multi_turn.jsonl")}
+
+
+def multi_turn_rows(n=4):
+    """Conversations sharing two exchanges, then differing in the assistant's second reply."""
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    rows = []
+    for i in range(n):
+        shared = [turn("user", f"add {i} and 1"), turn("assistant", f"{i + 1}"), turn("user", "and 2 more?")]
+        rows.append({"chosen": shared + [turn("assistant", f"{i + 3}")],
+                     "rejected": shared + [turn("assistant", f"{i + 4}")]})
+    return rows
 
 
 @pytest.mark.parametrize("name", [n for n, o in OFFLINE_OBJECTIVES.items() if o.trains == "policy"])
 def test_each_policy_objective_gives_a_finite_loss_with_gradient(name, tokenizer, data_dir):
     objective = get_offline_objective(name)
     fmt, source = SOURCES[objective.data_format]
+    if source.endswith(".jsonl"):
+        source = str(data_dir / source)
+        (data_dir / source).write_text("".join(json.dumps(row) + "\n" for row in multi_turn_rows()))
     batch = batch_of(objective.data_format, fmt, source, tokenizer, data_dir)
     policy = load_causal_lm("tiny-gpt2", seed=0)
     if objective.needs_reference:
@@ -80,9 +97,9 @@ def test_each_policy_objective_gives_a_finite_loss_with_gradient(name, tokenizer
     loss.backward()
     grad = sum(float(p.grad.abs().sum()) for p in policy.parameters() if p.grad is not None)
     assert grad > 0
-    if objective.data_format == "preference":  # the objective's own metrics carry the policy's log-probs
+    if data_format(objective.data_format).pairs:  # the objective's own metrics carry the policy's log-probs
         assert math.isfinite(float(metrics["logps/chosen"])) and math.isfinite(float(metrics["logps/rejected"]))
-    if objective.data_format == "preference" and objective.needs_reference:
+    if data_format(objective.data_format).pairs and objective.needs_reference:
         # The policy equals the reference: every implicit reward is zero (TRL's step-one metrics).
         assert float(metrics["rewards/chosen"]) == pytest.approx(0.0, abs=1e-5)
         assert float(metrics["rewards/margins"]) == pytest.approx(0.0, abs=1e-5)
