@@ -24,7 +24,7 @@ from rlhf_ray.algorithms.batches import KTOBatch, PreferenceBatch, RankedRewardB
 from rlhf_ray.algorithms.reward_loss import ranked_reward_loss
 from rlhf_ray.algorithms.sft_loss import kl_sft_loss, sft_loss
 
-DATA_FORMATS = ("sft", "preference", "kto", "ranked_or_preference")
+DATA_FORMATS = ("sft", "preference", "kto", "ranked_or_preference", "multi_turn_preference")
 TRAINS = ("policy", "reward_model")
 
 
@@ -35,6 +35,7 @@ _RANGES: Mapping[str, Callable[[float], bool]] = {
     "> 0": lambda v: v > 0,
     ">= 0": lambda v: v >= 0,
     "[0, 0.5)": lambda v: 0 <= v < 0.5,
+    "integer >= 0": lambda v: v >= 0 and float(v).is_integer(),
 }
 
 
@@ -45,7 +46,7 @@ class Param:
     default: float | None
     doc: str
     valid: str = "any"
-    """The values it takes: "any", "> 0", ">= 0" or "[0, 0.5)"."""
+    """The values it takes: "any", "> 0", ">= 0", "[0, 0.5)" or "integer >= 0"."""
 
     def __post_init__(self) -> None:
         if self.valid not in _RANGES:
@@ -77,7 +78,8 @@ class OfflineObjective:
     name: str
     description: str
     data_format: str
-    """"sft", "preference", "kto" or "ranked_or_preference" (reward models)."""
+    """"sft", "preference", "kto", "ranked_or_preference" (reward models) or "multi_turn_preference"; the
+    format object of that name (`rlhf_ray.offline_formats`) builds, scores and takes the loss of its batches."""
     needs_reference: bool
     """The frozen reference model scores every batch."""
     trains: str
@@ -238,6 +240,14 @@ def _tdpo(name: str, variant: int):
     return adapter
 
 
+def _segment_dpo(b: PreferenceBatch, p: Mapping[str, float]):
+    """Segment-Level DPO (Kong et al. 2025): DPO's loss, with each side's log-prob summed over the assistant
+    tokens of its segment only (the `multi_turn_preference` format masks the rest). Not sDPO, the stepwise
+    DPO schedule of `algorithm.sdpo_stages` (Kim et al. 2024), which splits the data into stages."""
+    _expect("segment_dpo", b, PreferenceBatch, *_REF)
+    return pref.dpo_loss(*_four(b), beta=p["beta"])
+
+
 def _kto(b: KTOBatch, p: Mapping[str, float]):
     _expect("kto", b, KTOBatch)
     z0 = b.kl_reference_point
@@ -302,6 +312,11 @@ _OFFLINE = (
     _offline("tdpo2", "Token-level DPO, TDPO2 (Zeng et al. 2024).", "preference", True, _tdpo("tdpo2", 2),
              needs_sequence_kl=True, beta=_BETA,
              alpha=Param(0.5, "weight of the sequential-KL gap (the chosen side's KL is detached)", ">= 0")),
+    _offline("segment_dpo", "Segment-Level DPO on multi-turn conversations (Kong et al. 2025): DPO over the "
+             "assistant turns of the segment from the first turn where chosen and rejected differ; not sDPO "
+             "(algorithm.sdpo_stages, stepwise DPO).", "multi_turn_preference", True, _segment_dpo, beta=_BETA,
+             segment_turns=Param(0.0, "turns in the segment, from the first differing one (0: to the end)",
+                                 "integer >= 0")),
     _offline("kto", "Kahneman-Tversky Optimisation on unpaired data (Ethayarajh et al. 2024).", "kto", True, _kto,
              beta=_BETA, lambda_d=Param(1.0, "weight of desirable examples", ">= 0"),
              lambda_u=Param(1.0, "weight of undesirable examples", ">= 0")),

@@ -12,22 +12,20 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
 from rlhf_ray.config.schema import DataConfig
-from rlhf_ray.data.collate import collate_prompts, collate_sequences
-from rlhf_ray.data.formats import DataError, Example, PreferenceExample, RankedExample
+from rlhf_ray.data.collate import collate_sequences
+from rlhf_ray.data.formats import DataError, Example
 from rlhf_ray.data.loading import load_examples
 from rlhf_ray.data.tasks import resolve_task_source
 from rlhf_ray.data.tokenize import (
     EncodedSequence,
-    encode_prompt,
     encode_prompt_response,
     has_chat_template,
-    render_prompt,
 )
 
 
@@ -37,16 +35,21 @@ def resolve_source(spec: str, data_dir: Path) -> str:
     return resolve_task_source(spec, data_dir)
 
 
-def load_job_examples(spec: str, fmt: str, data: DataConfig, tokenizer: Any, data_dir: Path) -> tuple[list, dict]:
-    """Checked examples of `spec` in format `fmt` and the count of skipped rows by reason.
+def load_job_examples(spec: str, fmt: str, data: DataConfig, tokenizer: Any, data_dir: Path,
+                      kind: str | None = None) -> tuple[list, dict]:
+    """Checked examples of `spec` in format `fmt` and the count of skipped rows by reason; with `kind`, each
+    row also passes that data format's own check (`OfflineDataFormat.check_row`).
 
     A prompt longer than `data.max_prompt_length` tokens (rendered by this tokenizer, its chat template
     included) is a bad row, and chat-message rows need a tokenizer with a chat template: both fail here,
     on the driver before any model loads, naming the file."""
+    from rlhf_ray.offline_formats import data_format
+
     source = resolve_source(spec, data_dir)
     loaded = load_examples(source, fmt, column_map=data.column_map or None,
                            prompt_template=data.prompt_template or None, skip_bad_rows=data.skip_bad_rows,
-                           max_prompt_length=data.max_prompt_length, tokenizer=tokenizer)
+                           max_prompt_length=data.max_prompt_length, tokenizer=tokenizer,
+                           check_row=data_format(kind).check_row if kind else None)
     examples = loaded.examples[:data.max_examples] if data.max_examples else loaded.examples
     if not has_chat_template(tokenizer) and any(_is_chat(example) for example in examples):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
@@ -68,10 +71,13 @@ class JobData:
 
     examples: list[Example]
     kind: str
-    """sft, preference, kto, ranked (reward-model training), or prompt (online)."""
+    """The name of its data format (`offline_formats.DATA_FORMATS`): sft, preference, kto, ranked (reward-model
+    training), prompt (online), ..."""
     tokenizer: Any
     config: DataConfig
     skipped: dict = field(default_factory=dict)
+    params: Mapping[str, Any] = field(default_factory=dict)
+    """The objective's resolved parameters, for a format whose batches depend on them (a segment's length)."""
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -101,66 +107,15 @@ class JobData:
         return {prefix + k: v for k, v in batch.items()}
 
     def batch(self, indices: list[int]) -> dict:
-        """The tensors of these examples, in the layout of `self.kind`."""
-        rows = [self.examples[i] for i in indices]
-        return getattr(self, f"_batch_{self.kind}")(rows)
+        """The tensors of these examples, in the layout of `self.kind` (its format object's `batch`)."""
+        from rlhf_ray.offline_formats import data_format
 
-    def _batch_sft(self, rows) -> dict:
-        return self._collate([self._encode(r.prompt, r.completion) for r in rows])
-
-    def _batch_preference(self, rows) -> dict:
-        chosen = [self._encode(r.prompt, r.chosen) for r in rows]
-        rejected = [self._encode(r.prompt, r.rejected) for r in rows]
-        both = collate_sequences(chosen + rejected, self.tokenizer.pad_token_id)
-        n = len(rows)
-        out = {}
-        for key, value in both.items():
-            out[f"chosen_{key}"] = value[:n]
-            out[f"rejected_{key}"] = value[n:]
-        if all(r.score_chosen is not None for r in rows):
-            out["score_chosen"] = torch.tensor([r.score_chosen for r in rows], dtype=torch.float32)
-            out["score_rejected"] = torch.tensor([r.score_rejected for r in rows], dtype=torch.float32)
-        return out
-
-    def _batch_kto(self, rows) -> dict:
-        # KTO's reference point: each prompt with the next example's completion (Ethayarajh et al. 2024).
-        out = self._collate([self._encode(r.prompt, r.completion) for r in rows])
-        shifted = rows[1:] + rows[:1]
-        out.update(self._collate([self._encode(r.prompt, s.completion) for r, s in zip(rows, shifted)], "kl_"))
-        out["label"] = torch.tensor([bool(r.label) for r in rows], dtype=torch.bool)
-        return out
-
-    def _batch_ranked(self, rows) -> dict:
-        groups = [_as_ranked(r) for r in rows]
-        sizes = {len(g.responses) for g in groups}
-        if len(sizes) != 1:
-            raise ValueError(f"a reward-model batch mixes prompts with {sorted(sizes)} responses; "
-                             "use data with the same number of responses per prompt")
-        (k,) = sizes
-        flat = collate_sequences([self._encode(g.prompt, resp) for g in groups for resp in g.responses],
-                                 self.tokenizer.pad_token_id)
-        ranks = torch.empty(len(groups), k, dtype=torch.long)
-        for row, g in enumerate(groups):
-            for place, response_index in enumerate(g.ranking):
-                ranks[row, response_index] = place
-        return {"input_ids": flat["input_ids"].reshape(len(groups), k, -1),
-                "attention_mask": flat["attention_mask"].reshape(len(groups), k, -1), "ranking": ranks}
-
-    def _batch_prompt(self, rows) -> dict:
-        ids = [encode_prompt(self.tokenizer, r.prompt, self.config.max_prompt_length) for r in rows]
-        out = collate_prompts(ids, self.tokenizer.pad_token_id)
-        out["prompt_text"] = [render_prompt(self.tokenizer, r.prompt) for r in rows]
-        return out
+        return data_format(self.kind).batch(self, [self.examples[i] for i in indices])
 
     def prompts(self, indices: list[int] | None = None) -> dict:
         """Left-padded prompts of these examples (any format has a prompt): for generation."""
+        from rlhf_ray.offline_formats import data_format
+
         rows = self.examples if indices is None else [self.examples[i] for i in indices]
-        return self._batch_prompt(rows)
+        return data_format("prompt").batch(self, rows)
 
-
-def _as_ranked(row) -> RankedExample:
-    if isinstance(row, RankedExample):
-        return row
-    if isinstance(row, PreferenceExample):
-        return RankedExample(prompt=row.prompt, responses=[row.chosen, row.rejected], ranking=[0, 1])
-    raise TypeError(f"reward-model training takes preference or ranked rows, got {type(row).__name__}")

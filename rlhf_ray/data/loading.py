@@ -28,7 +28,7 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from rlhf_ray.data.formats import (
     LAYOUTS,
@@ -88,6 +88,7 @@ def load_examples(
     skip_bad_rows: bool = False,
     max_prompt_length: int | None = None,
     tokenizer: Any = None,
+    check_row: Callable[[Example], None] | None = None,
 ) -> LoadedData:
     """Read ``source`` as format ``fmt`` (one of ``FORMATS``) and check every row.
 
@@ -97,7 +98,9 @@ def load_examples(
     ``"Question: {prompt}\\n\\nAnswer: "``. ``max_prompt_length`` (needs
     ``tokenizer``) rejects prompts whose rendered form is longer in tokens.
     A bad row raises :class:`DataError` naming the file, the row and the
-    problem; with ``skip_bad_rows=True`` it is dropped and counted instead,
+    problem (``check_row(example)`` may refuse a row too, raising
+    :class:`RowProblem`: what a training data format needs beyond the
+    on-disk format); with ``skip_bad_rows=True`` it is dropped and counted instead,
     and loading fails only if no row is left."""
     check_format(fmt)
     if prompt_template is not None:
@@ -118,6 +121,8 @@ def load_examples(
                 row["label"] = _csv_label(row["label"])
             try:
                 example = row_to_example(fmt, layout, row)
+                if check_row is not None:
+                    check_row(example)
                 example = _apply_template(example, prompt_template, where, row_index)
                 if max_prompt_length is not None:
                     _check_prompt_length(example, tokenizer, max_prompt_length)

@@ -132,11 +132,10 @@ def offline_pair_metrics(job, roles) -> dict:
         scores = roles["reward"].scatter_padded(lambda a, shard: a.scores.remote(shard), batch).merged()["scores"]
         return {"eval/rm_accuracy": float(pairwise_accuracy(scores, batch["ranking"])),
                 "eval/rm_score_mean": float(scores.mean())}
-    if job.objective.needs_reference:
-        vocab = job.objective.needs_sequence_kl
-        batch.update(roles.reference().scatter_padded(
-            lambda a, shard: a.pair_logps.remote(shard, vocab), batch).merged())
     name, params = job.objective.name, job.params
+    if job.objective.needs_reference:
+        batch.update(roles.reference().scatter_padded(
+            lambda a, shard: a.offline_reference_logps.remote(shard, name), batch).merged())
     per_rank = roles["policy"].scatter_padded(
         lambda a, shard: a.eval_preference.remote(shard, name, params), batch).results()
     return {f"eval/{k}": sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}

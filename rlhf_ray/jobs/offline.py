@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 
-from rlhf_ray.algorithms.advantages import aggregation_denominator
 from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
@@ -33,6 +32,7 @@ from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir
 from rlhf_ray.jobs.loop import run_steps
 from rlhf_ray.jobs.validate import objective_params, validate_offline
 from rlhf_ray.models.loading import load_tokenizer_for
+from rlhf_ray.offline_formats import data_format
 from rlhf_ray.runtime.checkpoint import load_checkpoint
 from rlhf_ray.runtime.role_groups import RoleGroups, init_ray
 from rlhf_ray.telemetry.timers import PhaseTimer
@@ -80,18 +80,6 @@ def _fit_width(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([t, pad], dim=1)
 
 
-# The reference's log-probs for each data format (`ReferenceScoring`: the reference group, or a LoRA
-# policy's base), over a batch of any size.
-REFERENCE_LOGPS = {
-    "preference": lambda ref, batch, objective: ref.scatter_padded(
-        lambda a, shard: a.pair_logps.remote(shard, objective.needs_sequence_kl), batch).merged(),
-    "kto": lambda ref, batch, objective: ref.scatter_padded(
-        lambda a, shard: a.kto_logps.remote(shard), batch).merged(),
-    "sft": lambda ref, batch, objective: {"ref_token_logps": ref.scatter_padded(
-        lambda a, shard: a.token_logps.remote(shard), batch).merged()["ref_token_logps"]},
-}
-
-
 class OfflineJob(RecoveringJob):
     """One offline job from config to `summary.json`."""
 
@@ -99,6 +87,7 @@ class OfflineJob(RecoveringJob):
         validate_offline(cfg)
         self.cfg = cfg
         self.objective = get_offline_objective(cfg.algorithm.name)
+        self.format = data_format(self.objective.data_format) if self.objective.trains == "policy" else None
         self.params = objective_params(cfg)
         self.trains_policy = self.objective.trains == "policy"
         self.run_dir = prepare_run_dir(cfg)
@@ -118,17 +107,20 @@ class OfflineJob(RecoveringJob):
         if objective.trains == "reward_model":
             disk_format, kind = (cfg.data.format or "preference"), "ranked"
         else:
-            disk_format = "sft" if spin else (cfg.data.format or objective.data_format)
+            disk_format = "sft" if spin else (cfg.data.format or self.format.disk_format)
             kind = objective.data_format
-        examples, skipped = load_job_examples(cfg.data.train, disk_format, cfg.data, self.tokenizer, data_dir)
-        train = JobData(examples, kind, self.tokenizer, cfg.data, skipped)
+        row_kind = None if spin else kind
+        examples, skipped = load_job_examples(cfg.data.train, disk_format, cfg.data, self.tokenizer, data_dir,
+                                              kind=row_kind)
+        train = JobData(examples, kind, self.tokenizer, cfg.data, skipped, self.params)
         eval_pairs = eval_prompts = None
         if cfg.data.eval:
             eval_prompts = JobData(load_job_examples(cfg.data.eval, "prompt", cfg.data, self.tokenizer,
                                                      data_dir)[0], "prompt", self.tokenizer, cfg.data)
-            if kind in ("preference", "ranked") and not spin:
+            if (kind == "ranked" or data_format(kind).pairs) and not spin:
                 eval_pairs = JobData(load_job_examples(cfg.data.eval, disk_format, cfg.data, self.tokenizer,
-                                                       data_dir)[0], kind, self.tokenizer, cfg.data)
+                                                       data_dir, kind=row_kind)[0], kind, self.tokenizer, cfg.data,
+                                     params=self.params)
         return train, eval_pairs, eval_prompts
 
     def _check_scores(self) -> None:
@@ -252,7 +244,8 @@ class OfflineJob(RecoveringJob):
             return self._spin_pairs(roles, stage)
         if len(stage.rows) == len(self.train):
             return self.train
-        return JobData([self.train.examples[i] for i in stage.rows], self.train.kind, self.tokenizer, self.cfg.data)
+        return JobData([self.train.examples[i] for i in stage.rows], self.train.kind, self.tokenizer, self.cfg.data,
+                       params=self.params)
 
     def _spin_pairs(self, roles: RoleGroups, stage: Stage) -> JobData:
         """SPIN: chosen = the SFT completion, rejected = the current reference's own response."""
@@ -297,16 +290,15 @@ class OfflineJob(RecoveringJob):
             width = ids.shape[1] - 1  # per-token log-probs score tokens 1 .. T-1
             return {k: v[rows] if v.dim() == 1 else _fit_width(v[rows], width)
                     for k, v in self.reference_cache.items()}
-        return REFERENCE_LOGPS[self.objective.data_format](roles.reference(), batch, self.objective)
+        name = self.objective.name
+        return roles.reference().scatter_padded(
+            lambda a, shard: a.offline_reference_logps.remote(shard, name), batch).merged()
 
     def _train_step(self, roles: RoleGroups, batch: dict) -> dict:
         trainer = roles[self.trainer_name]
         name, params = self.objective.name, self.params
-        if self.objective.data_format == "sft":  # token losses: the step's mean over all its tokens
-            agg = self.cfg.algorithm.loss_aggregation
-            params = {**params, "loss_aggregation": agg,
-                      "loss_denominator": aggregation_denominator(batch["loss_mask"][:, 1:], agg,
-                                                                  self.cfg.data.max_length)}
+        if self.format is not None:
+            params = self.format.driver_params(batch, params, self.cfg)
         per_rank = trainer.call_scattered(lambda a, shard: a.train_offline.remote(shard, name, params), batch)
         return {f"train/{k}" if "/" not in k else k: sum(m[k] for m in per_rank) / len(per_rank)
                 for k in per_rank[0]}

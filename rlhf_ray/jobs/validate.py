@@ -14,6 +14,7 @@ from rlhf_ray.algorithms.registry import (
 )
 from rlhf_ray.config.schema import ConfigError, JobConfig, RoleConfig
 from rlhf_ray.job_plan import plan_job
+from rlhf_ray.offline_formats import data_format
 from rlhf_ray.runtime.deepspeed_config import DeepSpeedConfigError, check_lr_schedule
 
 
@@ -115,7 +116,7 @@ def validate_offline(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
     if (cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1) and not objective.needs_reference:
         raise ConfigError(f"SPIN and sDPO move the reference between stages; {objective.name} has no reference")
     if cfg.algorithm.precompute_reference and objective.needs_reference:
-        if objective.needs_sequence_kl or objective.data_format == "kto":
+        if objective.needs_sequence_kl or not data_format(objective.data_format).reference_cacheable:
             raise ConfigError(f"algorithm.precompute_reference: {objective.name} needs the reference on every batch "
                               "(full token distributions for TDPO, in-batch mismatched pairs for KTO); set it false")
         if cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1:

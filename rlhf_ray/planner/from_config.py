@@ -95,7 +95,7 @@ def _roles(cfg: JobConfig) -> _Roles:
         n = a.samples_per_prompt or online.default_samples_per_prompt
         sequences = batch * n + (batch if online.needs_greedy else 0)
         return _Roles(trained, frozen, sequences, batch * n // a.num_minibatches, False)
-    return _Roles(trained, frozen, 0, batch, plan.declaration.data_format == "preference")
+    return _Roles(trained, frozen, 0, batch, _pairs(plan.declaration))
 
 
 def on_gpu(cfg: JobConfig, gpus: int | None = None) -> bool:
@@ -284,3 +284,11 @@ def _layout(cfg: JobConfig, plans: dict[str, RolePlan], devices: dict[str, int],
 
 __all__ = ["PlannedRole", "held_bytes", "on_gpu", "plan_from_config", "planned_roles", "planner_dtype",
            "role_shape"]
+
+
+def _pairs(objective) -> bool:
+    """Whether each example of the objective's data format is a chosen and a rejected sequence."""
+    from rlhf_ray.offline_formats import DATA_FORMATS
+
+    fmt = DATA_FORMATS.get(objective.data_format)
+    return fmt is not None and fmt.pairs

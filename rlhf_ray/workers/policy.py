@@ -14,62 +14,15 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.algorithms.advantages import aggregation_weights
-from rlhf_ray.algorithms.batches import KTOBatch, PreferenceBatch, SFTBatch
-from rlhf_ray.algorithms.preference import odpo_offsets, tdpo_sequential_kl
 from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
 from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_sums, rollout_is_weights, weighted_advantages
 from rlhf_ray.algorithms.sft_loss import sft_loss
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.offline_formats import data_format
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import ExportMixin, GenerateMixin, TrainableWorker
 from rlhf_ray.workers.reference import ReferenceScoring
-
-
-def _preference_loss(objective, params, engine=None):
-    def loss_fn(module, mb):
-        stats = fw.pair_logps(module, mb, vocab=objective.needs_sequence_kl)
-        seq_kl = {}
-        if objective.needs_sequence_kl:
-            for side in ("chosen", "rejected"):
-                seq_kl[f"{side}_seq_kl"] = tdpo_sequential_kl(
-                    stats[f"{side}_vocab_logps"], mb[f"ref_{side}_vocab_logps"], stats[f"{side}_mask"])
-        offsets = None
-        if objective.per_pair_offsets(params) and "score_chosen" in mb:
-            offsets = odpo_offsets(mb["score_chosen"], mb["score_rejected"], params["alpha"])
-        inputs = PreferenceBatch(
-            policy_chosen_logps=stats["chosen_logps"], policy_rejected_logps=stats["rejected_logps"],
-            ref_chosen_logps=mb.get("ref_chosen_logps"), ref_rejected_logps=mb.get("ref_rejected_logps"),
-            chosen_lengths=stats["chosen_lengths"], rejected_lengths=stats["rejected_lengths"], offsets=offsets,
-            **seq_kl)
-        return objective.loss(inputs, params)
-    return loss_fn
-
-
-def _sft_loss(objective, params, engine=None):
-    def loss_fn(module, mb):
-        stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
-        weights = aggregation_weights(stats["mask"], params.get("loss_aggregation", "token-mean"))
-        loss, metrics = objective.loss(SFTBatch(stats["token_logps"], weights, mb.get("ref_token_logps")), params)
-        if engine is not None and "loss_denominator" in params:  # training: the minibatch's own mean
-            loss = engine.global_loss(loss, weights.sum(), params["loss_denominator"])
-        return loss, metrics
-    return loss_fn
-
-
-def _kto_loss(objective, params, engine=None):
-    def loss_fn(module, mb):
-        stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
-        with torch.no_grad():
-            mismatched = fw.sequence_logps(module, mb["kl_input_ids"], mb["kl_attention_mask"], mb["kl_loss_mask"])
-        inputs = KTOBatch(policy_logps=stats["logps"], ref_logps=mb["ref_logps"], desirable=mb["label"].bool(),
-                          policy_logps_mismatched=mismatched["logps"], ref_logps_mismatched=mb["ref_kl_logps"],
-                          kl_reference_point=params.get("kl_reference_point"))
-        return objective.loss(inputs, params)
-    return loss_fn
-
-
-OFFLINE_LOSS_BUILDERS = {"preference": _preference_loss, "sft": _sft_loss, "kto": _kto_loss}
 
 
 def online_loss(algorithm, params: dict, temperature: float, engine=None):
@@ -158,10 +111,9 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
     def train_offline(self, batch: dict, objective_name: str, params: dict) -> dict:
         """One optimizer step of an offline objective on this rank's share of the batch."""
         objective = get_offline_objective(objective_name)
-        if objective.data_format == "kto":
-            params = {**params, "kl_reference_point": self.kto_reference_point(batch)}
-        loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, params, self.engine)
-        return self.engine.train_batch(batch, loss_fn)
+        fmt = data_format(objective.data_format)
+        params = fmt.step_params(self, batch, objective, params)  # KTO: its reference point, once per step
+        return self.engine.train_batch(batch, fmt.loss_fn(objective, params, self.engine))
 
     def kto_reference_point(self, batch: dict) -> float:
         """KTO's z0 for a whole step: the mean policy-minus-reference log-ratio of the mismatched pairs over
@@ -179,7 +131,7 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
     def eval_preference(self, batch: dict, objective_name: str, params: dict) -> dict:
         """The objective's loss and reward metrics on held-out pairs, without gradients."""
         objective = get_offline_objective(objective_name)
-        loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, params)
+        loss_fn = data_format(objective.data_format).loss_fn(objective, params)
 
         def fn(module, mb):
             loss, metrics = loss_fn(module, mb)

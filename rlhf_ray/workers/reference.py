@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import dtype_name, load_causal_lm, load_tokenizer_for, resolve_dtype
+from rlhf_ray.offline_formats import data_format
 from rlhf_ray.runtime.engine import InferenceEngine
 from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.workers import forward as fw
@@ -27,6 +29,12 @@ class ReferenceScoring:
     job: JobConfig
     reference_eval: Callable[[dict, Callable], dict]
     """`fn(module, micro_batch)` over `batch` on the reference weights; each class using the mixin defines it."""
+
+    def offline_reference_logps(self, batch: dict, objective_name: str) -> dict:
+        """What the reference adds to a batch of offline objective `objective_name`: its data format's
+        `reference_logps` (pair log-probs, KTO's with their mismatched pairs, per-token log-probs, ...)."""
+        objective = get_offline_objective(objective_name)
+        return data_format(objective.data_format).reference_logps(self, batch, objective)
 
     def pair_logps(self, batch: dict, vocab: bool = False) -> dict:
         """`ref_chosen_logps`, `ref_rejected_logps` `[B]` (and `ref_*_vocab_logps` for TDPO)."""

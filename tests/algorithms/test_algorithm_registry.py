@@ -37,7 +37,7 @@ def test_all_names_are_declared():
     assert set(ONLINE_ALGORITHMS) == {"ppo", "remax", "grpo", "dr_grpo", "dapo", "gspo", "rloo", "reinforce_pp"}
     assert set(OFFLINE_OBJECTIVES) == {
         "sft", "kl_sft", "rm", "dpo", "cdpo", "ipo", "dpop", "rdpo", "apo_zero", "odpo", "slic", "simpo", "tdpo1",
-        "tdpo2", "kto"
+        "tdpo2", "kto", "segment_dpo"
     }
 
 

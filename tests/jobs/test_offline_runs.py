@@ -103,6 +103,35 @@ def test_apo_zero_declared_in_one_registry_entry_trains_end_to_end(ray_cluster, 
     assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
 
 
+def multi_turn_pairs(path, n=8):
+    """Chat rows sharing two exchanges and differing from the assistant's second reply on, as TRL writes them."""
+    import json
+
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    rows = []
+    for i in range(n):
+        shared = [turn("user", f"add {i} and 1"), turn("assistant", f"{i + 1}"), turn("user", "and 2 more?")]
+        rows.append({"chosen": shared + [turn("assistant", f"{i + 3}"), turn("user", "thanks"),
+                                         turn("assistant", "you are welcome")],
+                     "rejected": shared + [turn("assistant", f"{i + 4}"), turn("user", "thanks"),
+                                           turn("assistant", "no")]})
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_segment_dpo_trains_on_multi_turn_pairs_end_to_end(ray_cluster, tmp_path):
+    # A shipped DPO preset, with the objective's name, its segment length and chat-message data.
+    out = tmp_path / "segment"
+    run_job(tiny_config("tiny-dpo", out, "algorithm.name=segment_dpo", "algorithm.params.segment_turns=2",
+                        f"data.train={multi_turn_pairs(tmp_path / 'pairs.jsonl')}", "run.total_steps=3", *SMALL))
+    rows = read_metrics(out)
+    assert len(rows) == 3 and all(math.isfinite(r["train/loss"]) for r in rows)
+    assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)  # step 1: the policy is the reference
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+
+
 def test_odpo_uses_per_pair_scores_and_refuses_data_without_them(ray_cluster, tmp_path):
     import json
 

@@ -121,3 +121,36 @@ def test_an_offline_jobs_rule_that_refuses_its_eval_data_fails_before_training(t
                                           r"first prompt of data\.eval \(synthetic:preference_eval\): ValueError: "
                                           r"answer_reward: the prompt .* asks no question"):
         OfflineJob(cfg)
+
+
+def test_smol_segment_dpo_on_chatml_conversations(ray_cluster, tmp_path):
+    # Segment-Level DPO on multi-turn chat rows, rendered by SmolLM2's ChatML template: the loss covers the
+    # assistant reply that differs ("<reply><|im_end|>\n"), not the shared turns, and starts at log 2.
+    from rlhf_ray.data.job_data import JobData, load_job_examples
+    from rlhf_ray.models.loading import load_tokenizer_for
+
+    def turn(role, content):
+        return {"role": role, "content": content}
+
+    rows = []
+    for i in range(4):
+        shared = [turn("user", f"What is {i} + 1?"), turn("assistant", f"{i + 1}"), turn("user", "And 2 more?")]
+        rows.append({"chosen": shared + [turn("assistant", f"{i + 3}"), turn("user", "Thanks"),
+                                         turn("assistant", "Bye")],
+                     "rejected": shared + [turn("assistant", f"{i + 4}"), turn("user", "Thanks"),
+                                           turn("assistant", "Hm")]})
+    data = tmp_path / "conversations.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    overrides = ["algorithm.name=segment_dpo", "algorithm.params={beta: 0.1, segment_turns: 1}", f"data.train={data}",
+                 "data.max_length=160", "data.max_prompt_length=120"]
+    cfg = tiny_config("smol-dpo", tmp_path / "segment", "run.total_steps=1", *OFFLINE, *overrides)
+    tokenizer = load_tokenizer_for("smollm2-135m")
+    examples, _ = load_job_examples(str(data), "preference", cfg.data, tokenizer, tmp_path,
+                                    kind="multi_turn_preference")
+    batch = JobData(examples, "multi_turn_preference", tokenizer, cfg.data, params={"segment_turns": 1}).batch([0])
+    mask = batch["chosen_loss_mask"][0].bool()
+    assert tokenizer.decode(batch["chosen_input_ids"][0][mask]) == "3<|im_end|>\n"
+    assert "<|im_start|>assistant\n1<|im_end|>" in tokenizer.decode(batch["chosen_input_ids"][0])  # shared, unmasked
+    run_job(cfg)
+    row = read_metrics(tmp_path / "segment")[0]
+    assert row["train/loss"] == pytest.approx(math.log(2), abs=1e-4)  # the policy is the reference

@@ -1,0 +1,56 @@
+"""What one data format of an offline job is made of, in one object.
+
+A data format knows, for its rows: which on-disk layout the loader reads
+(`disk_format`) and what else a row must satisfy (`check_row`), how a list of
+rows becomes the batch tensors (`batch`, on the driver), what the reference
+adds to a batch (`reference_logps`, on a rank holding the reference weights),
+and how the trained model's loss is taken (`loss_fn`, on a trainer rank, with
+the per-step values `step_params` works out on that rank and `driver_params`
+on the driver). The drivers and workers call these and branch on no name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+LossFn = Callable[[Any, dict], "tuple[Any, dict]"]
+
+
+class OfflineDataFormat:
+    """One data format; subclasses override what their rows need."""
+
+    name: str = ""
+    disk_format: str = ""
+    """The loader's format (`data/formats.py`) read when `data.format` is not set."""
+    pairs: bool = False
+    """Batches hold chosen/rejected pairs (`chosen_*`/`rejected_*` tensors): held-out pair metrics apply, and
+    every example is two sequences through the model."""
+    reference_cacheable: bool = True
+    """The reference's log-probs of a row depend on that row alone, so they can be precomputed once."""
+
+    def check_row(self, example: Any) -> None:
+        """Raise `data.formats.RowProblem` (naming the key and what to do) for a row this format cannot train on;
+        the loader adds the file and row."""
+        return None
+
+    def batch(self, data: Any, rows: list) -> dict:
+        """The tensors of `rows` (examples of `data`, a `JobData`: its tokenizer, config, params, encode cache)."""
+        raise NotImplementedError(f"data format {self.name!r} builds no batches")
+
+    def reference_logps(self, scoring: Any, batch: dict, objective: Any) -> dict:
+        """What the reference adds to `batch` for `objective`, computed through `scoring` (`ReferenceScoring`)."""
+        raise NotImplementedError(f"data format {self.name!r} has no reference scoring")
+
+    def loss_fn(self, objective: Any, params: Mapping[str, Any], engine: Any = None) -> LossFn:
+        """`fn(module, micro_batch) -> (loss, metrics)` of `objective` on this format's batches; with `engine`
+        (training) the loss may be this micro-batch's share of the step's (`engine.global_loss`)."""
+        raise NotImplementedError(f"data format {self.name!r} has no loss")
+
+    def step_params(self, worker: Any, batch: dict, objective: Any, params: dict) -> dict:
+        """`params` with what a trainer rank works out once per step from the whole batch (default: nothing)."""
+        return params
+
+    def driver_params(self, batch: dict, params: dict, cfg: Any) -> dict:
+        """`params` with what the driver works out once per step from the whole batch (default: nothing)."""
+        return params
