@@ -12,6 +12,10 @@ file stays a thin shell. Batches are dicts of tensors; their layouts:
 
 Position ids always come from the attention mask, so a left-padded row gets
 the same positions as in generation.
+
+Shared prefixes: the rollout rows of one prompt (GRPO-style groups, `samples_per_prompt > 1`) repeat
+the prompt. `response_logprobs(..., shared_prefix=True)` packs each group into one row, the prompt once
+and then every response, and runs the prompt's forward once for the group (`packed_response_logits`).
 """
 
 from __future__ import annotations
@@ -94,16 +98,111 @@ def pair_logps(module, batch: dict, *, vocab: bool = False) -> dict[str, torch.T
     return out
 
 
+SHARED_PREFIX_MODEL_TYPES = frozenset({"llama"})
+"""Model types whose packed forward (`packed_response_logits`) a test proves equal to the unshared one.
+Their Hugging Face attention takes a custom 4D additive mask and explicit position ids as given; GPT-2
+builds its own mask in older releases and has learned absolute positions, so it is not listed."""
+
+SHARED_PREFIX_ATTENTION = frozenset({"sdpa", "eager"})
+"""Attention implementations that take a 4D float mask (flash attention takes none)."""
+
+
+def shared_prefix_supported(module) -> bool:
+    """Whether `module`'s forward can pack a group's responses behind one prompt: its model type is in
+    `SHARED_PREFIX_MODEL_TYPES` and its attention in `SHARED_PREFIX_ATTENTION`."""
+    config = getattr(_unwrapped(module), "config", None)
+    return (getattr(config, "model_type", None) in SHARED_PREFIX_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) in SHARED_PREFIX_ATTENTION)
+
+
+def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> list[list[int]]:
+    """Row indices of rollout rows grouped by equal prompts (the tokens the mask keeps of the first
+    `prompt_length` columns), in order of each group's first row. Rows need not be contiguous."""
+    groups: dict[tuple, list[int]] = {}
+    ids, mask = input_ids[:, :prompt_length].tolist(), attention_mask[:, :prompt_length].tolist()
+    for row, (tokens, keep) in enumerate(zip(ids, mask)):
+        groups.setdefault(tuple(t for t, k in zip(tokens, keep) if k), []).append(row)
+    return list(groups.values())
+
+
+def packed_response_logits(module, input_ids, attention_mask, response_length: int,
+                           groups: list[list[int]]) -> torch.Tensor:
+    """The logits in fp32 that score each rollout row's response tokens, `[B, R, V]` (entry `t` predicts
+    response token `t`), from one packed row per group of rows sharing a prompt.
+
+    Packed row `g` is `[prompt (left-padded to P), response of member 1, ..., of member K]` (each response
+    at its full `R` columns; K the largest group, smaller groups' spare slots masked out). A 4D additive
+    mask lets each response see the prompt and, causally, itself, never a sibling; its position ids
+    continue from the prompt's length, as in its own row. So every response token sees exactly the keys,
+    values and positions it sees in the unshared `[B, P + R]` batch, and its logits are the same up to
+    float rounding. The first response token of every member is scored at the prompt's last position,
+    shared by the group; the LM head runs on the scored positions only (`logits_to_keep` as indices)."""
+    rows, total = input_ids.shape
+    R = response_length
+    P = total - R
+    G, K = len(groups), max(len(g) for g in groups)
+    device = input_ids.device
+    slots = torch.full((G, K), -1, dtype=torch.long)
+    for g, members in enumerate(groups):
+        slots[g, :len(members)] = torch.tensor(members)
+    slots = slots.to(device)
+    taken = slots >= 0
+    member = slots.clamp(min=0)
+    first = member[:, 0]
+    prompt_mask = attention_mask[first, :P].long()
+    response_mask = attention_mask[member, P:].long() * taken.unsqueeze(-1).long()  # [G, K, R]
+    ids = torch.cat([input_ids[first, :P], input_ids[member, P:].reshape(G, K * R)], dim=1)
+    key_valid = torch.cat([prompt_mask, response_mask.reshape(G, K * R)], dim=1).bool()  # [G, L]
+    prompt_len = prompt_mask.sum(-1)  # [G]
+    positions = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                           ((prompt_len - 1).view(G, 1, 1) + response_mask.cumsum(-1)).reshape(G, K * R)], dim=1)
+    segment = torch.cat([torch.full((P,), -1, device=device),
+                         torch.arange(K, device=device).repeat_interleave(R)])  # -1: the prompt, j: response j
+    length = P + K * R
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    same = (segment.view(1, -1) == -1) | (segment.view(1, -1) == segment.view(-1, 1))
+    allowed = (causal & same).unsqueeze(0) & key_valid.unsqueeze(1)  # [G, query, key]
+    dtype = _unwrapped(module).dtype
+    mask4d = torch.zeros(G, 1, length, length, dtype=dtype, device=device).masked_fill(
+        ~allowed.unsqueeze(1), torch.finfo(dtype).min)
+    # Scored positions: the prompt's last, then each slot's first R - 1 (its last predicts past the response).
+    scored = torch.cat([torch.tensor([P - 1]), (P + torch.arange(K).view(K, 1) * R
+                                                 + torch.arange(R - 1).view(1, R - 1)).reshape(-1)]).to(device)
+    kwargs = {"logits_to_keep": scored} if _takes_logits_to_keep(type(_unwrapped(module))) else {}
+    out = module(input_ids=ids, attention_mask=mask4d, position_ids=positions, use_cache=False, **kwargs)
+    logits = out.logits if kwargs else out.logits[:, scored]
+    # Back to the rows: row b (group g, slot j) reads kept entry 0, then 1 + j (R - 1) + t.
+    group_of = torch.empty(rows, dtype=torch.long, device=device)
+    slot_of = torch.empty(rows, dtype=torch.long, device=device)
+    group_of[slots[taken]] = torch.arange(G, device=device).view(G, 1).expand(G, K)[taken]
+    slot_of[slots[taken]] = torch.arange(K, device=device).view(1, K).expand(G, K)[taken]
+    steps = torch.arange(R, device=device).view(1, R)
+    index = torch.where(steps == 0, 0, 1 + slot_of.view(rows, 1) * (R - 1) + steps - 1)
+    return logits[group_of.view(rows, 1), index].float()
+
+
 def response_logprobs(module, input_ids, attention_mask, response_length: int, *, temperature: float = 1.0,
-                      with_entropy: bool = False) -> dict[str, torch.Tensor]:
+                      with_entropy: bool = False, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
     """Per-token log-probs `[B, R]` of the response part of rollout rows.
 
     Logits at position `t` predict token `t + 1`, so the last `R` tokens are
     scored by the logits at positions `P - 1 ... P + R - 2`. Dividing by the
     sampling temperature makes these the log-probs of the distribution the
     engine sampled from.
+
+    With `shared_prefix`, rows with equal prompts are scored by one packed forward per prompt
+    (`packed_response_logits`) where the model supports it (`shared_prefix_supported`) and some prompt
+    repeats; otherwise (and always for other models) by the plain `[B, P + R]` forward. Both give the same
+    numbers up to float rounding.
     """
-    logits = lm_logits(module, input_ids, attention_mask, keep=response_length + 1)[:, :-1] / temperature
+    logits = None
+    if shared_prefix and input_ids.shape[0] > 1 and shared_prefix_supported(module):
+        groups = prompt_groups(input_ids, attention_mask, input_ids.shape[1] - response_length)
+        if len(groups) < input_ids.shape[0]:
+            logits = packed_response_logits(module, input_ids, attention_mask, response_length, groups)
+    if logits is None:
+        logits = lm_logits(module, input_ids, attention_mask, keep=response_length + 1)[:, :-1]
+    logits = logits / temperature
     out = {"logprobs": gather_logprobs(logits, input_ids[:, -response_length:])}
     if with_entropy:
         out["entropy"] = entropy_from_logits(logits)

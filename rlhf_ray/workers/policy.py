@@ -72,7 +72,7 @@ def _kto_loss(objective, params, engine=None):
 OFFLINE_LOSS_BUILDERS = {"preference": _preference_loss, "sft": _sft_loss, "kto": _kto_loss}
 
 
-def online_loss(algorithm, params: dict, temperature: float, engine=None):
+def online_loss(algorithm, params: dict, temperature: float, engine=None, shared_prefix: bool = False):
     """`loss_fn(module, micro_batch) -> (loss, metrics)` of an online algorithm's policy update.
 
     The micro-batch holds input_ids, attention_mask, response_mask and advantages, and:
@@ -86,13 +86,15 @@ def online_loss(algorithm, params: dict, temperature: float, engine=None):
       `rollout/logprob_diff`, `rollout/mismatch_kl` and `rollout/is_*` (`mismatch_metrics`);
     * `ref_logprobs` when the KL sits in the loss, `ptx_*` rows when PPO-ptx is on.
 
-    With `engine` (training) the loss is this micro-batch's share of the minibatch's (`global_loss`)."""
+    With `engine` (training) the loss is this micro-batch's share of the minibatch's (`global_loss`). With
+    `shared_prefix` the micro-batch's rows of one prompt share its forward (`fw.response_logprobs`); the
+    loss is the same, only its log-probs come from the packed forward."""
     mode = params.get("loss_aggregation", "token-mean")
 
     def loss_fn(module, mb):
         response_length = mb["response_mask"].shape[1]
         out = fw.response_logprobs(module, mb["input_ids"], mb["attention_mask"], response_length,
-                                   temperature=temperature, with_entropy=True)
+                                   temperature=temperature, with_entropy=True, shared_prefix=shared_prefix)
         mask = mb["response_mask"]
         weights = aggregation_weights(mask, mode)
         old = mb["old_logprobs"] if "old_logprobs" in mb else out["logprobs"].detach()
@@ -192,15 +194,18 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
         """Log-probs `[B, R]` of rollout responses under the current weights (PPO's old log-probs)."""
         temperature = self.job.rollout.temperature
         response_length = batch["response_mask"].shape[1]
+        shared = self.job.policy.shared_prefix == "auto"
         return self.engine.forward_eval(batch, lambda m, mb: fw.response_logprobs(
-            m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature))
+            m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature,
+            shared_prefix=shared))
 
     def train_online(self, batch: dict, algorithm_name: str, params: dict) -> dict:
         """One optimizer step of the policy loss (PPO clip or REINFORCE) on a minibatch: `online_loss`'s
         batch and params. `params["loss_denominator"]` (and `"ptx_denominator"`) is the minibatch's
         aggregation weight over all ranks (`aggregation_weights(...).sum()`): the loss is the minibatch's
         mean whatever the micro-batch size and rank count."""
-        loss_fn = online_loss(get_online_algorithm(algorithm_name), params, self.job.rollout.temperature, self.engine)
+        loss_fn = online_loss(get_online_algorithm(algorithm_name), params, self.job.rollout.temperature, self.engine,
+                              shared_prefix=self.job.policy.shared_prefix == "auto")
         return self.engine.train_batch(batch, loss_fn)
 
     # weight sync -----------------------------------------------------------
