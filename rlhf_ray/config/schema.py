@@ -39,7 +39,6 @@ def _check(cond: bool, key: str, message: str) -> None:
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-SHARED_PREFIX = ("auto", "off")
 # The modes of algorithms.advantages.aggregation_weights (the config imports no torch; a test checks they agree).
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
@@ -149,10 +148,10 @@ class RoleConfig:
                                   default=8)
     lora: LoraConfig = _help("Low-rank adapters instead of full fine-tuning (trained roles: policy, critic, "
                              "reward when trained).", default_factory=LoraConfig)
-    shared_prefix: str = _help("Policy and reference: auto scores the rollout rows of one prompt (samples_per_prompt "
-                               "> 1) with one packed forward that computes the prompt once for the group, for "
-                               "models where it is exact (Llama-type with sdpa or eager attention; others take "
-                               "the plain forward); off always takes the plain forward.", default="auto")
+    shared_prefix: bool = _help("Policy and reference: score the rollout rows of one prompt (samples_per_prompt > 1) "
+                                "with one packed forward that computes the prompt once for the group, where it is "
+                                "exact (Llama-type models with sdpa or eager attention; other models take the plain "
+                                "forward whatever this says); false always takes the plain forward.", default=True)
 
     def __post_init__(self):
         _check(self.num_ranks >= 1, "num_ranks", f"must be >= 1, got {self.num_ranks}")
@@ -162,8 +161,6 @@ class RoleConfig:
         _check(not self.offload_params or self.zero_stage == 3, "offload_params",
                "parameter offload needs zero_stage: 3")
         _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
-        _check(self.shared_prefix in SHARED_PREFIX, "shared_prefix",
-               f"got {self.shared_prefix!r}; expected auto or off")
 
 
 @dataclass(frozen=True)

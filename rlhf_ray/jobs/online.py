@@ -112,7 +112,7 @@ class OnlineJob(RecoveringJob):
         # With shared prefixes the update's minibatches list a prompt's samples side by side (rollouts are
         # prompt-major), so its micro-batches hold whole groups where their size allows; the minibatch's rows
         # are the same, and its loss is a sum over them (the order changes nothing but float rounding).
-        self.groups_in_order = self.n > 1 and cfg.policy.shared_prefix == "auto"
+        self.groups_in_order = self.n > 1 and cfg.policy.shared_prefix
         # Bytes/s a plain copy moves on this machine (half the read + write bandwidth), beside each sync.
         self.memcpy_rate = measure_memory_bandwidth(nbytes=64 * 2**20, iters=3) / 2
 

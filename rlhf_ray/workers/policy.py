@@ -194,7 +194,7 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
         """Log-probs `[B, R]` of rollout responses under the current weights (PPO's old log-probs)."""
         temperature = self.job.rollout.temperature
         response_length = batch["response_mask"].shape[1]
-        shared = self.job.policy.shared_prefix == "auto"
+        shared = self.job.policy.shared_prefix
         return self.engine.forward_eval(batch, lambda m, mb: fw.response_logprobs(
             m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature,
             shared_prefix=shared))
@@ -205,7 +205,7 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
         aggregation weight over all ranks (`aggregation_weights(...).sum()`): the loss is the minibatch's
         mean whatever the micro-batch size and rank count."""
         loss_fn = online_loss(get_online_algorithm(algorithm_name), params, self.job.rollout.temperature, self.engine,
-                              shared_prefix=self.job.policy.shared_prefix == "auto")
+                              shared_prefix=self.job.policy.shared_prefix)
         return self.engine.train_batch(batch, loss_fn)
 
     # weight sync -----------------------------------------------------------

@@ -57,7 +57,7 @@ class ReferenceScoring:
         """`ref_logprobs [B, R]` of rollout responses (the KL anchor of online jobs)."""
         response_length = batch["response_mask"].shape[1]
         temperature = self.job.rollout.temperature
-        shared = getattr(self.job, self.ROLE).shared_prefix == "auto"  # the policy's setting on a LoRA policy
+        shared = getattr(self.job, self.ROLE).shared_prefix  # the policy's setting on a LoRA policy
         return self.reference_eval(batch, lambda m, mb: {"ref_logprobs": fw.response_logprobs(
             m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature,
             shared_prefix=shared)["logprobs"]})

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from rlhf_ray.algorithms.registry import get_online_algorithm
-from rlhf_ray.config import ConfigError
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.policy import online_loss
@@ -160,12 +159,3 @@ def test_rows_without_a_repeated_prompt_take_the_plain_forward(monkeypatch):
         assert calls == []
         fw.response_logprobs(model, *_rollout((0, 0)), R, shared_prefix=True)
     assert calls == [1]
-
-
-def test_the_switch_takes_auto_or_off():
-    from rlhf_ray.config.schema import RoleConfig
-
-    assert RoleConfig().shared_prefix == "auto"
-    assert RoleConfig(shared_prefix="off").shared_prefix == "off"
-    with pytest.raises(ConfigError, match="shared_prefix: got 'on'; expected auto or off"):
-        RoleConfig(shared_prefix="on")
