@@ -15,7 +15,8 @@ the same positions as in generation.
 
 Shared prefixes: the rollout rows of one prompt (GRPO-style groups, `samples_per_prompt > 1`) repeat
 the prompt. `response_logprobs(..., shared_prefix=True)` packs each group into one row, the prompt once
-and then every response, and runs the prompt's forward once for the group (`packed_response_logits`).
+and then every response, and runs the prompt's forward once for the group (`packed_response_logits`);
+`pair_logps(..., shared_prefix=True)` does the same for a pair's chosen and rejected rows.
 """
 
 from __future__ import annotations
@@ -81,27 +82,10 @@ def sequence_logps(module, input_ids, attention_mask, loss_mask, *, vocab: bool 
     return out
 
 
-def pair_logps(module, batch: dict, *, vocab: bool = False) -> dict[str, torch.Tensor]:
-    """One forward pass over chosen and rejected rows stacked; keys prefixed `chosen_`/`rejected_`."""
-    n = batch["chosen_input_ids"].shape[0]
-    stats = sequence_logps(
-        module,
-        torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-        torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
-        torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]),
-        vocab=vocab,
-    )
-    out = {}
-    for key, value in stats.items():
-        out[f"chosen_{key}"] = value[:n]
-        out[f"rejected_{key}"] = value[n:]
-    return out
-
-
 SHARED_PREFIX_MODEL_TYPES = frozenset({"llama"})
 """Model types whose packed forward (`packed_response_logits`) a test proves equal to the unshared one.
-Their Hugging Face attention takes a custom 4D additive mask and explicit position ids as given; GPT-2
-builds its own mask in older releases and has learned absolute positions, so it is not listed."""
+Their Hugging Face attention takes a custom 4D additive mask and explicit position ids as given. Others
+(GPT-2 among them) are not listed until a test shows the same for them: they take the plain forward."""
 
 SHARED_PREFIX_ATTENTION = frozenset({"sdpa", "eager"})
 """Attention implementations that take a 4D float mask (flash attention takes none)."""
@@ -207,6 +191,62 @@ def response_logprobs(module, input_ids, attention_mask, response_length: int, *
     if with_entropy:
         out["entropy"] = entropy_from_logits(logits)
     return out
+
+
+def pair_logps(module, batch: dict, *, vocab: bool = False, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """One forward pass over chosen and rejected rows stacked; keys prefixed `chosen_`/`rejected_`.
+
+    With `shared_prefix` (and without `vocab`) a pair whose chosen and rejected rows share their prompt (the
+    tokens before the first `loss_mask` one) is scored by one packed row, the prompt once
+    (`shared_sequence_logps`), where the model supports it; otherwise by the plain forward."""
+    n = batch["chosen_input_ids"].shape[0]
+    stacked = [torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+               for k in ("input_ids", "attention_mask", "loss_mask")]
+    stats = None
+    if shared_prefix and not vocab and shared_prefix_supported(module):
+        stats = shared_sequence_logps(module, *stacked)
+    if stats is None:
+        stats = sequence_logps(module, *stacked, vocab=vocab)
+    out = {}
+    for key, value in stats.items():
+        out[f"chosen_{key}"] = value[:n]
+        out[f"rejected_{key}"] = value[n:]
+    return out
+
+
+def shared_sequence_logps(module, input_ids, attention_mask, loss_mask) -> dict[str, torch.Tensor] | None:
+    """`sequence_logps`'s statistics of right-padded training rows from packed rows, one per set of rows
+    with equal prompts (a prompt: the tokens before a row's first `loss_mask` one); None where no prompt
+    repeats or a row marks no token (the caller then takes the plain forward).
+
+    Each row is recast in the rollout layout, its prompt left-padded to the longest and its tail (the
+    first marked token onwards) right-padded to the longest, and scored by `packed_response_logits`; its
+    log-probs go back to their columns of `[B, T-1]`."""
+    rows, total = input_ids.shape
+    marked = loss_mask.bool()
+    if rows < 2 or not bool(marked.any(-1).all()):
+        return None
+    device = input_ids.device
+    prompt_len = marked.long().argmax(-1)  # [B]: the first marked column
+    P = int(prompt_len.max())
+    S = int((total - prompt_len).max())
+    # Rollout-layout column c < P holds the row's column c - (P - L); column P + u its column L + u.
+    cols = torch.arange(P + S, device=device).view(1, -1)
+    source = torch.where(cols < P, cols - (P - prompt_len.view(-1, 1)), prompt_len.view(-1, 1) + cols - P)
+    inside = (source >= 0) & (source < total)
+    source = source.clamp(0, total - 1)
+    ids = torch.where(inside, input_ids.gather(1, source), 0)
+    mask = torch.where(inside, attention_mask.gather(1, source), 0)
+    groups = prompt_groups(ids, mask, P)
+    if len(groups) == rows:
+        return None
+    logits = packed_response_logits(module, ids, mask, S, groups)  # [B, S, V]: entry u predicts tail token u
+    tail_logps = gather_logprobs(logits, ids[:, P:])
+    # token_logps[:, t] scores column t + 1 = L + u.
+    u = torch.arange(total - 1, device=device).view(1, -1) + 1 - prompt_len.view(-1, 1)
+    mask_out = loss_mask[:, 1:].float()
+    token_logps = torch.where(u >= 0, tail_logps.gather(1, u.clamp(0, S - 1)), 0.0) * mask_out
+    return {"token_logps": token_logps, "mask": mask_out, "logps": token_logps.sum(-1), "lengths": mask_out.sum(-1)}
 
 
 def response_values(value_module, input_ids, attention_mask, response_length: int) -> torch.Tensor:

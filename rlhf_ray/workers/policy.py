@@ -26,9 +26,9 @@ from rlhf_ray.workers.base import ExportMixin, GenerateMixin, TrainableWorker
 from rlhf_ray.workers.reference import ReferenceScoring
 
 
-def _preference_loss(objective, params, engine=None):
+def _preference_loss(objective, params, engine=None, shared_prefix=False):
     def loss_fn(module, mb):
-        stats = fw.pair_logps(module, mb, vocab=objective.needs_sequence_kl)
+        stats = fw.pair_logps(module, mb, vocab=objective.needs_sequence_kl, shared_prefix=shared_prefix)
         seq_kl = {}
         if objective.needs_sequence_kl:
             for side in ("chosen", "rejected"):
@@ -46,7 +46,7 @@ def _preference_loss(objective, params, engine=None):
     return loss_fn
 
 
-def _sft_loss(objective, params, engine=None):
+def _sft_loss(objective, params, engine=None, shared_prefix=False):
     def loss_fn(module, mb):
         stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
         weights = aggregation_weights(stats["mask"], params.get("loss_aggregation", "token-mean"))
@@ -57,7 +57,7 @@ def _sft_loss(objective, params, engine=None):
     return loss_fn
 
 
-def _kto_loss(objective, params, engine=None):
+def _kto_loss(objective, params, engine=None, shared_prefix=False):
     def loss_fn(module, mb):
         stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
         with torch.no_grad():
@@ -70,6 +70,8 @@ def _kto_loss(objective, params, engine=None):
 
 
 OFFLINE_LOSS_BUILDERS = {"preference": _preference_loss, "sft": _sft_loss, "kto": _kto_loss}
+"""`builder(objective, params, engine=None, shared_prefix=False) -> loss_fn`; `shared_prefix` lets a pair's
+chosen and rejected rows share their prompt's forward (`fw.pair_logps`; the other formats have no pairs)."""
 
 
 def online_loss(algorithm, params: dict, temperature: float, engine=None, shared_prefix: bool = False):
@@ -161,7 +163,8 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
         objective = get_offline_objective(objective_name)
         if objective.data_format == "kto":
             params = {**params, "kl_reference_point": self.kto_reference_point(batch)}
-        loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, params, self.engine)
+        loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, params, self.engine,
+                                                               shared_prefix=self.job.policy.shared_prefix)
         return self.engine.train_batch(batch, loss_fn)
 
     def kto_reference_point(self, batch: dict) -> float:
@@ -180,7 +183,8 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
     def eval_preference(self, batch: dict, objective_name: str, params: dict) -> dict:
         """The objective's loss and reward metrics on held-out pairs, without gradients."""
         objective = get_offline_objective(objective_name)
-        loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, params)
+        loss_fn = OFFLINE_LOSS_BUILDERS[objective.data_format](objective, params,
+                                                               shared_prefix=self.job.policy.shared_prefix)
 
         def fn(module, mb):
             loss, metrics = loss_fn(module, mb)

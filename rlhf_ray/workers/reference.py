@@ -31,8 +31,10 @@ class ReferenceScoring:
 
     def pair_logps(self, batch: dict, vocab: bool = False) -> dict:
         """`ref_chosen_logps`, `ref_rejected_logps` `[B]` (and `ref_*_vocab_logps` for TDPO)."""
+        shared = getattr(self.job, self.ROLE).shared_prefix  # the policy's setting on a LoRA policy
+
         def fn(module, mb):
-            stats = fw.pair_logps(module, mb, vocab=vocab)
+            stats = fw.pair_logps(module, mb, vocab=vocab, shared_prefix=shared)
             keep = ("chosen_logps", "rejected_logps")
             keep += ("chosen_vocab_logps", "rejected_vocab_logps") if vocab else ()
             return {f"ref_{k}": stats[k] for k in keep}

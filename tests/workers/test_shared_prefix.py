@@ -159,3 +159,57 @@ def test_rows_without_a_repeated_prompt_take_the_plain_forward(monkeypatch):
         assert calls == []
         fw.response_logprobs(model, *_rollout((0, 0)), R, shared_prefix=True)
     assert calls == [1]
+
+
+def _pairs():
+    """Right-padded pairs of one length T: chosen and rejected share the prompt (the tokens before the first
+    marked one), except the last pair, whose rejected prompt differs; responses of different lengths."""
+    torch.manual_seed(3)
+    T, prompts, responses = 14, (4, 6, 3, 5), ((5, 2), (3, 8), (1, 11), (4, 4))
+    batch = {f"{side}_{k}": torch.zeros(len(prompts), T, dtype=torch.long) for side in ("chosen", "rejected")
+             for k in ("input_ids", "attention_mask", "loss_mask")}
+    for i, (length, pair) in enumerate(zip(prompts, responses)):
+        prompt = torch.randint(3, 400, (length,))
+        for side, response in zip(("chosen", "rejected"), pair):
+            ids = torch.cat([prompt, torch.randint(3, 400, (response,))])
+            if side == "rejected" and i == len(prompts) - 1:
+                ids[0] += 1
+            batch[f"{side}_input_ids"][i, :len(ids)] = ids
+            batch[f"{side}_attention_mask"][i, :len(ids)] = 1
+            batch[f"{side}_loss_mask"][i, length:len(ids)] = 1
+    return batch
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "small-llama"])
+def test_packed_pairs_give_the_plain_pair_log_probs_and_gradients(preset, monkeypatch):
+    calls = _packed_calls(monkeypatch)
+    model = _model(preset)
+    batch = _pairs()
+    results = []
+    for shared in (False, True):
+        model.zero_grad()
+        stats = fw.pair_logps(model, batch, shared_prefix=shared)
+        (stats["chosen_logps"] - 0.7 * stats["rejected_logps"]).mean().backward()
+        results.append((stats, _grads(model)))
+    assert calls == [1]
+    (plain, plain_grads), (shared, shared_grads) = results
+    assert plain.keys() == shared.keys()
+    for key in plain:
+        torch.testing.assert_close(shared[key], plain[key], atol=1e-5, rtol=1e-6, msg=key)
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_pairs_take_the_plain_forward_for_tdpo_and_unmarked_rows(monkeypatch):
+    calls = _packed_calls(monkeypatch)
+    model = _model("tiny-llama")
+    batch = _pairs()
+    with torch.no_grad():
+        vocab = fw.pair_logps(model, batch, vocab=True, shared_prefix=True)
+        assert "chosen_vocab_logps" in vocab and calls == []
+        batch["rejected_loss_mask"][1] = 0  # a row without a marked token
+        assert fw.shared_sequence_logps(model, torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+                                        torch.cat([batch["chosen_attention_mask"],
+                                                   batch["rejected_attention_mask"]]),
+                                        torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])) is None
+    assert calls == []
