@@ -148,6 +148,10 @@ class RoleConfig:
                                   default=8)
     lora: LoraConfig = _help("Low-rank adapters instead of full fine-tuning (trained roles: policy, critic, "
                              "reward when trained).", default_factory=LoraConfig)
+    shared_prefix: bool = _help("Policy and reference: score the rollout rows of one prompt (samples_per_prompt > 1) "
+                                "with one packed forward that computes the prompt once for the group, where it is "
+                                "exact (Llama-type models with sdpa or eager attention; other models take the plain "
+                                "forward whatever this says); false always takes the plain forward.", default=True)
 
     def __post_init__(self):
         _check(self.num_ranks >= 1, "num_ranks", f"must be >= 1, got {self.num_ranks}")

@@ -117,6 +117,10 @@ class OnlineJob(RecoveringJob):
         dropout = not cfg.policy.model.disable_dropout or (cfg.policy.lora.enabled and cfg.policy.lora.dropout > 0)
         self.scores_old_logprobs = (a.ppo_epochs > 1 or a.num_minibatches > 1 or a.max_logprob_diff > 0
                                     or dropout)
+        # With shared prefixes the update's minibatches list a prompt's samples side by side (rollouts are
+        # prompt-major), so its micro-batches hold whole groups where their size allows; the minibatch's rows
+        # are the same, and its loss is a sum over them (the order changes nothing but float rounding).
+        self.groups_in_order = self.n > 1 and cfg.policy.shared_prefix
         # Bytes/s a plain copy moves on this machine (half the read + write bandwidth), beside each sync.
         self.memcpy_rate = measure_memory_bandwidth(nbytes=64 * 2**20, iters=3) / 2
 
@@ -398,6 +402,8 @@ class OnlineJob(RecoveringJob):
             order = torch.randperm(rows, generator=generator)
             for start in range(0, rows, size):
                 idx = order[start:start + size]
+                if self.groups_in_order:
+                    idx = idx.sort().values
                 mb = {k: v[idx] for k, v in batch.items()}
                 # The minibatch's aggregation denominator (tokens, sequences, or rows x max_new_tokens) over all
                 # its rows: each micro-batch on each rank scales its share by it (`TrainEngine.global_loss`).

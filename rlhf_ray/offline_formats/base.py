@@ -42,9 +42,12 @@ class OfflineDataFormat:
         """What the reference adds to `batch` for `objective`, computed through `scoring` (`ReferenceScoring`)."""
         raise NotImplementedError(f"data format {self.name!r} has no reference scoring")
 
-    def loss_fn(self, objective: Any, params: Mapping[str, Any], engine: Any = None) -> LossFn:
+    def loss_fn(self, objective: Any, params: Mapping[str, Any], engine: Any = None,
+                shared_prefix: bool = False) -> LossFn:
         """`fn(module, micro_batch) -> (loss, metrics)` of `objective` on this format's batches; with `engine`
-        (training) the loss may be this micro-batch's share of the step's (`engine.global_loss`)."""
+        (training) the loss may be this micro-batch's share of the step's (`engine.global_loss`). With
+        `shared_prefix` (the role's setting) rows that share a prompt may share its forward
+        (`workers/forward.py`); formats without such rows ignore it."""
         raise NotImplementedError(f"data format {self.name!r} has no loss")
 
     def step_params(self, worker: Any, batch: dict, objective: Any, params: dict) -> dict:

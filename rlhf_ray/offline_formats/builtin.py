@@ -26,7 +26,7 @@ class SFTFormat(OfflineDataFormat):
     def reference_logps(self, scoring, batch, objective) -> dict:
         return {"ref_token_logps": scoring.token_logps(batch)["ref_token_logps"]}
 
-    def loss_fn(self, objective, params, engine=None):
+    def loss_fn(self, objective, params, engine=None, shared_prefix=False):
         def loss_fn(module, mb):
             stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
             weights = aggregation_weights(stats["mask"], params.get("loss_aggregation", "token-mean"))
@@ -71,9 +71,9 @@ class PreferenceFormat(OfflineDataFormat):
     def reference_logps(self, scoring, batch, objective) -> dict:
         return scoring.pair_logps(batch, objective.needs_sequence_kl)
 
-    def loss_fn(self, objective, params, engine=None):
+    def loss_fn(self, objective, params, engine=None, shared_prefix=False):
         def loss_fn(module, mb):
-            stats = fw.pair_logps(module, mb, vocab=objective.needs_sequence_kl)
+            stats = fw.pair_logps(module, mb, vocab=objective.needs_sequence_kl, shared_prefix=shared_prefix)
             seq_kl = {}
             if objective.needs_sequence_kl:  # TDPO: full-vocabulary log-probs of policy and reference
                 for side in ("chosen", "rejected"):
@@ -112,7 +112,7 @@ class KTOFormat(OfflineDataFormat):
         # z0 once per step over every micro-batch and rank; the loss then needs no mismatched forward pass.
         return {**params, "kl_reference_point": worker.kto_reference_point(batch)}
 
-    def loss_fn(self, objective, params, engine=None):
+    def loss_fn(self, objective, params, engine=None, shared_prefix=False):
         z0 = params.get("kl_reference_point")
 
         def loss_fn(module, mb):

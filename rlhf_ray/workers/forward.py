@@ -12,6 +12,11 @@ file stays a thin shell. Batches are dicts of tensors; their layouts:
 
 Position ids always come from the attention mask, so a left-padded row gets
 the same positions as in generation.
+
+Shared prefixes: the rollout rows of one prompt (GRPO-style groups, `samples_per_prompt > 1`) repeat
+the prompt. `response_logprobs(..., shared_prefix=True)` packs each group into one row, the prompt once
+and then every response, and runs the prompt's forward once for the group (`packed_response_logits`);
+`pair_logps(..., shared_prefix=True)` does the same for a pair's chosen and rejected rows.
 """
 
 from __future__ import annotations
@@ -77,16 +82,131 @@ def sequence_logps(module, input_ids, attention_mask, loss_mask, *, vocab: bool 
     return out
 
 
-def pair_logps(module, batch: dict, *, vocab: bool = False) -> dict[str, torch.Tensor]:
-    """One forward pass over chosen and rejected rows stacked; keys prefixed `chosen_`/`rejected_`."""
+SHARED_PREFIX_MODEL_TYPES = frozenset({"llama"})
+"""Model types whose packed forward (`packed_response_logits`) a test proves equal to the unshared one.
+Their Hugging Face attention takes a custom 4D additive mask and explicit position ids as given. Others
+(GPT-2 among them) are not listed until a test shows the same for them: they take the plain forward."""
+
+SHARED_PREFIX_ATTENTION = frozenset({"sdpa", "eager"})
+"""Attention implementations that take a 4D float mask (flash attention takes none)."""
+
+
+def shared_prefix_supported(module) -> bool:
+    """Whether `module`'s forward can pack a group's responses behind one prompt: its model type is in
+    `SHARED_PREFIX_MODEL_TYPES` and its attention in `SHARED_PREFIX_ATTENTION`."""
+    config = getattr(_unwrapped(module), "config", None)
+    return (getattr(config, "model_type", None) in SHARED_PREFIX_MODEL_TYPES
+            and getattr(config, "_attn_implementation", None) in SHARED_PREFIX_ATTENTION)
+
+
+def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int) -> list[list[int]]:
+    """Row indices of rollout rows grouped by equal prompts (the tokens the mask keeps of the first
+    `prompt_length` columns), in order of each group's first row. Rows need not be contiguous."""
+    groups: dict[tuple, list[int]] = {}
+    ids, mask = input_ids[:, :prompt_length].tolist(), attention_mask[:, :prompt_length].tolist()
+    for row, (tokens, keep) in enumerate(zip(ids, mask)):
+        groups.setdefault(tuple(t for t, k in zip(tokens, keep) if k), []).append(row)
+    return list(groups.values())
+
+
+def packed_response_logits(module, input_ids, attention_mask, response_length: int,
+                           groups: list[list[int]]) -> torch.Tensor:
+    """The logits in fp32 that score each rollout row's response tokens, `[B, R, V]` (entry `t` predicts
+    response token `t`), from one packed row per group of rows sharing a prompt.
+
+    Packed row `g` is `[prompt (left-padded to P), response of member 1, ..., of member K]` (each response
+    at its full `R` columns; K the largest group, smaller groups' spare slots masked out). A 4D additive
+    mask lets each response see the prompt and, causally, itself, never a sibling; its position ids
+    continue from the prompt's length, as in its own row. So every response token sees exactly the keys,
+    values and positions it sees in the unshared `[B, P + R]` batch, and its logits are the same up to
+    float rounding. The first response token of every member is scored at the prompt's last position,
+    shared by the group; the LM head runs on the scored positions only (`logits_to_keep` as indices)."""
+    rows, total = input_ids.shape
+    R = response_length
+    P = total - R
+    G, K = len(groups), max(len(g) for g in groups)
+    device = input_ids.device
+    slots = torch.full((G, K), -1, dtype=torch.long)
+    for g, members in enumerate(groups):
+        slots[g, :len(members)] = torch.tensor(members)
+    slots = slots.to(device)
+    taken = slots >= 0
+    member = slots.clamp(min=0)
+    first = member[:, 0]
+    prompt_mask = attention_mask[first, :P].long()
+    response_mask = attention_mask[member, P:].long() * taken.unsqueeze(-1).long()  # [G, K, R]
+    ids = torch.cat([input_ids[first, :P], input_ids[member, P:].reshape(G, K * R)], dim=1)
+    key_valid = torch.cat([prompt_mask, response_mask.reshape(G, K * R)], dim=1).bool()  # [G, L]
+    prompt_len = prompt_mask.sum(-1)  # [G]
+    positions = torch.cat([(prompt_mask.cumsum(-1) - 1).clamp(min=0),
+                           ((prompt_len - 1).view(G, 1, 1) + response_mask.cumsum(-1)).reshape(G, K * R)], dim=1)
+    segment = torch.cat([torch.full((P,), -1, device=device),
+                         torch.arange(K, device=device).repeat_interleave(R)])  # -1: the prompt, j: response j
+    length = P + K * R
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    same = (segment.view(1, -1) == -1) | (segment.view(1, -1) == segment.view(-1, 1))
+    allowed = (causal & same).unsqueeze(0) & key_valid.unsqueeze(1)  # [G, query, key]
+    dtype = _unwrapped(module).dtype
+    mask4d = torch.zeros(G, 1, length, length, dtype=dtype, device=device).masked_fill(
+        ~allowed.unsqueeze(1), torch.finfo(dtype).min)
+    # Scored positions: the prompt's last, then each slot's first R - 1 (its last predicts past the response).
+    scored = torch.cat([torch.tensor([P - 1]), (P + torch.arange(K).view(K, 1) * R
+                                                 + torch.arange(R - 1).view(1, R - 1)).reshape(-1)]).to(device)
+    kwargs = {"logits_to_keep": scored} if _takes_logits_to_keep(type(_unwrapped(module))) else {}
+    out = module(input_ids=ids, attention_mask=mask4d, position_ids=positions, use_cache=False, **kwargs)
+    logits = out.logits if kwargs else out.logits[:, scored]
+    # Back to the rows: row b (group g, slot j) reads kept entry 0, then 1 + j (R - 1) + t.
+    group_of = torch.empty(rows, dtype=torch.long, device=device)
+    slot_of = torch.empty(rows, dtype=torch.long, device=device)
+    group_of[slots[taken]] = torch.arange(G, device=device).view(G, 1).expand(G, K)[taken]
+    slot_of[slots[taken]] = torch.arange(K, device=device).view(1, K).expand(G, K)[taken]
+    steps = torch.arange(R, device=device).view(1, R)
+    index = torch.where(steps == 0, 0, 1 + slot_of.view(rows, 1) * (R - 1) + steps - 1)
+    return logits[group_of.view(rows, 1), index].float()
+
+
+def response_logprobs(module, input_ids, attention_mask, response_length: int, *, temperature: float = 1.0,
+                      with_entropy: bool = False, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """Per-token log-probs `[B, R]` of the response part of rollout rows.
+
+    Logits at position `t` predict token `t + 1`, so the last `R` tokens are
+    scored by the logits at positions `P - 1 ... P + R - 2`. Dividing by the
+    sampling temperature makes these the log-probs of the distribution the
+    engine sampled from.
+
+    With `shared_prefix`, rows with equal prompts are scored by one packed forward per prompt
+    (`packed_response_logits`) where the model supports it (`shared_prefix_supported`) and some prompt
+    repeats; otherwise (and always for other models) by the plain `[B, P + R]` forward. Both give the same
+    numbers up to float rounding.
+    """
+    logits = None
+    if shared_prefix and input_ids.shape[0] > 1 and shared_prefix_supported(module):
+        groups = prompt_groups(input_ids, attention_mask, input_ids.shape[1] - response_length)
+        if len(groups) < input_ids.shape[0]:
+            logits = packed_response_logits(module, input_ids, attention_mask, response_length, groups)
+    if logits is None:
+        logits = lm_logits(module, input_ids, attention_mask, keep=response_length + 1)[:, :-1]
+    logits = logits / temperature
+    out = {"logprobs": gather_logprobs(logits, input_ids[:, -response_length:])}
+    if with_entropy:
+        out["entropy"] = entropy_from_logits(logits)
+    return out
+
+
+def pair_logps(module, batch: dict, *, vocab: bool = False, shared_prefix: bool = False) -> dict[str, torch.Tensor]:
+    """One forward pass over chosen and rejected rows stacked; keys prefixed `chosen_`/`rejected_`.
+
+    With `shared_prefix` (and without `vocab`) a pair whose chosen and rejected rows share their prompt (the
+    tokens before the first `loss_mask` one) is scored by one packed row, the prompt once
+    (`shared_sequence_logps`), where the model supports it; otherwise by the plain forward."""
     n = batch["chosen_input_ids"].shape[0]
-    stats = sequence_logps(
-        module,
-        torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
-        torch.cat([batch["chosen_attention_mask"], batch["rejected_attention_mask"]]),
-        torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]]),
-        vocab=vocab,
-    )
+    stacked = [torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]])
+               for k in ("input_ids", "attention_mask", "loss_mask")]
+    stats = None
+    if shared_prefix and not vocab and shared_prefix_supported(module):
+        stats = shared_sequence_logps(module, *stacked)
+    if stats is None:
+        stats = sequence_logps(module, *stacked, vocab=vocab)
     out = {}
     for key, value in stats.items():
         out[f"chosen_{key}"] = value[:n]
@@ -94,20 +214,39 @@ def pair_logps(module, batch: dict, *, vocab: bool = False) -> dict[str, torch.T
     return out
 
 
-def response_logprobs(module, input_ids, attention_mask, response_length: int, *, temperature: float = 1.0,
-                      with_entropy: bool = False) -> dict[str, torch.Tensor]:
-    """Per-token log-probs `[B, R]` of the response part of rollout rows.
+def shared_sequence_logps(module, input_ids, attention_mask, loss_mask) -> dict[str, torch.Tensor] | None:
+    """`sequence_logps`'s statistics of right-padded training rows from packed rows, one per set of rows
+    with equal prompts (a prompt: the tokens before a row's first `loss_mask` one); None where no prompt
+    repeats or a row marks no token (the caller then takes the plain forward).
 
-    Logits at position `t` predict token `t + 1`, so the last `R` tokens are
-    scored by the logits at positions `P - 1 ... P + R - 2`. Dividing by the
-    sampling temperature makes these the log-probs of the distribution the
-    engine sampled from.
-    """
-    logits = lm_logits(module, input_ids, attention_mask, keep=response_length + 1)[:, :-1] / temperature
-    out = {"logprobs": gather_logprobs(logits, input_ids[:, -response_length:])}
-    if with_entropy:
-        out["entropy"] = entropy_from_logits(logits)
-    return out
+    Each row is recast in the rollout layout, its prompt left-padded to the longest and its tail (the
+    first marked token onwards) right-padded to the longest, and scored by `packed_response_logits`; its
+    log-probs go back to their columns of `[B, T-1]`."""
+    rows, total = input_ids.shape
+    marked = loss_mask.bool()
+    if rows < 2 or not bool(marked.any(-1).all()):
+        return None
+    device = input_ids.device
+    prompt_len = marked.long().argmax(-1)  # [B]: the first marked column
+    P = int(prompt_len.max())
+    S = int((total - prompt_len).max())
+    # Rollout-layout column c < P holds the row's column c - (P - L); column P + u its column L + u.
+    cols = torch.arange(P + S, device=device).view(1, -1)
+    source = torch.where(cols < P, cols - (P - prompt_len.view(-1, 1)), prompt_len.view(-1, 1) + cols - P)
+    inside = (source >= 0) & (source < total)
+    source = source.clamp(0, total - 1)
+    ids = torch.where(inside, input_ids.gather(1, source), 0)
+    mask = torch.where(inside, attention_mask.gather(1, source), 0)
+    groups = prompt_groups(ids, mask, P)
+    if len(groups) == rows:
+        return None
+    logits = packed_response_logits(module, ids, mask, S, groups)  # [B, S, V]: entry u predicts tail token u
+    tail_logps = gather_logprobs(logits, ids[:, P:])
+    # token_logps[:, t] scores column t + 1 = L + u.
+    u = torch.arange(total - 1, device=device).view(1, -1) + 1 - prompt_len.view(-1, 1)
+    mask_out = loss_mask[:, 1:].float()
+    token_logps = torch.where(u >= 0, tail_logps.gather(1, u.clamp(0, S - 1)), 0.0) * mask_out
+    return {"token_logps": token_logps, "mask": mask_out, "logps": token_logps.sum(-1), "lengths": mask_out.sum(-1)}
 
 
 def response_values(value_module, input_ids, attention_mask, response_length: int) -> torch.Tensor:

@@ -25,7 +25,7 @@ from rlhf_ray.workers.base import ExportMixin, GenerateMixin, TrainableWorker
 from rlhf_ray.workers.reference import ReferenceScoring
 
 
-def online_loss(algorithm, params: dict, temperature: float, engine=None):
+def online_loss(algorithm, params: dict, temperature: float, engine=None, shared_prefix: bool = False):
     """`loss_fn(module, micro_batch) -> (loss, metrics)` of an online algorithm's policy update.
 
     The micro-batch holds input_ids, attention_mask, response_mask and advantages, and:
@@ -40,13 +40,15 @@ def online_loss(algorithm, params: dict, temperature: float, engine=None):
       `rollout/logprob_diff`, `rollout/mismatch_kl` and `rollout/is_*` (`mismatch_metrics`);
     * `ref_logprobs` when the KL sits in the loss, `ptx_*` rows when PPO-ptx is on.
 
-    With `engine` (training) the loss is this micro-batch's share of the minibatch's (`global_loss`)."""
+    With `engine` (training) the loss is this micro-batch's share of the minibatch's (`global_loss`). With
+    `shared_prefix` the micro-batch's rows of one prompt share its forward (`fw.response_logprobs`); the
+    loss is the same, only its log-probs come from the packed forward."""
     mode = params.get("loss_aggregation", "token-mean")
 
     def loss_fn(module, mb):
         response_length = mb["response_mask"].shape[1]
         out = fw.response_logprobs(module, mb["input_ids"], mb["attention_mask"], response_length,
-                                   temperature=temperature, with_entropy=True)
+                                   temperature=temperature, with_entropy=True, shared_prefix=shared_prefix)
         mask = mb["response_mask"]
         weights = aggregation_weights(mask, mode)
         old = mb["old_logprobs"] if "old_logprobs" in mb else out["logprobs"].detach()
@@ -113,7 +115,8 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
         objective = get_offline_objective(objective_name)
         fmt = data_format(objective.data_format)
         params = fmt.step_params(self, batch, objective, params)  # KTO: its reference point, once per step
-        return self.engine.train_batch(batch, fmt.loss_fn(objective, params, self.engine))
+        return self.engine.train_batch(batch, fmt.loss_fn(objective, params, self.engine,
+                                                          shared_prefix=self.job.policy.shared_prefix))
 
     def kto_reference_point(self, batch: dict) -> float:
         """KTO's z0 for a whole step: the mean policy-minus-reference log-ratio of the mismatched pairs over
@@ -131,7 +134,8 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
     def eval_preference(self, batch: dict, objective_name: str, params: dict) -> dict:
         """The objective's loss and reward metrics on held-out pairs, without gradients."""
         objective = get_offline_objective(objective_name)
-        loss_fn = data_format(objective.data_format).loss_fn(objective, params)
+        loss_fn = data_format(objective.data_format).loss_fn(objective, params,
+                                                             shared_prefix=self.job.policy.shared_prefix)
 
         def fn(module, mb):
             loss, metrics = loss_fn(module, mb)
@@ -145,15 +149,18 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
         """Log-probs `[B, R]` of rollout responses under the current weights (PPO's old log-probs)."""
         temperature = self.job.rollout.temperature
         response_length = batch["response_mask"].shape[1]
+        shared = self.job.policy.shared_prefix
         return self.engine.forward_eval(batch, lambda m, mb: fw.response_logprobs(
-            m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature))
+            m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature,
+            shared_prefix=shared))
 
     def train_online(self, batch: dict, algorithm_name: str, params: dict) -> dict:
         """One optimizer step of the policy loss (PPO clip or REINFORCE) on a minibatch: `online_loss`'s
         batch and params. `params["loss_denominator"]` (and `"ptx_denominator"`) is the minibatch's
         aggregation weight over all ranks (`aggregation_weights(...).sum()`): the loss is the minibatch's
         mean whatever the micro-batch size and rank count."""
-        loss_fn = online_loss(get_online_algorithm(algorithm_name), params, self.job.rollout.temperature, self.engine)
+        loss_fn = online_loss(get_online_algorithm(algorithm_name), params, self.job.rollout.temperature, self.engine,
+                              shared_prefix=self.job.policy.shared_prefix)
         return self.engine.train_batch(batch, loss_fn)
 
     # weight sync -----------------------------------------------------------

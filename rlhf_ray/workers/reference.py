@@ -27,6 +27,7 @@ class ReferenceScoring:
     reference group: the policy's actors answer the reference's calls)."""
 
     job: JobConfig
+    ROLE: str
     reference_eval: Callable[[dict, Callable], dict]
     """`fn(module, micro_batch)` over `batch` on the reference weights; each class using the mixin defines it."""
 
@@ -38,8 +39,10 @@ class ReferenceScoring:
 
     def pair_logps(self, batch: dict, vocab: bool = False) -> dict:
         """`ref_chosen_logps`, `ref_rejected_logps` `[B]` (and `ref_*_vocab_logps` for TDPO)."""
+        shared = getattr(self.job, self.ROLE).shared_prefix  # the policy's setting on a LoRA policy
+
         def fn(module, mb):
-            stats = fw.pair_logps(module, mb, vocab=vocab)
+            stats = fw.pair_logps(module, mb, vocab=vocab, shared_prefix=shared)
             keep = ("chosen_logps", "rejected_logps")
             keep += ("chosen_vocab_logps", "rejected_vocab_logps") if vocab else ()
             return {f"ref_{k}": stats[k] for k in keep}
@@ -64,8 +67,10 @@ class ReferenceScoring:
         """`ref_logprobs [B, R]` of rollout responses (the KL anchor of online jobs)."""
         response_length = batch["response_mask"].shape[1]
         temperature = self.job.rollout.temperature
+        shared = getattr(self.job, self.ROLE).shared_prefix  # the policy's setting on a LoRA policy
         return self.reference_eval(batch, lambda m, mb: {"ref_logprobs": fw.response_logprobs(
-            m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature)["logprobs"]})
+            m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature,
+            shared_prefix=shared)["logprobs"]})
 
 
 class ReferenceWorker(ReferenceScoring, ExportMixin, GenerateMixin, EngineWorker):

@@ -169,3 +169,14 @@ def test_settings_an_objective_ignores_are_refused(tmp_path, preset, override, m
     with pytest.raises(ConfigError, match=message):
         run_job(tiny_config(preset, tmp_path / "bad", override))
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
+
+
+def test_dpo_with_shared_prefixes_runs_as_without(ray_cluster, tmp_path):
+    # A Llama policy and reference score each pair's prompt once for chosen and rejected; the run is the plain
+    # one to float rounding. Reference micro-batches as the policy's: at step 1 both then pack alike, their
+    # rewards are 0 exactly and the accuracy (a comparison of two rewards) is not decided by rounding.
+    args = ["run.total_steps=2", "policy.model.name_or_path=tiny-llama", *SMALL, "reference.micro_batch_size=4"]
+    shared, plain = tmp_path / "shared", tmp_path / "plain"
+    run_job(tiny_config("tiny-dpo", shared, *args))
+    run_job(tiny_config("tiny-dpo", plain, *args, "policy.shared_prefix=false", "reference.shared_prefix=false"))
+    assert_same_run(shared, plain)

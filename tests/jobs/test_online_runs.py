@@ -254,3 +254,14 @@ def test_engines_that_share_gpus_start_and_sleep_before_any_other_role_loads(tmp
     else:  # every role loads at once
         assert sorted(setups) == ["critic", "policy", "reference", "reward", "rollout"]
         assert all(what == "setup" for _, what in roles.log[:5])
+
+
+def test_grpo_with_shared_prefixes_runs_as_without(ray_cluster, tmp_path):
+    # A Llama policy packs each prompt's 4 samples into one row for the reference's and its own scoring and
+    # for the update (two minibatches of whole groups); the run is the plain one to float rounding.
+    args = ["run.total_steps=2", "run.batch_size=2", "rollout.max_new_tokens=8", "rollout.engine=hf",
+            "policy.model.name_or_path=tiny-llama", "algorithm.num_minibatches=2", "policy.micro_batch_size=4"]
+    shared, plain = tmp_path / "shared", tmp_path / "plain"
+    run_job(tiny_config("tiny-grpo", shared, *args))
+    run_job(tiny_config("tiny-grpo", plain, *args, "policy.shared_prefix=false", "reference.shared_prefix=false"))
+    assert_same_run(shared, plain)
