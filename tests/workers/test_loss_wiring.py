@@ -16,7 +16,7 @@ import torch
 
 from rlhf_ray.algorithms.batches import RankedRewardBatch
 from rlhf_ray.algorithms.registry import OFFLINE_OBJECTIVES, get_offline_objective
-from rlhf_ray.config.schema import DataConfig
+from rlhf_ray.config.schema import DataConfig, JobConfig
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.data.synthetic import SyntheticConfig
 from rlhf_ray.models.heads import load_scalar_head_model
@@ -172,6 +172,7 @@ def test_a_kto_step_runs_the_mismatched_forward_pass_once_with_the_same_loss(tok
 
     worker = PolicyWorker.__new__(PolicyWorker)
     worker.world_size, worker.engine = 1, Engine()
+    worker.job = JobConfig()  # the policy's settings (shared_prefix; KTO's rows share no prompt)
     params = objective.resolve_params({})
     result = worker.train_offline(batch, "kto", params)
     assert rows_forwarded == [2, 2, 2, 2]  # z0: the 4 mismatched rows once; the loss: the 4 examples once
