@@ -260,7 +260,7 @@ def markdown(result: dict) -> str:
              f"- {result['repeats']} runs of each side, alternating which goes first; {result['warmup']} warm-up and "
              f"{result['steps']} measured steps per run; the median over every measured step.", "",
              "| work | unit | TRL | rlhf-ray | rlhf-ray / TRL | TRL s / step | rlhf-ray s / step | work floor "
-             "(s / step) | highest ratio the work allows |", "|---|---|---|---|---|---|---|---|---|"]
+             "(s / step) | TRL's step over the floor |", "|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         floor = row.get("work_floor_s")
         bound = "- | -" if floor is None else f"{floor:.3g} | {row['trl_step_s'] / floor:.2f}x"
@@ -286,12 +286,14 @@ def markdown(result: dict) -> str:
         lines += ["", f"Load average (1 min) before each run: {min(x[0] for x in loads):.1f} to "
                       f"{max(x[0] for x in loads):.1f} on {hw['cpus_available']} CPUs"
                       + (f" (the {loaded} spinning process(es) included)." if loaded else ".")]
-    lines += ["", "Work floor: the FLOPs both sides must do each step (8 N a prompt or response token: training "
-              "forward and backward plus the reference's forward; 2 N a decoded token) at the GEMM rate measured "
-              f"in this run ({result['limits']['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, "
-              f"{result['limits']['matmul_dtype']}), N = the model's matmul parameters. No implementation's step "
-              "is shorter, so TRL's step over it is the highest ratio to TRL this work allows on this CPU; where "
-              "it is near 1, both sides are compute-bound."]
+    lines += ["", "Work floor: the FLOPs of a step's batch with every row computed on its own (8 N a prompt or "
+              "response token: training forward and backward plus the reference's forward; 2 N a decoded token) at "
+              f"the GEMM rate measured in this run ({result['limits']['matmul_flops_per_s'] / 1e9:.0f} GFLOP/s, "
+              f"{result['limits']['matmul_dtype']}), N = the model's matmul parameters. TRL computes every row on "
+              "its own, so its step is never shorter; TRL's step over the floor is what any implementation of that "
+              "work could gain on it. rlhf-ray computes a prompt once for the rows that share it (a group's "
+              "samples, a pair's two answers: `shared_prefix`, on for Llama-type models), less work than the "
+              "floor counts, so its step can be below the floor."]
     lines += ["", "Ratios above 1 mean rlhf-ray is faster. Shapes (RLOO's are GRPO's too): "
               + json.dumps(result["shapes"]), ""]
     return "\n".join(lines)
