@@ -89,3 +89,32 @@ def actor_pids(class_name: str) -> list[int]:
         if title == f"ray::{class_name}" or title.startswith(f"ray::{class_name}."):
             pids.append(int(actor["Pid"]))
     return pids
+
+
+def run_killing_once(cfg, class_name: str, after_steps: int) -> dict:
+    """Run the job in a thread, `kill -9` every live actor of `class_name` once `after_steps` steps are
+    written, wait for the job to end and return its summary (failing where there was nothing to kill)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from rlhf_ray.jobs import run_job
+    from rlhf_ray.telemetry.metrics import read_metrics
+
+    metrics = Path(cfg.run.output_dir) / "metrics.jsonl"
+    result: dict = {}
+    job = threading.Thread(target=lambda: result.update(summary=run_job(cfg)))
+    job.start()
+    deadline = time.monotonic() + 900  # a guard against a hung job, not a timing assertion
+    while job.is_alive() and time.monotonic() < deadline:
+        if metrics.exists() and len(read_metrics(metrics)) >= after_steps:
+            break
+        time.sleep(0.1)
+    pids = actor_pids(class_name)
+    assert job.is_alive() and pids, f"no live {class_name} actor to kill"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    job.join(timeout=900)
+    assert "summary" in result, "the job did not finish after the kill"
+    return result["summary"]

@@ -1,7 +1,7 @@
 """Real Ray nodes for tests: `ray start --block` in its own process group and temp dir.
 
-Stopped by signalling that process (then, to be sure, only the processes
-whose command line names the node's temp dir). `ray stop` is not used: it
+Stopped by signalling that process (then, to be sure, the processes it had
+started, found from it down, that outlive it). `ray stop` is not used: it
 would stop every Ray session on the machine.
 """
 
@@ -60,22 +60,21 @@ def wait_until(ready, proc: subprocess.Popen, log: Path, what: str) -> None:
     pytest.fail(f"{what} not ready within {START_LIMIT_S} s:\n{log.read_text()[-3000:]}")
 
 
-def _pids_naming(text: str) -> list[int]:
-    """Processes whose command line contains `text` (a node's own temp dir)."""
-    needle = text.encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if needle in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
+def _descendants(proc: subprocess.Popen) -> list:
+    """The processes the node started (raylet, GCS, workers), found from its own process down; none of
+    the machine's other processes is ever a candidate."""
+    import psutil
+
+    try:
+        return psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
 
 
 def stop_node(proc: subprocess.Popen, temp_dir: Path) -> None:
+    import psutil
+
+    started = _descendants(proc)  # before the stop: the ones that outlive it are reparented away from it
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)  # `ray start --block` drains, then stops the processes it started
         try:
@@ -83,9 +82,9 @@ def stop_node(proc: subprocess.Popen, temp_dir: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)  # its own process group (start_new_session)
             proc.wait()
-    for pid in _pids_naming(str(temp_dir)):
+    for child in started:  # psutil checks each is still the process it saw (not a reused pid)
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            child.kill()
+        except psutil.NoSuchProcess:
             pass
     shutil.rmtree(temp_dir, ignore_errors=True)

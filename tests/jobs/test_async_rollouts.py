@@ -13,7 +13,7 @@ import torch
 from rlhf_ray.config import ConfigError, load_config
 from rlhf_ray.jobs.rollout_queue import Generation, RolloutQueue, rows_from_json, rows_to_json
 
-from job_helpers import actor_pids, assert_same_run, metric_rows, stopped_before, tiny_config
+from job_helpers import assert_same_run, metric_rows, run_killing_once, stopped_before, tiny_config
 
 
 class _Engines:
@@ -181,31 +181,12 @@ def test_max_staleness_0_is_the_synchronous_loop(ray_cluster, tmp_path):
 def test_an_engine_killed_with_batches_in_flight_is_survived_like_an_uninterrupted_run(async_run, tmp_path):
     """kill -9 of the engine once step 2 is written: the generation it runs (or has queued) is lost, and the run
     resumes from its latest checkpoint (whose batch in flight is stored) and generates the rest anew."""
-    import os
-    import signal
-    import threading
-    import time
-
-    from rlhf_ray.jobs import run_job
     from rlhf_ray.telemetry.metrics import read_metrics
 
     out = tmp_path / "killed"
-    result: dict = {}
     cfg = tiny_config("tiny-grpo", out, *GRPO, "run.save_every=2", "rollout.max_staleness=1")
-    job = threading.Thread(target=lambda: result.update(summary=run_job(cfg)))
-    job.start()
-    deadline = time.monotonic() + 900
-    while job.is_alive() and time.monotonic() < deadline:
-        if (out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 2:
-            break
-        time.sleep(0.1)
-    pids = actor_pids("VLLMRolloutWorker")
-    assert job.is_alive() and pids, "no live engine to kill"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    job.join(timeout=900)
-    assert "summary" in result, "the job did not finish after the kill"
-    failures = result["summary"]["failures"]
+    summary = run_killing_once(cfg, "VLLMRolloutWorker", after_steps=2)
+    failures = summary["failures"]
     assert len(failures) == 1 and failures[0]["role"].startswith("role 'rollout'"), failures
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert_same_run(out, async_run)

@@ -4,9 +4,6 @@ latest checkpoint and ends with every step once and the weights of an uninterrup
 from __future__ import annotations
 
 import os
-import signal
-import threading
-import time
 
 import pytest
 
@@ -14,7 +11,7 @@ from rlhf_ray.jobs import run_job
 from rlhf_ray.runtime.actor_group import DEATH_ERRORS
 from rlhf_ray.telemetry.metrics import read_metrics
 
-from job_helpers import actor_pids, assert_same_run, tiny_config
+from job_helpers import assert_same_run, run_killing_once, tiny_config
 
 pytestmark = pytest.mark.timeout(1800)
 
@@ -45,21 +42,8 @@ def test_a_finished_job_leaves_nothing_in_the_temp_folder(uninterrupted):
 @pytest.mark.parametrize("role", ["policy", "critic", "rollout", "reference", "reward"])
 def test_kill_9_of_a_role_is_survived_with_every_step_once(uninterrupted, tmp_path, role):
     out = tmp_path / role
-    result: dict = {}
-    job = threading.Thread(target=lambda: result.update(summary=run_job(tiny_config("tiny-ppo", out, *PPO))))
-    job.start()
-    deadline = time.monotonic() + 900
-    while job.is_alive() and time.monotonic() < deadline:
-        if (out / "metrics.jsonl").exists() and len(read_metrics(out / "metrics.jsonl")) >= 3:
-            break
-        time.sleep(0.2)
-    pids = actor_pids(ACTOR_CLASS[role])
-    assert job.is_alive() and pids, f"no live {ACTOR_CLASS[role]} actor to kill"
-    for pid in pids:
-        os.kill(pid, signal.SIGKILL)
-    job.join(timeout=900)
-    assert "summary" in result, "the job did not finish after the kill"
-    failures = result["summary"]["failures"]
+    summary = run_killing_once(tiny_config("tiny-ppo", out, *PPO), ACTOR_CLASS[role], after_steps=3)
+    failures = summary["failures"]
     # the dead role is named, also when another actor noticed first (the policy syncing to a dead engine)
     assert len(failures) == 1 and failures[0]["role"].startswith(f"role '{role}'")
     assert failures[0]["resumed_from_step"] in (2, 4, 6)
