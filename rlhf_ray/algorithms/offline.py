@@ -24,7 +24,7 @@ from rlhf_ray.algorithms.batches import KTOBatch, PreferenceBatch, RankedRewardB
 from rlhf_ray.algorithms.reward_loss import ranked_reward_loss
 from rlhf_ray.algorithms.sft_loss import kl_sft_loss, sft_loss
 
-DATA_FORMATS = ("sft", "preference", "kto", "ranked_or_preference", "multi_turn_preference")
+DATA_FORMATS = ("sft", "preference", "kto", "ranked", "multi_turn_preference")
 TRAINS = ("policy", "reward_model")
 
 
@@ -78,7 +78,8 @@ class OfflineObjective:
     name: str
     description: str
     data_format: str
-    """"sft", "preference", "kto", "ranked_or_preference" (reward models) or "multi_turn_preference"; the
+    """"sft", "preference", "kto", "ranked" (reward models: rankings, or pairs as rankings of two) or
+    "multi_turn_preference"; the
     format object of that name (`rlhf_ray.offline_formats`) builds, scores and takes the loss of its batches."""
     needs_reference: bool
     """The frozen reference model scores every batch."""
@@ -279,7 +280,7 @@ _OFFLINE = (
     _offline("kl_sft", "SFT plus a squared log-ratio penalty to the reference.", "sft", True, _kl_sft,
              kl_coef=Param(0.1, "weight of the squared log-ratio penalty", ">= 0")),
     _offline("rm", "Reward model: Bradley-Terry pairs or InstructGPT K-way rankings, optionally with a margin.",
-             "ranked_or_preference", False, _rm, trains="reward_model",
+             "ranked", False, _rm, trains="reward_model",
              margin=Param(0.0, "the better response must win by at least this much (0: none)", ">= 0")),
     _offline("dpo", "Direct Preference Optimisation (Rafailov et al. 2023).", "preference", True, _dpo_like("dpo"),
              beta=_BETA, label_smoothing=Param(0.0, "assumed share of flipped labels (cDPO)", "[0, 0.5)")),

@@ -87,7 +87,7 @@ class OfflineJob(RecoveringJob):
         validate_offline(cfg)
         self.cfg = cfg
         self.objective = get_offline_objective(cfg.algorithm.name)
-        self.format = data_format(self.objective.data_format) if self.objective.trains == "policy" else None
+        self.format = data_format(self.objective.data_format)
         self.params = objective_params(cfg)
         self.trains_policy = self.objective.trains == "policy"
         self.run_dir = prepare_run_dir(cfg)
@@ -104,11 +104,8 @@ class OfflineJob(RecoveringJob):
         cfg, objective = self.cfg, self.objective
         data_dir = self.run_dir / "data"
         spin = cfg.algorithm.spin_iterations > 0
-        if objective.trains == "reward_model":
-            disk_format, kind = (cfg.data.format or "preference"), "ranked"
-        else:
-            disk_format = "sft" if spin else (cfg.data.format or self.format.disk_format)
-            kind = objective.data_format
+        disk_format = "sft" if spin else (cfg.data.format or self.format.disk_format)
+        kind = objective.data_format
         row_kind = None if spin else kind
         examples, skipped = load_job_examples(cfg.data.train, disk_format, cfg.data, self.tokenizer, data_dir,
                                               kind=row_kind)
@@ -117,7 +114,7 @@ class OfflineJob(RecoveringJob):
         if cfg.data.eval:
             eval_prompts = JobData(load_job_examples(cfg.data.eval, "prompt", cfg.data, self.tokenizer,
                                                      data_dir)[0], "prompt", self.tokenizer, cfg.data)
-            if (kind == "ranked" or data_format(kind).pairs) and not spin:
+            if self.format.held_out and not spin:
                 eval_pairs = JobData(load_job_examples(cfg.data.eval, disk_format, cfg.data, self.tokenizer,
                                                        data_dir, kind=row_kind)[0], kind, self.tokenizer, cfg.data,
                                      params=self.params)
@@ -297,8 +294,7 @@ class OfflineJob(RecoveringJob):
     def _train_step(self, roles: RoleGroups, batch: dict) -> dict:
         trainer = roles[self.trainer_name]
         name, params = self.objective.name, self.params
-        if self.format is not None:
-            params = self.format.driver_params(batch, params, self.cfg)
+        params = self.format.driver_params(batch, params, self.cfg)
         per_rank = trainer.call_scattered(lambda a, shard: a.train_offline.remote(shard, name, params), batch)
         return {f"train/{k}" if "/" not in k else k: sum(m[k] for m in per_rank) / len(per_rank)
                 for k in per_rank[0]}

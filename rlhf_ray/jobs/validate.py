@@ -110,7 +110,8 @@ def validate_offline(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
                           "false; set reference.enabled=true (or pick a reference-free objective: sft, slic, simpo)")
     if cfg.algorithm.spin_iterations and cfg.algorithm.sdpo_stages > 1:
         raise ConfigError("algorithm.spin_iterations and algorithm.sdpo_stages are both set; pick one schedule")
-    if (cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1) and objective.data_format != "preference":
+    if (cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1) and \
+            not data_format(objective.data_format).schedules:
         raise ConfigError(f"SPIN and sDPO are schedules over a preference objective (dpo, ipo, ...); "
                           f"{objective.name} trains on {objective.data_format} data")
     if (cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1) and not objective.needs_reference:

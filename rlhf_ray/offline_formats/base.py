@@ -26,6 +26,10 @@ class OfflineDataFormat:
     pairs: bool = False
     """Batches hold chosen/rejected pairs (`chosen_*`/`rejected_*` tensors): held-out pair metrics apply, and
     every example is two sequences through the model."""
+    held_out: bool = False
+    """Held-out rows of this format are scored too (pair metrics for pairs, ranking accuracy for rankings)."""
+    schedules: bool = False
+    """SPIN and sDPO can run over it: one prompt and two responses, which SPIN also builds from SFT rows."""
     reference_cacheable: bool = True
     """The reference's log-probs of a row depend on that row alone, so they can be precomputed once."""
 

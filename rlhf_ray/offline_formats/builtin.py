@@ -59,6 +59,8 @@ class PreferenceFormat(OfflineDataFormat):
 
     name = disk_format = "preference"
     pairs = True
+    held_out = True
+    schedules = True
 
     def batch(self, data, rows) -> dict:
         out = collate_pairs(data, [data._encode(r.prompt, r.chosen) for r in rows],
@@ -141,6 +143,7 @@ class RankedFormat(OfflineDataFormat):
 
     name = "ranked"
     disk_format = "preference"
+    held_out = True
 
     def batch(self, data, rows) -> dict:
         groups = [as_ranked(r) for r in rows]

@@ -86,6 +86,7 @@ class MultiTurnPreferenceFormat(PreferenceFormat):
 
     name = "multi_turn_preference"
     disk_format = "preference"
+    schedules = False  # SPIN's pairs are single-turn, and a segment has no stage split yet
 
     def check_row(self, example) -> None:
         for key in ("prompt", "chosen", "rejected"):

@@ -288,7 +288,6 @@ __all__ = ["PlannedRole", "held_bytes", "on_gpu", "plan_from_config", "planned_r
 
 def _pairs(objective) -> bool:
     """Whether each example of the objective's data format is a chosen and a rejected sequence."""
-    from rlhf_ray.offline_formats import DATA_FORMATS
+    from rlhf_ray.offline_formats import data_format
 
-    fmt = DATA_FORMATS.get(objective.data_format)
-    return fmt is not None and fmt.pairs
+    return data_format(objective.data_format).pairs
