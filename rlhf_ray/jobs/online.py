@@ -189,6 +189,7 @@ class OnlineJob(RecoveringJob):
             self.sampler = EpochSampler(len(self.prompts), cfg.run.batch_size, seed=cfg.run.seed)
             self.rollouts = RolloutQueue(cfg.rollout.max_staleness, cfg.run.total_steps,
                                          lambda step: self.launch_step(roles, step))
+            self._engines_free_at = 0.0  # when the last generation put on the timeline ended
             start, skipped = 0, 0
             if resume_from is not None:
                 state = load_checkpoint(resume_from, self.trainables(roles))
@@ -207,8 +208,10 @@ class OnlineJob(RecoveringJob):
         def present(*names: str) -> list[str]:
             return [r for r in names if r in roles.groups]
 
-        return {"generate": ["rollout"], "score": present("policy", "reward", "reference", "critic"),
-                "rollout_wait": ["rollout"], "sync": ["policy", "rollout"],
+        # The engines' generations are recorded as they run (`launch_generate`), also while the policy trains
+        # (`rollout.max_staleness` >= 1); the driver's waits for them ("generate", "rollout_wait") occupy no role.
+        return {"generate": [], "score": present("policy", "reward", "reference", "critic"),
+                "rollout_wait": [], "sync": ["policy", "rollout"],
                 "eval": present("rollout", "policy", "reward", "reference")}
 
     def before_step(self, roles: RoleGroups, step: int, timer: PhaseTimer) -> None:
@@ -260,7 +263,7 @@ class OnlineJob(RecoveringJob):
     def launch_step(self, roles: RoleGroups, step: int) -> Generation:
         """Step `step`'s batch of prompts (the sampler's next), its generation launched (`RolloutQueue`)."""
         prompts = self.prompts.batch(next(self.sampler))
-        return self.launch_generate(roles, prompts, seed=self.draw_seed(step, 0))
+        return self.launch_generate(roles, prompts, seed=self.draw_seed(step, 0), step=step)
 
     def draw_seed(self, step: int, index: int) -> int:
         """The engines' sampling seed for draw `index` of step `step`."""
@@ -281,7 +284,8 @@ class OnlineJob(RecoveringJob):
             else:
                 prompts = self.prompts.batch(next(sampler))
                 with timer.phase("generate"):
-                    rollout = self.generate(roles, prompts, seed=self.draw_seed(step, index))
+                    rollout = self.launch_generate(roles, prompts, seed=self.draw_seed(step, index),
+                                                   step=step).result()
             return rollout, self.score(roles, rollout, timer)
 
         a = self.cfg.algorithm
@@ -296,22 +300,47 @@ class OnlineJob(RecoveringJob):
         return self.launch_generate(roles, prompts, seed, greedy, n).result()
 
     def launch_generate(self, roles: RoleGroups, prompts: dict, seed: int, greedy: bool | None = None,
-                        n: int | None = None) -> Generation:
-        """`generate` launched on the engines without waiting: its `result()` waits for the rows."""
+                        n: int | None = None, step: int | None = None) -> Generation:
+        """`generate` launched on the engines without waiting: its `result()` waits for the rows. With `step`,
+        the engines' time on it goes on the timeline as that step's "generate" (`_engine_span`)."""
         greedy = self.algorithm.needs_greedy if greedy is None else greedy
         n = self.n if n is None else n
         # Any prompt count over any number of engines: the last prompt is repeated up to a multiple,
         # and the rows generated for the repeats are dropped.
         pending = roles["rollout"].scatter_padded(lambda a, shard: a.generate.remote(shard, n, greedy, seed),
                                                   {k: prompts[k] for k in ("input_ids", "attention_mask")})
+        span = self._engine_span(pending.refs, step) if step is not None else (lambda: None)
+
+        def wait() -> None:
+            ray.wait(pending.refs, num_returns=len(pending.refs))
+            span()
 
         def result() -> dict:
             rows = concat_shards(pending.results())
+            span()
             if self.cfg.rollout.sleep_between_steps:  # the roles sharing the engines' GPUs train in vLLM's memory
                 roles["rollout"].call(lambda a: a.sleep.remote())
             return {k: v[:pending.size] if k.startswith("greedy_") else v[:pending.size * n] for k, v in rows.items()}
 
-        return Generation(result=result, wait=lambda: ray.wait(pending.refs, num_returns=len(pending.refs)))
+        return Generation(result=result, wait=wait)
+
+    def _engine_span(self, refs: list, step: int):
+        """Put the engines' work on `refs` on the timeline once it is waited for: from its launch, or from the end
+        of the generation launched before it (an engine runs its calls in order; the driver waits for every
+        launched generation before a sync, so nothing else is queued ahead), to the moment its last result
+        arrived (a callback, so a generation waited for long after it ended keeps its own end)."""
+        launched, ends, recorded = time.time(), [], []
+        for ref in refs:
+            ref.future().add_done_callback(lambda _: ends.append(time.time()))
+
+        def record() -> None:  # called once the refs are ready
+            if recorded:
+                return
+            recorded.append(True)
+            start = max(launched, self._engines_free_at)
+            self._engines_free_at = max(ends) if len(ends) == len(refs) else time.time()  # a callback still on its way
+            self.timeline.record("generate", ["rollout"], start, self._engines_free_at, step)
+        return record
 
     def score(self, roles: RoleGroups, rollout: dict, timer: PhaseTimer) -> dict:
         """Old log-probs (policy), reference log-probs, rewards and values, all launched at once."""

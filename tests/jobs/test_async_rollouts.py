@@ -153,6 +153,26 @@ def test_max_staleness_1_trains_on_batches_one_version_behind(async_run):
     assert state["rollouts"]["pending"] == []  # nothing launched past the last step
 
 
+def _intervals(run_dir, role: str, phase: str) -> dict[int, tuple[float, float]]:
+    from rlhf_ray.telemetry.timeline import read_timeline
+
+    """Each step's first start and last end of `phase` on `role`."""
+    spans: dict[int, tuple[float, float]] = {}
+    for r in read_timeline(run_dir):
+        if r["role"] == role and r["phase"] == phase:
+            start, end = spans.get(r["step"], (r["start"], r["end"]))
+            spans[r["step"]] = (min(start, r["start"]), max(end, r["end"]))
+    return spans
+
+
+def test_the_timeline_shows_the_engines_generating_ahead_while_the_policy_trains(async_run):
+    generate, update = _intervals(async_run, "rollout", "generate"), _intervals(async_run, "policy", "update")
+    assert sorted(generate) == [1, 2, 3, 4] and all(start <= end for start, end in generate.values())
+    for step in (1, 2, 3):  # the next step's generation starts before this step's update and runs beside it
+        assert generate[step + 1][0] < update[step][0]
+        assert generate[step + 1][0] >= generate[step][1]  # one engine: after the generation launched before it
+
+
 def test_a_resumed_asynchronous_run_ends_like_the_uninterrupted_one(async_run, tmp_path):
     from rlhf_ray.jobs import run_job
 
@@ -176,6 +196,9 @@ def test_max_staleness_0_is_the_synchronous_loop(ray_cluster, tmp_path):
     OnlineJob(tiny_config("tiny-grpo", tmp_path / "queue", *args, "rollout.max_staleness=0")).run()
     assert_same_run(tmp_path / "queue", tmp_path / "inline")
     assert _staleness(tmp_path / "queue") == [0.0, 0.0]
+    generate, sync = _intervals(tmp_path / "queue", "rollout", "generate"), _intervals(tmp_path / "queue", "rollout",
+                                                                                         "sync")
+    assert generate[2][0] >= sync[1][1]  # on-policy: the next generation waits for the weights of this step
 
 
 def test_an_engine_killed_with_batches_in_flight_is_survived_like_an_uninterrupted_run(async_run, tmp_path):
