@@ -36,6 +36,7 @@ from rlhf_ray.offline_formats import data_format
 from rlhf_ray.runtime.checkpoint import load_checkpoint
 from rlhf_ray.runtime.role_groups import RoleGroups, init_ray
 from rlhf_ray.telemetry.timers import PhaseTimer
+from rlhf_ray.workers.reward_trainer import zero_mean_preferred_rewards
 
 
 @dataclass
@@ -307,7 +308,7 @@ class OfflineJob(RecoveringJob):
         """Held-out pairs' margins and accuracy; greedy answers to held-out prompts (and their rule reward)."""
         out = {}
         if self.eval_pairs is not None:
-            out.update(evaluation.offline_pair_metrics(self, roles))
+            out.update(evaluation.offline_pair_metrics(self.cfg, roles, self.eval_pairs, self.objective, self.params))
         if self.trains_policy and self.eval_prompts is not None:
             out.update(evaluation.alignment(roles["policy"], self.eval_prompts, self.tokenizer, self.cfg,
                                             self.run_dir, step))
@@ -316,7 +317,7 @@ class OfflineJob(RecoveringJob):
     def _export_final(self, roles: RoleGroups) -> None:
         trainer = roles[self.trainer_name]
         if not self.trains_policy and self.cfg.algorithm.rm_zero_mean:
-            evaluation.center_reward_model(self, trainer)
+            zero_mean_preferred_rewards(trainer, self.train)
         trainer.call(lambda a, d=str(self.run_dir / "final"): a.export.remote(d))
 
 

@@ -497,7 +497,9 @@ class OnlineJob(RecoveringJob):
         if self.eval_prompts is None:
             return {}
         prompts = self.eval_prompts.batch(evaluation.eval_indices(self.cfg, self.eval_prompts))
-        return evaluation.online_eval(self, roles, prompts, step)
+        return evaluation.online_eval(
+            self.cfg, roles, prompts, step, tokenizer=self.tokenizer, run_dir=self.run_dir,
+            generate=lambda rows, seed: self.generate(roles, rows, seed=seed, greedy=True, n=1))
 
 
 def run_online(cfg: JobConfig, address: str | None = None, stop: threading.Event | None = None) -> dict:
