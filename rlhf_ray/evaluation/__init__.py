@@ -2,8 +2,10 @@
 
 - `during_training`: held-out preference metrics and reward-model accuracy of
   offline jobs, alignment accuracy with the config's judge, the online
-  held-out rewards and KL, sample outputs beside the metrics; it drives the
-  job's role groups and is called by the drivers in `jobs/`.
+  held-out rewards and KL, sample outputs beside the metrics; the drivers in
+  `jobs/` call it with their role groups and what it reads (the config, the
+  held-out data, a generate function, the tokenizer, the run folder), never
+  the job itself, and it changes no model.
 - `standalone`: `rlhf-ray eval`, the same measures on exported models in
   one process, without Ray.
 """

@@ -123,17 +123,17 @@ def check_rule_on_eval_data(cfg: JobConfig, eval_prompts, tokenizer) -> None:
                           "reward.rule= to evaluate without one") from err
 
 
-def offline_pair_metrics(job, roles) -> dict:
-    """Held-out loss and reward metrics (preference objectives) or pairwise accuracy (reward models)."""
-    cfg = job.cfg
-    data = job.eval_pairs
-    batch = data.batch(eval_indices(cfg, data))
-    if not job.trains_policy:
+def offline_pair_metrics(cfg: JobConfig, roles, pairs, objective, params: dict) -> dict:
+    """Held-out loss and reward metrics (preference objectives) or pairwise accuracy (reward models) on
+    `pairs`, the first `run.eval_size` of them; `objective` is the job's (`get_offline_objective`), `params`
+    its resolved parameters."""
+    batch = pairs.batch(eval_indices(cfg, pairs))
+    if objective.trains != "policy":
         scores = roles["reward"].scatter_padded(lambda a, shard: a.scores.remote(shard), batch).merged()["scores"]
         return {"eval/rm_accuracy": float(pairwise_accuracy(scores, batch["ranking"])),
                 "eval/rm_score_mean": float(scores.mean())}
-    name, params = job.objective.name, job.params
-    if job.objective.needs_reference:
+    name = objective.name
+    if objective.needs_reference:
         batch.update(roles.reference().scatter_padded(
             lambda a, shard: a.offline_reference_logps.remote(shard, name), batch).merged())
     per_rank = roles["policy"].scatter_padded(
@@ -141,24 +141,13 @@ def offline_pair_metrics(job, roles) -> dict:
     return {f"eval/{k}": sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
 
 
-def center_reward_model(job, trainer) -> float:
-    """InstructGPT's normalisation: shift the bias so the mean reward of the training set's
-    preferred responses is zero. Returns the shift."""
-    data = job.train
-    n = min(len(data), 512)
-    batch = data.batch(list(range(n)))
-    scores = trainer.scatter_padded(lambda a, shard: a.scores.remote(shard), batch).merged()["scores"]
-    best = scores.gather(1, batch["ranking"].argmin(dim=1, keepdim=True)).squeeze(1)
-    shift = float(best.mean())
-    trainer.call(lambda a: a.shift_bias.remote(shift))
-    return shift
-
-
-def online_eval(job, roles, prompts: dict, step: int) -> dict:
+def online_eval(cfg: JobConfig, roles, prompts: dict, step: int, *, generate: Callable[[dict, int], dict],
+                tokenizer, run_dir: Path) -> dict:
     """Held-out prompts through the engines (one sample and one greedy response each): mean reward,
-    alignment accuracy of the greedy responses, response length, and KL of the samples to the reference."""
-    cfg = job.cfg
-    rollout = job.generate(roles, prompts, seed=cfg.run.seed + 104729, greedy=True, n=1)
+    alignment accuracy of the greedy responses, response length, and KL of the samples to the reference.
+    `generate(prompts, seed)`: the job's rollout of one sample and one greedy response per prompt; `roles`
+    score it (reward, policy, reference); the samples are written under `run_dir`."""
+    rollout = generate(prompts, cfg.run.seed + 104729)
     keys = ("input_ids", "attention_mask", "response_mask")
     sampled = {k: rollout[k] for k in keys}
     greedy = {k: rollout[f"greedy_{k}"] for k in keys}
@@ -181,11 +170,11 @@ def online_eval(job, roles, prompts: dict, step: int) -> dict:
         max_reward = rule_max_reward(import_callable(cfg.reward.rule, "reward.rule"))
         out["eval/pass_rate"] = pass_rate(rewards[:size], max_reward)
         out["eval/greedy_pass_rate"] = pass_rate(rewards[size:], max_reward)
-    texts = [job.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+    texts = [tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
              for row, m in zip(greedy["input_ids"][:, -mask.shape[1]:], greedy["response_mask"])]
     verdicts = _judged(judge_from(cfg), prompts["prompt_text"], texts)
     if verdicts is not None:
         out["eval/alignment_accuracy"] = sum(verdicts) / max(len(texts), 1)
-    write_samples(job.run_dir, step, _sample_rows(prompts["prompt_text"], texts, judge=verdicts,
+    write_samples(run_dir, step, _sample_rows(prompts["prompt_text"], texts, judge=verdicts,
                                                   reward=rewards[size:].tolist()))
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -30,12 +31,13 @@ from rlhf_ray.evaluation import during_training as evaluation
 from rlhf_ray.jobs import stop_on_signals
 from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir
 from rlhf_ray.jobs.loop import run_steps
-from rlhf_ray.jobs.validate import objective_params, validate_offline
+from rlhf_ray.jobs.validate import objective_params
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.offline_formats import data_format
 from rlhf_ray.runtime.checkpoint import load_checkpoint
 from rlhf_ray.runtime.role_groups import RoleGroups, init_ray
 from rlhf_ray.telemetry.timers import PhaseTimer
+from rlhf_ray.workers.reward_trainer import zero_mean_preferred_rewards
 
 
 @dataclass
@@ -80,57 +82,84 @@ def _fit_width(t: torch.Tensor, width: int) -> torch.Tensor:
     return torch.cat([t, pad], dim=1)
 
 
-class OfflineJob(RecoveringJob):
-    """One offline job from config to `summary.json`."""
+def _load_data(cfg: JobConfig, objective, params: dict, tokenizer,
+               data_dir: Path) -> tuple[JobData, JobData | None, JobData | None]:
+    """The training data, and the held-out pairs and prompts (where `data.eval` is set and the objective
+    reads them)."""
+    spin = cfg.algorithm.spin_iterations > 0
+    fmt, kind = data_format(objective.data_format), objective.data_format
+    disk_format = "sft" if spin else (cfg.data.format or fmt.disk_format)
+    row_kind = None if spin else kind
+    examples, skipped = load_job_examples(cfg.data.train, disk_format, cfg.data, tokenizer, data_dir, kind=row_kind)
+    train = JobData(examples, kind, tokenizer, cfg.data, skipped, params)
+    eval_pairs = eval_prompts = None
+    if cfg.data.eval:
+        eval_prompts = JobData(load_job_examples(cfg.data.eval, "prompt", cfg.data, tokenizer, data_dir)[0],
+                               "prompt", tokenizer, cfg.data)
+        if fmt.held_out and not spin:
+            eval_pairs = JobData(load_job_examples(cfg.data.eval, disk_format, cfg.data, tokenizer, data_dir,
+                                                   kind=row_kind)[0], kind, tokenizer, cfg.data, params=params)
+    return train, eval_pairs, eval_prompts
 
-    def __init__(self, cfg: JobConfig):
-        validate_offline(cfg)
+
+def _check_scores(cfg: JobConfig, objective, params: dict, train: JobData) -> None:
+    """ODPO's offsets come from per-pair scores: refuse data without them unless one constant offset
+    was asked for."""
+    if not objective.per_pair_offsets(params):
+        return
+    missing = [i for i, ex in enumerate(train.examples) if getattr(ex, "score_chosen", None) is None]
+    if missing:
+        raise ConfigError(f"algorithm.name: odpo sets each pair's offset from its scores, but {len(missing)} of "
+                          f"{len(train)} pairs in data.train ({cfg.data.train}) have no "
+                          f"score_chosen/score_rejected (first: row {missing[0]}); add those columns, or set "
+                          "algorithm.params.offset=<number> to use one offset for every pair")
+
+
+class OfflineJob(RecoveringJob):
+    """One offline job from config to `summary.json`. The constructor holds what it is given;
+    `from_config` makes the run folder and loads the data."""
+
+    def __init__(self, cfg: JobConfig, *, run_dir: Path, tokenizer, train: JobData, eval_pairs: JobData | None = None,
+                 eval_prompts: JobData | None = None):
         self.cfg = cfg
-        self.objective = get_offline_objective(cfg.algorithm.name)
-        self.format = data_format(self.objective.data_format)
-        self.params = objective_params(cfg)
-        self.trains_policy = self.objective.trains == "policy"
-        self.run_dir = prepare_run_dir(cfg)
-        model_cfg = cfg.policy.model if self.trains_policy else cfg.reward.model
-        self.tokenizer = load_tokenizer_for(model_cfg.tokenizer or model_cfg.name_or_path,
-                                            trust_remote_code=model_cfg.trust_remote_code)
-        self.train, self.eval_pairs, self.eval_prompts = self._load_data()
-        self._check_scores()
-        evaluation.check_rule_on_eval_data(cfg, self.eval_prompts, self.tokenizer)
+        self.run_dir = run_dir
+        self.tokenizer = tokenizer
+        self.train, self.eval_pairs, self.eval_prompts = train, eval_pairs, eval_prompts
         self.reference_cache: dict[str, torch.Tensor] | None = None
 
-    # data ------------------------------------------------------------------
-    def _load_data(self):
-        cfg, objective = self.cfg, self.objective
-        data_dir = self.run_dir / "data"
-        spin = cfg.algorithm.spin_iterations > 0
-        disk_format = "sft" if spin else (cfg.data.format or self.format.disk_format)
-        kind = objective.data_format
-        row_kind = None if spin else kind
-        examples, skipped = load_job_examples(cfg.data.train, disk_format, cfg.data, self.tokenizer, data_dir,
-                                              kind=row_kind)
-        train = JobData(examples, kind, self.tokenizer, cfg.data, skipped, self.params)
-        eval_pairs = eval_prompts = None
-        if cfg.data.eval:
-            eval_prompts = JobData(load_job_examples(cfg.data.eval, "prompt", cfg.data, self.tokenizer,
-                                                     data_dir)[0], "prompt", self.tokenizer, cfg.data)
-            if self.format.held_out and not spin:
-                eval_pairs = JobData(load_job_examples(cfg.data.eval, disk_format, cfg.data, self.tokenizer,
-                                                       data_dir, kind=row_kind)[0], kind, self.tokenizer, cfg.data,
-                                     params=self.params)
-        return train, eval_pairs, eval_prompts
+    @classmethod
+    def from_config(cls, cfg: JobConfig) -> OfflineJob:
+        """The job of a validated `cfg` (`jobs.validate`): its run folder made (the resolved config in it),
+        the trained model's tokenizer and the data, with the checks only the data allows (ODPO's scores,
+        `reward.rule` on the held-out prompts), before any model loads."""
+        objective = get_offline_objective(cfg.algorithm.name)
+        params = objective_params(cfg)
+        run_dir = prepare_run_dir(cfg)
+        model_cfg = cfg.policy.model if objective.trains == "policy" else cfg.reward.model
+        tokenizer = load_tokenizer_for(model_cfg.tokenizer or model_cfg.name_or_path,
+                                       trust_remote_code=model_cfg.trust_remote_code)
+        train, eval_pairs, eval_prompts = _load_data(cfg, objective, params, tokenizer, run_dir / "data")
+        _check_scores(cfg, objective, params, train)
+        evaluation.check_rule_on_eval_data(cfg, eval_prompts, tokenizer)
+        return cls(cfg, run_dir=run_dir, tokenizer=tokenizer, train=train, eval_pairs=eval_pairs,
+                   eval_prompts=eval_prompts)
 
-    def _check_scores(self) -> None:
-        """ODPO's offsets come from per-pair scores: refuse data without them unless one constant offset
-        was asked for."""
-        if not self.objective.per_pair_offsets(self.params):
-            return
-        missing = [i for i, ex in enumerate(self.train.examples) if getattr(ex, "score_chosen", None) is None]
-        if missing:
-            raise ConfigError(f"algorithm.name: odpo sets each pair's offset from its scores, but {len(missing)} of "
-                              f"{len(self.train)} pairs in data.train ({self.cfg.data.train}) have no "
-                              f"score_chosen/score_rejected (first: row {missing[0]}); add those columns, or set "
-                              "algorithm.params.offset=<number> to use one offset for every pair")
+    # what the config says, worked out on first use ------------------------
+    @cached_property
+    def objective(self):
+        return get_offline_objective(self.cfg.algorithm.name)
+
+    @cached_property
+    def params(self) -> dict:
+        return objective_params(self.cfg)
+
+    @cached_property
+    def trains_policy(self) -> bool:
+        return self.objective.trains == "policy"
+
+    @cached_property
+    def format(self):
+        return data_format(self.objective.data_format)
 
     # roles -----------------------------------------------------------------
     def _setup(self, roles: RoleGroups, resume_from: Path | None, stage: int) -> None:
@@ -303,7 +332,7 @@ class OfflineJob(RecoveringJob):
         """Held-out pairs' margins and accuracy; greedy answers to held-out prompts (and their rule reward)."""
         out = {}
         if self.eval_pairs is not None:
-            out.update(evaluation.offline_pair_metrics(self, roles))
+            out.update(evaluation.offline_pair_metrics(self.cfg, roles, self.eval_pairs, self.objective, self.params))
         if self.trains_policy and self.eval_prompts is not None:
             out.update(evaluation.alignment(roles["policy"], self.eval_prompts, self.tokenizer, self.cfg,
                                             self.run_dir, step))
@@ -312,7 +341,7 @@ class OfflineJob(RecoveringJob):
     def _export_final(self, roles: RoleGroups) -> None:
         trainer = roles[self.trainer_name]
         if not self.trains_policy and self.cfg.algorithm.rm_zero_mean:
-            evaluation.center_reward_model(self, trainer)
+            zero_mean_preferred_rewards(trainer, self.train)
         trainer.call(lambda a, d=str(self.run_dir / "final"): a.export.remote(d))
 
 
@@ -334,7 +363,7 @@ def _peek_state(path: Path) -> dict:
 def run_offline(cfg: JobConfig, address: str | None = None, stop: threading.Event | None = None) -> dict:
     """Run an offline job on the local Ray cluster (or the one at `address`); returns the summary.
     `stop`: see `jobs.run_job`."""
-    job = OfflineJob(cfg)
+    job = OfflineJob.from_config(cfg)
     init_ray(address)
     with stop_on_signals(stop) as stop:
         return job.run(stop)

@@ -23,114 +23,106 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import cached_property
 from pathlib import Path
 
 import ray
 import torch
 
-from rlhf_ray.algorithms.advantages import aggregation_denominator, masked_mean
-from rlhf_ray.algorithms.kl import AdaptiveKLController, FixedKLController, kl_penalty, token_level_rewards
+from rlhf_ray.algorithms.advantages import aggregation_denominator
 from rlhf_ray.algorithms.registry import get_online_algorithm
-from rlhf_ray.algorithms.reward_shaping import overlong_penalty
 from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_metrics, mismatch_sums, rollout_is_weights
-from rlhf_ray.config.schema import ConfigError, JobConfig
+from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.data.sampler import EpochSampler
 from rlhf_ray.evaluation import during_training as evaluation
 from rlhf_ray.job_plan import plan_job
-from rlhf_ray.jobs import stop_on_signals
-from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir, role_specs
+from rlhf_ray.jobs import online_advantages, stop_on_signals
+from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir
 from rlhf_ray.jobs.dynamic_sampling import fill_batch
 from rlhf_ray.jobs.loop import run_steps
+from rlhf_ray.jobs.online_advantages import (
+    ROLLOUT_KEYS,
+    RunningStd,
+    compute_advantages,
+    fresh_controllers,
+)
 from rlhf_ray.jobs.rollout_queue import Generation, RolloutQueue
-from rlhf_ray.jobs.validate import samples_per_prompt, validate_online
+from rlhf_ray.jobs.validate import samples_per_prompt
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
 from rlhf_ray.runtime.checkpoint import load_checkpoint
-from rlhf_ray.runtime.role_groups import RoleGroups, init_ray, plan_for
+from rlhf_ray.runtime.role_groups import RoleGroups, init_ray
 from rlhf_ray.telemetry.hardware import measure_memory_bandwidth
 from rlhf_ray.telemetry.timers import PhaseTimer
-from rlhf_ray.workers.rollout.vllm import check_tensor_parallel, weight_transfer_backend
-
-ROLLOUT_KEYS = ("input_ids", "attention_mask", "response_mask")
-
-
-class RunningStd:
-    """Running standard deviation of rewards (reward normalisation, lm-human-preferences)."""
-
-    def __init__(self, state: dict | None = None):
-        self.count, self.mean, self.m2 = (state or {}).get("count", 0), (state or {}).get("mean", 0.0), \
-            (state or {}).get("m2", 0.0)
-
-    def update(self, values: torch.Tensor) -> None:
-        for v in values.tolist():
-            self.count += 1
-            delta = v - self.mean
-            self.mean += delta / self.count
-            self.m2 += delta * (v - self.mean)
-
-    @property
-    def std(self) -> float:
-        return (self.m2 / max(self.count - 1, 1)) ** 0.5 if self.count > 1 else 1.0
-
-    def state_dict(self) -> dict:
-        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+from rlhf_ray.workers.rollout.vllm import weight_transfer_backend
 
 
 class OnlineJob(RecoveringJob):
-    """One online RL job from config to `summary.json`."""
+    """One online RL job from config to `summary.json`. The constructor holds what it is given;
+    `from_config` makes the run folder and loads what the job runs on."""
 
-    def __init__(self, cfg: JobConfig):
-        validate_online(cfg)
-        check_tensor_parallel(cfg.rollout, plan_for(cfg, role_specs(cfg)).slots["rollout"][0].num_gpus)
+    def __init__(self, cfg: JobConfig, *, run_dir: Path, tokenizer, prompts: JobData,
+                 eval_prompts: JobData | None = None, ptx: JobData | None = None, memcpy_rate: float):
         self.cfg = cfg
-        self.algorithm = get_online_algorithm(cfg.algorithm.name)
-        self.n = samples_per_prompt(cfg)
-        if self.algorithm.needs_critic and cfg.critic.init_from == "reward" and cfg.reward.rule:
-            raise ConfigError("critic.init_from: reward needs a reward model, but reward.rule is set; "
-                              "set critic.init_from=policy")
-        self.run_dir = prepare_run_dir(cfg)
-        model = cfg.policy.model
-        self.tokenizer = load_tokenizer_for(model.tokenizer or model.name_or_path,
-                                            trust_remote_code=model.trust_remote_code)
-        data_dir = self.run_dir / "data"
-        self.prompts = JobData(load_job_examples(cfg.data.train, "prompt", cfg.data, self.tokenizer, data_dir)[0],
-                               "prompt", self.tokenizer, cfg.data)
-        self.eval_prompts = None
-        if cfg.data.eval:
-            self.eval_prompts = JobData(load_job_examples(cfg.data.eval, "prompt", cfg.data, self.tokenizer,
-                                                          data_dir)[0], "prompt", self.tokenizer, cfg.data)
-        self.ptx = None
-        if cfg.data.ptx and cfg.algorithm.ptx_coef > 0:
-            self.ptx = JobData(load_job_examples(cfg.data.ptx, "sft", cfg.data, self.tokenizer, data_dir)[0],
-                               "sft", self.tokenizer, cfg.data)
-        a = cfg.algorithm
-        self._fresh_controllers()
-        self.uses_reference = plan_job(cfg).uses_reference
-        self.kl_estimator = self.algorithm.kl.estimator(a.kl_estimator)  # `auto` resolved: k1 in rewards, k3 in loss
-        # PPO's old log-probs are the policy's own under the weights the step starts from (those that sampled,
-        # on-policy; the rollout importance weights correct the engine's gap to them, and a stale batch's lag).
-        # With one pass over one minibatch the update starts from those weights, so its training forward gives
-        # them and the scoring forward is skipped; the policy scores them first where the update runs from other
-        # weights, where the step may be skipped for the mismatch (known before the update), or where dropout
-        # makes the training forward another function.
-        dropout = not cfg.policy.model.disable_dropout or (cfg.policy.lora.enabled and cfg.policy.lora.dropout > 0)
-        self.scores_old_logprobs = (a.ppo_epochs > 1 or a.num_minibatches > 1 or a.max_logprob_diff > 0
-                                    or dropout)
-        # With shared prefixes the update's minibatches list a prompt's samples side by side (rollouts are
-        # prompt-major), so its micro-batches hold whole groups where their size allows; the minibatch's rows
-        # are the same, and its loss is a sum over them (the order changes nothing but float rounding).
-        self.groups_in_order = self.n > 1 and cfg.policy.shared_prefix
+        self.run_dir = run_dir
+        self.tokenizer = tokenizer
+        self.prompts, self.eval_prompts, self.ptx = prompts, eval_prompts, ptx
         # Bytes/s a plain copy moves on this machine (half the read + write bandwidth), beside each sync.
-        self.memcpy_rate = measure_memory_bandwidth(nbytes=64 * 2**20, iters=3) / 2
+        self.memcpy_rate = memcpy_rate
+        self.kl, self.reward_std = fresh_controllers(cfg)
+
+    @classmethod
+    def from_config(cls, cfg: JobConfig) -> OnlineJob:
+        """The job of a validated `cfg` (`jobs.validate`): its run folder made (the resolved config in it),
+        the policy's tokenizer, the prompts (held-out and ptx ones where set), and the memcpy rate, measured
+        here, before Ray starts its processes beside it."""
+        run_dir = prepare_run_dir(cfg)
+        model = cfg.policy.model
+        tokenizer = load_tokenizer_for(model.tokenizer or model.name_or_path, trust_remote_code=model.trust_remote_code)
+        data_dir = run_dir / "data"
+
+        def load(source: str, kind: str) -> JobData:
+            return JobData(load_job_examples(source, kind, cfg.data, tokenizer, data_dir)[0], kind, tokenizer, cfg.data)
+
+        prompts = load(cfg.data.train, "prompt")
+        eval_prompts = load(cfg.data.eval, "prompt") if cfg.data.eval else None
+        ptx = load(cfg.data.ptx, "sft") if cfg.data.ptx and cfg.algorithm.ptx_coef > 0 else None
+        memcpy_rate = measure_memory_bandwidth(nbytes=64 * 2**20, iters=3) / 2
+        return cls(cfg, run_dir=run_dir, tokenizer=tokenizer, prompts=prompts, eval_prompts=eval_prompts, ptx=ptx,
+                   memcpy_rate=memcpy_rate)
+
+    # what the config says, worked out on first use ------------------------
+    @cached_property
+    def algorithm(self):
+        return get_online_algorithm(self.cfg.algorithm.name)
+
+    @cached_property
+    def n(self) -> int:
+        return samples_per_prompt(self.cfg)
+
+    @cached_property
+    def uses_reference(self) -> bool:
+        return plan_job(self.cfg).uses_reference
+
+    @cached_property
+    def kl_estimator(self) -> str:
+        return online_advantages.kl_estimator(self.cfg)
+
+    @cached_property
+    def scores_old_logprobs(self) -> bool:
+        return online_advantages.scores_old_logprobs(self.cfg)
+
+    @cached_property
+    def groups_in_order(self) -> bool:
+        """With shared prefixes the update's minibatches list a prompt's samples side by side (rollouts are
+        prompt-major), so its micro-batches hold whole groups where their size allows; the minibatch's rows
+        are the same, and its loss is a sum over them (the order changes nothing but float rounding)."""
+        return self.n > 1 and self.cfg.policy.shared_prefix
 
     def _fresh_controllers(self) -> None:
-        """The KL coefficient's controller and the running reward std as a run starts (a checkpoint's
-        replace them on resume)."""
-        a = self.cfg.algorithm
-        self.kl = AdaptiveKLController(a.kl_coef, a.kl_target, a.kl_horizon) if a.adaptive_kl \
-            else FixedKLController(a.kl_coef)
-        self.reward_std = RunningStd()
+        """The controllers as a run starts (`fresh_controllers`)."""
+        self.kl, self.reward_std = fresh_controllers(self.cfg)
 
     # roles -----------------------------------------------------------------
     def _setup(self, roles: RoleGroups) -> None:
@@ -372,46 +364,10 @@ class OnlineJob(RecoveringJob):
         return out
 
     def compute_advantages(self, rollout: dict, scores: dict, kl_coef: float | None = None) -> tuple[dict, dict]:
-        """KL-shaped rewards with this step's coefficient (the controller's current value by default; the
-        controller is not moved here) and the algorithm's advantages."""
-        a = self.cfg.algorithm
+        """`online_advantages.compute_advantages` with this step's coefficient (the controller's current
+        value by default; the controller is not moved here); keeps the running reward std it returns."""
         kl_coef = self.kl.value if kl_coef is None else kl_coef
-        mask = rollout["response_mask"].float()
-        rewards = scores["sequence_rewards"] + a.no_eos_penalty * (~rollout["finished"]).float()
-        overlong = overlong_penalty(mask.sum(-1), self.cfg.rollout.max_new_tokens, a.overlong_buffer,
-                                    a.overlong_penalty)
-        rewards = rewards + overlong
-        greedy = scores.get("greedy_rewards")
-        if greedy is not None:
-            shaped = a.no_eos_penalty * (~rollout["greedy_finished"]).float()
-            if a.overlong_buffer:
-                shaped = shaped + overlong_penalty(rollout["greedy_response_mask"].sum(-1),
-                                                   self.cfg.rollout.max_new_tokens, a.overlong_buffer,
-                                                   a.overlong_penalty)
-            greedy = greedy + shaped.repeat_interleave(self.n)
-        if a.normalize_rewards:
-            self.reward_std.update(rewards)
-            rewards = rewards / self.reward_std.std
-            greedy = None if greedy is None else greedy / self.reward_std.std
-        old = scores["logprobs"]
-        ref = scores.get("ref_logprobs", old)
-        token_rewards = token_level_rewards(rewards, old, ref, mask, self.algorithm.kl.reward_coef(kl_coef),
-                                            kind=self.kl_estimator)
-        advantages, returns = self.algorithm.compute_advantages(
-            response_mask=mask, token_rewards=token_rewards, sequence_rewards=rewards, greedy_rewards=greedy,
-            values=scores.get("values"), group_size=self.n, gamma=a.gamma, lam=a.lam,
-            whiten_advantages=a.whiten_advantages)
-        sequence_kl = (kl_penalty(old, ref, "k1") * mask).sum(-1)
-        batch = {k: rollout[k] for k in ROLLOUT_KEYS}
-        batch.update(engine_logprobs=rollout["engine_logprobs"], advantages=advantages, ref_logprobs=ref)
-        if self.scores_old_logprobs:
-            batch["old_logprobs"] = old
-        if returns is not None:
-            batch.update(returns=returns, old_values=scores["values"])
-        metrics = {"rollout/kl": float(sequence_kl.mean()), "policy/kl_coef": kl_coef,
-                   "rollout/advantage_mean": float(masked_mean(advantages, mask))}
-        if a.overlong_buffer:
-            metrics["rollout/overlong_penalty_mean"] = float(overlong.mean())
+        batch, metrics, self.reward_std = compute_advantages(rollout, scores, self.cfg, kl_coef, self.reward_std)
         return batch, metrics
 
     def update(self, roles: RoleGroups, batch: dict, step: int, timer: PhaseTimer, kl_coef: float) -> dict:
@@ -526,13 +482,15 @@ class OnlineJob(RecoveringJob):
         if self.eval_prompts is None:
             return {}
         prompts = self.eval_prompts.batch(evaluation.eval_indices(self.cfg, self.eval_prompts))
-        return evaluation.online_eval(self, roles, prompts, step)
+        return evaluation.online_eval(
+            self.cfg, roles, prompts, step, tokenizer=self.tokenizer, run_dir=self.run_dir,
+            generate=lambda rows, seed: self.generate(roles, rows, seed=seed, greedy=True, n=1))
 
 
 def run_online(cfg: JobConfig, address: str | None = None, stop: threading.Event | None = None) -> dict:
     """Run an online job on the local Ray cluster (or the one at `address`); returns the summary.
     `stop`: see `jobs.run_job`."""
-    job = OnlineJob(cfg)
+    job = OnlineJob.from_config(cfg)
     init_ray(address)
     with stop_on_signals(stop) as stop:
         return job.run(stop)

@@ -180,6 +180,19 @@ def validate_online(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:
     _divisible(minibatch, cfg.policy.num_ranks, cfg.policy.micro_batch_size, "policy minibatch")
     if algorithm.needs_critic:
         _divisible(minibatch, cfg.critic.num_ranks, cfg.critic.micro_batch_size, "critic minibatch")
+    check_rollout_placement(cfg)
+    if algorithm.needs_critic and cfg.critic.init_from == "reward" and cfg.reward.rule:
+        raise ConfigError("critic.init_from: reward needs a reward model, but reward.rule is set; "
+                          "set critic.init_from=policy")
+
+
+def check_rollout_placement(cfg: JobConfig) -> None:
+    """The engines' tensor-parallel degree fits the GPUs of their bundles, as the job's placement plans them."""
+    from rlhf_ray.jobs.common import role_specs
+    from rlhf_ray.runtime.role_groups import plan_for
+    from rlhf_ray.workers.rollout.vllm import check_tensor_parallel
+
+    check_tensor_parallel(cfg.rollout, plan_for(cfg, role_specs(cfg)).slots["rollout"][0].num_gpus)
 
 
 def check_reward_tokenizer(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None:

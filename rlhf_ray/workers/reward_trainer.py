@@ -3,7 +3,8 @@
 Trains on ranked data (K responses per prompt, all K-choose-2 pairs from one
 forward pass; a preference pair is K = 2), reports pairwise accuracy on
 held-out data, and can add a bias so that the mean reward on a reference set
-is zero (InstructGPT).
+is zero (InstructGPT; the driver's `zero_mean_preferred_rewards`, for
+`algorithm.rm_zero_mean`).
 """
 
 from __future__ import annotations
@@ -70,3 +71,16 @@ class RewardTrainerWorker(ExportMixin, TrainableWorker):
         """Add `delta` to the bias the score subtracts (InstructGPT's zero-mean normalisation)."""
         module = self.engine.module
         module.set_score_bias(module.score_bias + float(delta))
+
+
+def zero_mean_preferred_rewards(trainer, data) -> float:
+    """InstructGPT's normalisation of a trained reward model: shift the bias of the `trainer` group's model
+    so the mean reward of the preferred responses of `data` (its first 512 rows) is zero. Returns the shift.
+    Runs on the driver, before the model is exported."""
+    n = min(len(data), 512)
+    batch = data.batch(list(range(n)))
+    scores = trainer.scatter_padded(lambda a, shard: a.scores.remote(shard), batch).merged()["scores"]
+    best = scores.gather(1, batch["ranking"].argmin(dim=1, keepdim=True)).squeeze(1)
+    shift = float(best.mean())
+    trainer.call(lambda a: a.shift_bias.remote(shift))
+    return shift

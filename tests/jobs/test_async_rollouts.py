@@ -109,9 +109,10 @@ def test_the_importance_weight_of_a_stale_batch_is_the_policy_now_over_the_engin
     weight is their ratio, which covers the policy's lag as well as the engine's own numerics."""
     from rlhf_ray.jobs.online import OnlineJob
 
-    job = OnlineJob(tiny_config("tiny-grpo", tmp_path / "stale", "rollout.engine=hf", "rollout.max_staleness=2",
-                                "run.batch_size=1", "algorithm.samples_per_prompt=2",
-                                "algorithm.max_logprob_diff=10"))
+    cfg = tiny_config("tiny-grpo", tmp_path / "stale", "rollout.engine=hf", "rollout.max_staleness=2",
+                      "run.batch_size=1", "algorithm.samples_per_prompt=2",
+                      "algorithm.max_logprob_diff=10")
+    job = OnlineJob.from_config(cfg)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     engine_then = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, 0.0, 0.0]]) * mask
     policy_now = (engine_then + torch.tensor([[0.3, -0.2, 0.0], [0.1, 0.0, 0.0]])) * mask
@@ -192,8 +193,8 @@ def test_max_staleness_0_is_the_synchronous_loop(ray_cluster, tmp_path):
             return super().step(roles, step, timer)
 
     args = [*GRPO[:3], "run.total_steps=2"]
-    InLine(tiny_config("tiny-grpo", tmp_path / "inline", *args)).run()
-    OnlineJob(tiny_config("tiny-grpo", tmp_path / "queue", *args, "rollout.max_staleness=0")).run()
+    InLine.from_config(tiny_config("tiny-grpo", tmp_path / "inline", *args)).run()
+    OnlineJob.from_config(tiny_config("tiny-grpo", tmp_path / "queue", *args, "rollout.max_staleness=0")).run()
     assert_same_run(tmp_path / "queue", tmp_path / "inline")
     assert _staleness(tmp_path / "queue") == [0.0, 0.0]
     generate, sync = _intervals(tmp_path / "queue", "rollout", "generate"), _intervals(tmp_path / "queue", "rollout",

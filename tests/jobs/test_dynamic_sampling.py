@@ -94,8 +94,9 @@ def test_the_driver_draws_fresh_prompts_with_fresh_seeds_until_the_batch_is_full
     from rlhf_ray.jobs.online import OnlineJob
     from rlhf_ray.telemetry.timers import PhaseTimer
 
-    job = OnlineJob(tiny_config("tiny-dapo", tmp_path / "dapo", "run.batch_size=2", "algorithm.samples_per_prompt=2",
-                                "algorithm.dynamic_sampling_max_draws=3"))
+    cfg = tiny_config("tiny-dapo", tmp_path / "dapo", "run.batch_size=2", "algorithm.samples_per_prompt=2",
+                      "algorithm.dynamic_sampling_max_draws=3")
+    job = OnlineJob.from_config(cfg)
     # groups of 2: draw 0 keeps none, draw 1 its second, draw 2 its first (4 of the 6 groups dropped)
     rewards = iter([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.5, 0.5]])
     seeds, prompts_seen = [], []
@@ -128,8 +129,9 @@ def test_the_driver_draws_fresh_prompts_with_fresh_seeds_until_the_batch_is_full
 def test_overlong_penalty_enters_the_rewards_before_the_advantages(tmp_path):
     from rlhf_ray.jobs.online import OnlineJob
 
-    job = OnlineJob(tiny_config("tiny-dapo", tmp_path / "dapo", "run.batch_size=2", "algorithm.samples_per_prompt=2",
-                                "algorithm.overlong_buffer=6"))
+    cfg = tiny_config("tiny-dapo", tmp_path / "dapo", "run.batch_size=2", "algorithm.samples_per_prompt=2",
+                      "algorithm.overlong_buffer=6")
+    job = OnlineJob.from_config(cfg)
     assert job.cfg.rollout.max_new_tokens == 32
     rollout = _rows_for({"input_ids": torch.ones(2, 3, dtype=torch.long),
                          "attention_mask": torch.ones(2, 3, dtype=torch.long)}, 2, [32, 29, 10, 26])

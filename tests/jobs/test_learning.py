@@ -63,8 +63,9 @@ def test_dpo_margins_rise(sft, tmp_path):
 def test_remax_advantage_is_sample_reward_minus_greedy_reward_of_its_prompt(tmp_path):
     from rlhf_ray.jobs.online import OnlineJob
 
-    job = OnlineJob(tiny_config("tiny-remax", tmp_path / "remax", "algorithm.samples_per_prompt=2",
-                                "algorithm.whiten_advantages=false", "algorithm.kl_coef=0", "run.batch_size=2"))
+    cfg = tiny_config("tiny-remax", tmp_path / "remax", "algorithm.samples_per_prompt=2",
+                      "algorithm.whiten_advantages=false", "algorithm.kl_coef=0", "run.batch_size=2")
+    job = OnlineJob.from_config(cfg)
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 0]])
     rollout = {"input_ids": torch.zeros(4, 5, dtype=torch.long), "attention_mask": torch.ones(4, 5, dtype=torch.long),
                "response_mask": mask, "finished": torch.ones(4, dtype=torch.bool),

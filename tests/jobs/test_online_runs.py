@@ -243,8 +243,8 @@ def test_engines_that_share_gpus_start_and_sleep_before_any_other_role_loads(tmp
     # freed memory meanwhile: beside trainers on the same GPUs it must start alone, then release it.
     from rlhf_ray.jobs.online import OnlineJob
 
-    job = OnlineJob.__new__(OnlineJob)
-    job.cfg, job.n = tiny_config("tiny-ppo", tmp_path, *SMALL, *REWARD_MODEL), 1
+    job = OnlineJob(tiny_config("tiny-ppo", tmp_path, *SMALL, *REWARD_MODEL), run_dir=tmp_path, tokenizer=None,
+                    prompts=None, memcpy_rate=0.0)  # nothing loaded: the roles are stand-ins
     roles = _RecordingRoles(["policy", "rollout", "reward", "reference", "critic"], shared)
     job._setup(roles)
     setups = [name for name, what in roles.log if what == "setup"]

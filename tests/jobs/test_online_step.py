@@ -62,9 +62,10 @@ def _stand_in_job(job):
 def test_adaptive_kl_uses_the_coefficient_before_its_update_for_rewards_and_loss_alike(tmp_path):
     from rlhf_ray.jobs.online import OnlineJob
 
-    job = OnlineJob(tiny_config("tiny-remax", tmp_path / "remax", *HF, "algorithm.adaptive_kl=true",
-                                "algorithm.kl_coef=0.5", "algorithm.kl_target=1.0", "algorithm.kl_horizon=4",
-                                "algorithm.whiten_advantages=false", "run.batch_size=2"))
+    cfg = tiny_config("tiny-remax", tmp_path / "remax", *HF, "algorithm.adaptive_kl=true",
+                      "algorithm.kl_coef=0.5", "algorithm.kl_target=1.0", "algorithm.kl_horizon=4",
+                      "algorithm.whiten_advantages=false", "run.batch_size=2")
+    job = OnlineJob.from_config(cfg)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
     rollout = {"input_ids": torch.zeros(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
                "response_mask": mask, "finished": torch.ones(2, dtype=torch.bool),
@@ -101,13 +102,13 @@ def _rollout(engine_gap: float) -> tuple[dict, dict]:
 def test_the_training_forward_gives_the_old_log_probs_of_a_single_pass(tmp_path):
     from rlhf_ray.jobs.online import OnlineJob
 
-    job = OnlineJob(tiny_config("tiny-reinforce-pp", tmp_path / "one", *HF, "run.batch_size=2"))
+    job = OnlineJob.from_config(tiny_config("tiny-reinforce-pp", tmp_path / "one", *HF, "run.batch_size=2"))
     assert not job.scores_old_logprobs and job.check_mismatch(*_rollout(0.5)) == {}
     batch, _ = job.compute_advantages(*_rollout(0.0))
     assert "old_logprobs" not in batch and torch.equal(batch["engine_logprobs"], _rollout(0.0)[0]["engine_logprobs"])
     # A second epoch, a second minibatch, or the mismatch check need them before the update: scored.
     for extra in ("algorithm.ppo_epochs=2", "algorithm.num_minibatches=2", "algorithm.max_logprob_diff=0.1"):
-        job = OnlineJob(tiny_config("tiny-reinforce-pp", tmp_path / extra, *HF, "run.batch_size=2", extra))
+        job = OnlineJob.from_config(tiny_config("tiny-reinforce-pp", tmp_path / extra, *HF, "run.batch_size=2", extra))
         assert job.scores_old_logprobs, extra
         batch, _ = job.compute_advantages(*_rollout(0.0))
         assert torch.equal(batch["old_logprobs"], _rollout(0.0)[1]["logprobs"])
@@ -117,8 +118,9 @@ def test_a_step_too_far_from_the_engine_is_skipped_and_counted(tmp_path):
     from rlhf_ray.jobs.common import BadSteps
     from rlhf_ray.jobs.online import OnlineJob
 
-    job = OnlineJob(tiny_config("tiny-reinforce-pp", tmp_path / "skip", *HF, "run.batch_size=2",
-                                "algorithm.max_logprob_diff=0.1"))
+    cfg = tiny_config("tiny-reinforce-pp", tmp_path / "skip", *HF, "run.batch_size=2",
+                      "algorithm.max_logprob_diff=0.1")
+    job = OnlineJob.from_config(cfg)
     # Every response token 0.05 nats apart: under the limit, trained on; 0.2 apart: over it, skipped.
     kept = job.check_mismatch(*_rollout(0.05))
     assert kept["rollout/skipped"] == 0.0 and kept["rollout/logprob_diff"] == pytest.approx(0.05)
@@ -140,7 +142,7 @@ def test_the_update_turns_the_policys_mismatch_sums_into_ratios(tmp_path):
     from rlhf_ray.algorithms.rollout_is import SUM_PREFIX
     from rlhf_ray.jobs.online import OnlineJob
 
-    job = OnlineJob(tiny_config("tiny-reinforce-pp", tmp_path / "sums", *HF, "run.batch_size=2"))
+    job = OnlineJob.from_config(tiny_config("tiny-reinforce-pp", tmp_path / "sums", *HF, "run.batch_size=2"))
     roles = _Roles()
     # The rank's micro-batch means of its sums: 4 tokens, weights summing to 4.9 (squares 7.41), one truncated.
     sums = {"tokens": 4.0, "abs_diff": 2.420368, "kl": 1.312214, "weight": 4.9, "weight_sq": 7.41, "capped": 1.0}

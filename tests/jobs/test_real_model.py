@@ -120,7 +120,7 @@ def test_an_offline_jobs_rule_that_refuses_its_eval_data_fails_before_training(t
     with pytest.raises(ConfigError, match=r"reward\.rule: rlhf_ray\.data\.arithmetic:answer_reward raised on the "
                                           r"first prompt of data\.eval \(synthetic:preference_eval\): ValueError: "
                                           r"answer_reward: the prompt .* asks no question"):
-        OfflineJob(cfg)
+        OfflineJob.from_config(cfg)
 
 
 def test_smol_segment_dpo_on_chatml_conversations(ray_cluster, tmp_path):
