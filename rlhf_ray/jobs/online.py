@@ -50,7 +50,8 @@ from rlhf_ray.runtime.checkpoint import load_checkpoint
 from rlhf_ray.runtime.role_groups import RoleGroups, init_ray, plan_for
 from rlhf_ray.telemetry.hardware import measure_memory_bandwidth
 from rlhf_ray.telemetry.timers import PhaseTimer
-from rlhf_ray.workers.rollout.vllm import check_tensor_parallel, weight_transfer_backend
+from rlhf_ray.workers.rollout.vllm.checks import check_tensor_parallel
+from rlhf_ray.workers.rollout.vllm.transfer import weight_transfer_backend
 
 ROLLOUT_KEYS = ("input_ids", "attention_mask", "response_mask")
 
