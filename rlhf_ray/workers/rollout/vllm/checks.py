@@ -1,5 +1,6 @@
 """What must hold before a vLLM engine starts: the installed build suits the engines' device, the
-tensor-parallel degree fits each engine's GPUs, and sampling is one whose log-probs the policy recomputes.
+tensor-parallel degree fits each engine's GPUs, sampling is one whose log-probs the policy recomputes, and
+vLLM has LoRA kernels for the model where it serves the adapter.
 
 Read by validation (`jobs/validate.py`) and the online driver before any model loads, and by the engine
 actor again in its own process (`engine.py`).
