@@ -48,7 +48,7 @@ def versions() -> bool:
     import ray
     import torch
 
-    from rlhf_ray.workers.rollout.vllm import installed_vllm, vllm_runtime_problem
+    from rlhf_ray.workers.rollout.vllm.checks import installed_vllm, vllm_runtime_problem
 
     vllm = installed_vllm()
     gpus = torch.cuda.device_count()
@@ -177,7 +177,7 @@ def _tied() -> bool:
     import torch
 
     from rlhf_ray.models.loading import load_causal_lm
-    from rlhf_ray.workers.rollout.vllm import gathered_module_source, sent_weight_layout
+    from rlhf_ray.workers.rollout.vllm.sender import gathered_module_source, sent_weight_layout
 
     model = load_causal_lm("tiny-gpt2", dtype="bfloat16", device="cuda")
     names = [name for name, _, _ in sent_weight_layout(model)]

@@ -55,7 +55,7 @@ from rlhf_ray.runtime.checkpoint import load_checkpoint
 from rlhf_ray.runtime.role_groups import RoleGroups, init_ray
 from rlhf_ray.telemetry.hardware import measure_memory_bandwidth
 from rlhf_ray.telemetry.timers import PhaseTimer
-from rlhf_ray.workers.rollout.vllm import weight_transfer_backend
+from rlhf_ray.workers.rollout.vllm.transfer import weight_transfer_backend
 
 
 class OnlineJob(RecoveringJob):

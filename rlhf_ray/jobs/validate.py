@@ -190,7 +190,7 @@ def check_rollout_placement(cfg: JobConfig) -> None:
     """The engines' tensor-parallel degree fits the GPUs of their bundles, as the job's placement plans them."""
     from rlhf_ray.jobs.common import role_specs
     from rlhf_ray.runtime.role_groups import plan_for
-    from rlhf_ray.workers.rollout.vllm import check_tensor_parallel
+    from rlhf_ray.workers.rollout.vllm.checks import check_tensor_parallel
 
     check_tensor_parallel(cfg.rollout, plan_for(cfg, role_specs(cfg)).slots["rollout"][0].num_gpus)
 
@@ -228,7 +228,7 @@ def check_vllm_available(cfg: JobConfig, produced: tuple[str, ...] = ()) -> None
     log-prob check honours, and prompt plus response fit the model's positions (unless the model is
     one a job before it in a pipeline will write, under one of the `produced` folders)."""
     from rlhf_ray.models.loading import max_positions, read_model_config
-    from rlhf_ray.workers.rollout.vllm import check_sampling, check_vllm_runtime
+    from rlhf_ray.workers.rollout.vllm.checks import check_sampling, check_vllm_runtime
 
     r = cfg.rollout
     check_vllm_runtime(r)
@@ -314,7 +314,7 @@ def check_lora(cfg: JobConfig, kind: str, produced: tuple[str, ...] = ()) -> Non
         model = cfg.policy.model.name_or_path
         if not _made_by_earlier_job(model, produced):
             from rlhf_ray.models.loading import read_model_config
-            from rlhf_ray.workers.rollout.vllm import vllm_supports_lora
+            from rlhf_ray.workers.rollout.vllm.checks import vllm_supports_lora
 
             config = read_model_config(model, trust_remote_code=cfg.policy.model.trust_remote_code)
             if config is not None and not vllm_supports_lora(config):

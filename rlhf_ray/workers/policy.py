@@ -167,7 +167,7 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
     def connect_vllm_engines(self, engines: list, tensor_parallel_size: int, bucket_bytes: int) -> None:
         """Join the NCCL weight-transfer group with the vLLM engines (`rollout.weight_transfer: nccl`);
         every rank calls it, rank 0 becomes the sender, the others only take part in ZeRO-3 gathers."""
-        from rlhf_ray.workers.rollout.vllm import VLLMWeightSender
+        from rlhf_ray.workers.rollout.vllm.sender import VLLMWeightSender
 
         self._vllm_sender = VLLMWeightSender.connect(
             engines, rank=self.rank, module=self.engine.module, tensor_parallel_size=tensor_parallel_size,

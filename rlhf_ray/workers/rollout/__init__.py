@@ -1,4 +1,4 @@
-"""Rollout engines: one contract (`base.RolloutEngine`), two backends (`hf.py`, `vllm.py`)."""
+"""Rollout engines: one contract (`base.RolloutEngine`), two backends (`hf.py`, the `vllm` package)."""
 
 from importlib import import_module
 
@@ -6,7 +6,7 @@ from importlib import import_module
 # so vLLM is never imported by a job that does not use it).
 ENGINES = {
     "hf": "rlhf_ray.workers.rollout.hf:HFRolloutWorker",
-    "vllm": "rlhf_ray.workers.rollout.vllm:VLLMRolloutWorker",
+    "vllm": "rlhf_ray.workers.rollout.vllm.engine:VLLMRolloutWorker",
 }
 
 
