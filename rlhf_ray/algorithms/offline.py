@@ -98,6 +98,15 @@ class OfflineObjective:
             raise ValueError(f"{self.name}: trains must be one of {TRAINS}; got {self.trains!r}.")
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
+    def __reduce_ex__(self, protocol):
+        """A registered objective pickles as its name, read back from the receiving process's registry (its
+        `params` mapping proxy does not pickle, and its loss function is code that process has), so a step
+        sent to a worker (`steps.OfflineStep`) holds the very declaration there. Others pickle field by
+        field."""
+        if OFFLINE_OBJECTIVES.get(self.name) is self:
+            return registered_objective, (self.name,)
+        return super().__reduce_ex__(protocol)
+
     @property
     def param_defaults(self) -> dict[str, float | None]:
         return {key: p.default for key, p in self.params.items()}
@@ -323,3 +332,8 @@ _OFFLINE = (
 )
 
 OFFLINE_OBJECTIVES: Mapping[str, OfflineObjective] = MappingProxyType({o.name: o for o in _OFFLINE})
+
+
+def registered_objective(name: str) -> OfflineObjective:
+    """The registered objective `name` as it is spelled in `OFFLINE_OBJECTIVES` (how a declaration unpickles)."""
+    return OFFLINE_OBJECTIVES[name]

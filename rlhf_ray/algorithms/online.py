@@ -140,6 +140,14 @@ class OnlineAlgorithm:
     """`algorithm.*` values this algorithm starts from where a config leaves them out (the paper's
     settings); the config loader fills them in, so `rlhf-ray config show` prints them."""
 
+    def __reduce_ex__(self, protocol):
+        """A registered algorithm pickles as its name, read back from the receiving process's registry: its
+        functions (the policy losses are lambdas) are code that process has already, and a step sent to a
+        worker (`steps.PolicyStep`) holds the very declaration there. Others pickle field by field."""
+        if ONLINE_ALGORITHMS.get(self.name) is self:
+            return registered_algorithm, (self.name,)
+        return super().__reduce_ex__(protocol)
+
     def __post_init__(self) -> None:
         unknown = set(self.advantage_inputs) - set(ADVANTAGE_INPUTS)
         if unknown:
@@ -321,3 +329,8 @@ _ONLINE = (
 )
 
 ONLINE_ALGORITHMS: Mapping[str, OnlineAlgorithm] = MappingProxyType({a.name: a for a in _ONLINE})
+
+
+def registered_algorithm(name: str) -> OnlineAlgorithm:
+    """The registered algorithm `name` as it is spelled in `ONLINE_ALGORITHMS` (how a declaration unpickles)."""
+    return ONLINE_ALGORITHMS[name]
