@@ -140,12 +140,10 @@ class OfflineObjective:
         return "offset" in self.params and params.get("offset") is None
 
     def loss(self, inputs: Any, params: Mapping[str, Any] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """`(scalar loss, metrics)` for one batch of this objective's data format.
-
-        `params` may also carry what the driver adds at run time (`loss_denominator`, ...); the loss
-        reads this objective's own keys only (the config's keys were checked by `resolve_params`)."""
-        own = {key: value for key, value in (params or {}).items() if key in self.params}
-        return self.loss_fn(inputs, self.resolve_params(own))
+        """`(scalar loss, metrics)` for one batch of this objective's data format, `params` checked and
+        completed by `resolve_params` first. The trainers take a `steps.OfflineStep`, checked once when
+        built, and call its `loss`."""
+        return self.loss_fn(inputs, self.resolve_params(params))
 
 
 # --- offline loss functions: (batch of the objective's format, params) -> (loss, metrics) ---

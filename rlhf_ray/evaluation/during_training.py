@@ -136,8 +136,11 @@ def offline_pair_metrics(job, roles) -> dict:
     if job.objective.needs_reference:
         batch.update(roles.reference().scatter_padded(
             lambda a, shard: a.offline_reference_logps.remote(shard, name), batch).merged())
+    from rlhf_ray.algorithms.steps import OfflineStep
+
+    step = OfflineStep(job.objective, params)
     per_rank = roles["policy"].scatter_padded(
-        lambda a, shard: a.eval_preference.remote(shard, name, params), batch).results()
+        lambda a, shard: a.eval_preference.remote(shard, step), batch).results()
     return {f"eval/{k}": sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
 
 

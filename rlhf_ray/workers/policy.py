@@ -14,10 +14,9 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.algorithms.advantages import aggregation_weights
-from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_sums, rollout_is_weights, weighted_advantages
 from rlhf_ray.algorithms.sft_loss import sft_loss
-from rlhf_ray.algorithms.steps import PolicyStep
+from rlhf_ray.algorithms.steps import OfflineStep, PolicyStep
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.offline_formats import data_format
@@ -118,12 +117,11 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
                                  total_optimizer_steps=total_optimizer_steps)
 
     # offline ---------------------------------------------------------------
-    def train_offline(self, batch: dict, objective_name: str, params: dict) -> dict:
+    def train_offline(self, batch: dict, step: OfflineStep) -> dict:
         """One optimizer step of an offline objective on this rank's share of the batch."""
-        objective = get_offline_objective(objective_name)
-        fmt = data_format(objective.data_format)
-        params = fmt.step_params(self, batch, objective, params)  # KTO: its reference point, once per step
-        return self.engine.train_batch(batch, fmt.loss_fn(objective, params, self.engine,
+        fmt = data_format(step.objective.data_format)
+        step = fmt.rank_step(self, batch, step)  # KTO: its reference point, once per step
+        return self.engine.train_batch(batch, fmt.loss_fn(step, self.engine,
                                                           shared_prefix=self.job.policy.shared_prefix))
 
     def kto_reference_point(self, batch: dict) -> float:
@@ -139,11 +137,9 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
             dist.all_reduce(total)
         return max(0.0, float(total[0] / total[1]))
 
-    def eval_preference(self, batch: dict, objective_name: str, params: dict) -> dict:
+    def eval_preference(self, batch: dict, step: OfflineStep) -> dict:
         """The objective's loss and reward metrics on held-out pairs, without gradients."""
-        objective = get_offline_objective(objective_name)
-        loss_fn = data_format(objective.data_format).loss_fn(objective, params,
-                                                             shared_prefix=self.job.policy.shared_prefix)
+        loss_fn = data_format(step.objective.data_format).loss_fn(step, shared_prefix=self.job.policy.shared_prefix)
 
         def fn(module, mb):
             loss, metrics = loss_fn(module, mb)
