@@ -99,6 +99,15 @@ class OfflineObjective:
             raise ValueError(f"{self.name}: trains must be one of {TRAINS}; got {self.trains!r}.")
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
+    def __reduce_ex__(self, protocol):
+        """A registered objective pickles as its name, read back from the receiving process's registry (its
+        `params` mapping proxy does not pickle, and its loss function is code that process has), so a step
+        sent to a worker (`steps.OfflineStep`) holds the very declaration there. Others pickle field by
+        field."""
+        if OFFLINE_OBJECTIVES.get(self.name) is self:
+            return registered_objective, (self.name,)
+        return super().__reduce_ex__(protocol)
+
     @property
     def param_defaults(self) -> dict[str, float | None]:
         return {key: p.default for key, p in self.params.items()}
@@ -132,12 +141,10 @@ class OfflineObjective:
         return "offset" in self.params and params.get("offset") is None
 
     def loss(self, inputs: Any, params: Mapping[str, Any] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        """`(scalar loss, metrics)` for one batch of this objective's data format.
-
-        `params` may also carry what the driver adds at run time (`loss_denominator`, ...); the loss
-        reads this objective's own keys only (the config's keys were checked by `resolve_params`)."""
-        own = {key: value for key, value in (params or {}).items() if key in self.params}
-        return self.loss_fn(inputs, self.resolve_params(own))
+        """`(scalar loss, metrics)` for one batch of this objective's data format, `params` checked and
+        completed by `resolve_params` first. The trainers take a `steps.OfflineStep`, checked once when
+        built, and call its `loss`."""
+        return self.loss_fn(inputs, self.resolve_params(params))
 
 
 # --- offline loss functions: (batch of the objective's format, params) -> (loss, metrics) ---
@@ -324,3 +331,8 @@ _OFFLINE = (
 )
 
 OFFLINE_OBJECTIVES: Mapping[str, OfflineObjective] = MappingProxyType({o.name: o for o in _OFFLINE})
+
+
+def registered_objective(name: str) -> OfflineObjective:
+    """The registered objective `name` as it is spelled in `OFFLINE_OBJECTIVES` (how a declaration unpickles)."""
+    return OFFLINE_OBJECTIVES[name]

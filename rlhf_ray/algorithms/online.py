@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from torch import Tensor
 
@@ -31,6 +31,9 @@ from rlhf_ray.algorithms.advantages import (
 from rlhf_ray.algorithms.kl import KL_KINDS, kl_loss
 from rlhf_ray.algorithms.policy_loss import gspo_policy_loss, ppo_policy_loss, reinforce_policy_loss
 
+if TYPE_CHECKING:
+    from rlhf_ray.algorithms.steps import PolicyStep
+
 ADVANTAGE_INPUTS = ("token_rewards", "sequence_rewards", "greedy_rewards", "values")
 
 AdvantageFn = Callable[..., "tuple[Tensor, Tensor | None]"]
@@ -42,7 +45,8 @@ LossResult = "tuple[Tensor, dict[str, Tensor]]"
 
 @dataclass(frozen=True)
 class PolicyLoss:
-    """A policy-gradient loss: `fn(logprobs, old_logprobs, advantages, weights, params) -> (loss, metrics)`.
+    """A policy-gradient loss: `fn(logprobs, old_logprobs, advantages, weights, step) -> (loss, metrics)`, where
+    `step` is the minibatch's `steps.PolicyStep` (its clip range).
 
     Each token's loss must be positively homogeneous in its advantage, `L_t(w * A) = w * L_t(A)` for
     `w >= 0`: the rollout importance weights enter through the advantages (`rollout_is.weighted_advantages`),
@@ -62,18 +66,17 @@ class PolicyLoss:
     """`algorithm.*` settings this loss has no use for: a value set away from its default is refused."""
 
     def __call__(self, logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, weights: Tensor,
-                 params: Mapping[str, Any]) -> tuple[Tensor, dict[str, Tensor]]:
-        return self.fn(logprobs, old_logprobs, advantages, weights, params)
+                 step: PolicyStep) -> tuple[Tensor, dict[str, Tensor]]:
+        return self.fn(logprobs, old_logprobs, advantages, weights, step)
 
 
-PPO_CLIP = PolicyLoss("ppo_clip", uses_ratio=True, fn=lambda logprobs, old, adv, weights, p: ppo_policy_loss(
-    logprobs, old, adv, weights, clip_eps=p["clip_eps"], dual_clip=p.get("dual_clip"),
-    clip_eps_high=p.get("clip_eps_high")))
+PPO_CLIP = PolicyLoss("ppo_clip", uses_ratio=True, fn=lambda logprobs, old, adv, weights, s: ppo_policy_loss(
+    logprobs, old, adv, weights, clip_eps=s.clip_eps, dual_clip=s.dual_clip, clip_eps_high=s.clip_eps_high))
 GSPO_CLIP = PolicyLoss("gspo_clip", uses_ratio=True, policy_old_logprobs=True, unused=("dual_clip",),
-                       fn=lambda logprobs, old, adv, weights, p: gspo_policy_loss(
-                           logprobs, old, adv, weights, clip_eps_low=p["clip_eps"],
-                           clip_eps_high=p.get("clip_eps_high", p["clip_eps"])))
-REINFORCE = PolicyLoss("reinforce", uses_ratio=False, fn=lambda logprobs, old, adv, weights, p: reinforce_policy_loss(
+                       fn=lambda logprobs, old, adv, weights, s: gspo_policy_loss(
+                           logprobs, old, adv, weights, clip_eps_low=s.clip_eps,
+                           clip_eps_high=s.clip_eps if s.clip_eps_high is None else s.clip_eps_high))
+REINFORCE = PolicyLoss("reinforce", uses_ratio=False, fn=lambda logprobs, old, adv, weights, s: reinforce_policy_loss(
     logprobs, adv, weights))
 
 
@@ -139,6 +142,14 @@ class OnlineAlgorithm:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     """`algorithm.*` values this algorithm starts from where a config leaves them out (the paper's
     settings); the config loader fills them in, so `rlhf-ray config show` prints them."""
+
+    def __reduce_ex__(self, protocol):
+        """A registered algorithm pickles as its name, read back from the receiving process's registry: its
+        functions (the policy losses are lambdas) are code that process has already, and a step sent to a
+        worker (`steps.PolicyStep`) holds the very declaration there. Others pickle field by field."""
+        if ONLINE_ALGORITHMS.get(self.name) is self:
+            return registered_algorithm, (self.name,)
+        return super().__reduce_ex__(protocol)
 
     def __post_init__(self) -> None:
         unknown = set(self.advantage_inputs) - set(ADVANTAGE_INPUTS)
@@ -321,3 +332,8 @@ _ONLINE = (
 )
 
 ONLINE_ALGORITHMS: Mapping[str, OnlineAlgorithm] = MappingProxyType({a.name: a for a in _ONLINE})
+
+
+def registered_algorithm(name: str) -> OnlineAlgorithm:
+    """The registered algorithm `name` as it is spelled in `ONLINE_ALGORITHMS` (how a declaration unpickles)."""
+    return ONLINE_ALGORITHMS[name]

@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from rlhf_ray.algorithms.steps import OfflineStep
 from rlhf_ray.config.imports import import_callable
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.data.tasks import as_judge, judge_path
@@ -136,8 +137,9 @@ def offline_pair_metrics(cfg: JobConfig, roles, pairs, objective, params: dict) 
     if objective.needs_reference:
         batch.update(roles.reference().scatter_padded(
             lambda a, shard: a.offline_reference_logps.remote(shard, name), batch).merged())
+    step = OfflineStep(objective, params)
     per_rank = roles["policy"].scatter_padded(
-        lambda a, shard: a.eval_preference.remote(shard, name, params), batch).results()
+        lambda a, shard: a.eval_preference.remote(shard, step), batch).results()
     return {f"eval/{k}": sum(m[k] for m in per_rank) / len(per_rank) for k in per_rank[0]}
 
 

@@ -6,7 +6,7 @@ reference a group of its own. One step:
 
     batch      = data.batch(sampler.next())
     batch     += reference.logps(batch)          # objectives with a reference
-    metrics    = trainer.train_offline(batch)     # DeepSpeed step on every rank
+    metrics    = trainer.train_offline(batch, step)  # an OfflineStep: DeepSpeed step on every rank
 
 SPIN and sDPO are schedules of stages over a preference objective: at each
 stage boundary the reference becomes the latest policy; SPIN then lets that
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rlhf_ray.algorithms.registry import get_offline_objective
+from rlhf_ray.algorithms.steps import OfflineStep
 from rlhf_ray.config.schema import ConfigError, JobConfig
 from rlhf_ray.data.formats import PreferenceExample
 from rlhf_ray.data.job_data import JobData, load_job_examples
@@ -322,9 +323,9 @@ class OfflineJob(RecoveringJob):
 
     def _train_step(self, roles: RoleGroups, batch: dict) -> dict:
         trainer = roles[self.trainer_name]
-        name, params = self.objective.name, self.params
-        params = self.format.driver_params(batch, params, self.cfg)
-        per_rank = trainer.call_scattered(lambda a, shard: a.train_offline.remote(shard, name, params), batch)
+        step = OfflineStep(self.objective, self.params)
+        step = self.format.driver_step(batch, step, self.cfg)
+        per_rank = trainer.call_scattered(lambda a, shard: a.train_offline.remote(shard, step), batch)
         return {f"train/{k}" if "/" not in k else k: sum(m[k] for m in per_rank) / len(per_rank)
                 for k in per_rank[0]}
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 from functools import cached_property
 from pathlib import Path
 
@@ -32,6 +33,7 @@ import torch
 from rlhf_ray.algorithms.advantages import aggregation_denominator
 from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_metrics, mismatch_sums, rollout_is_weights
+from rlhf_ray.algorithms.steps import CriticStep, PolicyStep
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.data.sampler import EpochSampler
@@ -377,10 +379,12 @@ class OnlineJob(RecoveringJob):
         rows = batch["input_ids"].shape[0]
         size = rows // a.num_minibatches
         clip_low, clip_high = a.clip_range  # the ratio's clip range [1 - low, 1 + high]
-        params = {"clip_eps": clip_low, "clip_eps_high": clip_high, "dual_clip": a.dual_clip or None,
-                  "kl_coef": kl_coef, "kl_estimator": self.kl_estimator, "ptx_coef": a.ptx_coef,
-                  "rollout_is": a.rollout_is, "rollout_is_cap": a.rollout_is_cap}
-        name = self.algorithm.name
+        # Checked here, once; each minibatch's step adds its denominators.
+        policy_step = PolicyStep(self.algorithm, clip_eps=clip_low, clip_eps_high=clip_high,
+                                 dual_clip=a.dual_clip or None, kl_coef=kl_coef, kl_estimator=self.kl_estimator,
+                                 temperature=self.cfg.rollout.temperature, ptx_coef=a.ptx_coef,
+                                 rollout_is=a.rollout_is, rollout_is_cap=a.rollout_is_cap,
+                                 loss_aggregation=a.loss_aggregation)
         generator = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + step)
         per_step = []
         for _ in range(a.ppo_epochs):
@@ -394,18 +398,19 @@ class OnlineJob(RecoveringJob):
                 # its rows: each micro-batch on each rank scales its share by it (`TrainEngine.global_loss`).
                 denominator = aggregation_denominator(mb["response_mask"], a.loss_aggregation,
                                                       self.cfg.rollout.max_new_tokens)
-                mb_params = {**params, "loss_aggregation": a.loss_aggregation, "loss_denominator": denominator}
+                ptx_denominator = None
                 if self.ptx is not None:
                     ptx_rows = torch.randint(len(self.ptx), (size,), generator=generator).tolist()
                     mb.update({f"ptx_{k}": v for k, v in self.ptx.batch(ptx_rows).items()})
-                    mb_params["ptx_denominator"] = aggregation_denominator(
+                    ptx_denominator = aggregation_denominator(
                         mb["ptx_loss_mask"][:, 1:], a.loss_aggregation, self.cfg.data.max_length)
-                launch = {"policy": lambda p=mb_params, mb=mb: roles["policy"].scatter(
-                    lambda w, s: w.train_online.remote(s, name, p), mb)}
+                mb_step = replace(policy_step, loss_denominator=denominator, ptx_denominator=ptx_denominator)
+                launch = {"policy": lambda p=mb_step, mb=mb: roles["policy"].scatter(
+                    lambda w, s: w.train_online.remote(s, p), mb)}
                 if "critic" in roles.groups:
-                    clip, agg = a.value_clip_eps, a.loss_aggregation
-                    launch["critic"] = lambda d=denominator, mb=mb: roles["critic"].scatter(
-                        lambda w, s: w.train_values.remote(s, clip, agg, d), mb)
+                    critic_step = CriticStep(a.value_clip_eps, a.loss_aggregation, denominator)
+                    launch["critic"] = lambda c=critic_step, mb=mb: roles["critic"].scatter(
+                        lambda w, s: w.train_values.remote(s, c), mb)
                 launched = time.time()
 
                 def finish(role, pending):

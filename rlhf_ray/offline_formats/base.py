@@ -4,15 +4,18 @@ A data format knows, for its rows: which on-disk layout the loader reads
 (`disk_format`) and what else a row must satisfy (`check_row`), how a list of
 rows becomes the batch tensors (`batch`, on the driver), what the reference
 adds to a batch (`reference_logps`, on a rank holding the reference weights),
-and how the trained model's loss is taken (`loss_fn`, on a trainer rank, with
-the per-step values `step_params` works out on that rank and `driver_params`
-on the driver). The drivers and workers call these and branch on no name.
+and how the trained model's loss is taken (`loss_fn`, on a trainer rank, from
+the step's `OfflineStep` with the values `rank_step` works out on that rank and
+`driver_step` on the driver). The drivers and workers call these and branch on
+no name.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
+
+from rlhf_ray.algorithms.steps import OfflineStep
 
 LossFn = Callable[[Any, dict], "tuple[Any, dict]"]
 
@@ -46,18 +49,17 @@ class OfflineDataFormat:
         """What the reference adds to `batch` for `objective`, computed through `scoring` (`ReferenceScoring`)."""
         raise NotImplementedError(f"data format {self.name!r} has no reference scoring")
 
-    def loss_fn(self, objective: Any, params: Mapping[str, Any], engine: Any = None,
-                shared_prefix: bool = False) -> LossFn:
-        """`fn(module, micro_batch) -> (loss, metrics)` of `objective` on this format's batches; with `engine`
-        (training) the loss may be this micro-batch's share of the step's (`engine.global_loss`). With
-        `shared_prefix` (the role's setting) rows that share a prompt may share its forward
+    def loss_fn(self, step: OfflineStep, engine: Any = None, shared_prefix: bool = False) -> LossFn:
+        """`fn(module, micro_batch) -> (loss, metrics)` of `step`'s objective on this format's batches; with
+        `engine` (training) the loss may be this micro-batch's share of the step's (`engine.global_loss`).
+        With `shared_prefix` (the role's setting) rows that share a prompt may share its forward
         (`workers/forward.py`); formats without such rows ignore it."""
         raise NotImplementedError(f"data format {self.name!r} has no loss")
 
-    def step_params(self, worker: Any, batch: dict, objective: Any, params: dict) -> dict:
-        """`params` with what a trainer rank works out once per step from the whole batch (default: nothing)."""
-        return params
+    def rank_step(self, worker: Any, batch: dict, step: OfflineStep) -> OfflineStep:
+        """`step` with what a trainer rank works out once per step from the whole batch (default: nothing)."""
+        return step
 
-    def driver_params(self, batch: dict, params: dict, cfg: Any) -> dict:
-        """`params` with what the driver works out once per step from the whole batch (default: nothing)."""
-        return params
+    def driver_step(self, batch: dict, step: OfflineStep, cfg: Any) -> OfflineStep:
+        """`step` with what the driver works out once per step from the whole batch (default: nothing)."""
+        return step

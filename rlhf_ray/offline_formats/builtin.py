@@ -3,6 +3,8 @@ KTO's unpaired rows, reward-model rankings, and prompts (online jobs and generat
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from rlhf_ray.algorithms.advantages import aggregation_denominator, aggregation_weights
@@ -26,21 +28,21 @@ class SFTFormat(OfflineDataFormat):
     def reference_logps(self, scoring, batch, objective) -> dict:
         return {"ref_token_logps": scoring.token_logps(batch)["ref_token_logps"]}
 
-    def loss_fn(self, objective, params, engine=None, shared_prefix=False):
+    def loss_fn(self, step, engine=None, shared_prefix=False):
         def loss_fn(module, mb):
             stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
-            weights = aggregation_weights(stats["mask"], params.get("loss_aggregation", "token-mean"))
-            loss, metrics = objective.loss(SFTBatch(stats["token_logps"], weights, mb.get("ref_token_logps")), params)
-            if engine is not None and "loss_denominator" in params:  # training: the minibatch's own mean
-                loss = engine.global_loss(loss, weights.sum(), params["loss_denominator"])
+            weights = aggregation_weights(stats["mask"], step.loss_aggregation)
+            loss, metrics = step.loss(SFTBatch(stats["token_logps"], weights, mb.get("ref_token_logps")))
+            if engine is not None and step.loss_denominator is not None:  # training: the minibatch's own mean
+                loss = engine.global_loss(loss, weights.sum(), step.loss_denominator)
             return loss, metrics
         return loss_fn
 
-    def driver_params(self, batch, params, cfg) -> dict:
+    def driver_step(self, batch, step, cfg):
         # Token losses: the step's mean over all its tokens, whatever the micro-batch size and rank count.
         agg = cfg.algorithm.loss_aggregation
-        return {**params, "loss_aggregation": agg,
-                "loss_denominator": aggregation_denominator(batch["loss_mask"][:, 1:], agg, cfg.data.max_length)}
+        return replace(step, loss_aggregation=agg,
+                       loss_denominator=aggregation_denominator(batch["loss_mask"][:, 1:], agg, cfg.data.max_length))
 
 
 def collate_pairs(data, chosen: list, rejected: list) -> dict:
@@ -73,7 +75,9 @@ class PreferenceFormat(OfflineDataFormat):
     def reference_logps(self, scoring, batch, objective) -> dict:
         return scoring.pair_logps(batch, objective.needs_sequence_kl)
 
-    def loss_fn(self, objective, params, engine=None, shared_prefix=False):
+    def loss_fn(self, step, engine=None, shared_prefix=False):
+        objective, params = step.objective, step.params
+
         def loss_fn(module, mb):
             stats = fw.pair_logps(module, mb, vocab=objective.needs_sequence_kl, shared_prefix=shared_prefix)
             seq_kl = {}
@@ -89,7 +93,7 @@ class PreferenceFormat(OfflineDataFormat):
                 ref_chosen_logps=mb.get("ref_chosen_logps"), ref_rejected_logps=mb.get("ref_rejected_logps"),
                 chosen_lengths=stats["chosen_lengths"], rejected_lengths=stats["rejected_lengths"], offsets=offsets,
                 **seq_kl)
-            return objective.loss(inputs, params)
+            return step.loss(inputs)
         return loss_fn
 
 
@@ -110,12 +114,12 @@ class KTOFormat(OfflineDataFormat):
     def reference_logps(self, scoring, batch, objective) -> dict:
         return scoring.kto_logps(batch)
 
-    def step_params(self, worker, batch, objective, params) -> dict:
+    def rank_step(self, worker, batch, step):
         # z0 once per step over every micro-batch and rank; the loss then needs no mismatched forward pass.
-        return {**params, "kl_reference_point": worker.kto_reference_point(batch)}
+        return replace(step, kl_reference_point=worker.kto_reference_point(batch))
 
-    def loss_fn(self, objective, params, engine=None, shared_prefix=False):
-        z0 = params.get("kl_reference_point")
+    def loss_fn(self, step, engine=None, shared_prefix=False):
+        z0 = step.kl_reference_point
 
         def loss_fn(module, mb):
             stats = fw.sequence_logps(module, mb["input_ids"], mb["attention_mask"], mb["loss_mask"])
@@ -126,7 +130,7 @@ class KTOFormat(OfflineDataFormat):
                 mismatched = {"policy_logps_mismatched": kl["logps"], "ref_logps_mismatched": mb["ref_kl_logps"]}
             inputs = KTOBatch(policy_logps=stats["logps"], ref_logps=mb["ref_logps"], desirable=mb["label"].bool(),
                               kl_reference_point=z0, **mismatched)
-            return objective.loss(inputs, params)
+            return step.loss(inputs)
         return loss_fn
 
 

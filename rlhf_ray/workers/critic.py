@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from rlhf_ray.algorithms.advantages import aggregation_weights
 from rlhf_ray.algorithms.policy_loss import value_loss
+from rlhf_ray.algorithms.steps import CriticStep
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
@@ -40,16 +41,15 @@ class CriticWorker(TrainableWorker):
         return self.engine.forward_eval(batch, lambda m, mb: {
             "values": fw.response_values(m, mb["input_ids"], mb["attention_mask"], response_length)})
 
-    def train_values(self, batch: dict, clip_eps: float, loss_aggregation: str = "token-mean",
-                     loss_denominator: float | None = None) -> dict:
+    def train_values(self, batch: dict, step: CriticStep) -> dict:
         """One optimizer step of the clipped value loss on a minibatch (`old_values`, `returns`); with
-        `loss_denominator` (the minibatch's aggregation weight over all ranks) the loss is the minibatch's
-        mean whatever the micro-batch size and rank count."""
+        `step.loss_denominator` (the minibatch's aggregation weight over all ranks) the loss is the
+        minibatch's mean whatever the micro-batch size and rank count."""
         def loss_fn(module, mb):
             values = fw.response_values(module, mb["input_ids"], mb["attention_mask"], mb["response_mask"].shape[1])
-            weights = aggregation_weights(mb["response_mask"], loss_aggregation)
-            loss, metrics = value_loss(values, mb["old_values"], mb["returns"], weights, clip_eps=clip_eps)
-            if loss_denominator is not None:
-                loss = self.engine.global_loss(loss, weights.sum(), loss_denominator)
+            weights = aggregation_weights(mb["response_mask"], step.loss_aggregation)
+            loss, metrics = value_loss(values, mb["old_values"], mb["returns"], weights, clip_eps=step.clip_eps)
+            if step.loss_denominator is not None:
+                loss = self.engine.global_loss(loss, weights.sum(), step.loss_denominator)
             return loss, metrics
         return self.engine.train_batch(batch, loss_fn)

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.algorithms.advantages import aggregation_weights
-from rlhf_ray.algorithms.registry import get_offline_objective, get_online_algorithm
 from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_sums, rollout_is_weights, weighted_advantages
 from rlhf_ray.algorithms.sft_loss import sft_loss
+from rlhf_ray.algorithms.steps import OfflineStep, PolicyStep
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.offline_formats import data_format
@@ -25,8 +25,9 @@ from rlhf_ray.workers.base import ExportMixin, GenerateMixin, TrainableWorker
 from rlhf_ray.workers.reference import ReferenceScoring
 
 
-def online_loss(algorithm, params: dict, temperature: float, engine=None, shared_prefix: bool = False):
-    """`loss_fn(module, micro_batch) -> (loss, metrics)` of an online algorithm's policy update.
+def online_loss(step: PolicyStep, engine=None, shared_prefix: bool = False):
+    """`loss_fn(module, micro_batch) -> (loss, metrics)` of an online algorithm's policy update: `step`'s
+    algorithm, with its values (checked when the driver built it).
 
     The micro-batch holds input_ids, attention_mask, response_mask and advantages, and:
 
@@ -35,46 +36,52 @@ def online_loss(algorithm, params: dict, temperature: float, engine=None, shared
       from a scoring forward). Absent at the first update from those weights, where
       this forward's own log-probs, detached, are the same numbers (dropout is off), and PPO's ratio is 1;
     * `engine_logprobs`: the rollout engine's log-probs of the same tokens. Each token's policy loss is
-      multiplied by the importance weight of the engine-trainer mismatch (`params["rollout_is"]`,
-      `"rollout_is_cap"`: `algorithms.rollout_is`), and the metrics carry the sums the driver turns into
+      multiplied by the importance weight of the engine-trainer mismatch (`step.rollout_is`,
+      `rollout_is_cap`: `algorithms.rollout_is`), and the metrics carry the sums the driver turns into
       `rollout/logprob_diff`, `rollout/mismatch_kl` and `rollout/is_*` (`mismatch_metrics`);
     * `ref_logprobs` when the KL sits in the loss, `ptx_*` rows when PPO-ptx is on.
 
     With `engine` (training) the loss is this micro-batch's share of the minibatch's (`global_loss`). With
     `shared_prefix` the micro-batch's rows of one prompt share its forward (`fw.response_logprobs`); the
     loss is the same, only its log-probs come from the packed forward."""
-    mode = params.get("loss_aggregation", "token-mean")
+    algorithm, mode = step.algorithm, step.loss_aggregation
+    if engine is not None and step.loss_denominator is None:
+        raise ValueError(f"policy step of {algorithm.name}: training needs loss_denominator, the minibatch's "
+                         "aggregation weight over all its rows (aggregation_denominator)")
 
     def loss_fn(module, mb):
         response_length = mb["response_mask"].shape[1]
         out = fw.response_logprobs(module, mb["input_ids"], mb["attention_mask"], response_length,
-                                   temperature=temperature, with_entropy=True, shared_prefix=shared_prefix)
+                                   temperature=step.temperature, with_entropy=True, shared_prefix=shared_prefix)
         mask = mb["response_mask"]
         weights = aggregation_weights(mask, mode)
         old = mb["old_logprobs"] if "old_logprobs" in mb else out["logprobs"].detach()
         advantages, metrics = mb["advantages"], {}
         if "engine_logprobs" in mb:
-            is_weights, capped = rollout_is_weights(old, mb["engine_logprobs"], mask, params.get("rollout_is", "none"),
-                                                    params.get("rollout_is_cap", 2.0))
+            is_weights, capped = rollout_is_weights(old, mb["engine_logprobs"], mask, step.rollout_is,
+                                                    step.rollout_is_cap)
             advantages = weighted_advantages(advantages, is_weights)  # = w_t times each token's loss
             sums = mismatch_sums(old, mb["engine_logprobs"], is_weights, capped, mask)
             metrics.update({SUM_PREFIX + k: v for k, v in sums.items()})
-        loss, loss_metrics = algorithm.policy_loss(out["logprobs"], old, advantages, weights, params)
+        loss, loss_metrics = algorithm.policy_loss(out["logprobs"], old, advantages, weights, step)
         metrics.update(loss_metrics)
-        kl_term = algorithm.kl.loss_term(out["logprobs"], mb.get("ref_logprobs"), weights, params["kl_coef"],
-                                         params.get("kl_estimator", "auto"))
+        kl_term = algorithm.kl.loss_term(out["logprobs"], mb.get("ref_logprobs"), weights, step.kl_coef,
+                                         step.kl_estimator)
         if kl_term is not None:
             loss = loss + kl_term[0]
             metrics.update(kl_term[1])
         if engine is not None:
-            loss = engine.global_loss(loss, weights.sum(), params["loss_denominator"])
-        if params.get("ptx_coef", 0.0) > 0 and "ptx_input_ids" in mb:
+            loss = engine.global_loss(loss, weights.sum(), step.loss_denominator)
+        if step.ptx_coef > 0 and "ptx_input_ids" in mb:
             ptx = fw.sequence_logps(module, mb["ptx_input_ids"], mb["ptx_attention_mask"], mb["ptx_loss_mask"])
             ptx_weights = aggregation_weights(ptx["mask"], mode)
             ptx_loss, _ = sft_loss(ptx["token_logps"], ptx_weights)
+            if engine is not None and step.ptx_denominator is None:
+                raise ValueError(f"policy step of {algorithm.name}: ptx rows need ptx_denominator, their "
+                                 "aggregation weight over the minibatch")
             share = ptx_loss if engine is None else engine.global_loss(ptx_loss, ptx_weights.sum(),
-                                                                       params["ptx_denominator"])
-            loss = loss + params["ptx_coef"] * share
+                                                                       step.ptx_denominator)
+            loss = loss + step.ptx_coef * share
             metrics["policy/ptx_loss"] = ptx_loss.detach()
         metrics["policy/entropy"] = (out["entropy"] * mask).sum().detach() / mask.sum().clamp(min=1)
         return loss, metrics
@@ -110,12 +117,11 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
                                  total_optimizer_steps=total_optimizer_steps)
 
     # offline ---------------------------------------------------------------
-    def train_offline(self, batch: dict, objective_name: str, params: dict) -> dict:
+    def train_offline(self, batch: dict, step: OfflineStep) -> dict:
         """One optimizer step of an offline objective on this rank's share of the batch."""
-        objective = get_offline_objective(objective_name)
-        fmt = data_format(objective.data_format)
-        params = fmt.step_params(self, batch, objective, params)  # KTO: its reference point, once per step
-        return self.engine.train_batch(batch, fmt.loss_fn(objective, params, self.engine,
+        fmt = data_format(step.objective.data_format)
+        step = fmt.rank_step(self, batch, step)  # KTO: its reference point, once per step
+        return self.engine.train_batch(batch, fmt.loss_fn(step, self.engine,
                                                           shared_prefix=self.job.policy.shared_prefix))
 
     def kto_reference_point(self, batch: dict) -> float:
@@ -131,11 +137,9 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
             dist.all_reduce(total)
         return max(0.0, float(total[0] / total[1]))
 
-    def eval_preference(self, batch: dict, objective_name: str, params: dict) -> dict:
+    def eval_preference(self, batch: dict, step: OfflineStep) -> dict:
         """The objective's loss and reward metrics on held-out pairs, without gradients."""
-        objective = get_offline_objective(objective_name)
-        loss_fn = data_format(objective.data_format).loss_fn(objective, params,
-                                                             shared_prefix=self.job.policy.shared_prefix)
+        loss_fn = data_format(step.objective.data_format).loss_fn(step, shared_prefix=self.job.policy.shared_prefix)
 
         def fn(module, mb):
             loss, metrics = loss_fn(module, mb)
@@ -154,13 +158,12 @@ class PolicyWorker(ReferenceScoring, ExportMixin, GenerateMixin, TrainableWorker
             m, mb["input_ids"], mb["attention_mask"], response_length, temperature=temperature,
             shared_prefix=shared))
 
-    def train_online(self, batch: dict, algorithm_name: str, params: dict) -> dict:
+    def train_online(self, batch: dict, step: PolicyStep) -> dict:
         """One optimizer step of the policy loss (PPO clip or REINFORCE) on a minibatch: `online_loss`'s
-        batch and params. `params["loss_denominator"]` (and `"ptx_denominator"`) is the minibatch's
-        aggregation weight over all ranks (`aggregation_weights(...).sum()`): the loss is the minibatch's
-        mean whatever the micro-batch size and rank count."""
-        loss_fn = online_loss(get_online_algorithm(algorithm_name), params, self.job.rollout.temperature, self.engine,
-                              shared_prefix=self.job.policy.shared_prefix)
+        batch and step. `step.loss_denominator` (and `ptx_denominator`) is the minibatch's aggregation
+        weight over all ranks (`aggregation_weights(...).sum()`): the loss is the minibatch's mean whatever
+        the micro-batch size and rank count."""
+        loss_fn = online_loss(step, self.engine, shared_prefix=self.job.policy.shared_prefix)
         return self.engine.train_batch(batch, loss_fn)
 
     # weight sync -----------------------------------------------------------

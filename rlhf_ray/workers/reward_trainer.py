@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.algorithms.batches import RankedRewardBatch
-from rlhf_ray.algorithms.registry import get_offline_objective
+from rlhf_ray.algorithms.steps import OfflineStep
 from rlhf_ray.config.schema import JobConfig
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
@@ -52,12 +52,11 @@ class RewardTrainerWorker(ExportMixin, TrainableWorker):
         return self.build_engine(model, cfg, batch_per_rank=batch_per_rank,
                                  total_optimizer_steps=total_optimizer_steps, heads=("value_head",))
 
-    def train_offline(self, batch: dict, objective_name: str, params: dict) -> dict:
-        objective = get_offline_objective(objective_name)
-
+    def train_offline(self, batch: dict, step: OfflineStep) -> dict:
+        """One optimizer step of the reward-model objective on this rank's share of the ranked batch."""
         def loss_fn(module, mb):
             scores = ranked_scores(module, mb)
-            loss, metrics = objective.loss(RankedRewardBatch(scores, mb["ranking"]), params)
+            loss, metrics = step.loss(RankedRewardBatch(scores, mb["ranking"]))
             metrics["rm/accuracy"] = pairwise_accuracy(scores.detach(), mb["ranking"])
             return loss, metrics
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rlhf_ray.algorithms.online import ONLINE_ALGORITHMS
+from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.algorithms.rollout_is import (
     ROLLOUT_IS_MODES,
     mismatch_metrics,
@@ -13,6 +14,7 @@ from rlhf_ray.algorithms.rollout_is import (
     rollout_is_weights,
     weighted_advantages,
 )
+from rlhf_ray.algorithms.steps import PolicyStep
 from rlhf_ray.config.schema import ROLLOUT_IS_MODES as CONFIG_MODES
 
 torch.set_num_threads(1)
@@ -103,7 +105,7 @@ def test_at_equal_log_probs_every_weight_is_one():
 def test_every_policy_loss_scales_each_token_by_its_weighted_advantage(dual_clip):
     # weighted_advantages relies on L_t(w * A) = w * L_t(A) for w >= 0; one token per row makes the loss
     # that token's own. Ratios inside and outside the clip range, advantages of both signs.
-    params = {"clip_eps": 0.2, "dual_clip": dual_clip}
+    params = PolicyStep(get_online_algorithm("ppo"), clip_eps=0.2, dual_clip=dual_clip, kl_coef=0.0, temperature=1.0)
     log_ratios = torch.tensor([-1.5, -0.1, 0.0, 0.1, 1.5])
     for loss in {a.policy_loss for a in ONLINE_ALGORITHMS.values()}:
         for log_ratio in log_ratios:

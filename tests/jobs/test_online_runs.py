@@ -120,6 +120,8 @@ def test_vllm_missing_is_named_with_what_to_install(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("engine", ["hf", "vllm"])
 def test_weight_sync_makes_the_engine_generate_what_the_policy_generates(ray_cluster, tmp_path, engine):
+    from rlhf_ray.algorithms.registry import get_offline_objective
+    from rlhf_ray.algorithms.steps import OfflineStep
     from rlhf_ray.data.job_data import JobData, load_job_examples
     from rlhf_ray.models.tokenizer import load_tokenizer
     from rlhf_ray.runtime.actor_group import ActorGroup
@@ -138,7 +140,8 @@ def test_weight_sync_makes_the_engine_generate_what_the_policy_generates(ray_clu
         prompt = data.prompts([0])
         prompt_ids = prompt["input_ids"][0].tolist()
         before = ray.get(engine.rank0.greedy_text.remote(prompt_ids))
-        ray.get(policy.rank0.train_offline.remote(data.batch(list(range(8))), "sft", {}))
+        sft = OfflineStep(get_offline_objective("sft"))
+        ray.get(policy.rank0.train_offline.remote(data.batch(list(range(8))), sft))
         policy_says = ray.get(policy.rank0.generate.remote(
             {k: prompt[k] for k in ("input_ids", "attention_mask")}, cfg.rollout.max_new_tokens, 0, True))[0]
         assert policy_says != before  # one large step changed the policy's greedy answer

@@ -23,11 +23,11 @@ def test_grpo_refuses_k1_as_its_kl_loss_and_takes_k2(tmp_path):
 
 
 class _Policy:
-    """A policy group of one rank that records what `train_online` is sent."""
+    """A policy group of one rank that records what `train_online` is sent (the step's fields by name)."""
 
     def __init__(self):
         self.sent = []
-        self.train_online = type("Remote", (), {"remote": lambda _, batch, name, params: self._train(batch, params)})()
+        self.train_online = type("Remote", (), {"remote": lambda _, batch, step: self._train(batch, vars(step))})()
 
     def _train(self, batch, params):
         self.sent.append((batch, params))

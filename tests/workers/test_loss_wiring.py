@@ -16,6 +16,7 @@ import torch
 
 from rlhf_ray.algorithms.batches import RankedRewardBatch
 from rlhf_ray.algorithms.registry import OFFLINE_OBJECTIVES, get_offline_objective
+from rlhf_ray.algorithms.steps import OfflineStep
 from rlhf_ray.config.schema import DataConfig, JobConfig
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.data.synthetic import SyntheticConfig
@@ -90,7 +91,7 @@ def test_each_policy_objective_gives_a_finite_loss_with_gradient(name, tokenizer
     policy = load_causal_lm("tiny-gpt2", seed=0)
     if objective.needs_reference:
         add_reference(objective, batch, load_causal_lm("tiny-gpt2", seed=0))
-    loss_fn = data_format(objective.data_format).loss_fn(objective, objective.resolve_params({}))
+    loss_fn = data_format(objective.data_format).loss_fn(OfflineStep(objective))
     policy.train()
     loss, metrics = loss_fn(policy, batch)
     assert loss.dim() == 0 and math.isfinite(float(loss.detach()))
@@ -174,7 +175,7 @@ def test_a_kto_step_runs_the_mismatched_forward_pass_once_with_the_same_loss(tok
     worker.world_size, worker.engine = 1, Engine()
     worker.job = JobConfig()  # the policy's settings (shared_prefix; KTO's rows share no prompt)
     params = objective.resolve_params({})
-    result = worker.train_offline(batch, "kto", params)
+    result = worker.train_offline(batch, OfflineStep(objective, params))
     assert rows_forwarded == [2, 2, 2, 2]  # z0: the 4 mismatched rows once; the loss: the 4 examples once
 
     with torch.no_grad():

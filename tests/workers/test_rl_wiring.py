@@ -20,6 +20,8 @@ import ray
 import torch
 
 from rlhf_ray.algorithms.policy_loss import ppo_policy_loss
+from rlhf_ray.algorithms.registry import get_online_algorithm
+from rlhf_ray.algorithms.steps import PolicyStep
 from rlhf_ray.config import load_config
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.tokenizer import load_tokenizer
@@ -57,13 +59,17 @@ def _hand_gradient_norm(job, batch) -> tuple[float, torch.Tensor]:
     return float(norm), old
 
 
+def _step(job, batch) -> PolicyStep:
+    return PolicyStep(get_online_algorithm("ppo"), clip_eps=0.2, kl_coef=0.0, temperature=job.rollout.temperature,
+                      loss_aggregation="token-mean", loss_denominator=float(batch["response_mask"].sum()))
+
+
 def _policy_step(job, batch, ranks: int) -> list[dict]:
-    params = {"clip_eps": 0.2, "dual_clip": None, "kl_coef": 0.0, "ptx_coef": 0.0,
-              "loss_aggregation": "token-mean", "loss_denominator": float(batch["response_mask"].sum())}
+    step = _step(job, batch)
     with ActorGroup(PolicyWorker, role="policy", num_ranks=ranks, num_cpus_per_rank=1) as policy:
         ray.get(policy.map(lambda a: a.setup.remote(job, init_from="tiny-gpt2", batch_per_rank=ROWS // ranks,
                                                     total_optimizer_steps=1)))
-        return ray.get(policy.scatter(lambda a, s: a.train_online.remote(s, "ppo", params), batch))
+        return ray.get(policy.scatter(lambda a, s: a.train_online.remote(s, step), batch))
 
 
 @pytest.mark.parametrize("ranks, micro, stage", [(1, 16, 0), (1, 2, 0), (2, 2, 0), (2, 2, 2), (2, 8, 2)])
@@ -97,13 +103,12 @@ def test_dropout_is_off_while_the_policy_trains(ray_cluster, tmp_path, disable):
     job = _job(tmp_path / "run", f"policy.model.name_or_path={tmp_path / 'ckpt'}", "policy.micro_batch_size=16",
                f"policy.model.disable_dropout={str(disable).lower()}")
     batch = _rollout_batch()
-    params = {"clip_eps": 0.2, "dual_clip": None, "kl_coef": 0.0, "ptx_coef": 0.0,
-              "loss_aggregation": "token-mean", "loss_denominator": float(batch["response_mask"].sum())}
+    step = _step(job, batch)
     with ActorGroup(PolicyWorker, role="policy", num_ranks=1, num_cpus_per_rank=1) as policy:
         ray.get(policy.rank0.setup.remote(job, init_from=str(tmp_path / "ckpt"), batch_per_rank=ROWS,
                                           total_optimizer_steps=1))
         old = ray.get(policy.rank0.rollout_logprobs.remote(batch))["logprobs"]  # eval mode, no gradient
-        result = ray.get(policy.rank0.train_online.remote({**batch, "old_logprobs": old}, "ppo", params))
+        result = ray.get(policy.rank0.train_online.remote({**batch, "old_logprobs": old}, step))
     # approx_kl is the k3 estimate of KL(old || current) at identical weights: 0 iff the forwards agree.
     if disable:
         assert result["policy/approx_kl"] < 1e-10 and result["policy/clipfrac"] == 0.0

@@ -15,6 +15,7 @@ import torch
 from rlhf_ray.algorithms.advantages import masked_mean
 from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_metrics
+from rlhf_ray.algorithms.steps import PolicyStep
 from rlhf_ray.models.loading import disable_dropout, load_causal_lm
 from rlhf_ray.models.tokenizer import load_tokenizer
 from rlhf_ray.workers import forward as fw
@@ -59,14 +60,14 @@ class Setup:
 
     def loss_gradient(self, mode: str, engine_logprobs: torch.Tensor, old_logprobs=None) -> tuple[list, dict]:
         """The worker's loss function (PPO clip, one update from the sampling weights) and its gradient."""
-        params = {"clip_eps": 0.2, "dual_clip": None, "kl_coef": 0.0, "rollout_is": mode, "rollout_is_cap": CAP,
-                  "loss_aggregation": "token-mean"}
+        step = PolicyStep(get_online_algorithm("ppo"), clip_eps=0.2, kl_coef=0.0, temperature=1.0, rollout_is=mode,
+                          rollout_is_cap=CAP, loss_aggregation="token-mean")
         rows = {**self.rows, "engine_logprobs": engine_logprobs}
         if old_logprobs is not None:
             rows["old_logprobs"] = old_logprobs
         self.policy.train()
         self.policy.zero_grad()
-        loss, metrics = online_loss(get_online_algorithm("ppo"), params, temperature=1.0)(self.policy, rows)
+        loss, metrics = online_loss(step)(self.policy, rows)
         loss.backward()
         sums = {k[len(SUM_PREFIX):]: float(v) for k, v in metrics.items() if k.startswith(SUM_PREFIX)}
         return [p.grad.clone() for p in self.policy.parameters()], mismatch_metrics(sums)

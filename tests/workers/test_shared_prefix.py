@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rlhf_ray.algorithms.registry import get_online_algorithm
+from rlhf_ray.algorithms.steps import PolicyStep
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.policy import online_loss
@@ -90,11 +91,12 @@ def test_the_online_loss_and_its_gradients_are_the_same_with_shared_prefixes():
     mb = {"input_ids": ids, "attention_mask": mask, "response_mask": mask[:, P:].float(),
           "advantages": torch.randn(len(ids), R), "ref_logprobs": -torch.rand(len(ids), R),
           "old_logprobs": -torch.rand(len(ids), R)}
-    params = {"clip_eps": 0.2, "clip_eps_high": 0.28, "kl_coef": 0.05, "kl_estimator": "k3"}
+    step = PolicyStep(get_online_algorithm("grpo"), clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.05,
+                      kl_estimator="k3", temperature=0.9)
     results = []
     for shared in (False, True):
         model.zero_grad()
-        loss, metrics = online_loss(get_online_algorithm("grpo"), params, 0.9, shared_prefix=shared)(model, mb)
+        loss, metrics = online_loss(step, shared_prefix=shared)(model, mb)
         loss.backward()
         results.append((loss.detach(), metrics, _grads(model)))
     (plain_loss, plain_metrics, plain_grads), (loss, metrics, grads) = results
