@@ -2,7 +2,7 @@
 
 Loading happens on the driver before any model is built, so bad input fails
 first. `JobData.batch(indices)` returns the dict of tensors the workers take
-(see `workers/forward.py` for the layouts); encoding is done per batch, which
+(see `models/forward.py` for the layouts); encoding is done per batch, which
 keeps start-up fast and lets KTO pair each prompt with a mismatched
 completion from the same batch.
 """

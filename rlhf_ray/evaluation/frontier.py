@@ -29,9 +29,9 @@ from rlhf_ray.data.collate import collate_prompts
 from rlhf_ray.data.formats import Text
 from rlhf_ray.data.tokenize import encode_prompt
 from rlhf_ray.evaluation.standalone import load_prompts, reward_scores
+from rlhf_ray.models.forward import generate_tokens, response_logprobs
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
-from rlhf_ray.workers.forward import generate_tokens, response_logprobs
 from rlhf_ray.workers.rollout.base import assemble_rows
 
 

@@ -38,9 +38,9 @@ from rlhf_ray.data.loading import load_examples
 from rlhf_ray.data.tasks import as_judge, judge_path
 from rlhf_ray.data.tokenize import encode_prompt, encode_prompt_response, render_prompt
 from rlhf_ray.files import write_jsonl_atomic, write_text_atomic
+from rlhf_ray.models.forward import generate_tokens
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import default_device, load_causal_lm, load_tokenizer_for
-from rlhf_ray.workers.forward import generate_tokens
 
 DEFAULT_JUDGE = "auto"
 DEFAULT_PROMPTS = "synthetic:prompts_eval"

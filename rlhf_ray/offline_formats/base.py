@@ -53,7 +53,7 @@ class OfflineDataFormat:
         """`fn(module, micro_batch) -> (loss, metrics)` of `step`'s objective on this format's batches; with
         `engine` (training) the loss may be this micro-batch's share of the step's (`engine.global_loss`).
         With `shared_prefix` (the role's setting) rows that share a prompt may share its forward
-        (`workers/forward.py`); formats without such rows ignore it."""
+        (`models/forward.py`); formats without such rows ignore it."""
         raise NotImplementedError(f"data format {self.name!r} has no loss")
 
     def rank_step(self, worker: Any, batch: dict, step: OfflineStep) -> OfflineStep:

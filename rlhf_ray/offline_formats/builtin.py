@@ -13,8 +13,8 @@ from rlhf_ray.algorithms.preference import odpo_offsets, tdpo_sequential_kl
 from rlhf_ray.data.collate import collate_prompts, collate_sequences
 from rlhf_ray.data.formats import PreferenceExample, RankedExample
 from rlhf_ray.data.tokenize import encode_prompt, render_prompt
+from rlhf_ray.models import forward as fw
 from rlhf_ray.offline_formats.base import OfflineDataFormat
-from rlhf_ray.workers import forward as fw
 
 
 class SFTFormat(OfflineDataFormat):

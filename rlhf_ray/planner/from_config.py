@@ -178,7 +178,7 @@ def planned_roles(cfg: JobConfig, *, model: str | None = None, gpus: int | None 
                 dtype=dtype, zero=_zero(section.zero_stage, shape, head, section.offload_optimizer,
                                         section.offload_params),
                 micro_batch_size=rows * micro, seq_len=seq_len,
-                # The online policy's LM head scores its response positions only (`workers.forward`).
+                # The online policy's LM head scores its response positions only (`models.forward`).
                 logits_len=cfg.rollout.max_new_tokens + 1 if online and head == "lm" else None,
                 gradient_checkpointing=section.model.gradient_checkpointing,
                 optimizer="adamw_fused" if gpu else "adamw_torch",

@@ -77,7 +77,7 @@ class TrainSettings:
     """Prompt plus response tokens of one sequence."""
     logits_len: int | None = None
     """Positions the LM head runs on in training (None: all `seq_len`): an online policy scores only its
-    response (`workers.forward.lm_logits` keeps the last max_new_tokens + 1)."""
+    response (`models.forward.lm_logits` keeps the last max_new_tokens + 1)."""
     gradient_checkpointing: bool = True
     """Recompute each layer in backward instead of storing its activations."""
     flash_attention: bool = True

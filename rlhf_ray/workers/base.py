@@ -19,10 +19,10 @@ Ray makes every method of these bases a remote method of the role's actor.
 from __future__ import annotations
 
 from rlhf_ray.config.schema import RoleConfig
+from rlhf_ray.models.forward import generate_tokens
 from rlhf_ray.models.loading import disable_dropout, dtype_name, resolve_dtype
 from rlhf_ray.runtime.distributed import DistributedWorker
 from rlhf_ray.runtime.engine import InferenceEngine, TrainEngine
-from rlhf_ray.workers.forward import generate_tokens
 
 
 class EngineWorker(DistributedWorker):

@@ -10,9 +10,9 @@ from rlhf_ray.algorithms.advantages import aggregation_weights
 from rlhf_ray.algorithms.policy_loss import value_loss
 from rlhf_ray.algorithms.steps import CriticStep
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.models import forward as fw
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
-from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import TrainableWorker
 
 

@@ -18,9 +18,9 @@ from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_sums, rollout_is
 from rlhf_ray.algorithms.sft_loss import sft_loss
 from rlhf_ray.algorithms.steps import OfflineStep, PolicyStep
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.models import forward as fw
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.offline_formats import data_format
-from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import ExportMixin, GenerateMixin, TrainableWorker
 from rlhf_ray.workers.reference import ReferenceScoring
 

@@ -13,11 +13,11 @@ from collections.abc import Callable
 
 from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.models import forward as fw
 from rlhf_ray.models.loading import dtype_name, load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.offline_formats import data_format
 from rlhf_ray.runtime.engine import InferenceEngine
 from rlhf_ray.runtime.wire import unpack_bucket
-from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import EngineWorker, ExportMixin, GenerateMixin
 
 

@@ -12,11 +12,11 @@ import torch
 
 from rlhf_ray.config.imports import import_callable
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.models import forward as fw
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import dtype_name, load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.engine import InferenceEngine
 from rlhf_ray.telemetry.timers import ComputeClock
-from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import EngineWorker
 
 

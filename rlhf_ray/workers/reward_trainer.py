@@ -14,9 +14,9 @@ import torch
 from rlhf_ray.algorithms.batches import RankedRewardBatch
 from rlhf_ray.algorithms.steps import OfflineStep
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.models import forward as fw
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_tokenizer_for, resolve_dtype
-from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.base import ExportMixin, TrainableWorker
 
 

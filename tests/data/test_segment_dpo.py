@@ -15,10 +15,10 @@ from rlhf_ray.algorithms.registry import get_offline_objective
 from rlhf_ray.config.schema import DataConfig
 from rlhf_ray.data.formats import DataError
 from rlhf_ray.data.job_data import JobData, load_job_examples
+from rlhf_ray.models import forward as fw
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.tokenizer import load_tokenizer
 from rlhf_ray.offline_formats import data_format
-from rlhf_ray.workers import forward as fw
 
 DATA = DataConfig(max_prompt_length=48, max_length=96)
 

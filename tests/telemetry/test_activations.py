@@ -12,8 +12,8 @@ from rlhf_ray.telemetry.memory import held_storage_keys
 
 def measure_lm_step(name: str, checkpointing: bool, rows: int = 4, seq_len: int = 64):
     """One policy-style micro-step (sequence log-probs, mean loss, backward) of a tiny preset."""
+    from rlhf_ray.models import forward as fw
     from rlhf_ray.models.loading import load_causal_lm
-    from rlhf_ray.workers import forward as fw
 
     model = load_causal_lm(name, gradient_checkpointing=checkpointing)
     model.train()
@@ -76,8 +76,8 @@ def test_gradient_checkpointing_stores_less_than_keeping_every_layer():
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_train_engine_at_zero0_reports_the_activations_of_its_first_micro_step(world_of_one, checkpointing):
     from rlhf_ray.config.schema import RoleConfig
+    from rlhf_ray.models import forward as fw
     from rlhf_ray.runtime.engine import TrainEngine
-    from rlhf_ray.workers import forward as fw
 
     plain, model = measure_lm_step("tiny-gpt2", checkpointing, rows=2, seq_len=32)
     model.zero_grad(set_to_none=True)

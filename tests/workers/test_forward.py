@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from rlhf_ray.models.forward import strip_response
 from rlhf_ray.models.loading import disable_dropout, load_causal_lm, read_model_config
-from rlhf_ray.workers.forward import strip_response
 
 PAD, EOS = 0, 2  # the shipped tiny tokenizer's ids
 

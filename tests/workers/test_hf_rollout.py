@@ -6,9 +6,9 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.config.schema import DataConfig, JobConfig, ModelConfig, RoleConfig, RolloutConfig
+from rlhf_ray.models.forward import response_logprobs
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.tokenizer import load_tokenizer
-from rlhf_ray.workers.forward import response_logprobs
 from rlhf_ray.workers.rollout.hf import HFRolloutWorker
 
 

@@ -20,11 +20,11 @@ from rlhf_ray.algorithms.steps import OfflineStep
 from rlhf_ray.config.schema import DataConfig, JobConfig
 from rlhf_ray.data.job_data import JobData, load_job_examples
 from rlhf_ray.data.synthetic import SyntheticConfig
+from rlhf_ray.models import forward as fw
 from rlhf_ray.models.heads import load_scalar_head_model
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.tokenizer import load_tokenizer
 from rlhf_ray.offline_formats import data_format
-from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.reward_trainer import pairwise_accuracy, ranked_scores
 
 DATA = DataConfig(max_prompt_length=48, max_length=96)

@@ -23,10 +23,10 @@ from rlhf_ray.algorithms.policy_loss import ppo_policy_loss
 from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.algorithms.steps import PolicyStep
 from rlhf_ray.config import load_config
+from rlhf_ray.models import forward as fw
 from rlhf_ray.models.loading import load_causal_lm
 from rlhf_ray.models.tokenizer import load_tokenizer
 from rlhf_ray.runtime.actor_group import ActorGroup
-from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.policy import PolicyWorker
 
 ROWS, PROMPT, RESPONSE = 16, 6, 10

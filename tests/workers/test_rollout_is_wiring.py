@@ -16,9 +16,9 @@ from rlhf_ray.algorithms.advantages import masked_mean
 from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.algorithms.rollout_is import SUM_PREFIX, mismatch_metrics
 from rlhf_ray.algorithms.steps import PolicyStep
+from rlhf_ray.models import forward as fw
 from rlhf_ray.models.loading import disable_dropout, load_causal_lm
 from rlhf_ray.models.tokenizer import load_tokenizer
-from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.policy import online_loss
 
 ROWS, PROMPT, RESPONSE, CAP = 8, 5, 6, 1.2

@@ -8,8 +8,8 @@ import torch
 
 from rlhf_ray.algorithms.registry import get_online_algorithm
 from rlhf_ray.algorithms.steps import PolicyStep
+from rlhf_ray.models import forward as fw
 from rlhf_ray.models.loading import load_causal_lm
-from rlhf_ray.workers import forward as fw
 from rlhf_ray.workers.policy import online_loss
 
 P, R = 7, 5

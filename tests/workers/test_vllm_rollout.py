@@ -648,7 +648,7 @@ def test_vllm_engine_generates_samples_and_greedy_in_the_hf_layout(tmp_path, ray
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_after_a_weight_update_vllm_matches_the_hf_model_with_those_weights(tmp_path, ray_cluster, device):
-    from rlhf_ray.workers.forward import response_logprobs
+    from rlhf_ray.models.forward import response_logprobs
     from rlhf_ray.workers.rollout.hf import HFRolloutWorker
 
     _, tokenizer = _save_tiny_checkpoint(tmp_path / "start", seed=0)
@@ -763,8 +763,8 @@ def test_the_real_model_after_a_weight_update_matches_hf_tied_head_included(tmp_
     """SmolLM2-135M-Instruct ties its LM head to the input embedding, so the policy's named parameters name
     the embedding only: the engine must load it into its LM head too, or its greedy answers and log-probs
     would still come from the old head."""
+    from rlhf_ray.models.forward import generate_tokens, response_logprobs
     from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for
-    from rlhf_ray.workers.forward import generate_tokens, response_logprobs
 
     smol = "smollm2-135m"
     job = JobConfig(policy=RoleConfig(model=ModelConfig(name_or_path=smol, dtype="float32")),

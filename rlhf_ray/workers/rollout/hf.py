@@ -15,12 +15,12 @@ from __future__ import annotations
 import torch
 
 from rlhf_ray.config.schema import JobConfig
+from rlhf_ray.models.forward import plain_generation_config, strip_response
 from rlhf_ray.models.loading import load_causal_lm, load_tokenizer_for, resolve_dtype
 from rlhf_ray.runtime.distributed import current_device
 from rlhf_ray.runtime.wire import unpack_bucket
 from rlhf_ray.telemetry.memory import measure_memory
 from rlhf_ray.telemetry.timers import ComputeClock
-from rlhf_ray.workers.forward import plain_generation_config, strip_response
 from rlhf_ray.workers.rollout.base import assemble_rows, replica_seed
 
 

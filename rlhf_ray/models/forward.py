@@ -1,7 +1,8 @@
 """What the roles compute on a batch: log-probs of given tokens, values, scores.
 
 Shared by the policy, reference, critic and reward roles so that each role
-file stays a thin shell. Batches are dicts of tensors; their layouts:
+file stays a thin shell, and by the data formats' losses (`offline_formats/`);
+torch and the model only, no Ray, so it sits with the models. Batches are dicts of tensors; their layouts:
 
 * training sequences (offline): `input_ids`, `attention_mask`, `loss_mask`,
   all `[B, T]`, right-padded; `loss_mask` marks the response tokens.
