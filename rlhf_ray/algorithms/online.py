@@ -139,6 +139,10 @@ class OnlineAlgorithm:
     """Which of token_rewards / sequence_rewards / greedy_rewards / values the
     advantage function reads; the others may be None."""
     advantage_fn: AdvantageFn = field(repr=False)
+    discounts: tuple[str, ...] = ()
+    """Which of `algorithm.gamma` (the discount) and `algorithm.lam` (GAE's lambda) the advantage function
+    reads; a value set for one it does not read is refused (ReMax's and the group methods' returns are
+    undiscounted sums, as in their papers and verl)."""
     defaults: Mapping[str, Any] = field(default_factory=dict)
     """`algorithm.*` values this algorithm starts from where a config leaves them out (the paper's
     settings); the config loader fills them in, so `rlhf-ray config show` prints them."""
@@ -269,7 +273,7 @@ _ONLINE = (
         description="PPO with a learned critic and GAE (Schulman et al. 2017; Ouyang et al. 2022).",
         needs_critic=True, needs_reference=True, needs_greedy=False,
         min_samples_per_prompt=1, default_samples_per_prompt=1, kl=KL_IN_REWARD, policy_loss=PPO_CLIP,
-        advantage_inputs=("token_rewards", "values"), advantage_fn=_ppo,
+        advantage_inputs=("token_rewards", "values"), advantage_fn=_ppo, discounts=("gamma", "lam"),
     ),
     OnlineAlgorithm(
         name="remax",
@@ -327,7 +331,7 @@ _ONLINE = (
         description="REINFORCE++: batch-whitened returns of KL-shaped rewards, PPO clip; no critic (Hu 2025).",
         needs_critic=False, needs_reference=True, needs_greedy=False,
         min_samples_per_prompt=1, default_samples_per_prompt=1, kl=KL_IN_REWARD, policy_loss=PPO_CLIP,
-        advantage_inputs=("token_rewards",), advantage_fn=_reinforce_pp,
+        advantage_inputs=("token_rewards",), advantage_fn=_reinforce_pp, discounts=("gamma",),
     ),
 )
 

@@ -52,7 +52,8 @@ def fields_read(cfg: JobConfig) -> set[str]:
     """The `algorithm.*` fields the job's algorithm or objective reads."""
     name, a = cfg.algorithm.name, cfg.algorithm
     if plan_job(cfg).online:
-        unread = set(get_online_algorithm(name).policy_loss.unused)
+        algorithm = get_online_algorithm(name)
+        unread = set(algorithm.policy_loss.unused) | ({"gamma", "lam"} - set(algorithm.discounts))
         if a.clip_eps_low and a.clip_eps_high:
             unread.add("clip_eps")  # both sides of the clip range are set (dapo and gspo start so)
         if not a.dynamic_sampling:
