@@ -148,7 +148,9 @@ def dpop_loss(
     as the margin grows); elsewhere DPOP equals DPO.
     """
     chosen, rejected = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    penalty = torch.clamp(-chosen, min=0.0)  # max(0, ref_chosen - policy_chosen)
+    # max(0, ref_chosen - policy_chosen) with no gradient at 0: a policy equal to its reference (the first step)
+    # would otherwise take lam times the chosen answers' NLL gradient (torch.clamp passes it at the boundary).
+    penalty = torch.relu(-chosen)
     losses = -F.logsigmoid(beta * (chosen - rejected - lam * penalty))
     loss, metrics = _finish(losses, chosen, rejected, beta, policy_chosen_logps, policy_rejected_logps)
     metrics["dpop/penalty"] = penalty.detach().mean()

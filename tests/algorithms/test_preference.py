@@ -126,6 +126,18 @@ def test_dpop_equals_dpo_when_chosen_above_reference():
     torch.testing.assert_close(dpop_loss(pc, pr, rc, rr, beta=0.3, lam=50.0)[0], dpo_loss(pc, pr, rc, rr, beta=0.3)[0])
 
 
+def test_dpop_has_dpo_gradient_where_the_policy_equals_its_reference():
+    # The first step: policy and reference log-probs equal to the bit, the penalty at its kink.
+    pc, pr, _, _ = random_logps(4)
+    grads = []
+    for loss_fn in (lambda c, r: dpop_loss(c, r, pc.detach(), pr.detach(), beta=0.1, lam=50.0)[0],
+                    lambda c, r: dpo_loss(c, r, pc.detach(), pr.detach(), beta=0.1)[0]):
+        c, r = pc.detach().clone().requires_grad_(), pr.detach().clone().requires_grad_()
+        loss_fn(c, r).backward()
+        grads.append((c.grad, r.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_robust_dpo_hand_worked_and_reduces_to_dpo():
     # beta 0.5, delta 2 -> x = 1, eps 0.1:
     # (0.9 * log(1 + e^-1) - 0.1 * log(1 + e)) / 0.8 = (0.281936 - 0.131326) / 0.8 = 0.188262
