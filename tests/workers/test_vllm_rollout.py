@@ -24,6 +24,7 @@ from rlhf_ray.config.schema import ConfigError, DataConfig, JobConfig, ModelConf
 from rlhf_ray.runtime.wire import pack_bucket
 from rlhf_ray.workers.rollout import engine_worker_class
 from rlhf_ray.workers.rollout.base import request_seed
+from rlhf_ray.workers.rollout.vllm import rows as vllm_rows
 from rlhf_ray.workers.rollout.vllm.checks import (
     _version_tuple,
     check_tensor_parallel,
@@ -34,15 +35,6 @@ from rlhf_ray.workers.rollout.vllm.checks import (
     vllm_runtime_problem,
 )
 from rlhf_ray.workers.rollout.vllm.engine import VLLMRolloutWorker, engine_kwargs
-from rlhf_ray.workers.rollout.vllm.rows import (
-    completion_response,
-    logprob_rows,
-    prompt_token_lists,
-    request_batch,
-    responses_from_outputs,
-    rows_from_outputs,
-    sampling_kwargs,
-)
 from rlhf_ray.workers.rollout.vllm.sender import engine_rank_offsets, sent_weight_layout, sent_weights
 from rlhf_ray.workers.rollout.vllm.transfer import (
     WEIGHT_TRANSFER_BACKENDS,
@@ -88,29 +80,29 @@ def completion(index, tokens, logprobs=None):
 def test_prompt_token_lists_drop_left_padding():
     ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10]])
     mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
-    assert prompt_token_lists(ids, mask) == [[5, 6], [7, 8, 9, 10]]
+    assert vllm_rows.prompt_token_lists(ids, mask) == [[5, 6], [7, 8, 9, 10]]
 
 
 def test_sampling_kwargs_for_samples_and_greedy():
     r = RolloutConfig(temperature=0.7, max_new_tokens=12)
-    assert sampling_kwargs(r, eos_id=EOS, n=4, seed=123) == {
+    assert vllm_rows.sampling_kwargs(r, eos_id=EOS, n=4, seed=123) == {
         "n": 4, "temperature": 0.7, "seed": 123, "logprobs": 0,
         "max_tokens": 12, "stop_token_ids": [EOS], "ignore_eos": True, "detokenize": False}
-    assert sampling_kwargs(r, eos_id=EOS, greedy=True) == {
+    assert vllm_rows.sampling_kwargs(r, eos_id=EOS, greedy=True) == {
         "n": 1, "temperature": 0.0, "max_tokens": 12, "stop_token_ids": [EOS], "ignore_eos": True,
         "detokenize": False}
 
 
 def test_sampling_kwargs_reject_what_vllm_rejects_or_the_logprob_check_cannot_honour():
     with pytest.raises(ConfigError, match=r"rollout.temperature.*up to 2.*rollout.engine=hf"):
-        sampling_kwargs(RolloutConfig(temperature=2.5), eos_id=EOS)
+        vllm_rows.sampling_kwargs(RolloutConfig(temperature=2.5), eos_id=EOS)
     with pytest.raises(ConfigError, match=r"rollout.temperature: vLLM raises temperatures below 0.01"):
-        sampling_kwargs(RolloutConfig(temperature=0.005), eos_id=EOS)
+        vllm_rows.sampling_kwargs(RolloutConfig(temperature=0.005), eos_id=EOS)
     for top in ({"top_k": 50}, {"top_p": 0.9}):
         with pytest.raises(ConfigError, match=r"rollout.top_k/top_p: .*set rollout.top_k=0 and rollout.top_p=1.0"):
-            sampling_kwargs(RolloutConfig(**top), eos_id=EOS)
+            vllm_rows.sampling_kwargs(RolloutConfig(**top), eos_id=EOS)
     with pytest.raises(ValueError, match="n=0"):
-        sampling_kwargs(RolloutConfig(), eos_id=EOS, n=0)
+        vllm_rows.sampling_kwargs(RolloutConfig(), eos_id=EOS, n=0)
 
 
 def test_request_seeds_are_reproducible_and_streams_do_not_overlap():
@@ -125,13 +117,14 @@ def test_request_seeds_are_reproducible_and_streams_do_not_overlap():
 
 def test_request_batch_puts_samples_first_then_greedy():
     r = RolloutConfig(max_new_tokens=6)
-    prompts, kwargs = request_batch([[5, 6], [7]], r, n=3, sample=True, greedy=True, seed=11, rank=2, eos_id=EOS)
+    prompts, kwargs = vllm_rows.request_batch([[5, 6], [7]], r, n=3, sample=True, greedy=True, seed=11, rank=2,
+                                              eos_id=EOS)
     assert prompts == [[5, 6], [7], [5, 6], [7]]
     assert [k["n"] for k in kwargs] == [3, 3, 1, 1]
     assert [k["seed"] for k in kwargs[:2]] == [request_seed(11, 2, 0), request_seed(11, 2, 1)]
     assert [k["temperature"] for k in kwargs[2:]] == [0.0, 0.0]
-    assert request_batch([[5]], r, n=2, sample=False, greedy=False, seed=0, rank=0, eos_id=EOS) == ([], [])
-    greedy_only = request_batch([[5]], r, n=2, sample=False, greedy=True, seed=0, rank=0, eos_id=EOS)
+    assert vllm_rows.request_batch([[5]], r, n=2, sample=False, greedy=False, seed=0, rank=0, eos_id=EOS) == ([], [])
+    greedy_only = vllm_rows.request_batch([[5]], r, n=2, sample=False, greedy=True, seed=0, rank=0, eos_id=EOS)
     assert greedy_only[0] == [[5]] and greedy_only[1][0]["temperature"] == 0.0
 
 
@@ -140,37 +133,37 @@ def test_completion_response_keeps_the_sampled_tokens_logprob_up_to_eos():
     # The position-2 entry holds a second candidate (as logprobs=1 would): the sampled token's value is used.
     out = Completion(0, [5, 7, 2, 9], [{5: Logprob(-0.5)}, {7: Logprob(-0.25), 3: Logprob(-2.0)},
                                        {2: Logprob(-0.125)}, {9: Logprob(-3.0)}])
-    assert completion_response(out, eos_id=EOS, with_logprobs=True) == ([5, 7, 2], [-0.5, -0.25, -0.125])
-    assert completion_response(out, eos_id=EOS, with_logprobs=False) == ([5, 7, 2], [])
+    assert vllm_rows.completion_response(out, eos_id=EOS, with_logprobs=True) == ([5, 7, 2], [-0.5, -0.25, -0.125])
+    assert vllm_rows.completion_response(out, eos_id=EOS, with_logprobs=False) == ([5, 7, 2], [])
 
 
 def test_completion_response_keeps_a_sampled_pad_token_and_its_logprob():
     # The model sampled the pad id (0) mid-response: it is part of what was generated, so it stays,
     # and the log-probs stay aligned with their tokens.
     out = completion(0, [5, 0, 7], [-0.5, -1.0, -0.25])
-    assert completion_response(out, eos_id=EOS, with_logprobs=True) == ([5, 0, 7], [-0.5, -1.0, -0.25])
-    assert completion_response(completion(0, [5, 2, 9]), eos_id=2, with_logprobs=False) == ([5, 2], [])
+    assert vllm_rows.completion_response(out, eos_id=EOS, with_logprobs=True) == ([5, 0, 7], [-0.5, -1.0, -0.25])
+    assert vllm_rows.completion_response(completion(0, [5, 2, 9]), eos_id=2, with_logprobs=False) == ([5, 2], [])
 
 
 def test_completion_response_errors_name_the_missing_logprobs():
     with pytest.raises(RuntimeError, match="logprobs=0"):
-        completion_response(completion(0, [5, 7]), eos_id=EOS, with_logprobs=True)
+        vllm_rows.completion_response(completion(0, [5, 7]), eos_id=EOS, with_logprobs=True)
     with pytest.raises(RuntimeError, match="position 1 lack the sampled token 7"):
-        completion_response(Completion(0, [5, 7], [{5: Logprob(-1.0)}, {8: Logprob(-1.0)}]),
+        vllm_rows.completion_response(Completion(0, [5, 7], [{5: Logprob(-1.0)}, {8: Logprob(-1.0)}]),
                             eos_id=EOS, with_logprobs=True)
 
 
 def test_responses_from_outputs_groups_n_per_request_in_index_order():
     outputs = [Request("a", [completion(1, [11]), completion(0, [10])]),
                Request("b", [completion(0, [12]), completion(1, [13])])]
-    responses, _ = responses_from_outputs(outputs, 2, eos_id=EOS, with_logprobs=False)
+    responses, _ = vllm_rows.responses_from_outputs(outputs, 2, eos_id=EOS, with_logprobs=False)
     assert responses == [[10], [11], [12], [13]]
     with pytest.raises(RuntimeError, match="1 completions for request c, expected n=2"):
-        responses_from_outputs([Request("c", [completion(0, [1])])], 2, eos_id=EOS, with_logprobs=False)
+        vllm_rows.responses_from_outputs([Request("c", [completion(0, [1])])], 2, eos_id=EOS, with_logprobs=False)
 
 
 def test_logprob_rows_pad_with_zeros():
-    assert torch.equal(logprob_rows([[-1.0, -2.0], [], [-0.5, -0.5, -0.5, -9.0]], 3),
+    assert torch.equal(vllm_rows.logprob_rows([[-1.0, -2.0], [], [-0.5, -0.5, -0.5, -9.0]], 3),
                        torch.tensor([[-1.0, -2.0, 0.0], [0.0, 0.0, 0.0], [-0.5, -0.5, -0.5]]))
 
 
@@ -184,7 +177,7 @@ def test_rows_from_outputs_builds_the_hf_engine_layout():
         Request("g0", [completion(0, [10, 2])]),
         Request("g1", [completion(0, [15, 16, 17])]),
     ]
-    out = rows_from_outputs(ids, mask, outputs, n=2, sample=True, greedy=True, response_length=3, pad_id=PAD,
+    out = vllm_rows.rows_from_outputs(ids, mask, outputs, n=2, sample=True, greedy=True, response_length=3, pad_id=PAD,
                             eos_id=EOS)
     # Row order: prompt 0 sample 0, prompt 0 sample 1, prompt 1 sample 0, prompt 1 sample 1.
     # Prompt 1's second sample generated a pad (0) mid-response: it stays, with its log-prob (-9).
@@ -201,7 +194,7 @@ def test_rows_from_outputs_builds_the_hf_engine_layout():
     assert out["greedy_finished"].tolist() == [True, False]
     assert "greedy_engine_logprobs" not in out
 
-    greedy_only = rows_from_outputs(ids, mask, outputs[2:], n=2, sample=False, greedy=True, response_length=3,
+    greedy_only = vllm_rows.rows_from_outputs(ids, mask, outputs[2:], n=2, sample=False, greedy=True, response_length=3,
                                     pad_id=PAD, eos_id=EOS)
     assert set(greedy_only) == {"greedy_input_ids", "greedy_attention_mask", "greedy_response_mask",
                                 "greedy_finished"}
@@ -505,13 +498,14 @@ def test_our_requests_and_rows_are_accepted_by_vllms_classes(tmp_path):
     from vllm.outputs import CompletionOutput, RequestOutput
 
     r = RolloutConfig(engine="vllm", temperature=0.7, max_new_tokens=12)
-    sampled = SamplingParams(**sampling_kwargs(r, eos_id=EOS, n=4, seed=9))
+    sampled = SamplingParams(**vllm_rows.sampling_kwargs(r, eos_id=EOS, n=4, seed=9))
     assert (sampled.n, sampled.seed, sampled.logprobs, sampled.stop_token_ids) == (4, 9, 0, [EOS])
-    assert SamplingParams(**sampling_kwargs(r, eos_id=EOS, greedy=True)).temperature == 0.0
+    assert SamplingParams(**vllm_rows.sampling_kwargs(r, eos_id=EOS, greedy=True)).temperature == 0.0
     # A generation config listing a second EOS id (Llama-3's end of turn): vLLM adds it to the stop ids of
     # every request it processes, unless ignore_eos; only the tokenizer's EOS may end a response, since the
     # rows count only that one as finished.
-    for kwargs in (sampling_kwargs(r, eos_id=EOS, n=4, seed=9), sampling_kwargs(r, eos_id=EOS, greedy=True)):
+    for kwargs in (vllm_rows.sampling_kwargs(r, eos_id=EOS, n=4, seed=9),
+                   vllm_rows.sampling_kwargs(r, eos_id=EOS, greedy=True)):
         params = SamplingParams(**kwargs)
         params.update_from_generation_config({"eos_token_id": [EOS, 77]}, None)
         assert params.stop_token_ids == [EOS]
@@ -522,7 +516,7 @@ def test_our_requests_and_rows_are_accepted_by_vllms_classes(tmp_path):
     outputs = [RequestOutput("r0", None, [4, 5], None, [
         CompletionOutput(1, "", [11, 0, 2], -0.6, flat),
         CompletionOutput(0, "", [10], -1.0, [{10: VLLMLogprob(-1.0, rank=1)}])], True)]
-    assert responses_from_outputs(outputs, 2, eos_id=EOS, with_logprobs=True) == (
+    assert vllm_rows.responses_from_outputs(outputs, 2, eos_id=EOS, with_logprobs=True) == (
         [[10], [11, 0, 2]], [[-1.0], [-0.1, -0.2, -0.3]])
     args = EngineArgs(**engine_kwargs(_job(), model_dir=str(tmp_path), device="cpu", weight_transfer="ipc"))
     assert args.logprobs_mode == "processed_logprobs" and args.enforce_eager
