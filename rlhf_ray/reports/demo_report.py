@@ -96,8 +96,9 @@ def _frontier_section(out: Path, picture: Path) -> list[str]:
     data = json.loads((out / "frontier.json").read_text())
     points, matched = data["points"], data.get("matched_kl")
     lines = ["## Reward against KL: what each method buys per nat", "",
-             "Every method reaches 100% alignment, which ranks nothing; RLHF methods are compared by the reward "
-             "they reach for how far they move from the reference. Each point is a checkpoint along a run, "
+             "A judge's accuracy says whether a method gets there (on the tiny task every method reaches 100%, "
+             "which ranks nothing); RLHF methods are compared by the reward they reach for how far they move "
+             "from the reference. Each point is a checkpoint along a run, "
              "scored on the same 64 held-out prompts with one sampled response each: the reward model's "
              "score, the KL to the SFT model, and the responses' NLL under the SFT model (coherence).", "",
              f"![frontier]({picture.name})", "",
@@ -135,12 +136,14 @@ def _layout_section(runs: dict[str, list[dict]]) -> list[str]:
         saving = 1 - totals["remax"] / totals["ppo"]
         lines += ["", f"ReMax holds {100 * saving:.1f}% less than PPO here (the ReMax paper reports about 46% less "
                       "GPU memory on a 7B model, where activations and optimizer state dominate; here the "
-                      "models are tiny and fp32, so the split is by parameter, gradient and optimizer bytes)."]
+                      "models are small, fp32 and the sequences short, so the split is by parameter, gradient and "
+                      "optimizer bytes)."]
         peak = {name: max((m.get("peak_rss", 0) for m in memory_by_role(runs.get(name, [])).values()), default=0)
                 for name in ("ppo", "remax")}
         lines.append(f"Largest process RSS of any role: PPO {mib(peak['ppo'] or None)} MiB, "
                      f"ReMax {mib(peak['remax'] or None)} MiB "
-                     "(mostly the Python, torch and DeepSpeed runtime of each actor).")
+                     "(the role's bytes above, its copies while loading, and the Python, torch and DeepSpeed "
+                     "runtime of its process).")
     return lines
 
 
