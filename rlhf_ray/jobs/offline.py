@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -127,6 +126,11 @@ class OfflineJob(RecoveringJob):
         self.tokenizer = tokenizer
         self.train, self.eval_pairs, self.eval_prompts = train, eval_pairs, eval_prompts
         self.reference_cache: dict[str, torch.Tensor] | None = None
+        # What the (validated) config says, looked up in the registries: no files, no models.
+        self.objective = get_offline_objective(cfg.algorithm.name)
+        self.params = objective_params(cfg)
+        self.trains_policy = self.objective.trains == "policy"
+        self.format = data_format(self.objective.data_format)
 
     @classmethod
     def from_config(cls, cfg: JobConfig) -> OfflineJob:
@@ -144,23 +148,6 @@ class OfflineJob(RecoveringJob):
         evaluation.check_rule_on_eval_data(cfg, eval_prompts, tokenizer)
         return cls(cfg, run_dir=run_dir, tokenizer=tokenizer, train=train, eval_pairs=eval_pairs,
                    eval_prompts=eval_prompts)
-
-    # what the config says, worked out on first use ------------------------
-    @cached_property
-    def objective(self):
-        return get_offline_objective(self.cfg.algorithm.name)
-
-    @cached_property
-    def params(self) -> dict:
-        return objective_params(self.cfg)
-
-    @cached_property
-    def trains_policy(self) -> bool:
-        return self.objective.trains == "policy"
-
-    @cached_property
-    def format(self):
-        return data_format(self.objective.data_format)
 
     # roles -----------------------------------------------------------------
     def _setup(self, roles: RoleGroups, resume_from: Path | None, stage: int) -> None:
