@@ -278,8 +278,7 @@ class OnlineJob(RecoveringJob):
             else:
                 prompts = self.prompts.batch(next(sampler))
                 with timer.phase("generate"):
-                    rollout = self.launch_generate(roles, prompts, seed=self.draw_seed(step, index),
-                                                   step=step).result()
+                    rollout = self.generate(roles, prompts, seed=self.draw_seed(step, index), step=step)
             return rollout, self.score(roles, rollout, timer)
 
         a = self.cfg.algorithm
@@ -289,9 +288,10 @@ class OnlineJob(RecoveringJob):
                           self.tokenizer.pad_token_id)
 
     def generate(self, roles: RoleGroups, prompts: dict, seed: int, greedy: bool | None = None,
-                 n: int | None = None) -> dict:
-        """Split the prompts across engine replicas; every sample of a prompt stays on one engine."""
-        return self.launch_generate(roles, prompts, seed, greedy, n).result()
+                 n: int | None = None, step: int | None = None) -> dict:
+        """Split the prompts across engine replicas; every sample of a prompt stays on one engine (`step`: as
+        `launch_generate`'s)."""
+        return self.launch_generate(roles, prompts, seed, greedy, n, step).result()
 
     def launch_generate(self, roles: RoleGroups, prompts: dict, seed: int, greedy: bool | None = None,
                         n: int | None = None, step: int | None = None) -> Generation:

@@ -101,7 +101,7 @@ def test_the_driver_draws_fresh_prompts_with_fresh_seeds_until_the_batch_is_full
     rewards = iter([[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0], [1.0, 0.0, 0.5, 0.5]])
     seeds, prompts_seen = [], []
 
-    def generate(roles, prompts, seed):
+    def generate(roles, prompts, seed, step=None):
         seeds.append(seed)
         prompts_seen.append(prompts)
         return _rows_for(prompts, 2, [3, 4, 5, 6])
