@@ -19,6 +19,8 @@ drops its prefix cache and calls `release`.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from rlhf_ray.config.schema import JobConfig
@@ -68,7 +70,7 @@ def update_weights(llm, update_info: dict) -> None:
     llm.update_weights(WeightTransferUpdateRequest(update_info=update_info))
 
 
-class WeightTransfer:
+class WeightTransfer(ABC):
     """One engine's end of a weight-transfer mode. `bucket`s are `(name, tensor)` on the CPU, tied aliases
     included; `version` is the weight version the update makes."""
 
@@ -81,14 +83,17 @@ class WeightTransfer:
     def start(self, llm) -> None:
         """Once, after the engine is built."""
 
+    @abstractmethod
     def begin(self, llm) -> None:
-        raise NotImplementedError
+        """Before the first bucket of an update."""
 
+    @abstractmethod
     def load(self, llm, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        raise NotImplementedError
+        """One bucket into the engine's weights."""
 
+    @abstractmethod
     def finish(self, llm, version: int) -> None:
-        raise NotImplementedError
+        """After the last bucket: the engine serves weight version `version`."""
 
     def release(self) -> None:
         """After the update, once the engine has dropped its stale prefix cache: free what `load` staged."""
