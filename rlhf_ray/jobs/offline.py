@@ -155,13 +155,20 @@ class OfflineJob(RecoveringJob):
         trainer = roles[self.trainer_name]
         per_rank = cfg.run.batch_size // len(trainer)
         init = (cfg.policy if self.trains_policy else cfg.reward).model.name_or_path
-        trainer.call(lambda a: a.setup.remote(cfg, init_from=init, batch_per_rank=per_rank,
-                                    total_optimizer_steps=cfg.run.total_steps))
+        # Both roles load at once, each as soon as its own process is up (`RoleGroups(wait=False)`);
+        # `wait_started` names a rank that failed to start before either setup is waited for.
+        calls = [(trainer, trainer.map(lambda a: a.setup.remote(cfg, init_from=init, batch_per_rank=per_rank,
+                                                               total_optimizer_steps=cfg.run.total_steps)))]
         if roles.owns("reference"):
             ref_init = cfg.reference.model.name_or_path or init
             if resume_from is not None and stage > 0:
                 ref_init = str(resume_from / "reference_hf")
-            roles["reference"].call(lambda a: a.setup.remote(cfg, init_from=ref_init))
+            reference = roles["reference"]
+            calls.append((reference, reference.map(lambda a: a.setup.remote(cfg, init_from=ref_init))))
+        roles.wait_started()
+        for group, refs in calls:
+            group.gather(refs)
+        if roles.owns("reference"):
             if not (cfg.algorithm.spin_iterations or cfg.algorithm.sdpo_stages > 1):
                 roles.offer("reference")  # a frozen reference other jobs may share
 
@@ -178,7 +185,7 @@ class OfflineJob(RecoveringJob):
         self.reference_cache = None
         self.stages = plan_stages(cfg, len(self.train))
         self.stage, self.data, self.sampler = None, self.train, None
-        with RoleGroups(cfg, self._specs()) as roles:
+        with RoleGroups(cfg, self._specs(), wait=False) as roles:
             self.resumed = {"step": 0, "stage": 0, "sampler": None}
             if resume_from is not None:
                 self._setup(roles, resume_from, _peek_state(resume_from)["stage"])

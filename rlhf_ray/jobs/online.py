@@ -140,8 +140,11 @@ class OnlineJob(RecoveringJob):
         def launch(name, fn):
             return roles[name], roles[name].map(fn)
 
+        # The role groups' constructors may still run (`RoleGroups(wait=False)`): each setup queues behind its
+        # own, and `wait_started` names a rank that failed to start before any setup is waited for.
         engines = launch("rollout", lambda a: a.setup.remote(cfg, init_from=init))
         if roles.shares_gpus("rollout"):
+            roles.wait_started()
             roles["rollout"].gather(engines[1])
             roles["rollout"].call(lambda a: a.sleep.remote())
             calls = []
@@ -160,6 +163,7 @@ class OnlineJob(RecoveringJob):
             calls.append(launch("critic", lambda a: a.setup.remote(
                 cfg, init_from=critic_init, tokenizer_from=init, batch_per_rank=minibatch // len(roles["critic"]),
                 total_optimizer_steps=steps)))
+        roles.wait_started()
         for group, refs in calls:
             group.gather(refs)
         if roles.owns("reference"):
@@ -178,7 +182,7 @@ class OnlineJob(RecoveringJob):
                  started_at: str) -> dict:
         cfg = self.cfg
         self._fresh_controllers()
-        with RoleGroups(cfg, self._specs()) as roles:
+        with RoleGroups(cfg, self._specs(), wait=False) as roles:
             self._setup(roles)
             self.sampler = EpochSampler(len(self.prompts), cfg.run.batch_size, seed=cfg.run.seed)
             self.rollouts = RolloutQueue(cfg.rollout.max_staleness, cfg.run.total_steps,

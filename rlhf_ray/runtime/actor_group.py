@@ -254,16 +254,20 @@ class ActorGroup:
     fails to start, all are stopped and `ActorGroupError` names the role and
     rank. `start_timeout_s` bounds the wait for the group's own placement and
     for the ranks (a start takes seconds; the default leaves room for a busy
-    cluster).
+    cluster). With `wait=False` it returns once the actors are created, and
+    `wait_started()` waits for them: several groups then start at once (each
+    rank's process start and imports take seconds; one group after another
+    they add up).
     """
 
     def __init__(self, worker_cls: type, *, role: str, num_ranks: int, num_cpus_per_rank: float,
                  num_gpus_per_rank: float = 0, placement: Sequence[RankPlacement] | None = None,
                  worker_args: Sequence[Any] = (), worker_kwargs: dict | None = None,
-                 runtime_env: dict | None = None, start_timeout_s: float = 600.0):
+                 runtime_env: dict | None = None, start_timeout_s: float = 600.0, wait: bool = True):
         self.role = role
         self._actors: list = []
         self._own_placement = None
+        self._starting: tuple[list, float, float] | None = None  # (pings, timeout, deadline) until `wait_started`
         if placement is None:
             plan = plan_placement([RoleResources(role, num_ranks, num_cpus_per_rank, num_gpus_per_rank)])
             check_fits(plan)
@@ -278,25 +282,40 @@ class ActorGroup:
         except BaseException:
             self.shutdown()
             raise
+        if wait:
+            self.wait_started()
 
     def _start(self, worker_cls, placement, num_threads, args, kwargs, runtime_env, timeout_s) -> None:
         actor_cls = worker_cls if isinstance(worker_cls, ray.actor.ActorClass) else ray.remote(worker_cls)
         strategy = [PlacementGroupSchedulingStrategy(placement_group=p.placement_group,
                                                      placement_group_bundle_index=p.bundle_index)
                     for p in placement]
-        master_addr, master_port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy[0]).remote())
         world_size = len(placement)
+        if world_size == 1:  # a group of one hosts its own rendezvous (`DistributedWorker`: port 0)
+            master_addr, master_port = "127.0.0.1", 0
+        else:
+            master_addr, master_port = ray.get(_rendezvous_address.options(scheduling_strategy=strategy[0]).remote())
         for rank, slot in enumerate(placement):
             options = {"num_cpus": slot.num_cpus, "num_gpus": slot.num_gpus, "scheduling_strategy": strategy[rank]}
             if runtime_env is not None:
                 options["runtime_env"] = runtime_env
             self._actors.append(actor_cls.options(**options).remote(
                 rank, world_size, master_addr, master_port, num_threads, *args, **kwargs))
-        self._wait_started([actor.ping.remote() for actor in self._actors], timeout_s)
+        self._starting = ([actor.ping.remote() for actor in self._actors], timeout_s, time.monotonic() + timeout_s)
 
-    def _wait_started(self, pings: list, timeout_s: float) -> None:
-        """Wait for every rank's constructor, reporting the first that fails."""
-        deadline = time.monotonic() + timeout_s
+    def wait_started(self) -> None:
+        """Wait for every rank's constructor, reporting the first that fails (the group is then stopped).
+        Returns at once once the group has started."""
+        if self._starting is None:
+            return
+        try:
+            self._wait_started(*self._starting)
+        except BaseException:
+            self.shutdown()
+            raise
+        self._starting = None
+
+    def _wait_started(self, pings: list, timeout_s: float, deadline: float) -> None:
         rank_of = {ref: rank for rank, ref in enumerate(pings)}
         pending = list(pings)
         while pending:

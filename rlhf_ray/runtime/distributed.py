@@ -98,7 +98,8 @@ class DistributedWorker:
         rank: this actor's rank in `[0, world_size)`.
         world_size: number of ranks in the group (1 still initialises
             `torch.distributed`, so DeepSpeed finds a process group).
-        master_addr, master_port: where rank 0 hosts the rendezvous.
+        master_addr, master_port: where rank 0 hosts the rendezvous; a group of one rank may pass port 0,
+            and the rank picks a free port of its own.
         num_threads: torch intra-op threads, normally the CPUs Ray gave the actor.
         backend: torch.distributed's backend string; default `backend_for` the
             rank's device (gloo on the CPU, `cpu:gloo,cuda:nccl` on a GPU).
@@ -115,6 +116,11 @@ class DistributedWorker:
             raise ValueError(f"rank {rank} is outside a group of world_size {world_size}")
         if num_threads < 1:
             raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+        if int(master_port) == 0:
+            if world_size != 1:
+                raise ValueError("master_port 0 (pick a free port here) needs world_size 1: the other ranks "
+                                 "could not know the port")
+            master_port = find_free_port()
         self.rank = rank
         self.world_size = world_size
         self.master_addr = master_addr

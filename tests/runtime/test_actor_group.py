@@ -12,7 +12,7 @@ import torch
 
 from rlhf_ray.runtime.actor_group import ActorGroup, ActorGroupError, concat_shards, split_batch
 from rlhf_ray.runtime.distributed import DistributedWorker
-from rlhf_ray.runtime.placement import RoleResources, create_placement_group, plan_placement
+from rlhf_ray.runtime.placement import RoleResources, create_placement_group, plan_placement, wait_until_fits
 
 
 class SumWorker(DistributedWorker):
@@ -144,6 +144,13 @@ def test_a_rank_that_fails_to_start_is_named_and_the_group_released(ray_cluster,
         ActorGroup(BrokenWorker, role="broken", num_ranks=2, num_cpus_per_rank=1)
     # The placement group the group reserved for itself is removed again.
     assert _live_placement_groups(ray_cluster) == live_before
+    # Started without waiting, the failure is reported by `wait_started`, and the group released the same way
+    # (once Ray has the removed group's CPUs back).
+    wait_until_fits(plan_placement([RoleResources("broken", 2, 1)]), 60)
+    group = ActorGroup(BrokenWorker, role="broken", num_ranks=2, num_cpus_per_rank=1, wait=False)
+    with pytest.raises(ActorGroupError, match=r"role 'broken' rank 1 of 2 failed to start"):
+        group.wait_started()
+    assert _live_placement_groups(ray_cluster) == live_before and group.actors == []
 
 
 def test_colocated_roles_share_bundles(ray_cluster, ship_test_classes):
@@ -155,9 +162,16 @@ def test_colocated_roles_share_bundles(ray_cluster, ship_test_classes):
         for role in ("a", "b"):
             slots = placement.for_role(role)
             assert [(s.bundle_index, s.num_cpus) for s in slots] == [(0, 0.5)]
-            groups.append(ActorGroup(SumWorker, role=role, num_ranks=1, num_cpus_per_rank=1, placement=slots))
+            # Created without waiting, both start at once (as a job's role groups do), then are waited for.
+            groups.append(ActorGroup(SumWorker, role=role, num_ranks=1, num_cpus_per_rank=1, placement=slots,
+                                     wait=False))
+        for group in groups:
+            group.wait_started()
         # Each one-rank group is its own torch.distributed world: the "sum" is its own value.
         assert [g.gather([g.rank0.all_reduce_sum.remote(3.0)]) for g in groups] == [[3.0], [3.0]]
+        # A group of one hosts its own rendezvous, on a port it picked.
+        infos = [g.gather(g.map(lambda actor: actor.rank_info.remote()))[0] for g in groups]
+        assert all(i["master_addr"] == "127.0.0.1" and i["master_port"] > 0 for i in infos)
     finally:
         for group in groups:
             group.shutdown()
