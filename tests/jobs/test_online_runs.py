@@ -242,6 +242,9 @@ class _RecordingRoles:
     def offer(self, name):
         pass
 
+    def wait_started(self):
+        self.log.append(("*", "started"))
+
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_engines_that_share_gpus_start_and_sleep_before_any_other_role_loads(tmp_path, shared):
@@ -254,12 +257,13 @@ def test_engines_that_share_gpus_start_and_sleep_before_any_other_role_loads(tmp
     roles = _RecordingRoles(["policy", "rollout", "reward", "reference", "critic"], shared)
     job._setup(roles)
     setups = [name for name, what in roles.log if what == "setup"]
+    # The groups' constructors are waited for (`wait_started`) before any setup is.
     if shared:
-        assert roles.log[:3] == [("rollout", "setup"), ("rollout", "waited"), ("rollout", "sleep")]
+        assert roles.log[:4] == [("rollout", "setup"), ("*", "started"), ("rollout", "waited"), ("rollout", "sleep")]
         assert sorted(setups[1:]) == ["critic", "policy", "reference", "reward"]
-    else:  # every role loads at once
+    else:  # every role loads at once, queued behind its own constructor
         assert sorted(setups) == ["critic", "policy", "reference", "reward", "rollout"]
-        assert all(what == "setup" for _, what in roles.log[:5])
+        assert all(what == "setup" for _, what in roles.log[:5]) and roles.log[5] == ("*", "started")
 
 
 def test_grpo_with_shared_prefixes_runs_as_without(ray_cluster, tmp_path):
