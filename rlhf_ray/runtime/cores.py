@@ -95,6 +95,13 @@ class CoreFollower:
         """Cores the rest of the machine kept busy during the last measured call."""
         self._busy, self._own, self._clock = busy, own, clock
         self._cpus = cpus or cpu_count()
+        self._fewest: int | None = None  # fewest threads a call ran with since `take_fewest`
+
+    def take_fewest(self) -> int | None:
+        """The fewest threads any call ran with since the last `take_fewest` (None: no call, or mode
+        `reserved`, where the threads stay as reserved); starts counting again."""
+        fewest, self._fewest = self._fewest, None
+        return fewest
 
     @contextmanager
     def follow(self) -> Iterator[None]:
@@ -103,6 +110,7 @@ class CoreFollower:
             yield
             return
         torch.set_num_threads(self.threads)
+        self._fewest = self.threads if self._fewest is None else min(self._fewest, self.threads)
         busy0, own0, wall0 = self._busy(), self._own(), self._clock()
         try:
             yield

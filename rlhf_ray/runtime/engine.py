@@ -175,7 +175,8 @@ class TrainEngine:
         # per op): forward, loss and backward, beyond the held state (`telemetry.activations`).
         self._activations_left = 1 if measure_activations else 0
         self._activations: ActivationReport | None = None
-        self.clock = ComputeClock(around=CoreFollower(mode=threads).follow)
+        self.follower = CoreFollower(mode=threads)
+        self.clock = ComputeClock(around=self.follower.follow)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -444,7 +445,8 @@ class InferenceEngine:
         model.eval()
         self.zero_stage = zero_stage
         self.micro_batch_size = micro_batch_size
-        self.clock = ComputeClock(around=CoreFollower(mode=threads).follow)
+        self.follower = CoreFollower(mode=threads)
+        self.clock = ComputeClock(around=self.follower.follow)
         device = current_device() if device is None else torch.device(device)
         if zero_stage == 3:
             deepspeed = import_deepspeed(device)

@@ -417,14 +417,19 @@ class RoleGroups:
         (generate, forward, train) it ran, from its slowest rank (ranks run in parallel), and
         `time/compute/<role>_s`, their sum. Per kind, `time/compute_of_kind/<kind>_s`: the roles' seconds
         as they ran, added up within a set of roles that take turns (`turns`), the longest of the sets
-        that run at the same time. Every rank's counters start again from zero. A group borrowed from
-        another job is left out: its counters are the lending job's to read."""
+        that run at the same time. `threads/<role>`: the fewest torch threads any of its ranks' calls ran
+        with (`placement.threads: follow`; below the reservation when other work took cores). Every rank's
+        counters start again from zero. A group borrowed from another job is left out: its counters are
+        the lending job's to read."""
         pending = {name: (group, group.map(lambda actor: actor.compute_time.remote()))
                    for name, group in self.groups.items() if name not in self.borrowed}
         out: dict[str, float] = {}
         by_kind: dict[str, dict[str, float]] = {}
         for name, (group, refs) in pending.items():
             per_rank = group.gather(refs)
+            threads = [seconds.pop("threads") for seconds in per_rank if "threads" in seconds]
+            if threads:
+                out[f"threads/{name}"] = float(min(threads))
             kinds = sorted({kind for seconds in per_rank for kind in seconds})
             slowest = {kind: max(seconds.get(kind, 0.0) for seconds in per_rank) for kind in kinds}
             out.update({f"time/compute/{name}/{kind}_s": value for kind, value in slowest.items()})

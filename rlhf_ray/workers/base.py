@@ -32,8 +32,14 @@ class EngineWorker(DistributedWorker):
     engine: TrainEngine | InferenceEngine
 
     def compute_time(self) -> dict[str, float]:
-        """Seconds of compute by kind since the last call (`ComputeClock.take`)."""
-        return self.engine.clock.take()
+        """Seconds of compute by kind since the last call (`ComputeClock.take`), and under `threads` the
+        fewest torch threads a call ran with meanwhile (`CoreFollower.take_fewest`), where they follow
+        the free cores and a call ran."""
+        out = self.engine.clock.take()
+        fewest = self.engine.follower.take_fewest()
+        if fewest is not None:
+            out["threads"] = fewest
+        return out
 
     def memory(self) -> dict:
         return self.engine.memory().to_metrics(self.ROLE)

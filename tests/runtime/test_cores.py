@@ -60,6 +60,20 @@ def test_threads_drop_under_load_and_come_back_when_it_goes():
     assert machine.run(follower, wall=1.0, own_cores=2.0, others_cores=0.0) == 2
 
 
+def test_the_fewest_threads_since_the_last_take_are_reported_once():
+    machine = Machine()
+    follower = machine.follower()
+    assert follower.take_fewest() is None  # no call yet
+    machine.run(follower, wall=1.0, own_cores=1.0, others_cores=1.0)  # ran with 2; the next gets 1
+    assert follower.take_fewest() == 2
+    machine.run(follower, wall=1.0, own_cores=1.0, others_cores=0.0)  # ran with 1; the next gets 2 again
+    machine.run(follower, wall=1.0, own_cores=2.0, others_cores=0.0)  # ran with 2
+    assert follower.take_fewest() == 1 and follower.take_fewest() is None
+    reserved = machine.follower(mode="reserved")
+    machine.run(reserved, wall=1.0, own_cores=2.0, others_cores=0.0)
+    assert reserved.take_fewest() is None  # the threads stay as reserved: nothing to report
+
+
 def test_short_calls_change_nothing():
     machine = Machine()
     follower = machine.follower()

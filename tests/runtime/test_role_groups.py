@@ -76,11 +76,14 @@ def test_colocated_cpu_roles_take_turns_and_the_others_run_at_once(ray_cluster, 
 
 def test_compute_of_roles_that_take_turns_adds_up(ray_cluster, ship_test_classes):
     with _groups("[[policy, reference]]", ("policy", "reference", "reward")) as roles:
-        for name, seconds in {"policy": {"forward": 0.3, "train": 2.0}, "reference": {"forward": 0.5},
+        # The policy's calls ran with as few as 1 torch thread (the cores it found free), the others report none.
+        for name, seconds in {"policy": {"forward": 0.3, "train": 2.0, "threads": 1}, "reference": {"forward": 0.5},
                               "reward": {"forward": 0.7}}.items():
             roles[name].call(lambda a, s=seconds: a.set_compute.remote(s))
         out = roles.compute_times()
     assert out["time/compute/reference/forward_s"] == 0.5 and out["time/compute/policy_s"] == 2.3
+    assert out["threads/policy"] == 1.0 and "threads/reference" not in out
+    assert not any("threads" in key for key in out if key.startswith("time/"))
     # policy then reference (0.3 + 0.5 in turns), beside the reward (0.7): 0.8.
     assert out["time/compute_of_kind/forward_s"] == pytest.approx(0.8)
     assert out["time/compute_of_kind/train_s"] == 2.0
