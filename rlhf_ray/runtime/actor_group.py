@@ -304,8 +304,8 @@ class ActorGroup:
         self._starting = ([actor.ping.remote() for actor in self._actors], timeout_s, time.monotonic() + timeout_s)
 
     def wait_started(self) -> None:
-        """Wait for every rank's constructor, reporting the first that fails (the group is then stopped).
-        Returns at once once the group has started."""
+        """Wait for every rank's constructor, reporting the first that fails (the group is then stopped);
+        a no-op once the group has started."""
         if self._starting is None:
             return
         try:

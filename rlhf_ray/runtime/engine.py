@@ -99,7 +99,7 @@ def squared_l2(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor`'s squares, a float64 scalar, in one read and no copy of a float32 tensor.
 
     torch's float32 norm of a whole gradient on the CPU drifts with its size (1.6e-3 relative for the 28M
-    entries of a 49k x 576 embedding), and a float64 copy costs 20x the time (0.67 s a step for 135M
+    entries of a 49k x 576 embedding), and a float64 copy costs 20x the time (0.7-0.8 s a step for 135M
     parameters). Norms of rows of `NORM_ROW` entries stay within 1e-7, so the tensor is taken as such rows
     (plus the remainder), each row's norm in float32, and the rows' squares are summed in float64."""
     flat = tensor.detach().reshape(-1)
