@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 
 from rlhf_ray.config import load_config
 
-# Keys whose values depend on wall time, process memory or recoveries from dead actors, not on the computation.
-VOLATILE = ("time/", "perf/", "memory/", "sync/seconds", "sync/bandwidth", "run/restarts")
+# Keys whose values depend on wall time, process memory, the machine's load (threads/: the cores a role
+# ran on) or recoveries from dead actors, not on the computation.
+VOLATILE = ("time/", "perf/", "memory/", "threads/", "sync/seconds", "sync/bandwidth", "run/restarts")
 
 
 def tiny_config(preset: str, out: Path, *overrides: str, **kw):
