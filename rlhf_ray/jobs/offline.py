@@ -32,6 +32,7 @@ from rlhf_ray.jobs import stop_on_signals
 from rlhf_ray.jobs.common import RecoveringJob, prepare_run_dir
 from rlhf_ray.jobs.loop import run_steps
 from rlhf_ray.jobs.validate import objective_params
+from rlhf_ray.models.forward import needed_pair_tokens
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.offline_formats import data_format
 from rlhf_ray.runtime.checkpoint import load_checkpoint
@@ -242,7 +243,7 @@ class OfflineJob(RecoveringJob):
     def rates(self, metrics: dict) -> dict:
         batch = self._last_batch
         return {"stage": self.stage.index, "perf/tokens_per_s": _tokens(batch) / metrics["time/step_s"],
-                "perf/trained_tokens": _padded_tokens(batch)}
+                "perf/trained_tokens": _padded_tokens(batch), "perf/needed_tokens": _needed_tokens(batch)}
 
     def state_dict(self) -> dict:
         return {"stage": self.stage.index, "sampler": self.sampler.state_dict()}
@@ -342,6 +343,14 @@ class OfflineJob(RecoveringJob):
 
 def _tokens(batch: dict) -> float:
     return float(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask")))
+
+
+def _needed_tokens(batch: dict) -> float:
+    """Real tokens of the trained rows, a prompt a pair's two answers share counted once
+    (`needed_pair_tokens`): the work the training FLOP rate is measured against."""
+    if "chosen_loss_mask" in batch and "rejected_loss_mask" in batch:
+        return float(needed_pair_tokens(batch))
+    return float(sum(v.sum() for k, v in batch.items() if k.endswith("attention_mask") and not k.startswith("kl_")))
 
 
 def _padded_tokens(batch: dict) -> float:

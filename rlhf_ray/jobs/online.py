@@ -51,6 +51,7 @@ from rlhf_ray.jobs.online_advantages import (
 )
 from rlhf_ray.jobs.rollout_queue import Generation, RolloutQueue
 from rlhf_ray.jobs.validate import samples_per_prompt
+from rlhf_ray.models.forward import needed_rollout_tokens
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
 from rlhf_ray.runtime.checkpoint import load_checkpoint
@@ -482,6 +483,8 @@ class OnlineJob(RecoveringJob):
         out["perf/generated_tokens"] = generated
         out["perf/decode_steps"] = decode_steps
         out["perf/trained_tokens"] = float(self.cfg.algorithm.ppo_epochs * rollout["input_ids"].numel())
+        out["perf/needed_tokens"] = float(self.cfg.algorithm.ppo_epochs * needed_rollout_tokens(
+            rollout["input_ids"], rollout["attention_mask"], rollout["response_mask"].shape[1]))
         out["perf/tokens_per_s"] = tokens / max(metrics.get("time/step_s", 0.0), 1e-9)
         out["perf/samples_per_s"] = rollout["input_ids"].shape[0] / max(metrics.get("time/step_s", 0.0), 1e-9)
         return out

@@ -110,6 +110,30 @@ def prompt_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_
     return list(groups.values())
 
 
+def needed_rollout_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> int:
+    """The tokens a forward over rollout rows must compute: each distinct prompt's real tokens once (its
+    samples share them) and every row's real response tokens; padding left out. The work a shared-prefix
+    forward approaches, and the yardstick for the training and scoring FLOP rates."""
+    prompt_length = input_ids.shape[1] - response_length
+    groups = prompt_groups(input_ids, attention_mask, prompt_length)
+    prompts = sum(int(attention_mask[members[0], :prompt_length].sum()) for members in groups)
+    return prompts + int(attention_mask[:, prompt_length:].sum())
+
+
+def needed_pair_tokens(batch: dict) -> int:
+    """The same for preference pairs (`chosen_*`/`rejected_*` rows with a `loss_mask`): both rows' real
+    tokens, a prompt the two share (the tokens before the first marked one) counted once."""
+    total = 0
+    for side in ("chosen", "rejected"):
+        total += int(batch[f"{side}_attention_mask"].sum())
+    chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
+    for row in range(chosen.shape[0]):
+        starts = [int(batch[f"{side}_loss_mask"][row].long().argmax()) for side in ("chosen", "rejected")]
+        if starts[0] == starts[1] and torch.equal(chosen[row, :starts[0]], rejected[row, :starts[1]]):
+            total -= int(batch["chosen_attention_mask"][row, :starts[0]].sum())
+    return total
+
+
 def packed_response_logits(module, input_ids, attention_mask, response_length: int,
                            groups: list[list[int]]) -> torch.Tensor:
     """The logits in fp32 that score each rollout row's response tokens, `[B, R, V]` (entry `t` predicts

@@ -23,7 +23,11 @@ and the driver's bookkeeping cost.
 Physical limits, measured in the same run (`telemetry.hardware`): the GEMM rate
 and the copy bandwidth. Training MFU = 6 * N * trained tokens / update time /
 GEMM rate (Kaplan et al. 2020; PaLM appendix B), N the matmul parameters of
-every trained model (`planner.shapes.matmul_param_count`). Decoding reads every
+every trained model (`planner.shapes.matmul_param_count`), 4 * N under LoRA
+(no weight gradients), the tokens being those the work needs
+(`perf/needed_tokens`: real tokens, a prompt its samples or a pair's answers
+share counted once), so that a shared-prefix forward gets no credit for work
+it skips; the scoring forwards' rate (2 * N) counts the same tokens. Decoding reads every
 weight once per step of a batch, so generation cannot beat
 decode_steps * weight_bytes / bandwidth seconds (decode_steps: the longest
 response of each generate call, summed over calls); each decoded token also
@@ -183,6 +187,22 @@ def trained_matmul_params(cfg: JobConfig, role: str | None = None) -> int | None
                if isinstance(s.settings, TrainSettings) and role in (None, s.role))
 
 
+def train_flops_per_token(cfg: JobConfig) -> float | None:
+    """FLOPs a token costs the trained models' forward and backward: 6 N for a fully trained model (the
+    forward 2 N, the backward's input and weight gradients 2 N each), 4 N under LoRA (the frozen weights
+    get no gradient; the adapters' own share is left out). None when a shape is unknown."""
+    from rlhf_ray.planner.from_config import planned_roles
+    from rlhf_ray.planner.memory import TrainSettings
+    from rlhf_ray.planner.shapes import matmul_param_count
+
+    try:
+        specs = planned_roles(cfg)
+    except (ConfigError, FileNotFoundError, ValueError):
+        return None
+    return float(sum((4 if getattr(cfg, s.role).lora.enabled else 6) * matmul_param_count(s.shape, s.head)
+                     for s in specs if isinstance(s.settings, TrainSettings)))
+
+
 def role_matmul_params(cfg: JobConfig) -> dict[str, int]:
     """Matmul parameters of each role's model (rollout engines left out); empty when a shape is unknown."""
     from rlhf_ray.planner.from_config import planned_roles
@@ -197,8 +217,8 @@ def role_matmul_params(cfg: JobConfig) -> dict[str, int]:
 
 
 PHASE_TARGETS = (
-    ("training", "training MFU (6 N FLOPs a token against the GEMM rate)", 0.60, "min"),
-    ("forward", "scoring forwards (2 N FLOPs a token against the GEMM rate)", 0.60, "min"),
+    ("training", "training MFU (6 N FLOPs a needed token, 4 N under LoRA, against the GEMM rate)", 0.60, "min"),
+    ("forward", "scoring forwards (2 N FLOPs a needed token against the GEMM rate)", 0.60, "min"),
     ("generate", "generation against its roofline", 0.30, "min"),
     ("sync", "weight sync against memcpy bandwidth", 0.25, "min"),
     ("overhead", "Ray and driver overhead, share of the step", 0.05, "max"),
@@ -260,17 +280,21 @@ def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_by
         out["model_train_tokens_per_s"] = trained_tokens * len(roles_of["train"]) / train_wall
     if forward_wall > 0 and roles_of["forward"]:
         out["model_forward_tokens_per_s"] = trained_tokens / epochs * len(roles_of["forward"]) / forward_wall
+    # FLOP rates count the tokens the work needs (each shared prompt once, no padding), where the run
+    # logged them, so that a forward that skips repeated prompts is not credited with FLOPs it never did.
+    needed = _total(rows, "perf/needed_tokens") or trained_tokens
     n = trained_matmul_params(cfg)
-    if n and train_wall > 0:
-        achieved = 6.0 * n * trained_tokens / train_wall
-        out["train"] = {"matmul_params": n, "model_flops_per_s": achieved,
-                        "mfu": achieved / limits["matmul_flops_per_s"]}
+    per_token = train_flops_per_token(cfg)
+    if n and per_token and train_wall > 0:
+        achieved = per_token * needed / train_wall
+        out["train"] = {"matmul_params": n, "flops_per_token": per_token, "needed_tokens_per_step": needed / len(rows),
+                        "model_flops_per_s": achieved, "mfu": achieved / limits["matmul_flops_per_s"]}
     forward_compute = sum(b.get("compute/forward_s", 0.0) for b in breakdowns)
     params = role_matmul_params(cfg)
     scored = [role for role in roles_of["forward"] if role in params]
     if forward_compute > 0 and scored:
         # Each model role's forward reads every scored token once a step (epochs repeat only the update).
-        flops = sum(2.0 * params[role] for role in scored) * trained_tokens / epochs
+        flops = sum(2.0 * params[role] for role in scored) * needed / epochs
         out["forward"] = {"roles": scored, "model_flops_per_s": flops / forward_compute,
                           "mfu": flops / forward_compute / limits["matmul_flops_per_s"]}
     if any("sync/bytes" in r for r in rows):

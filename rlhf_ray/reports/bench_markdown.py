@@ -69,8 +69,11 @@ def throughput_markdown(result: dict, title: str | None = None) -> str:
               f"| generation tokens / s (generate phase) | {_num(result['generate_tokens_per_s'])} |"]
     if "train" in result:
         t = result["train"]
-        lines.append(f"| training model FLOP/s (6 N tokens / s, N = {t['matmul_params']:,}) | "
-                     f"{t['model_flops_per_s'] / 1e9:.3f} G |")
+        factor = t.get("flops_per_token", 6.0 * t["matmul_params"]) / t["matmul_params"]
+        lines.append(f"| training model FLOP/s ({factor:g} N FLOPs a needed token, N = {t['matmul_params']:,}"
+                     + (f"; {_num(t['needed_tokens_per_step'])} needed tokens a step: real tokens, a shared "
+                        "prompt once" if t.get("needed_tokens_per_step") else "")
+                     + f") | {t['model_flops_per_s'] / 1e9:.3f} G |")
         lines.append(f"| training MFU (vs the GEMM rate) | {100 * t['mfu']:.2f}% |")
     if "generate" in result:
         g = result["generate"]

@@ -18,10 +18,12 @@ from rlhf_ray.reports.bench import (
     role_memory,
     run_throughput,
     step_breakdown,
+    train_flops_per_token,
     trained_matmul_params,
     with_algorithm,
 )
 from rlhf_ray.reports.bench_markdown import write_result
+from rlhf_ray.telemetry.metrics import read_metrics
 from rlhf_ray.telemetry.timers import ComputeClock
 
 from job_helpers import tiny_config
@@ -123,6 +125,13 @@ def test_online_throughput_reports_every_phase_compute_and_the_limits(ray_cluste
     assert result["model_train_tokens_per_s"] == pytest.approx(2 * result["train_tokens_per_s"])  # policy, critic
     assert result["model_forward_tokens_per_s"] > 0 and len(result["step_seconds"]) == 1
     assert result["train"]["matmul_params"] > 0 and result["train"]["mfu"] > 0
+    # The FLOP rate counts the tokens the work needs (PPO: one sample a prompt, so its real tokens), no padding.
+    rows = [r for r in read_metrics(tmp_path / "runs" / "ppo") if r["step"] > 1]
+    t = result["train"]
+    assert t["flops_per_token"] == 6 * t["matmul_params"]
+    assert t["needed_tokens_per_step"] == rows[0]["perf/needed_tokens"] <= rows[0]["perf/trained_tokens"]
+    assert t["model_flops_per_s"] == pytest.approx(t["flops_per_token"] * t["needed_tokens_per_step"]
+                                                   / result["breakdown_median"]["wall/train_s"])
     g = result["generate"]
     assert g["weight_bytes"] == 2242560  # tiny-gpt2: 560,640 fp32 parameters
     # The roofline is the higher of the two lower bounds: policy only (the critic trains, never decodes).
@@ -156,3 +165,12 @@ def test_offline_throughput_counts_the_reference_and_the_update(ray_cluster, tmp
     assert result["train_tokens_per_s"] > 0 and "generate" not in result
     assert result["forward"]["roles"] == ["reference"] and result["forward"]["mfu"] > 0
     assert {row["phase"] for row in result["bounds"]} == {"training", "forward", "overhead"}
+    rows = [r for r in read_metrics(tmp_path / "runs" / "dpo") if r["step"] > 1]
+    assert result["train"]["needed_tokens_per_step"] == rows[0]["perf/needed_tokens"] < rows[0]["perf/trained_tokens"]
+
+
+def test_training_flops_per_token_are_4n_under_lora():
+    cfg = load_config("tiny-dpo")
+    n = trained_matmul_params(cfg)
+    assert train_flops_per_token(cfg) == 6 * n
+    assert train_flops_per_token(load_config("tiny-dpo", ["policy.lora.rank=4"])) == 4 * n

@@ -215,3 +215,21 @@ def test_pairs_take_the_plain_forward_for_tdpo_and_unmarked_rows(monkeypatch):
                                                    batch["rejected_attention_mask"]]),
                                         torch.cat([batch["chosen_loss_mask"], batch["rejected_loss_mask"]])) is None
     assert calls == []
+
+
+def test_needed_rollout_tokens_count_a_shared_prompt_once_and_no_padding():
+    ids = torch.tensor([[0, 5, 6, 7, 8], [0, 5, 6, 9, 0], [4, 5, 6, 7, 7]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    # rows 0 and 1 share the prompt [5, 6] (2 tokens once), row 2 has [4, 5, 6]; responses 2 + 1 + 2
+    assert fw.needed_rollout_tokens(ids, mask, response_length=2) == 2 + 3 + 5
+
+
+def test_needed_pair_tokens_count_the_prompt_a_pair_shares_once():
+    batch = {"chosen_input_ids": torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]]),
+             "rejected_input_ids": torch.tensor([[1, 2, 5, 0], [9, 2, 5, 0]]),
+             "chosen_attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 1]]),
+             "rejected_attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 0]]),
+             "chosen_loss_mask": torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]]),
+             "rejected_loss_mask": torch.tensor([[0, 0, 1, 0], [0, 0, 1, 0]])}
+    # pair 0 shares its 2-token prompt; pair 1's prompts differ, so both are counted
+    assert fw.needed_pair_tokens(batch) == (4 + 3 - 2) + (4 + 3)
