@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -307,7 +308,8 @@ def main() -> None:
                         "real model dpo,grpo)")
     parser.add_argument("--out", default="benchmarks/results", help="folder for vs_trl-<model>.json and .md")
     parser.add_argument("--trl-venv", default="/tmp/trl-venv", help="TRL's own virtual environment")
-    parser.add_argument("--work", default=None, help="folder for the model, data and runs (default: temporary)")
+    parser.add_argument("--work", default=None, help="folder for the model, data and runs, kept (default: a "
+                        "temporary one, its runs removed as they end and the rest at the end)")
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured steps per run")
     parser.add_argument("--steps", type=int, default=5, help="measured steps per run")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each side, alternating which goes first "
@@ -341,6 +343,9 @@ def main() -> None:
                                                           limits, f"ours-{mode}-{repeat}", bf16, tuple(args.ours)))]
                 for side in (sides if repeat % 2 == 0 else sides[::-1]):
                     side()
+                if args.work is None:  # a temporary folder: each run's checkpoints are gigabytes on the real model
+                    shutil.rmtree(work / "runs", ignore_errors=True)
+                    shutil.rmtree(work / f"trl-{mode}-{repeat}", ignore_errors=True)
             trl_versions = trl_runs[0]["versions"]
             trl = {"step_median_s": statistics.median(s for r in trl_runs for s in r["step_seconds"]),
                    "runs": trl_runs}
@@ -368,6 +373,8 @@ def main() -> None:
     write_text_atomic(out / f"{stem}.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     write_text_atomic(out / f"{stem}.md", markdown(result))
     print(f"wrote {out / (stem + '.json')} and {out / (stem + '.md')}")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
