@@ -123,9 +123,7 @@ def needed_rollout_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 def needed_pair_tokens(batch: dict) -> int:
     """The same for preference pairs (`chosen_*`/`rejected_*` rows with a `loss_mask`): both rows' real
     tokens, a prompt the two share (the tokens before the first marked one) counted once."""
-    total = 0
-    for side in ("chosen", "rejected"):
-        total += int(batch[f"{side}_attention_mask"].sum())
+    total = int(batch["chosen_attention_mask"].sum()) + int(batch["rejected_attention_mask"].sum())
     chosen, rejected = batch["chosen_input_ids"], batch["rejected_input_ids"]
     for row in range(chosen.shape[0]):
         starts = [int(batch[f"{side}_loss_mask"][row].long().argmax()) for side in ("chosen", "rejected")]

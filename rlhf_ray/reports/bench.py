@@ -21,12 +21,12 @@ and the rest ("overhead") is what Ray scheduling, serialising batches, waiting
 and the driver's bookkeeping cost.
 
 Physical limits, measured in the same run (`telemetry.hardware`): the GEMM rate
-and the copy bandwidth. Training MFU = 6 * N * trained tokens / update time /
+and the copy bandwidth. Training MFU = 6 * N * needed tokens / update time /
 GEMM rate (Kaplan et al. 2020; PaLM appendix B), N the matmul parameters of
 every trained model (`planner.shapes.matmul_param_count`), 4 * N under LoRA
-(no weight gradients), the tokens being those the work needs
-(`perf/needed_tokens`: real tokens, a prompt its samples or a pair's answers
-share counted once), so that a shared-prefix forward gets no credit for work
+(no weight gradients), the needed tokens being the batch's real tokens with a
+prompt its samples or a pair's answers share counted once
+(`perf/needed_tokens`), so that a shared-prefix forward gets no credit for work
 it skips; the scoring forwards' rate (2 * N) counts the same tokens. Decoding reads every
 weight once per step of a batch, so generation cannot beat
 decode_steps * weight_bytes / bandwidth seconds (decode_steps: the longest
@@ -172,48 +172,41 @@ def _total(rows: list[dict], key: str) -> float:
     return float(sum(r.get(key, 0.0) or 0.0 for r in rows))
 
 
-def trained_matmul_params(cfg: JobConfig, role: str | None = None) -> int | None:
-    """N of the 6N rule: matmul parameters of every model the job trains (or of the trained `role`
-    only); None when a shape is unknown."""
+def _matmul_params_by_role(cfg: JobConfig) -> list[tuple[str, bool, int]] | None:
+    """(role, trained, matmul parameters) of each model role the planner sees (rollout engines left out);
+    None when a shape is unknown."""
     from rlhf_ray.planner.from_config import planned_roles
-    from rlhf_ray.planner.memory import TrainSettings
+    from rlhf_ray.planner.memory import RolloutSettings, TrainSettings
     from rlhf_ray.planner.shapes import matmul_param_count
 
     try:
         specs = planned_roles(cfg)
     except (ConfigError, FileNotFoundError, ValueError):
         return None
-    return sum(matmul_param_count(s.shape, s.head) for s in specs
-               if isinstance(s.settings, TrainSettings) and role in (None, s.role))
+    return [(s.role, isinstance(s.settings, TrainSettings), matmul_param_count(s.shape, s.head))
+            for s in specs if not isinstance(s.settings, RolloutSettings)]
+
+
+def trained_matmul_params(cfg: JobConfig, role: str | None = None) -> int | None:
+    """N of the 6N rule: matmul parameters of every model the job trains (or of the trained `role`
+    only); None when a shape is unknown."""
+    roles = _matmul_params_by_role(cfg)
+    return None if roles is None else sum(n for name, trained, n in roles if trained and role in (None, name))
 
 
 def train_flops_per_token(cfg: JobConfig) -> float | None:
     """FLOPs a token costs the trained models' forward and backward: 6 N for a fully trained model (the
     forward 2 N, the backward's input and weight gradients 2 N each), 4 N under LoRA (the frozen weights
     get no gradient; the adapters' own share is left out). None when a shape is unknown."""
-    from rlhf_ray.planner.from_config import planned_roles
-    from rlhf_ray.planner.memory import TrainSettings
-    from rlhf_ray.planner.shapes import matmul_param_count
-
-    try:
-        specs = planned_roles(cfg)
-    except (ConfigError, FileNotFoundError, ValueError):
+    roles = _matmul_params_by_role(cfg)
+    if roles is None:
         return None
-    return float(sum((4 if getattr(cfg, s.role).lora.enabled else 6) * matmul_param_count(s.shape, s.head)
-                     for s in specs if isinstance(s.settings, TrainSettings)))
+    return float(sum((4 if getattr(cfg, name).lora.enabled else 6) * n for name, trained, n in roles if trained))
 
 
 def role_matmul_params(cfg: JobConfig) -> dict[str, int]:
     """Matmul parameters of each role's model (rollout engines left out); empty when a shape is unknown."""
-    from rlhf_ray.planner.from_config import planned_roles
-    from rlhf_ray.planner.memory import RolloutSettings
-    from rlhf_ray.planner.shapes import matmul_param_count
-
-    try:
-        specs = planned_roles(cfg)
-    except (ConfigError, FileNotFoundError, ValueError):
-        return {}
-    return {s.role: matmul_param_count(s.shape, s.head) for s in specs if not isinstance(s.settings, RolloutSettings)}
+    return {name: n for name, _, n in _matmul_params_by_role(cfg) or []}
 
 
 PHASE_TARGETS = (
