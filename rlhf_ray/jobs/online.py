@@ -51,7 +51,7 @@ from rlhf_ray.jobs.online_advantages import (
 )
 from rlhf_ray.jobs.rollout_queue import Generation, RolloutQueue
 from rlhf_ray.jobs.validate import samples_per_prompt
-from rlhf_ray.models.forward import needed_rollout_tokens
+from rlhf_ray.models.forward import needed_prompt_tokens, needed_rollout_tokens
 from rlhf_ray.models.loading import load_tokenizer_for
 from rlhf_ray.runtime.actor_group import concat_shards
 from rlhf_ray.runtime.checkpoint import load_checkpoint
@@ -482,6 +482,9 @@ class OnlineJob(RecoveringJob):
             decode_steps += float(greedy.sum(-1).max())
         out["perf/generated_tokens"] = generated
         out["perf/decode_steps"] = decode_steps
+        # Prefill: each distinct prompt once (its samples and greedy answer share it through the prefix cache).
+        out["perf/prefill_tokens"] = float(needed_prompt_tokens(
+            rollout["input_ids"], rollout["attention_mask"], rollout["response_mask"].shape[1]))
         out["perf/trained_tokens"] = float(self.cfg.algorithm.ppo_epochs * rollout["input_ids"].numel())
         out["perf/needed_tokens"] = float(self.cfg.algorithm.ppo_epochs * needed_rollout_tokens(
             rollout["input_ids"], rollout["attention_mask"], rollout["response_mask"].shape[1]))

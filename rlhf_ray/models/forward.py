@@ -115,9 +115,16 @@ def needed_rollout_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     samples share them) and every row's real response tokens; padding left out. The work a shared-prefix
     forward approaches, and the yardstick for the training and scoring FLOP rates."""
     prompt_length = input_ids.shape[1] - response_length
+    return needed_prompt_tokens(input_ids, attention_mask, response_length) + \
+        int(attention_mask[:, prompt_length:].sum())
+
+
+def needed_prompt_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, response_length: int) -> int:
+    """Each distinct prompt's real tokens once: what a rollout's prefill must compute when its samples
+    share their prompt (the engine's prefix cache), and the prompt part of `needed_rollout_tokens`."""
+    prompt_length = input_ids.shape[1] - response_length
     groups = prompt_groups(input_ids, attention_mask, prompt_length)
-    prompts = sum(int(attention_mask[members[0], :prompt_length].sum()) for members in groups)
-    return prompts + int(attention_mask[:, prompt_length:].sum())
+    return sum(int(attention_mask[members[0], :prompt_length].sum()) for members in groups)
 
 
 def needed_pair_tokens(batch: dict) -> int:

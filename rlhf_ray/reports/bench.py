@@ -31,8 +31,11 @@ it skips; the scoring forwards' rate (2 * N) counts the same tokens. Decoding re
 weight once per step of a batch, so generation cannot beat
 decode_steps * weight_bytes / bandwidth seconds (decode_steps: the longest
 response of each generate call, summed over calls); each decoded token also
-costs 2 * N FLOPs of the policy, so it cannot beat 2 * N * generated tokens /
-GEMM rate either. The higher of the two is the roofline bound: at batch 64 on
+costs 2 * N FLOPs of the policy and each distinct prompt token (prefilled once:
+its samples share it through the prefix cache) 2 * N less the LM head's
+weights (prefill scores only a prompt's last position), so it cannot beat
+those FLOPs (`perf/prefill_tokens`, `perf/generated_tokens`) at the GEMM rate
+either. The higher of the two is the roofline bound: at batch 64 on
 a CPU the compute bound is the higher (decoding does 2 * 64 / 4 = 32 FLOPs
 per fp32 weight byte, more than a CPU's GEMM rate over its bandwidth).
 """
@@ -187,6 +190,18 @@ def _matmul_params_by_role(cfg: JobConfig) -> list[tuple[str, bool, int]] | None
             for s in specs if not isinstance(s.settings, RolloutSettings)]
 
 
+def lm_head_params(cfg: JobConfig) -> int | None:
+    """Parameters of the policy's LM head (vocabulary x hidden width, tied or not); None when unknown."""
+    from rlhf_ray.planner.from_config import planned_roles
+
+    try:
+        specs = planned_roles(cfg)
+    except (ConfigError, FileNotFoundError, ValueError):
+        return None
+    shape = next((s.shape for s in specs if s.role == "policy"), None)
+    return None if shape is None else shape.vocab_size * shape.hidden_size
+
+
 def trained_matmul_params(cfg: JobConfig, role: str | None = None) -> int | None:
     """N of the 6N rule: matmul parameters of every model the job trains (or of the trained `role`
     only); None when a shape is unknown."""
@@ -304,11 +319,15 @@ def analyse_throughput(cfg: JobConfig, rows: list[dict], limits: dict, weight_by
                            "bandwidth_utilisation": bound_s / generate_wall}
         policy_n = trained_matmul_params(cfg, "policy")
         if policy_n:
-            # Each decoded token also costs 2 N FLOPs (prompts' prefill left out, so still a lower bound);
-            # whichever bound is higher is the one the engine can approach.
-            compute_s = 2.0 * policy_n * generated / limits["matmul_flops_per_s"]
+            # Each decoded token costs 2 N FLOPs, each distinct prompt token 2 N less the LM head (prefill
+            # scores only a prompt's last position); whichever bound is higher is the one the engine can
+            # approach.
+            prefill = _total(rows, "perf/prefill_tokens")
+            body_n = policy_n - (lm_head_params(cfg) or 0)
+            compute_s = 2.0 * (policy_n * generated + body_n * prefill) / limits["matmul_flops_per_s"]
             roofline_s = max(bound_s, compute_s)
-            out["generate"].update(compute_bound_s_per_step=compute_s / len(rows),
+            out["generate"].update(prefill_tokens_per_step=prefill / len(rows),
+                                   compute_bound_s_per_step=compute_s / len(rows),
                                    compute_bound_tokens_per_s=generated / compute_s,
                                    roofline_bound_tokens_per_s=generated / roofline_s,
                                    roofline_utilisation=roofline_s / generate_wall)

@@ -80,7 +80,9 @@ def throughput_markdown(result: dict, title: str | None = None) -> str:
         lines.append(f"| generation bound by bandwidth (tokens / s) | {_num(g['bandwidth_bound_tokens_per_s'])} |")
         lines.append(f"| generation vs the bandwidth bound | {100 * g['bandwidth_utilisation']:.2f}% |")
         if "compute_bound_tokens_per_s" in g:
-            lines.append(f"| generation bound by compute (tokens / s, 2 N FLOPs a token) | "
+            prefill = _num(g.get("prefill_tokens_per_step", 0))
+            lines.append(f"| generation bound by compute (decoded tokens / s: 2 N FLOPs a decoded token, and "
+                         f"{prefill} distinct prompt tokens a step prefilled at 2 N less the LM head) | "
                          f"{_num(g['compute_bound_tokens_per_s'])} |")
             lines.append(f"| generation vs the roofline (the higher bound) | {100 * g['roofline_utilisation']:.2f}% |")
     if result.get("sync", {}).get("share_of_memcpy") is not None:

@@ -12,6 +12,7 @@ import pytest
 from rlhf_ray.config import load_config
 from rlhf_ray.reports.bench import (
     largest_batch,
+    lm_head_params,
     measure_limits,
     planned_peak_bytes,
     replace_path,
@@ -139,6 +140,12 @@ def test_online_throughput_reports_every_phase_compute_and_the_limits(ray_cluste
     assert g["roofline_bound_tokens_per_s"] == pytest.approx(min(g["bandwidth_bound_tokens_per_s"],
                                                                  g["compute_bound_tokens_per_s"]))
     assert g["roofline_utilisation"] >= g["bandwidth_utilisation"]
+    # Compute bound: 2 N a decoded token, 2 N less the LM head a distinct prompt token (prefill).
+    n, head = trained_matmul_params(cfg, "policy"), lm_head_params(cfg)
+    assert 0 < head < n and g["prefill_tokens_per_step"] == rows[0]["perf/prefill_tokens"] > 0
+    assert g["compute_bound_s_per_step"] == pytest.approx(
+        2 * (n * rows[0]["perf/generated_tokens"] + (n - head) * rows[0]["perf/prefill_tokens"])
+        / result["limits"]["matmul_flops_per_s"])
     assert result["sync"]["bytes"] == 2242560 and 0 < result["sync"]["share_of_memcpy"] < 1
     # The scoring forwards of the model roles (the reward is a rule: no FLOPs), against the GEMM rate.
     assert sorted(result["forward"]["roles"]) == ["critic", "reference"] and result["forward"]["mfu"] > 0

@@ -222,6 +222,7 @@ def test_needed_rollout_tokens_count_a_shared_prompt_once_and_no_padding():
     mask = torch.tensor([[0, 1, 1, 1, 1], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
     # rows 0 and 1 share the prompt [5, 6] (2 tokens once), row 2 has [4, 5, 6]; responses 2 + 1 + 2
     assert fw.needed_rollout_tokens(ids, mask, response_length=2) == 2 + 3 + 5
+    assert fw.needed_prompt_tokens(ids, mask, response_length=2) == 2 + 3  # what prefill computes
 
 
 def test_needed_pair_tokens_count_the_prompt_a_pair_shares_once():
