@@ -2,9 +2,10 @@
 
 Measures the held-out greedy pass rate (64 held-out questions, 16 new tokens, the last number of the
 answer counted) of the instruct model as shipped, then trains each method with its `smol-*` preset and
-no overrides but the run folder and, where given, the step count, and reads the pass rate of every
-held-out evaluation against the minutes of training before it (the steps' own seconds: start-up and
-evaluation excluded; the wall minutes of each run are printed beside). Writes `real_model.json`,
+the overrides `METHODS` names (`grpo-bf16`: bf16 mixed precision on the policy, the reference and the
+engine; `dpo-plain`: the plain DPO loss), the run folder and, where given, the step count, and reads
+the pass rate of every held-out evaluation against the minutes of training before it (the steps' own
+seconds: start-up and evaluation excluded; the wall minutes of each run are printed beside). Writes `real_model.json`,
 `real_model.md` and `real_model.png` (pass rate against training minutes) to the results folder.
 Run it on a quiet machine: every figure is a time.
 
@@ -27,9 +28,20 @@ import os
 import time
 from pathlib import Path
 
-PRESETS = {"trl-grpo": "TRL GRPOTrainer, smol-grpo's settings", "dpo-plain": "smol-dpo, algorithm.name=dpo",
-           "grpo": "smol-grpo", "dpo": "smol-dpo", "remax": "smol-remax", "ppo": "smol-ppo",
-           "dpo-lora": "smol-dpo-lora", "sft": "smol-sft"}
+BF16 = ["policy.model.dtype=bfloat16", "reference.model.dtype=bfloat16"]  # the engine follows the policy's dtype
+# Each method: the preset it trains and the overrides on top of it (the table shows both).
+METHODS = {"grpo": ("smol-grpo", []), "grpo-bf16": ("smol-grpo", BF16), "dpo": ("smol-dpo", []),
+           "dpo-plain": ("smol-dpo", ["algorithm.name=dpo"]), "remax": ("smol-remax", []), "ppo": ("smol-ppo", []),
+           "dpo-lora": ("smol-dpo-lora", []), "sft": ("smol-sft", [])}
+TRL_LABEL = "TRL GRPOTrainer, smol-grpo's settings"
+
+
+def describe(method: str) -> str:
+    """The table's and the legend's words for a method: its preset and overrides."""
+    if method == "trl-grpo":
+        return TRL_LABEL
+    preset, overrides = METHODS[method]
+    return ", ".join([preset, *overrides])
 EVAL = "arithmetic:prompts_eval"
 
 
@@ -98,7 +110,7 @@ def plot(start: float, curves: dict[str, list[dict]], path: Path, skip: tuple[st
             continue
         xs = [0.0] + [p["minutes"] for p in points]
         ys = [100 * start] + [100 * p["pass_rate"] for p in points]
-        label = PRESETS[method] if method.startswith("trl") else f"rlhf-ray {method} ({PRESETS[method]})"
+        label = describe(method) if method.startswith("trl") else f"rlhf-ray {method} ({METHODS[method][0]})"
         ax.plot(xs, ys, marker="o", label=label)
     ax.axhline(100 * start, color="grey", linestyle=":", label=f"instruct model as shipped ({100 * start:.1f}%)")
     ax.set_xlabel("minutes of training (the steps' own time, 2-core CPU)")
@@ -115,7 +127,7 @@ def plot(start: float, curves: dict[str, list[dict]], path: Path, skip: tuple[st
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="grpo,dpo", help=f"comma-separated, of {', '.join(PRESETS)}")
+    parser.add_argument("--methods", default="grpo,dpo", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--steps", type=int, default=0, help="training steps of each run (0: the preset's)")
     parser.add_argument("--runs", default="runs/real_model", help="where the run directories go")
     parser.add_argument("--results", default="benchmarks/results/real_model", help="where results go")
@@ -134,7 +146,8 @@ def main(argv=None) -> dict:
     curves, wall, runs, trl_versions = {}, {}, {}, None
     for method in methods:
         load_before, began = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-        (stage,) = run_stages(out, [DemoStage(method, PRESETS[method], overrides)])
+        preset, extra = METHODS[method]
+        (stage,) = run_stages(out, [DemoStage(method, preset, overrides + extra)])
         curves[method], wall[method] = curve(out / method), stage.seconds / 60
         runs[method] = {"started_at": began, "load_before": load_before, "load_after": os.getloadavg()[0]}
     if args.trl:
@@ -173,7 +186,7 @@ def write_results(result: dict, results: Path) -> str:
         run = runs.get(name, {})
         when = f"{run['started_at']} ({run['load_before']:.1f}, {run['load_after']:.1f})" if run else "-"
         when += f"; {run['shared']}" if run.get("shared") else ""
-        lines.append(f"| {name} | {PRESETS[name]} | {last['step']} | {100 * start:.1f}% -> "
+        lines.append(f"| {name} | {describe(name)} | {last['step']} | {100 * start:.1f}% -> "
                      f"{100 * last['pass_rate']:.1f}% | {last['minutes']:.1f} | {wall[name]:.1f} | {when} |")
     if result.get("trl_versions") and "trl-grpo" in curves:
         lines += ["", "TRL side: " + ", ".join(f"{k} {v}" for k, v in result["trl_versions"].items())
