@@ -34,6 +34,7 @@ METHODS = {"grpo": ("smol-grpo", []), "grpo-bf16": ("smol-grpo", BF16), "dpo": (
            "dpo-plain": ("smol-dpo", ["algorithm.name=dpo"]), "remax": ("smol-remax", []), "ppo": ("smol-ppo", []),
            "dpo-lora": ("smol-dpo-lora", []), "sft": ("smol-sft", [])}
 TRL_LABEL = "TRL GRPOTrainer, smol-grpo's settings"
+LEGEND = {"grpo-bf16": "smol-grpo in bf16 mixed precision", "dpo-plain": "smol-dpo with the plain DPO loss"}
 
 
 def describe(method: str) -> str:
@@ -110,7 +111,8 @@ def plot(start: float, curves: dict[str, list[dict]], path: Path, skip: tuple[st
             continue
         xs = [0.0] + [p["minutes"] for p in points]
         ys = [100 * start] + [100 * p["pass_rate"] for p in points]
-        label = describe(method) if method.startswith("trl") else f"rlhf-ray {method} ({METHODS[method][0]})"
+        label = describe(method) if method.startswith("trl") else \
+            f"rlhf-ray {method} ({LEGEND.get(method, METHODS[method][0])})"
         ax.plot(xs, ys, marker="o", label=label)
     ax.axhline(100 * start, color="grey", linestyle=":", label=f"instruct model as shipped ({100 * start:.1f}%)")
     ax.set_xlabel("minutes of training (the steps' own time, 2-core CPU)")
