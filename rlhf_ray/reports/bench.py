@@ -175,16 +175,24 @@ def _total(rows: list[dict], key: str) -> float:
     return float(sum(r.get(key, 0.0) or 0.0 for r in rows))
 
 
+def _planned_specs(cfg: JobConfig) -> list | None:
+    """The planner's role specs of the job (shape, head, settings), or None when a shape is unknown."""
+    from rlhf_ray.planner.from_config import planned_roles
+
+    try:
+        return planned_roles(cfg)
+    except (ConfigError, FileNotFoundError, ValueError):
+        return None
+
+
 def _matmul_params_by_role(cfg: JobConfig) -> list[tuple[str, bool, int]] | None:
     """(role, trained, matmul parameters) of each model role the planner sees (rollout engines left out);
     None when a shape is unknown."""
-    from rlhf_ray.planner.from_config import planned_roles
     from rlhf_ray.planner.memory import RolloutSettings, TrainSettings
     from rlhf_ray.planner.shapes import matmul_param_count
 
-    try:
-        specs = planned_roles(cfg)
-    except (ConfigError, FileNotFoundError, ValueError):
+    specs = _planned_specs(cfg)
+    if specs is None:
         return None
     return [(s.role, isinstance(s.settings, TrainSettings), matmul_param_count(s.shape, s.head))
             for s in specs if not isinstance(s.settings, RolloutSettings)]
@@ -192,13 +200,7 @@ def _matmul_params_by_role(cfg: JobConfig) -> list[tuple[str, bool, int]] | None
 
 def lm_head_params(cfg: JobConfig) -> int | None:
     """Parameters of the policy's LM head (vocabulary x hidden width, tied or not); None when unknown."""
-    from rlhf_ray.planner.from_config import planned_roles
-
-    try:
-        specs = planned_roles(cfg)
-    except (ConfigError, FileNotFoundError, ValueError):
-        return None
-    shape = next((s.shape for s in specs if s.role == "policy"), None)
+    shape = next((s.shape for s in _planned_specs(cfg) or [] if s.role == "policy"), None)
     return None if shape is None else shape.vocab_size * shape.hidden_size
 
 
