@@ -35,6 +35,7 @@ METHODS = {"grpo": ("smol-grpo", []), "grpo-bf16": ("smol-grpo", BF16), "dpo": (
            "dpo-lora": ("smol-dpo-lora", []), "sft": ("smol-sft", [])}
 TRL_LABEL = "TRL GRPOTrainer, smol-grpo's settings"
 LEGEND = {"grpo-bf16": "smol-grpo in bf16 mixed precision", "dpo-plain": "smol-dpo with the plain DPO loss"}
+EVAL = "arithmetic:prompts_eval"
 
 
 def describe(method: str) -> str:
@@ -43,7 +44,6 @@ def describe(method: str) -> str:
         return TRL_LABEL
     preset, overrides = METHODS[method]
     return ", ".join([preset, *overrides])
-EVAL = "arithmetic:prompts_eval"
 
 
 def start_rate(out: Path) -> float:

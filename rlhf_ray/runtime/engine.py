@@ -362,15 +362,16 @@ class TrainEngine:
             with self.gathered([param]):
                 pass
 
-    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def named_weights(self, copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
         """The weights the model computes with, under the base model's names: with LoRA the base plus
-        the adapter, merged one module at a time (`models.lora.MergedWeights`)."""
+        the adapter, merged one module at a time (`models.lora.MergedWeights`, always from copies);
+        `copy` as in `_gathered_named` otherwise."""
         if self.lora:
             from rlhf_ray.models.lora import MergedWeights
 
             yield from MergedWeights(self.module).stream(self._gathered_named())
         else:
-            yield from self._gathered_named()
+            yield from self._gathered_named(copy)
 
     def iter_weight_buckets(self, bucket_bytes: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Yield the model's full weights (`named_weights`) as buckets of `(name, cpu_tensor)` of about
@@ -385,7 +386,7 @@ class TrainEngine:
         a sync to copy)."""
         bucket: list[tuple[str, torch.Tensor]] = []
         size = 0
-        for name, tensor in (self.named_weights() if self.lora else self._gathered_named(copy=False)):
+        for name, tensor in self.named_weights(copy=False):
             bucket.append((name, tensor))
             size += tensor.numel() * tensor.element_size()
             if size >= bucket_bytes:
